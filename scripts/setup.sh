@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what tidemark's build and tests need and a fresh Debian machine
+# lacks. Sourced by the quick-start scripts; safe to run again (it installs
+# only what is missing).
+set -euo pipefail
+
+# Debian packages: libclang-dev (bindgen for RocksDB), protobuf-compiler
+# (tonic), and the tools the tests and benches drive.
+TIDEMARK_PACKAGES=(libclang-dev protobuf-compiler fio libnbd-bin nbdkit e2fsprogs qemu-utils python3)
+
+missing=()
+for pkg in "${TIDEMARK_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "setup: need root (or sudo) to install ${missing[*]}" >&2; exit 1; }
+    SUDO="sudo"
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "setup: no Rust toolchain (cargo) on PATH; install one with rustup" >&2; exit 1; }
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    command -v rustup >/dev/null && rustup component add "$component" || { echo "setup: cargo $component is missing" >&2; exit 1; }
+  fi
+done
+
+# One target directory outside every checkout, so a fresh clone (CI) reuses
+# the RocksDB build instead of spending ten minutes on it again.
+if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  export CARGO_TARGET_DIR="$HOME/.cache/tidemark-target"
+  mkdir -p "$CARGO_TARGET_DIR"
+fi
