@@ -1,0 +1,153 @@
+//! The journal's error type.
+//!
+//! One enum, so callers (the IO modes, the daemon) can tell the cases apart:
+//! a corrupt segment is handled differently from a full disk or a point the
+//! user asked for that is no longer retained. Every variant carries what an
+//! operator needs to act on it: the file and offset, the volume and point.
+
+use std::path::PathBuf;
+
+/// Result with the journal's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system IO error on a named file.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What the journal was doing (`"open"`, `"write"`, `"fsync"`, …).
+        op: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Bytes on disk that do not decode: bad magic, unknown version, failed
+    /// CRC, impossible lengths, out-of-order sequence numbers.
+    #[error("corruption in {path} at offset {offset}: {reason}")]
+    Corruption {
+        /// The segment, manifest or base image file.
+        path: PathBuf,
+        /// Byte offset of the damaged structure within that file.
+        offset: u64,
+        /// What was wrong with it.
+        reason: String,
+    },
+
+    /// An error from the embedded RocksDB index.
+    #[error("index {path}: {source}")]
+    Index {
+        /// The index directory.
+        path: PathBuf,
+        /// The RocksDB error.
+        #[source]
+        source: rocksdb::Error,
+    },
+
+    /// A point that lies outside the retained history.
+    #[error(
+        "volume {volume}: point {point} is outside the retained history; available: {available}"
+    )]
+    PointOutOfRange {
+        /// The volume that was asked about.
+        volume: String,
+        /// The point as the caller gave it.
+        point: String,
+        /// The range that can be read, as seqs and times.
+        available: String,
+    },
+
+    /// A volume name that the consistency group does not hold.
+    #[error("unknown volume {0:?}")]
+    UnknownVolume(String),
+
+    /// A volume name that is already taken.
+    #[error("volume {0:?} already exists")]
+    VolumeExists(String),
+
+    /// A byte range that does not lie within the volume.
+    #[error(
+        "volume {volume}: range offset {offset} length {len} is outside the volume (size {size})"
+    )]
+    OutOfBounds {
+        /// The volume.
+        volume: String,
+        /// First byte of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Size of the volume.
+        size: u64,
+    },
+
+    /// A caller-supplied value the journal cannot accept.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+
+    /// Appending failed; the record was not journalled and was not
+    /// acknowledged. Carries the cause as text because one failed group
+    /// commit fails every record in it.
+    #[error("append to {path} at offset {offset} failed: {reason}")]
+    AppendFailed {
+        /// The segment being written.
+        path: PathBuf,
+        /// Where the batch was to go.
+        offset: u64,
+        /// The underlying error.
+        reason: String,
+    },
+
+    /// The journal has been closed, or its writer stopped.
+    #[error("journal {0} is closed")]
+    Closed(PathBuf),
+
+    /// An fsync failed earlier. After a failed fsync the page cache may no
+    /// longer match the disk, so the writer refuses further appends until
+    /// the journal is reopened and recovered from what is really on disk.
+    #[error("journal {path} refuses appends after an earlier fsync failure ({reason}); reopen it to recover")]
+    Poisoned {
+        /// The journal directory.
+        path: PathBuf,
+        /// The original failure.
+        reason: String,
+    },
+
+    /// Another process holds the journal directory open.
+    #[error("journal {0} is locked by another process")]
+    Locked(PathBuf),
+}
+
+impl Error {
+    /// Wraps an IO error with the operation and the path it concerned.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A corruption error at `offset` of `path`.
+    pub fn corruption(path: impl Into<PathBuf>, offset: u64, reason: impl Into<String>) -> Self {
+        Error::Corruption {
+            path: path.into(),
+            offset,
+            reason: reason.into(),
+        }
+    }
+
+    /// True when the error is the disk running out of space, which the IO
+    /// modes treat as a condition to wait out rather than a failure.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => {
+                source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
+            }
+            Error::AppendFailed { reason, .. } => reason.contains("No space left"),
+            _ => false,
+        }
+    }
+}

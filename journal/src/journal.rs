@@ -1,0 +1,746 @@
+//! The journal of one consistency group: opening and recovering it,
+//! appending records in write order, volumes and tags.
+//!
+//! Layout of a journal directory:
+//! ```text
+//! DIR/LOCK            flock'd while open: one process at a time
+//! DIR/MANIFEST        volumes, horizon, epoch, holds, gaps (see manifest.rs)
+//! DIR/segments/*.seg  the records (the source of truth)
+//! DIR/base/*.img      each volume at the horizon
+//! DIR/index/          RocksDB, rebuildable from the above
+//! ```
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::hash::BuildHasher;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Sender;
+use parking_lot::{Mutex, RwLock};
+
+use crate::base::BaseImage;
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::index::{Index, SegmentEntry, StoredEvent, StoredTag};
+use crate::manifest::{Gap, Manifest};
+use crate::mark::Mark;
+use crate::point::{History, Point, Seq, Timestamp};
+use crate::record::{PreparedRecord, RecordKind, MAX_PAYLOAD_LEN, RECORD_HEADER_LEN};
+use crate::recovery::{self, RecoveryMode, RecoveryReport};
+use crate::segment::{Segment, BATCH_HEADER_LEN, SEGMENT_HEADER_LEN};
+use crate::volume::{validate_volume_name, VolumeId, VolumeInfo};
+use crate::writer::{AppendHandle, Submission, Writer};
+
+/// How a journal is opened.
+#[derive(Clone, Debug)]
+pub struct JournalOptions {
+    /// The consistency group's name, used when the journal is created.
+    pub group: String,
+    /// Size of each segment file. Every batch must fit in one segment.
+    pub segment_size: u64,
+    /// The largest write one record may carry.
+    pub max_record_len: u64,
+    /// A group commit stops gathering records at about this many bytes.
+    pub max_batch_bytes: usize,
+    /// What to do with damage in the middle of the journal.
+    pub recovery: RecoveryMode,
+    /// Zeroes and trims spanning more 4 KiB blocks than this are indexed as
+    /// one range entry instead of one entry per block.
+    pub large_range_blocks: u64,
+    /// Where timestamps come from.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions {
+            group: "default".into(),
+            segment_size: 64 << 20,
+            max_record_len: 32 << 20,
+            max_batch_bytes: 8 << 20,
+            recovery: RecoveryMode::Strict,
+            large_range_blocks: 256,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl JournalOptions {
+    fn validate(&self) -> Result<()> {
+        if self.max_record_len == 0 || self.max_record_len > MAX_PAYLOAD_LEN {
+            return Err(Error::Invalid(format!(
+                "max_record_len {} must be between 1 and {MAX_PAYLOAD_LEN}",
+                self.max_record_len
+            )));
+        }
+        let needed = (SEGMENT_HEADER_LEN + BATCH_HEADER_LEN + RECORD_HEADER_LEN) as u64
+            + self.max_batch_bytes as u64
+            + self.max_record_len;
+        if self.segment_size < needed || self.segment_size > u32::MAX as u64 {
+            return Err(Error::Invalid(format!(
+                "segment_size {} must be at least {needed} (a full batch plus the largest record) and below 4 GiB",
+                self.segment_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A change to append to a volume.
+#[derive(Clone, Copy, Debug)]
+pub enum Change<'a> {
+    /// Write `data` at `offset`.
+    Write {
+        /// First byte.
+        offset: u64,
+        /// The bytes.
+        data: &'a [u8],
+    },
+    /// Zero `len` bytes at `offset`.
+    Zero {
+        /// First byte.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Discard `len` bytes at `offset`; they read back as zeros.
+    Trim {
+        /// First byte.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A flush: the volume's state here is crash-consistent.
+    Flush,
+    /// A mark on the timeline.
+    Mark(Mark<'a>),
+}
+
+/// State shared by the journal's handle, its writer thread, reads and
+/// retention.
+pub(crate) struct Shared {
+    /// The journal directory.
+    pub dir: PathBuf,
+    /// `DIR/segments`.
+    pub segments_dir: PathBuf,
+    /// `DIR/base`.
+    pub base_dir: PathBuf,
+    /// As opened.
+    pub options: JournalOptions,
+    /// Written into every segment header.
+    pub group_id: u64,
+    /// The RocksDB index.
+    pub index: Index,
+    /// The durable group description; every change is stored before it is
+    /// visible here.
+    pub manifest: RwLock<Manifest>,
+    /// Every segment, mapped, by id.
+    pub segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
+    /// Catalogue lines of segments holding records, by id.
+    pub catalogue: Mutex<BTreeMap<u64, SegmentEntry>>,
+    /// Base images by volume.
+    pub bases: RwLock<HashMap<VolumeId, Arc<BaseImage>>>,
+    /// Newest durable and indexed record: reads never go past it.
+    durable: RwLock<(Seq, Timestamp)>,
+    /// The segment the writer appends to; retention never removes it.
+    pub active_segment: AtomicU64,
+    /// Set after a failed fsync; see [`Error::Poisoned`].
+    poisoned: Mutex<Option<String>>,
+    /// Readers hold it shared; a retention fold holds it exclusively while
+    /// base images and horizon change under them.
+    pub fold: RwLock<()>,
+}
+
+impl Shared {
+    pub fn durable(&self) -> (Seq, Timestamp) {
+        *self.durable.read()
+    }
+
+    pub fn set_durable(&self, seq: Seq, time: Timestamp) {
+        *self.durable.write() = (seq, time);
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.manifest.read().epoch
+    }
+
+    pub fn poisoned(&self) -> Option<Error> {
+        self.poisoned
+            .lock()
+            .as_ref()
+            .map(|reason| self.poison_error(reason))
+    }
+
+    pub fn poison_error(&self, reason: &impl ToString) -> Error {
+        Error::Poisoned {
+            path: self.dir.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub fn poison(&self, reason: String) {
+        tracing::error!(journal = %self.dir.display(), %reason, "journal stops taking appends");
+        self.poisoned.lock().get_or_insert(reason);
+    }
+
+    pub fn add_segment(&self, segment: Arc<Segment>) {
+        let id = segment.id();
+        self.segments.write().insert(id, segment);
+        self.active_segment.store(id, Ordering::SeqCst);
+    }
+
+    pub fn set_catalogue(&self, entry: SegmentEntry) {
+        self.catalogue.lock().insert(entry.id, entry);
+    }
+
+    /// The range of history that can be read now.
+    pub fn history(&self) -> History {
+        let (newest_seq, newest_time) = self.durable();
+        let manifest = self.manifest.read();
+        History {
+            horizon_seq: manifest.horizon_seq,
+            horizon_time: Timestamp::from_nanos(manifest.horizon_ns),
+            newest_seq: newest_seq.max(manifest.horizon_seq),
+            newest_time: newest_time.max(Timestamp::from_nanos(manifest.horizon_ns)),
+        }
+    }
+
+    pub fn volume(&self, name: &str) -> Result<VolumeInfo> {
+        self.manifest
+            .read()
+            .volume(name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownVolume(name.to_string()))
+    }
+
+    pub fn volume_by_id(&self, id: VolumeId) -> Result<VolumeInfo> {
+        self.manifest
+            .read()
+            .volume_by_id(id)
+            .cloned()
+            .ok_or_else(|| Error::UnknownVolume(format!("#{id}")))
+    }
+
+    /// Resolves `point` to a seq within the retained history; `volume`
+    /// names the volume in errors.
+    pub fn resolve(&self, volume: &str, point: Point) -> Result<Seq> {
+        let history = self.history();
+        let out_of_range = || Error::PointOutOfRange {
+            volume: volume.to_string(),
+            point: point.to_string(),
+            available: history.to_string(),
+        };
+        match point {
+            Point::Latest => Ok(history.newest_seq),
+            Point::Seq(seq) if seq >= history.horizon_seq && seq <= history.newest_seq => Ok(seq),
+            Point::Seq(_) => Err(out_of_range()),
+            Point::Time(at) if at < history.horizon_time => Err(out_of_range()),
+            Point::Time(at) => match self.index.seq_at_time(at)? {
+                Some((seq, _)) if seq > history.horizon_seq => Ok(seq.min(history.newest_seq)),
+                _ => Ok(history.horizon_seq),
+            },
+        }
+    }
+
+    /// The segment with id `id`.
+    pub fn segment(&self, id: u64) -> Result<Arc<Segment>> {
+        self.segments.read().get(&id).cloned().ok_or_else(|| {
+            Error::corruption(
+                self.segments_dir.join(format!("{id:020}.seg")),
+                0,
+                "the index refers to a segment that does not exist",
+            )
+        })
+    }
+
+    /// The base image of `volume`.
+    pub fn base(&self, volume: VolumeId) -> Result<Arc<BaseImage>> {
+        self.bases
+            .read()
+            .get(&volume)
+            .cloned()
+            .ok_or_else(|| Error::UnknownVolume(format!("#{volume}")))
+    }
+
+    /// Stores `manifest` durably and makes it current.
+    pub fn store_manifest(&self, manifest: Manifest) -> Result<()> {
+        manifest.store(&self.dir)?;
+        *self.manifest.write() = manifest;
+        Ok(())
+    }
+}
+
+struct Sequencer {
+    next_seq: Seq,
+    last_time: Timestamp,
+    tx: Option<Sender<Submission>>,
+}
+
+struct JournalInner {
+    shared: Arc<Shared>,
+    sequencer: Mutex<Sequencer>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Held for the flock on `DIR/LOCK`.
+    _lock: File,
+}
+
+impl JournalInner {
+    fn shutdown(&self) -> Result<()> {
+        self.sequencer.lock().tx = None;
+        if let Some(handle) = self.writer.lock().take() {
+            if handle.join().is_err() {
+                tracing::error!(journal = %self.shared.dir.display(), "journal writer thread panicked");
+            }
+            self.shared.index.flush()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for JournalInner {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::warn!(journal = %self.shared.dir.display(), error = %e, "journal did not close cleanly");
+        }
+    }
+}
+
+/// The write-order journal of one consistency group. Cheap to clone; every
+/// clone is the same journal.
+#[derive(Clone)]
+pub struct Journal {
+    inner: Arc<JournalInner>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("dir", &self.inner.shared.dir)
+            .finish()
+    }
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join("LOCK");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| Error::Locked(dir.to_path_buf()))?;
+    Ok(file)
+}
+
+impl Journal {
+    /// Opens the journal in `dir`, creating it if it does not exist, and
+    /// recovers it: a torn tail is truncated, damage elsewhere is handled
+    /// as `options.recovery` says, the index is caught up (or rebuilt), and
+    /// an interrupted retention fold is finished.
+    pub fn open(dir: &Path, options: JournalOptions) -> Result<(Journal, RecoveryReport)> {
+        options.validate()?;
+        let segments_dir = dir.join("segments");
+        let base_dir = dir.join("base");
+        let index_dir = dir.join("index");
+        for d in [dir, &segments_dir, &base_dir] {
+            fs::create_dir_all(d).map_err(|e| Error::io("create directory", d, e))?;
+        }
+        let lock = lock_dir(dir)?;
+        let manifest = match Manifest::load(dir)? {
+            Some(m) => m,
+            None => {
+                let now = options.clock.now();
+                let group_id = RandomState::new().hash_one((now.as_nanos(), std::process::id()));
+                let m = Manifest::new(&options.group, group_id, now);
+                m.store(dir)?;
+                m
+            }
+        };
+
+        let mut index = Index::open(&index_dir, options.large_range_blocks)?;
+        let mut rebuilt = false;
+        let stale = match (index.version()?, index.indexed_seq()?) {
+            (None, None) => false,
+            (Some(v), Some(_)) if v == crate::index::INDEX_VERSION => {
+                index.horizon_seq()? != Some(manifest.horizon_seq)
+            }
+            _ => true,
+        };
+        if stale {
+            drop(index);
+            Index::destroy(&index_dir)?;
+            index = Index::open(&index_dir, options.large_range_blocks)?;
+            rebuilt = true;
+        }
+        let mut recovered =
+            recovery::recover(dir, &segments_dir, &manifest, &index, options.recovery)?;
+        if recovered.index_ahead {
+            // Recovery cut records the index already knew: rebuild it from
+            // what is left.
+            drop(index);
+            Index::destroy(&index_dir)?;
+            index = Index::open(&index_dir, options.large_range_blocks)?;
+            rebuilt = true;
+            let first = recovered.report;
+            recovered = recovery::recover(dir, &segments_dir, &manifest, &index, options.recovery)?;
+            let report = &mut recovered.report;
+            report.torn_tail = report.torn_tail.take().or(first.torn_tail);
+            report.truncated_corruption = report
+                .truncated_corruption
+                .take()
+                .or(first.truncated_corruption);
+            report.removed_segments.splice(0..0, first.removed_segments);
+        }
+        let mut report = std::mem::take(&mut recovered.report);
+        report.index_rebuilt = rebuilt;
+        let (newest_seq, newest_time) = recovered.newest;
+        index.set_meta(
+            newest_seq.max(manifest.horizon_seq),
+            manifest.horizon_seq,
+            manifest.epoch,
+        )?;
+
+        let mut bases = HashMap::new();
+        for volume in &manifest.volumes {
+            bases.insert(volume.id, Arc::new(BaseImage::open(&base_dir, volume)?));
+        }
+        let horizon = (
+            manifest.horizon_seq,
+            Timestamp::from_nanos(manifest.horizon_ns),
+        );
+        let fold_intent = manifest.folding_to;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            segments_dir: segments_dir.clone(),
+            base_dir,
+            group_id: manifest.group_id,
+            index,
+            manifest: RwLock::new(manifest),
+            segments: RwLock::new(BTreeMap::new()),
+            catalogue: Mutex::new(recovered.catalogue.iter().map(|e| (e.id, *e)).collect()),
+            bases: RwLock::new(bases),
+            durable: RwLock::new((newest_seq.max(horizon.0), newest_time.max(horizon.1))),
+            active_segment: AtomicU64::new(0),
+            poisoned: Mutex::new(None),
+            fold: RwLock::new(()),
+            options,
+        });
+        for segment in &recovered.segments {
+            shared.add_segment(segment.clone());
+        }
+        let active = recovery::active_segment(&shared, &recovered)?;
+        if let Some(intent) = fold_intent {
+            let done = shared.fold_to(intent.seq, Vec::new())?;
+            report.finished_fold = Some(done.new_horizon);
+        }
+
+        let (durable_seq, durable_time) = shared.durable();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let writer = Writer::new(shared.clone(), active, rx);
+        let handle = std::thread::Builder::new()
+            .name("tidemark-journal-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| Error::io("spawn writer thread", dir, e))?;
+        let journal = Journal {
+            inner: Arc::new(JournalInner {
+                shared,
+                sequencer: Mutex::new(Sequencer {
+                    next_seq: durable_seq + 1,
+                    last_time: durable_time,
+                    tx: Some(tx),
+                }),
+                writer: Mutex::new(Some(handle)),
+                _lock: lock,
+            }),
+        };
+        report.newest_seq = durable_seq;
+        Ok((journal, report))
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// The journal directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.shared.dir
+    }
+
+    /// The consistency group's name.
+    pub fn group(&self) -> String {
+        self.inner.shared.manifest.read().group.clone()
+    }
+
+    /// Stops the writer after it has made everything submitted durable,
+    /// and flushes the index so the next open has nothing to catch up.
+    pub fn close(self) -> Result<()> {
+        self.inner.shutdown()
+    }
+
+    /// Creates a volume of `size` bytes whose base image is all zeros.
+    pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        validate_volume_name(name).map_err(Error::Invalid)?;
+        if size == 0 || size % 512 != 0 {
+            return Err(Error::Invalid(format!(
+                "volume {name}: size {size} must be a positive multiple of 512 bytes"
+            )));
+        }
+        let shared = self.shared();
+        let _fold = shared.fold.write();
+        let mut manifest = shared.manifest.read().clone();
+        if manifest.volume(name).is_some() {
+            return Err(Error::VolumeExists(name.to_string()));
+        }
+        let volume = VolumeInfo {
+            id: manifest.next_volume_id,
+            name: name.to_string(),
+            size,
+        };
+        let base = BaseImage::create(&shared.base_dir, &volume)?;
+        manifest.next_volume_id += 1;
+        manifest.volumes.push(volume.clone());
+        shared.store_manifest(manifest)?;
+        shared.bases.write().insert(volume.id, Arc::new(base));
+        Ok(volume)
+    }
+
+    /// The group's volumes.
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        self.shared().manifest.read().volumes.clone()
+    }
+
+    /// The volume called `name`.
+    pub fn volume(&self, name: &str) -> Result<VolumeInfo> {
+        self.shared().volume(name)
+    }
+
+    /// Appends `change` to `volume` and returns at once with the record's
+    /// place in the write order; the handle resolves when it is durable.
+    pub fn append(&self, volume: VolumeId, change: Change<'_>) -> Result<AppendHandle> {
+        let shared = self.shared();
+        let info = shared.volume_by_id(volume)?;
+        let in_volume = |offset: u64, len: u64| -> Result<()> {
+            if len == 0 || offset.checked_add(len).is_none_or(|end| end > info.size) {
+                return Err(Error::OutOfBounds {
+                    volume: info.name.clone(),
+                    offset,
+                    len,
+                    size: info.size,
+                });
+            }
+            Ok(())
+        };
+        let record = match change {
+            Change::Write { offset, data } => {
+                in_volume(offset, data.len() as u64)?;
+                if data.len() as u64 > shared.options.max_record_len {
+                    return Err(Error::Invalid(format!(
+                        "volume {}: a write of {} bytes exceeds the largest record, {} bytes",
+                        info.name,
+                        data.len(),
+                        shared.options.max_record_len
+                    )));
+                }
+                PreparedRecord::new(RecordKind::Write, volume, offset, data.len() as u64, data)
+            }
+            Change::Zero { offset, len } => {
+                in_volume(offset, len)?;
+                PreparedRecord::new(RecordKind::Zero, volume, offset, len, &[])
+            }
+            Change::Trim { offset, len } => {
+                in_volume(offset, len)?;
+                PreparedRecord::new(RecordKind::Trim, volume, offset, len, &[])
+            }
+            Change::Flush => PreparedRecord::new(RecordKind::Flush, volume, 0, 0, &[]),
+            Change::Mark(mark) => {
+                let body = mark.encode();
+                if body.len() > 1 << 20 {
+                    return Err(Error::Invalid(format!(
+                        "volume {}: a mark of {} bytes exceeds 1 MiB",
+                        info.name,
+                        body.len()
+                    )));
+                }
+                // Marks stay uncompressed so the writer can index tags
+                // straight from the record.
+                PreparedRecord::raw(RecordKind::Mark, volume, 0, body)
+            }
+        };
+        let mut sequencer = self.inner.sequencer.lock();
+        let tx = sequencer
+            .tx
+            .clone()
+            .ok_or_else(|| Error::Closed(shared.dir.clone()))?;
+        let seq = sequencer.next_seq;
+        let now = shared.options.clock.now();
+        // Timestamps rise strictly with seqs, even if the clock steps back,
+        // so every moment maps to one seq.
+        let time = if now > sequencer.last_time {
+            now
+        } else {
+            Timestamp::from_nanos(sequencer.last_time.as_nanos() + 1)
+        };
+        let (reply, rx) = oneshot::channel();
+        tx.send(Submission::Append {
+            seq,
+            time,
+            record,
+            reply,
+        })
+        .map_err(|_| Error::Closed(shared.dir.clone()))?;
+        sequencer.next_seq += 1;
+        sequencer.last_time = time;
+        Ok(AppendHandle::new(seq, time, rx, shared.dir.clone()))
+    }
+
+    /// Waits until everything appended before the call is durable and
+    /// returns the newest durable seq.
+    pub fn sync(&self) -> Result<Seq> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self
+            .inner
+            .sequencer
+            .lock()
+            .tx
+            .clone()
+            .ok_or_else(|| Error::Closed(self.dir().to_path_buf()))?;
+        tx.send(Submission::Barrier { reply })
+            .map_err(|_| Error::Closed(self.dir().to_path_buf()))?;
+        rx.recv()
+            .map_err(|_| Error::Closed(self.dir().to_path_buf()))?
+    }
+
+    /// The range of history that can be read.
+    pub fn history(&self) -> History {
+        self.shared().history()
+    }
+
+    /// Resolves `point` to a seq in the retained history. `volume` names the
+    /// volume in the error when the point is outside it.
+    pub fn resolve(&self, volume: &str, point: Point) -> Result<Seq> {
+        self.shared().resolve(volume, point)
+    }
+
+    /// Reads `buf.len()` bytes of `volume` at `offset` as they were at
+    /// `point`; returns the seq the point resolved to.
+    pub fn read(&self, volume: &str, offset: u64, buf: &mut [u8], point: Point) -> Result<Seq> {
+        self.shared().read(volume, offset, buf, point)
+    }
+
+    /// Sets (or moves) tag `name` on `volume` at a new mark record, which is
+    /// the point the tag names. `body` is the tagging layer's.
+    pub fn set_tag(&self, volume: VolumeId, name: &str, body: &[u8]) -> Result<AppendHandle> {
+        if name.is_empty() || name.len() > 1024 {
+            return Err(Error::Invalid(format!(
+                "tag name {name:?} must be 1 to 1024 bytes"
+            )));
+        }
+        self.append(volume, Change::Mark(Mark::TagSet { name, body }))
+    }
+
+    /// Deletes tag `name` of `volume`.
+    pub fn delete_tag(&self, volume: VolumeId, name: &str) -> Result<AppendHandle> {
+        if self.shared().index.tag(volume, name)?.is_none() {
+            let volume = self.shared().volume_by_id(volume)?;
+            return Err(Error::Invalid(format!(
+                "volume {}: no tag named {name:?}",
+                volume.name
+            )));
+        }
+        self.append(volume, Change::Mark(Mark::TagDelete { name }))
+    }
+
+    /// Tag `name` of `volume`.
+    pub fn tag(&self, volume: VolumeId, name: &str) -> Result<Option<StoredTag>> {
+        self.shared().index.tag(volume, name)
+    }
+
+    /// Every tag of `volume`, oldest first.
+    pub fn tags(&self, volume: VolumeId) -> Result<Vec<StoredTag>> {
+        self.shared().index.tags(volume)
+    }
+
+    /// Flushes and marks of `volume` with `from <= seq <= to`.
+    pub fn events(&self, volume: VolumeId, from: Seq, to: Seq) -> Result<Vec<StoredEvent>> {
+        self.shared().index.events(volume, from, to)
+    }
+
+    /// The segment catalogue, from memory (one line per segment holding
+    /// records).
+    pub fn segments(&self) -> Vec<SegmentEntry> {
+        self.shared().catalogue.lock().values().copied().collect()
+    }
+
+    /// The segment catalogue as the index stores it.
+    pub fn indexed_segments(&self) -> Result<Vec<SegmentEntry>> {
+        self.shared().index.segments()
+    }
+
+    /// Bytes of journal held in segments.
+    pub fn journal_bytes(&self) -> u64 {
+        self.shared()
+            .catalogue
+            .lock()
+            .values()
+            .map(|e| e.used_bytes)
+            .sum()
+    }
+
+    /// The fencing epoch appends are written under.
+    pub fn epoch(&self) -> u64 {
+        self.shared().epoch()
+    }
+
+    /// Raises the fencing epoch; it may never go down.
+    pub fn set_epoch(&self, epoch: u64) -> Result<()> {
+        let shared = self.shared();
+        let mut manifest = shared.manifest.read().clone();
+        if epoch < manifest.epoch {
+            return Err(Error::Invalid(format!(
+                "epoch {epoch} is below the current epoch {}",
+                manifest.epoch
+            )));
+        }
+        manifest.epoch = epoch;
+        shared.store_manifest(manifest)
+    }
+
+    /// Sets retention hold `name`: its consumer has taken everything up to
+    /// `seq` and needs what follows, so retention will not fold past `seq`.
+    pub fn set_hold(&self, name: &str, seq: Seq) -> Result<()> {
+        let shared = self.shared();
+        let mut manifest = shared.manifest.read().clone();
+        manifest.holds.insert(name.to_string(), seq);
+        shared.store_manifest(manifest)
+    }
+
+    /// Removes retention hold `name`.
+    pub fn release_hold(&self, name: &str) -> Result<()> {
+        let shared = self.shared();
+        let mut manifest = shared.manifest.read().clone();
+        if manifest.holds.remove(name).is_none() {
+            return Err(Error::Invalid(format!("no retention hold named {name:?}")));
+        }
+        shared.store_manifest(manifest)
+    }
+
+    /// The retention holds.
+    pub fn holds(&self) -> BTreeMap<String, Seq> {
+        self.shared().manifest.read().holds.clone()
+    }
+
+    /// Windows that forced retention dropped past a hold.
+    pub fn gaps(&self) -> Vec<Gap> {
+        self.shared().manifest.read().gaps.clone()
+    }
+
+    /// Every key and value of the index, for tests that compare indexes.
+    pub fn dump_index(&self) -> Result<Vec<crate::index::IndexEntry>> {
+        self.shared().index.dump()
+    }
+}

@@ -1,0 +1,52 @@
+//! tidemark's write-order journal.
+//!
+//! Every block write to a protected volume becomes a record, in write order,
+//! and any volume can be read back as it was at any retained point.
+//!
+//! Map of the crate, from the bytes on disk upwards:
+//! - [`record`] — a record and its codec (header, lz4 payload, CRC32C).
+//! - [`segment`] — fixed-size segment files of commit batches; the scan that
+//!   verifies them.
+//! - [`manifest`] — the durable group description: volumes, horizon, epoch,
+//!   holds, gaps.
+//! - [`index`] — the RocksDB index: block versions, time → seq, segment
+//!   catalogue, tags, timeline events, metadata.
+//! - [`base`] — base images: each volume at the horizon.
+//! - [`mark`] — bodies of mark records (tags, events).
+//! - `writer` — the group-commit writer thread and [`AppendHandle`].
+//! - [`recovery`] — start-up: torn tails, corruption, index catch-up.
+//! - `read` — point-in-time reads.
+//! - [`retention`] — folding old records into the base images.
+//! - [`journal`] — [`Journal`], which ties these together.
+//! - [`point`], [`volume`], [`clock`], [`error`] — the vocabulary.
+//!
+//! The on-disk format is specified in `docs/format.md`.
+
+pub mod base;
+pub mod clock;
+pub mod error;
+pub mod index;
+pub mod journal;
+pub mod manifest;
+pub mod mark;
+pub mod point;
+mod read;
+pub mod record;
+pub mod recovery;
+pub mod retention;
+pub mod segment;
+pub mod volume;
+mod writer;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{Error, Result};
+pub use index::{SegmentEntry, StoredEvent, StoredTag, INDEX_BLOCK};
+pub use journal::{Change, Journal, JournalOptions};
+pub use manifest::Gap;
+pub use mark::Mark;
+pub use point::{History, Point, Seq, Timestamp};
+pub use record::RecordKind;
+pub use recovery::{Damage, RecoveryMode, RecoveryReport};
+pub use retention::{RetentionPolicy, RetentionReport};
+pub use volume::{VolumeId, VolumeInfo};
+pub use writer::{AppendHandle, Appended};

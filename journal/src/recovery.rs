@@ -1,0 +1,359 @@
+//! Start-up recovery: finding where the journal really ends, telling a torn
+//! tail from damage, and catching the index up.
+//!
+//! The rule that makes this exact: the writer writes batch k+1 only after
+//! batch k is durable. So in the newest segment, a damaged batch with no
+//! valid batch after it is the torn tail of a crash (never acknowledged)
+//! and is cut off; a damaged batch *followed* by a valid one, or damage in
+//! any older segment, is corruption of acknowledged data and is reported
+//! with its file and offset — or, if the operator chose
+//! [`RecoveryMode::TruncateCorrupt`], cut off with everything after it.
+
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::index::{Index, IndexBatch, SegmentEntry};
+use crate::journal::Shared;
+use crate::manifest::Manifest;
+use crate::point::{Seq, Timestamp};
+use crate::record::{payload_bytes, RecordKind};
+use crate::segment::{
+    parse_segment_name, segment_path, Segment, SegmentHeader, BATCH_MAGIC, SEGMENT_HEADER_LEN,
+};
+use crate::writer::ActiveSegment;
+
+/// What to do when recovery finds damage that is not a torn tail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RecoveryMode {
+    /// Refuse to open, naming the segment and offset. Nothing is lost
+    /// without an operator deciding so.
+    #[default]
+    Strict,
+    /// Cut the journal at the first bad record, dropping it and everything
+    /// after it (later segments too), and open with what precedes it.
+    TruncateCorrupt,
+}
+
+/// A place where recovery found bytes that did not decode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// The segment.
+    pub path: PathBuf,
+    /// Offset of the first bad byte (start of the bad batch).
+    pub offset: u64,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// What recovery found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments kept.
+    pub segments: usize,
+    /// Records found in them.
+    pub records: u64,
+    /// The newest durable seq after recovery.
+    pub newest_seq: Seq,
+    /// Records added to the index during recovery (catch-up or rebuild).
+    pub indexed_records: u64,
+    /// The index was rebuilt from the segments.
+    pub index_rebuilt: bool,
+    /// A torn tail that was cut off (records never acknowledged).
+    pub torn_tail: Option<Damage>,
+    /// Corruption cut off under [`RecoveryMode::TruncateCorrupt`].
+    pub truncated_corruption: Option<Damage>,
+    /// Segment files removed: wholly folded by an interrupted retention,
+    /// never-finished creations, or dropped after a truncation.
+    pub removed_segments: Vec<PathBuf>,
+    /// An interrupted retention fold that was finished, and its horizon.
+    pub finished_fold: Option<Seq>,
+}
+
+/// The outcome of scanning every segment.
+pub(crate) struct Recovered {
+    pub segments: Vec<Arc<Segment>>,
+    pub catalogue: Vec<SegmentEntry>,
+    pub newest: (Seq, Timestamp),
+    /// The newest segment and where its next batch goes.
+    pub active: Option<(u64, u64)>,
+    /// The index knows records that recovery cut off; it must be rebuilt.
+    pub index_ahead: bool,
+    pub report: RecoveryReport,
+}
+
+/// Gathers index updates during a scan, committing every few thousand
+/// records so a rebuild of a large journal stays bounded in memory.
+struct Catchup<'a> {
+    index: &'a Index,
+    batch: IndexBatch<'a>,
+    pending: usize,
+    indexed: u64,
+}
+
+impl Catchup<'_> {
+    fn commit(&mut self, upto: Seq) -> Result<()> {
+        let batch = std::mem::replace(&mut self.batch, self.index.batch());
+        self.pending = 0;
+        batch.commit(upto)
+    }
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| Error::io("list segments", dir, e))? {
+        let entry = entry.map_err(|e| Error::io("list segments", dir, e))?;
+        match entry.file_name().to_str().and_then(parse_segment_name) {
+            Some(id) => ids.push(id),
+            None => {
+                tracing::warn!(file = %entry.path().display(), "ignoring a file that is not a segment")
+            }
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// True for a segment file whose creation never finished: too short for a
+/// header, or a header that does not decode and no batch anywhere.
+fn never_finished(path: &Path) -> Result<bool> {
+    let bytes = fs::read(path).map_err(|e| Error::io("read segment", path, e))?;
+    if bytes.len() < SEGMENT_HEADER_LEN || bytes[..SEGMENT_HEADER_LEN].iter().all(|&b| b == 0) {
+        return Ok(true);
+    }
+    Ok(SegmentHeader::decode(&bytes, path).is_err()
+        && memchr::memmem::find(&bytes, &BATCH_MAGIC.to_le_bytes()).is_none())
+}
+
+/// Cuts a segment at `offset`: the bytes after it become zeros (holes),
+/// as they were before anything was written there.
+fn cut_segment(path: &Path, offset: u64, size: u64) -> Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open segment", path, e))?;
+    file.set_len(offset)
+        .and_then(|()| file.set_len(size))
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::io("truncate segment", path, e))
+}
+
+fn remove(path: &Path, report: &mut RecoveryReport) -> Result<()> {
+    fs::remove_file(path).map_err(|e| Error::io("remove segment", path, e))?;
+    report.removed_segments.push(path.to_path_buf());
+    Ok(())
+}
+
+/// Scans every segment in `segments_dir`, verifying every record, cutting
+/// a torn tail, and indexing records the index lacks.
+pub(crate) fn recover(
+    dir: &Path,
+    segments_dir: &Path,
+    manifest: &Manifest,
+    index: &Index,
+    mode: RecoveryMode,
+) -> Result<Recovered> {
+    let ids = list_segments(segments_dir)?;
+    let indexed = index.indexed_seq()?.unwrap_or(0);
+    let already = indexed.max(manifest.horizon_seq);
+    let mut report = RecoveryReport::default();
+    let mut segments = Vec::new();
+    let mut catalogue = Vec::new();
+    let mut newest = (0, Timestamp::default());
+    let mut active = None;
+    let mut prev_seq = 0;
+    let mut catchup = Catchup {
+        index,
+        batch: index.batch(),
+        pending: 0,
+        indexed: 0,
+    };
+
+    let mut i = 0;
+    while i < ids.len() {
+        let id = ids[i];
+        let path = segment_path(segments_dir, id);
+        let is_last = i + 1 == ids.len();
+        i += 1;
+        let segment = match Segment::open(&path) {
+            Ok(segment) => segment,
+            Err(_) if is_last && never_finished(&path)? => {
+                tracing::warn!(segment = %path.display(), "removing a segment whose creation never finished");
+                remove(&path, &mut report)?;
+                continue;
+            }
+            Err(e) => match (mode, &e) {
+                (RecoveryMode::TruncateCorrupt, Error::Corruption { offset, reason, .. }) => {
+                    report.truncated_corruption = Some(Damage {
+                        path: path.clone(),
+                        offset: *offset,
+                        reason: reason.clone(),
+                    });
+                    remove(&path, &mut report)?;
+                    for &later in &ids[i..] {
+                        remove(&segment_path(segments_dir, later), &mut report)?;
+                    }
+                    break;
+                }
+                _ => return Err(e),
+            },
+        };
+        if segment.header.group_id != manifest.group_id {
+            return Err(Error::corruption(
+                &path,
+                16,
+                format!(
+                    "segment belongs to group id {:#x}, this journal ({}) is {:#x}",
+                    segment.header.group_id,
+                    dir.display(),
+                    manifest.group_id
+                ),
+            ));
+        }
+
+        let mut entry: Option<SegmentEntry> = None;
+        let summary = segment.scan(prev_seq, |header, offset, stored| {
+            let e = entry.get_or_insert(SegmentEntry {
+                id,
+                first_seq: header.seq,
+                last_seq: header.seq,
+                first_time: header.timestamp,
+                last_time: header.timestamp,
+                used_bytes: 0,
+                records: 0,
+            });
+            e.last_seq = header.seq;
+            e.last_time = header.timestamp;
+            e.records += 1;
+            if header.seq > already {
+                let body = if header.kind == RecordKind::Mark {
+                    Some(payload_bytes(header, stored, &path, offset)?)
+                } else {
+                    None
+                };
+                catchup
+                    .batch
+                    .add_record(header, id, offset, body.as_deref())?;
+                catchup.pending += 1;
+                catchup.indexed += 1;
+                if catchup.pending >= 4096 {
+                    catchup.commit(header.seq)?;
+                }
+            }
+            Ok(())
+        })?;
+
+        let end = summary.end.valid_end;
+        let valid_after = segment.find_valid_batch_after(end, summary.last_seq);
+        let mut stop = false;
+        match (&summary.end.damage, valid_after, is_last) {
+            (None, None, _) => {}
+            (Some(reason), None, true) => {
+                tracing::warn!(segment = %path.display(), offset = end, %reason, "cutting the torn tail of the journal");
+                cut_segment(&path, end, segment.header.segment_size)?;
+                report.torn_tail = Some(Damage {
+                    path: path.clone(),
+                    offset: end,
+                    reason: reason.clone(),
+                });
+            }
+            (damage, after, _) => {
+                let mut reason = damage
+                    .clone()
+                    .unwrap_or_else(|| "zeroed bytes where the next batch should be".into());
+                if let Some(at) = after {
+                    reason.push_str(&format!("; a valid batch follows at offset {at}"));
+                }
+                if mode == RecoveryMode::Strict {
+                    return Err(Error::Corruption {
+                        path,
+                        offset: end,
+                        reason: format!("{reason} (open with recovery mode truncate-corrupt to drop everything from here on)"),
+                    });
+                }
+                tracing::error!(segment = %path.display(), offset = end, %reason, "dropping the journal from a corrupt record on");
+                cut_segment(&path, end, segment.header.segment_size)?;
+                report.truncated_corruption = Some(Damage {
+                    path: path.clone(),
+                    offset: end,
+                    reason,
+                });
+                for &later in &ids[i..] {
+                    remove(&segment_path(segments_dir, later), &mut report)?;
+                }
+                stop = true;
+            }
+        }
+
+        let last_kept = is_last || stop;
+        let folded_away = entry.is_none_or(|e| e.last_seq <= manifest.horizon_seq);
+        if !last_kept && folded_away {
+            // Left behind by a retention run that stopped between moving the
+            // horizon and removing the files.
+            drop(segment);
+            remove(&path, &mut report)?;
+            prev_seq = summary.last_seq;
+            continue;
+        }
+        if let Some(mut e) = entry {
+            e.used_bytes = end;
+            catchup.batch.set_segment(&e)?;
+            catalogue.push(e);
+            newest = (e.last_seq, e.last_time);
+            report.records += e.records;
+        }
+        prev_seq = summary.last_seq;
+        active = Some((id, end));
+        segments.push(Arc::new(segment));
+        if stop {
+            break;
+        }
+    }
+    catchup.commit(newest.0)?;
+    report.segments = segments.len();
+    report.indexed_records = catchup.indexed;
+    Ok(Recovered {
+        index_ahead: indexed > newest.0.max(manifest.horizon_seq),
+        segments,
+        catalogue,
+        newest,
+        active,
+        report,
+    })
+}
+
+/// Opens the newest segment for appending, or creates the first one.
+pub(crate) fn active_segment(shared: &Arc<Shared>, recovered: &Recovered) -> Result<ActiveSegment> {
+    if let Some((id, end)) = recovered.active {
+        let segment = shared.segment(id)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&segment.path)
+            .map_err(|e| Error::io("open segment", &segment.path, e))?;
+        let entry = recovered.catalogue.iter().find(|e| e.id == id).copied();
+        return Ok(ActiveSegment {
+            file,
+            segment,
+            write_offset: end,
+            entry,
+        });
+    }
+    let header = SegmentHeader {
+        group_id: shared.group_id,
+        segment_id: 1,
+        first_seq: shared.durable().0 + 1,
+        segment_size: shared.options.segment_size,
+        created: shared.options.clock.now(),
+    };
+    let (file, segment) = Segment::create(&shared.segments_dir, header)?;
+    let segment = Arc::new(segment);
+    shared.add_segment(segment.clone());
+    Ok(ActiveSegment {
+        file,
+        segment,
+        write_offset: SEGMENT_HEADER_LEN as u64,
+        entry: None,
+    })
+}

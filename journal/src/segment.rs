@@ -1,0 +1,486 @@
+//! Segments: fixed-size, append-only files of commit batches.
+//!
+//! A segment is created at its full size (sparse), so the writer never grows
+//! it and every reader can map the whole file once. Records are written in
+//! *batches*, one per group commit, each behind a small frame that says how
+//! long the batch is. The frame is what makes recovery exact: the writer
+//! writes batch k+1 only after batch k is durable, so a damaged batch
+//! followed by a valid one is real corruption, while a damaged batch with
+//! nothing valid after it is the torn tail of a crash.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+use crate::point::{Seq, Timestamp};
+use crate::record::{decode_record, le_u32, le_u64, RecordHeader};
+
+/// The first bytes of every segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"TDMKSEG\0";
+
+/// The segment and record format this build writes and reads. A file with
+/// another version is refused as corruption rather than guessed at.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Bytes of the segment header.
+pub const SEGMENT_HEADER_LEN: usize = 64;
+
+/// `"TDBT"`: the first bytes of every batch frame.
+pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"TDBT");
+
+/// Bytes of a batch frame.
+pub const BATCH_HEADER_LEN: usize = 48;
+
+/// The segment header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// The consistency group the segment belongs to; a segment of another
+    /// group in the directory is refused.
+    pub group_id: u64,
+    /// The segment's number; segments are read in this order.
+    pub segment_id: u64,
+    /// No record in the segment has a smaller seq.
+    pub first_seq: Seq,
+    /// The file's fixed size.
+    pub segment_size: u64,
+    /// When the segment was created.
+    pub created: Timestamp,
+}
+
+impl SegmentHeader {
+    /// Encodes the header.
+    ///
+    /// Format (little-endian, 64 bytes):
+    /// `{ [u8;8] magic "TDMKSEG\0" | u32 version | u32 header_len |
+    ///    u64 group_id | u64 segment_id | u64 first_seq | u64 segment_size |
+    ///    i64 created_ns | u32 reserved | u32 crc32c(bytes 0..60) }`
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN] {
+        let mut out = [0u8; SEGMENT_HEADER_LEN];
+        out[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out[12..16].copy_from_slice(&(SEGMENT_HEADER_LEN as u32).to_le_bytes());
+        out[16..24].copy_from_slice(&self.group_id.to_le_bytes());
+        out[24..32].copy_from_slice(&self.segment_id.to_le_bytes());
+        out[32..40].copy_from_slice(&self.first_seq.to_le_bytes());
+        out[40..48].copy_from_slice(&self.segment_size.to_le_bytes());
+        out[48..56].copy_from_slice(&self.created.as_nanos().to_le_bytes());
+        let crc = crc32c::crc32c(&out[0..60]);
+        out[60..64].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes and verifies a header read from `path`.
+    pub fn decode(bytes: &[u8], path: &Path) -> Result<Self> {
+        let bad = |offset: u64, reason: String| Error::corruption(path, offset, reason);
+        if bytes.len() < SEGMENT_HEADER_LEN {
+            return Err(bad(
+                0,
+                format!("segment is {} bytes, shorter than its header", bytes.len()),
+            ));
+        }
+        if bytes[0..8] != SEGMENT_MAGIC {
+            return Err(bad(0, "not a tidemark segment (bad magic)".into()));
+        }
+        let crc = crc32c::crc32c(&bytes[0..60]);
+        if crc != le_u32(bytes, 60) {
+            return Err(bad(60, "segment header fails its CRC".into()));
+        }
+        let version = le_u32(bytes, 8);
+        if version != FORMAT_VERSION {
+            return Err(bad(
+                8,
+                format!(
+                    "segment format version {version}; this build reads version {FORMAT_VERSION}"
+                ),
+            ));
+        }
+        let header_len = le_u32(bytes, 12);
+        if header_len as usize != SEGMENT_HEADER_LEN {
+            return Err(bad(
+                12,
+                format!("segment header length {header_len}, expected {SEGMENT_HEADER_LEN}"),
+            ));
+        }
+        Ok(SegmentHeader {
+            group_id: le_u64(bytes, 16),
+            segment_id: le_u64(bytes, 24),
+            first_seq: le_u64(bytes, 32),
+            segment_size: le_u64(bytes, 40),
+            created: Timestamp::from_nanos(le_u64(bytes, 48) as i64),
+        })
+    }
+}
+
+/// A batch frame: the records of one group commit follow it back to back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchFrame {
+    /// Number of records in the batch.
+    pub count: u32,
+    /// Bytes of records after the frame.
+    pub body_len: u64,
+    /// Seq of the first record.
+    pub first_seq: Seq,
+    /// Seq of the last record.
+    pub last_seq: Seq,
+    /// The fencing epoch the batch was written under.
+    pub epoch: u64,
+}
+
+impl BatchFrame {
+    /// Encodes the frame.
+    ///
+    /// Format (little-endian, 48 bytes):
+    /// `{ u32 magic "TDBT" | u32 count | u64 body_len | u64 first_seq |
+    ///    u64 last_seq | u64 epoch | u32 reserved | u32 crc32c(bytes 0..44) }`
+    pub fn encode(&self) -> [u8; BATCH_HEADER_LEN] {
+        let mut out = [0u8; BATCH_HEADER_LEN];
+        out[0..4].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
+        out[4..8].copy_from_slice(&self.count.to_le_bytes());
+        out[8..16].copy_from_slice(&self.body_len.to_le_bytes());
+        out[16..24].copy_from_slice(&self.first_seq.to_le_bytes());
+        out[24..32].copy_from_slice(&self.last_seq.to_le_bytes());
+        out[32..40].copy_from_slice(&self.epoch.to_le_bytes());
+        let crc = crc32c::crc32c(&out[0..44]);
+        out[44..48].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes a frame; `None` with a reason when the bytes are not one.
+    pub fn decode(bytes: &[u8]) -> std::result::Result<Self, String> {
+        if bytes.len() < BATCH_HEADER_LEN {
+            return Err("batch frame cut short by the end of the segment".into());
+        }
+        let magic = le_u32(bytes, 0);
+        if magic != BATCH_MAGIC {
+            return Err(format!("bad batch magic {magic:#010x}"));
+        }
+        if crc32c::crc32c(&bytes[0..44]) != le_u32(bytes, 44) {
+            return Err("batch frame fails its CRC".into());
+        }
+        let frame = BatchFrame {
+            count: le_u32(bytes, 4),
+            body_len: le_u64(bytes, 8),
+            first_seq: le_u64(bytes, 16),
+            last_seq: le_u64(bytes, 24),
+            epoch: le_u64(bytes, 32),
+        };
+        if frame.count == 0 || frame.last_seq < frame.first_seq {
+            return Err(format!(
+                "batch frame holds {} records with seqs {}..={}",
+                frame.count, frame.first_seq, frame.last_seq
+            ));
+        }
+        Ok(frame)
+    }
+}
+
+/// The path of segment `id` in `dir`.
+pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.seg"))
+}
+
+/// Parses a segment id back out of a file name made by [`segment_path`].
+pub fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".seg")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// A segment file mapped for reading.
+#[derive(Debug)]
+pub struct Segment {
+    /// Its header.
+    pub header: SegmentHeader,
+    /// Its path, for errors.
+    pub path: PathBuf,
+    /// The whole fixed-size file.
+    map: Mmap,
+}
+
+/// Where a scan of a segment stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanEnd {
+    /// Offset just past the last valid batch: where the next batch goes.
+    pub valid_end: u64,
+    /// Why the scan stopped before the end of the file, if the bytes at
+    /// `valid_end` are not zeros: the reason they do not decode.
+    pub damage: Option<String>,
+}
+
+/// What a scan learned of a segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanSummary {
+    /// Seq of the last valid record (the previous seq if there is none).
+    pub last_seq: Seq,
+    /// Records found.
+    pub records: u64,
+    /// Where and why the scan stopped.
+    pub end: ScanEnd,
+}
+
+impl Segment {
+    /// Opens and maps an existing segment, checking its header.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io("open segment", path, e))?;
+        Self::map(file, path)
+    }
+
+    fn map(file: File, path: &Path) -> Result<Self> {
+        // SAFETY: segment files are written only by this process's journal
+        // writer, which appends past every byte a reader can reach (readers
+        // only follow index entries of durable records); truncation happens
+        // only in recovery, before any map exists. Unlinking a mapped segment
+        // (retention) leaves the mapping valid.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("map segment", path, e))?;
+        let header = SegmentHeader::decode(&map, path)?;
+        if header.segment_size != map.len() as u64 {
+            return Err(Error::corruption(
+                path,
+                40,
+                format!(
+                    "segment header says {} bytes, the file has {}",
+                    header.segment_size,
+                    map.len()
+                ),
+            ));
+        }
+        Ok(Segment {
+            header,
+            path: path.to_path_buf(),
+            map,
+        })
+    }
+
+    /// Creates segment `header.segment_id` in `dir` at its full size, writes
+    /// and syncs its header and the directory entry, and returns the file for
+    /// appending and the segment for reading.
+    pub fn create(dir: &Path, header: SegmentHeader) -> Result<(File, Segment)> {
+        let path = segment_path(dir, header.segment_id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io("create segment", &path, e))?;
+        let result = (|| {
+            file.set_len(header.segment_size)
+                .map_err(|e| Error::io("size segment", &path, e))?;
+            file.write_all_at(&header.encode(), 0)
+                .map_err(|e| Error::io("write segment header", &path, e))?;
+            file.sync_all()
+                .map_err(|e| Error::io("fsync segment", &path, e))?;
+            sync_dir(dir)?;
+            let reader = file
+                .try_clone()
+                .map_err(|e| Error::io("open segment", &path, e))?;
+            Segment::map(reader, &path)
+        })();
+        match result {
+            Ok(segment) => Ok((file, segment)),
+            Err(e) => {
+                // A half-made segment would be found as damage at the next
+                // start; it holds nothing, so remove it now.
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// The segment's id.
+    pub fn id(&self) -> u64 {
+        self.header.segment_id
+    }
+
+    /// Decodes and verifies the record at `offset`.
+    pub fn record_at(&self, offset: u64) -> Result<(RecordHeader, &[u8])> {
+        let start = usize::try_from(offset)
+            .ok()
+            .filter(|&o| o >= SEGMENT_HEADER_LEN && o < self.map.len())
+            .ok_or_else(|| {
+                Error::corruption(&self.path, offset, "index points outside the segment")
+            })?;
+        decode_record(&self.map[start..], &self.path, offset)
+    }
+
+    /// Walks the batches of the segment in order, verifying every record,
+    /// and calls `visit` with each record and its offset once its whole
+    /// batch has verified. `prev_seq` is the seq of the record before the
+    /// segment; seqs must rise strictly from it.
+    pub fn scan(
+        &self,
+        prev_seq: Seq,
+        mut visit: impl FnMut(&RecordHeader, u64, &[u8]) -> Result<()>,
+    ) -> Result<ScanSummary> {
+        let mut pos = SEGMENT_HEADER_LEN;
+        let mut last_seq = prev_seq;
+        let mut records = 0u64;
+        let mut batch: Vec<(RecordHeader, u64)> = Vec::new();
+        let damage = loop {
+            if pos + BATCH_HEADER_LEN > self.map.len() {
+                break None;
+            }
+            let frame_bytes = &self.map[pos..pos + BATCH_HEADER_LEN];
+            if frame_bytes.iter().all(|&b| b == 0) {
+                break None;
+            }
+            match self.check_batch(pos, last_seq, &mut batch) {
+                Ok((frame, end)) => {
+                    for (header, offset) in &batch {
+                        let start = *offset as usize + crate::record::RECORD_HEADER_LEN;
+                        let payload = &self.map[start..start + header.stored_len as usize];
+                        visit(header, *offset, payload)?;
+                    }
+                    records += batch.len() as u64;
+                    last_seq = frame.last_seq;
+                    pos = end;
+                }
+                Err(reason) => break Some(reason),
+            }
+        };
+        Ok(ScanSummary {
+            last_seq,
+            records,
+            end: ScanEnd {
+                valid_end: pos as u64,
+                damage,
+            },
+        })
+    }
+
+    /// Verifies the batch at `pos`: its frame and every record in it.
+    /// Fills `batch` with the records and returns the frame and the offset
+    /// just past the batch, or the reason it is not valid.
+    fn check_batch(
+        &self,
+        pos: usize,
+        prev_seq: Seq,
+        batch: &mut Vec<(RecordHeader, u64)>,
+    ) -> std::result::Result<(BatchFrame, usize), String> {
+        batch.clear();
+        let frame = BatchFrame::decode(&self.map[pos..])?;
+        if frame.first_seq <= prev_seq {
+            return Err(format!(
+                "batch starts at seq {} but seq {prev_seq} came before it",
+                frame.first_seq
+            ));
+        }
+        let body_start = pos + BATCH_HEADER_LEN;
+        let end = usize::try_from(frame.body_len)
+            .ok()
+            .and_then(|len| body_start.checked_add(len))
+            .filter(|&end| end <= self.map.len())
+            .ok_or_else(|| {
+                format!(
+                    "batch of {} bytes runs past the end of the segment",
+                    frame.body_len
+                )
+            })?;
+        let mut at = body_start;
+        let mut seq = prev_seq;
+        while at < end {
+            let (header, _) = decode_record(&self.map[at..end], &self.path, at as u64)
+                .map_err(|e| e.to_string())?;
+            if header.seq <= seq || header.seq > frame.last_seq || header.seq < frame.first_seq {
+                return Err(format!(
+                    "record at offset {at} has seq {} out of order (previous {seq}, batch {}..={})",
+                    header.seq, frame.first_seq, frame.last_seq
+                ));
+            }
+            seq = header.seq;
+            batch.push((header, at as u64));
+            at += header.encoded_len();
+        }
+        if batch.len() != frame.count as usize || seq != frame.last_seq {
+            return Err(format!(
+                "batch frame promises {} records ending at seq {}, found {} ending at seq {seq}",
+                frame.count,
+                frame.last_seq,
+                batch.len()
+            ));
+        }
+        Ok((frame, end))
+    }
+
+    /// Looks for a valid batch anywhere from `from` on whose records follow
+    /// `prev_seq`, returning its offset. Used to tell a torn tail (nothing
+    /// valid follows the damage) from corruption in the middle.
+    pub fn find_valid_batch_after(&self, from: u64, prev_seq: Seq) -> Option<u64> {
+        let magic = BATCH_MAGIC.to_le_bytes();
+        let mut at = usize::try_from(from).ok()?;
+        let mut scratch = Vec::new();
+        while at < self.map.len() {
+            let found = memchr::memmem::find(&self.map[at..], &magic)?;
+            let pos = at + found;
+            if self.check_batch(pos, prev_seq, &mut scratch).is_ok() {
+                return Some(pos as u64);
+            }
+            at = pos + 1;
+        }
+        None
+    }
+}
+
+/// Fsyncs a directory so that entries created, renamed or removed in it are
+/// durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync directory", dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_roundtrip_and_version_check() {
+        let header = SegmentHeader {
+            group_id: 9,
+            segment_id: 3,
+            first_seq: 100,
+            segment_size: 1 << 20,
+            created: Timestamp::from_nanos(123),
+        };
+        let bytes = header.encode();
+        let path = Path::new("x.seg");
+        assert_eq!(
+            SegmentHeader::decode(&bytes, path).expect("decodes"),
+            header
+        );
+        let mut newer = bytes;
+        newer[8] = 2;
+        let crc = crc32c::crc32c(&newer[0..60]);
+        newer[60..64].copy_from_slice(&crc.to_le_bytes());
+        let err = SegmentHeader::decode(&newer, path).expect_err("version 2 refused");
+        assert!(err.to_string().contains("version 2"), "{err}");
+    }
+
+    #[test]
+    fn frame_roundtrip() {
+        let frame = BatchFrame {
+            count: 2,
+            body_len: 300,
+            first_seq: 5,
+            last_seq: 6,
+            epoch: 1,
+        };
+        assert_eq!(BatchFrame::decode(&frame.encode()), Ok(frame));
+        let mut bad = frame.encode();
+        bad[10] ^= 1;
+        assert!(BatchFrame::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn segment_names_roundtrip() {
+        let path = segment_path(Path::new("/j"), 42);
+        let name = path.file_name().and_then(|n| n.to_str()).expect("name");
+        assert_eq!(parse_segment_name(name), Some(42));
+        assert_eq!(parse_segment_name("42.seg"), None);
+        assert_eq!(parse_segment_name("0000000000000000004x.seg"), None);
+    }
+}
