@@ -1,0 +1,361 @@
+//! Torn tails, flipped bytes and a lost index: recovery finds the truth in
+//! the segments, reports damage with its file and offset, and never panics.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::*;
+use rand::Rng;
+use tidemark_journal::manifest::Manifest;
+use tidemark_journal::{Error, Journal, ManualClock, RecoveryMode, Timestamp, VolumeId};
+
+const START: i64 = 1_800_000_000_000_000_000;
+
+/// A journal with one volume and `batches` batches of random changes, each
+/// made durable before the next (so each is its own batch on disk).
+fn build(dir: &Path, clock: &Arc<ManualClock>, seed: u64, batches: usize) -> (Model, VolumeId) {
+    let mut rng = rng(seed);
+    let (journal, _) = open(dir, clock, RecoveryMode::Strict);
+    let size = 96 * 1024;
+    let volume = journal.create_volume("vol0", size).expect("create").id;
+    let mut model = Model::default();
+    model.sizes.insert(volume, size);
+    for _ in 0..batches {
+        clock.advance(1_000_000);
+        let ops = (0..rng.random_range(1..=4))
+            .map(|_| (volume, random_op(&mut rng, size, 16_000)))
+            .collect();
+        apply(&journal, &mut model, ops);
+    }
+    journal.close().expect("close");
+    (model, volume)
+}
+
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir.join("segments"))
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    files
+}
+
+/// Offset just past the last batch in a segment: the first 48 zero bytes
+/// after the header that begin a zero run to the end.
+fn used_len(path: &Path) -> usize {
+    let bytes = fs::read(path).expect("read");
+    bytes.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1)
+}
+
+/// Opening after damage either reports corruption that names the file, or
+/// recovers a prefix of the history whose every point reads as the model.
+fn check_recovery(
+    dir: &Path,
+    clock: &Arc<ManualClock>,
+    model: &Model,
+    mode: RecoveryMode,
+    seed: u64,
+) -> Option<u64> {
+    let mut rng = rng(seed ^ 0xabc);
+    match Journal::open(dir, small_options(clock.clone(), mode)) {
+        Err(e @ Error::Corruption { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains(".seg") || text.contains("MANIFEST"),
+                "error names no file: {text}"
+            );
+            assert!(text.contains("offset"), "error names no offset: {text}");
+            None
+        }
+        Err(e) => panic!("open after damage failed with a non-corruption error: {e}"),
+        Ok((journal, report)) => {
+            let newest = report.newest_seq;
+            assert!(
+                newest <= model.newest(),
+                "recovery invented records: {report:?}"
+            );
+            let mut prefix = model.clone();
+            prefix.cut_after(newest);
+            check_reads(&journal, &prefix, &mut rng, 12);
+            Some(newest)
+        }
+    }
+}
+
+#[test]
+fn torn_tail_is_cut_at_the_last_whole_batch() {
+    for seed in seeds(12) {
+        let _guard = SeedGuard(seed, "torn_tail_is_cut_at_the_last_whole_batch");
+        let mut rng = rng(seed);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+        let (mut model, _) = build(dir.path(), &clock, seed, 30);
+
+        // Append a batch, then tear it at a random byte: zero everything
+        // from there on, as a crash before the fsync would leave it.
+        {
+            let (journal, _) = open(dir.path(), &clock, RecoveryMode::Strict);
+            let volume = journal.volumes()[0].id;
+            let ops = (0..3)
+                .map(|_| (volume, random_op(&mut rng, 96 * 1024, 16_000)))
+                .collect();
+            apply(&journal, &mut model, ops);
+            journal.close().expect("close");
+        }
+        let newest_file = segment_files(dir.path()).pop().expect("a segment");
+        let used = used_len(&newest_file);
+        let mut bytes = fs::read(&newest_file).expect("read");
+        // Find where the last batch starts: the previous journal state ended there.
+        let batch_start = find_last_batch(&bytes[..used]);
+        let first_seq_of_batch = u64::from_le_bytes(
+            bytes[batch_start + 16..batch_start + 24]
+                .try_into()
+                .expect("8 bytes"),
+        );
+        let last_before = first_seq_of_batch - 1;
+        let tear = rng.random_range(batch_start + 1..used - 1);
+        bytes[tear..used].fill(0);
+        if rng.random_bool(0.5) {
+            // Some torn writes leave garbage, not zeros.
+            rng.fill(&mut bytes[tear..(tear + 40).min(used)]);
+        }
+        fs::write(&newest_file, &bytes).expect("write");
+
+        let (journal, report) = open(dir.path(), &clock, RecoveryMode::Strict);
+        let torn = report
+            .torn_tail
+            .clone()
+            .unwrap_or_else(|| panic!("no torn tail reported: {report:?}"));
+        assert_eq!(torn.path, newest_file);
+        assert_eq!(torn.offset as usize, batch_start);
+        assert_eq!(report.newest_seq, last_before, "{report:?}");
+        model.cut_after(last_before);
+        check_reads(&journal, &model, &mut rng, 10);
+        // The journal goes on from the cut.
+        let volume = journal.volumes()[0].id;
+        let data = payload(&mut rng, 5000);
+        apply(
+            &journal,
+            &mut model,
+            vec![(volume, Op::Write { offset: 777, data })],
+        );
+        assert!(model.newest() > last_before);
+        journal.close().expect("close");
+        let (journal, report) = open(dir.path(), &clock, RecoveryMode::Strict);
+        assert!(report.torn_tail.is_none());
+        check_reads(&journal, &model, &mut rng, 10);
+    }
+}
+
+/// The offset of the last batch frame in `bytes`.
+fn find_last_batch(bytes: &[u8]) -> usize {
+    let magic = u32::from_le_bytes(*b"TDBT").to_le_bytes();
+    let mut last = None;
+    let mut at = 64;
+    while let Some(found) = bytes[at..].windows(4).position(|w| w == magic) {
+        let pos = at + found;
+        let body_len =
+            u64::from_le_bytes(bytes[pos + 8..pos + 16].try_into().expect("8 bytes")) as usize;
+        last = Some(pos);
+        at = pos + 48 + body_len;
+        if at >= bytes.len() {
+            break;
+        }
+    }
+    last.expect("a batch")
+}
+
+#[test]
+fn damage_before_valid_batches_is_reported_with_its_position() {
+    for seed in seeds(8) {
+        let _guard = SeedGuard(
+            seed,
+            "damage_before_valid_batches_is_reported_with_its_position",
+        );
+        let mut rng = rng(seed);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+        let (model, _) = build(dir.path(), &clock, seed, 40);
+        let files = segment_files(dir.path());
+        let file = &files[rng.random_range(0..files.len())];
+        let bytes = fs::read(file).expect("read");
+        let first_batch = 64;
+        let last_batch = find_last_batch(&bytes[..used_len(file)]);
+        // Damage the first batch of the chosen segment: valid batches (or
+        // segments) follow, so this cannot be a torn tail.
+        let is_last_segment = file == files.last().expect("files");
+        if is_last_segment && last_batch == first_batch {
+            continue;
+        }
+        let mut damaged = bytes.clone();
+        let at = rng.random_range(first_batch..first_batch + 48 + 56);
+        damaged[at] ^= 0x10;
+        fs::write(file, &damaged).expect("write");
+
+        match Journal::open(
+            dir.path(),
+            small_options(clock.clone(), RecoveryMode::Strict),
+        ) {
+            Err(Error::Corruption { path, offset, .. }) => {
+                assert_eq!(&path, file);
+                assert_eq!(offset, first_batch as u64);
+            }
+            other => panic!("strict open of a damaged journal gave {other:?}"),
+        }
+        let newest = check_recovery(
+            dir.path(),
+            &clock,
+            &model,
+            RecoveryMode::TruncateCorrupt,
+            seed,
+        )
+        .expect("truncate-corrupt opens");
+        assert!(newest < model.newest());
+        // And the cut journal stays consistent across another reopen.
+        let mut prefix = model.clone();
+        prefix.cut_after(newest);
+        let (journal, report) = open(dir.path(), &clock, RecoveryMode::Strict);
+        assert_eq!(report.newest_seq, newest);
+        check_reads(&journal, &prefix, &mut rng, 10);
+    }
+}
+
+#[test]
+fn random_byte_flips_never_panic_and_never_invent_data() {
+    for seed in seeds(16) {
+        let _guard = SeedGuard(seed, "random_byte_flips_never_panic_and_never_invent_data");
+        let mut rng = rng(seed);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+        let (model, _) = build(dir.path(), &clock, seed, 25);
+        let files = segment_files(dir.path());
+        for _ in 0..rng.random_range(1..=3) {
+            let file = &files[rng.random_range(0..files.len())];
+            let mut bytes = fs::read(file).expect("read");
+            let used = used_len(file).max(64);
+            let at = rng.random_range(0..used + 64).min(bytes.len() - 1);
+            bytes[at] ^= 1 << rng.random_range(0..8);
+            fs::write(file, &bytes).expect("write");
+        }
+        let mode = if rng.random_bool(0.5) {
+            RecoveryMode::Strict
+        } else {
+            RecoveryMode::TruncateCorrupt
+        };
+        check_recovery(dir.path(), &clock, &model, mode, seed);
+    }
+}
+
+#[test]
+fn truncated_segment_files_are_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+    let (model, _) = build(dir.path(), &clock, 7, 60);
+    let files = segment_files(dir.path());
+    assert!(files.len() > 1, "want several segments");
+    // A sealed segment cut short is damage, not a tail.
+    let file = &files[0];
+    let len = fs::metadata(file).expect("stat").len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .and_then(|f| f.set_len(len / 3))
+        .expect("truncate");
+    match Journal::open(
+        dir.path(),
+        small_options(clock.clone(), RecoveryMode::Strict),
+    ) {
+        Err(e @ Error::Corruption { .. }) => {
+            assert!(e.to_string().contains(&file.display().to_string()), "{e}")
+        }
+        other => panic!("open of a truncated segment gave {other:?}"),
+    }
+    check_recovery(dir.path(), &clock, &model, RecoveryMode::TruncateCorrupt, 7).expect("opens");
+}
+
+#[test]
+fn rebuilt_index_is_identical() {
+    for seed in seeds(6) {
+        let _guard = SeedGuard(seed, "rebuilt_index_is_identical");
+        let mut rng = rng(seed);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+        let (mut model, volume) = build(dir.path(), &clock, seed, 40);
+        {
+            // Move the horizon into the middle of a segment, so the rebuild
+            // must skip folded records in a kept segment.
+            let (journal, _) = open(dir.path(), &clock, RecoveryMode::Strict);
+            let target = rng.random_range(1..model.newest());
+            journal.retain_from(target, false).expect("retention");
+            model.horizon = target;
+            apply(
+                &journal,
+                &mut model,
+                vec![(volume, random_op(&mut rng, 96 * 1024, 16_000))],
+            );
+            journal.close().expect("close");
+        }
+        let (journal, _) = open(dir.path(), &clock, RecoveryMode::Strict);
+        let before = journal.dump_index().expect("dump");
+        let tags_before = journal.tags(volume).expect("tags");
+        journal.close().expect("close");
+
+        fs::remove_dir_all(dir.path().join("index")).expect("delete index");
+        let (journal, report) = open(dir.path(), &clock, RecoveryMode::Strict);
+        assert!(report.indexed_records > 0, "{report:?}");
+        let after = journal.dump_index().expect("dump");
+        assert_eq!(before.len(), after.len(), "index entry counts differ");
+        for (a, b) in before.iter().zip(&after) {
+            assert_eq!(a, b, "index entries differ");
+        }
+        assert_eq!(journal.tags(volume).expect("tags"), tags_before);
+        check_reads(&journal, &model, &mut rng, 15);
+    }
+}
+
+#[test]
+fn interrupted_fold_is_finished_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+    let (mut model, _) = build(dir.path(), &clock, 3, 50);
+    let target = model.newest() / 2;
+    // As if a fold had recorded its intent and written part of the base
+    // image, then the process died.
+    let mut manifest = Manifest::load(dir.path()).expect("load").expect("manifest");
+    manifest.folding_to = Some(tidemark_journal::manifest::FoldIntent { seq: target });
+    manifest.store(dir.path()).expect("store");
+    let base = dir.path().join("base").join(format!("{:010}.img", 1));
+    let mut garbage = fs::read(&base).expect("read base");
+    let state = model.state_at(1, target);
+    garbage[..4096].copy_from_slice(&state[..4096]);
+    fs::write(&base, &garbage).expect("write base");
+
+    let (journal, report) = open(dir.path(), &clock, RecoveryMode::Strict);
+    assert_eq!(report.finished_fold, Some(target), "{report:?}");
+    assert_eq!(journal.history().horizon_seq, target);
+    model.horizon = target;
+    let mut rng = rng(3);
+    check_reads(&journal, &model, &mut rng, 20);
+}
+
+#[test]
+fn segment_of_another_group_is_refused() {
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+    build(a.path(), &clock, 1, 5);
+    build(b.path(), &clock, 2, 5);
+    let foreign = segment_files(b.path()).remove(0);
+    fs::copy(
+        &foreign,
+        a.path().join("segments").join("00000000000000000099.seg"),
+    )
+    .expect("copy");
+    match Journal::open(a.path(), small_options(clock.clone(), RecoveryMode::Strict)) {
+        Err(e @ Error::Corruption { .. }) => assert!(e.to_string().contains("group id"), "{e}"),
+        other => panic!("a foreign segment was accepted: {other:?}"),
+    }
+}

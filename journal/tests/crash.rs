@@ -1,0 +1,188 @@
+//! Crash test with a real process kill: a child process appends a seeded
+//! stream of changes and reports each one as it becomes durable; the parent
+//! kills it with SIGKILL at a random moment, reopens the journal and checks
+//! that every acknowledged record is there and every point reads exactly as
+//! the model says.
+//!
+//! The child is this same test binary, re-run with `TIDEMARK_CRASH_CHILD`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::Rng;
+use tidemark_journal::{
+    Change, Journal, JournalOptions, ManualClock, RecoveryMode, SystemClock, Timestamp,
+};
+
+const VOLUME_SIZE: u64 = 256 * 1024;
+
+/// The changes the child appends, in order: change i gets seq i + 1.
+fn changes(seed: u64) -> Vec<Op> {
+    let mut rng = rng(seed);
+    (0..5000)
+        .map(|_| random_op(&mut rng, VOLUME_SIZE, 24_000))
+        .filter(|op| !matches!(op, Op::TagSet(_) | Op::TagDelete(_)))
+        .collect()
+}
+
+fn options() -> JournalOptions {
+    JournalOptions {
+        clock: Arc::new(SystemClock),
+        ..small_options(
+            Arc::new(ManualClock::new(Timestamp::from_nanos(0))),
+            RecoveryMode::Strict,
+        )
+    }
+}
+
+/// The child: appends the seeded changes with several in flight and prints
+/// `ack SEQ` for each one as it becomes durable.
+#[test]
+fn crash_child() {
+    let (Ok(dir), Ok(seed)) = (
+        std::env::var("TIDEMARK_CRASH_CHILD"),
+        std::env::var("TIDEMARK_CRASH_SEED"),
+    ) else {
+        return;
+    };
+    let seed: u64 = seed.parse().expect("seed");
+    let (journal, _) = Journal::open(Path::new(&dir), options()).expect("child open");
+    let volume = match journal.volume("vol0") {
+        Ok(v) => v.id,
+        Err(_) => {
+            journal
+                .create_volume("vol0", VOLUME_SIZE)
+                .expect("create")
+                .id
+        }
+    };
+    println!("ready");
+    let mut in_flight = std::collections::VecDeque::new();
+    for op in changes(seed) {
+        let handle = match &op {
+            Op::Write { offset, data } => journal.append(
+                volume,
+                Change::Write {
+                    offset: *offset,
+                    data,
+                },
+            ),
+            Op::Zero { offset, len } => journal.append(
+                volume,
+                Change::Zero {
+                    offset: *offset,
+                    len: *len,
+                },
+            ),
+            Op::Trim { offset, len } => journal.append(
+                volume,
+                Change::Trim {
+                    offset: *offset,
+                    len: *len,
+                },
+            ),
+            _ => journal.append(volume, Change::Flush),
+        }
+        .expect("append");
+        in_flight.push_back(handle);
+        if in_flight.len() >= 8 {
+            if let Some(h) = in_flight.pop_front() {
+                println!("ack {}", h.wait().expect("durable").seq);
+            }
+        }
+    }
+    for h in in_flight {
+        println!("ack {}", h.wait().expect("durable").seq);
+    }
+    println!("done");
+}
+
+#[test]
+fn sigkill_loses_no_acknowledged_record() {
+    let trials = seeds(6);
+    for seed in trials {
+        let _guard = SeedGuard(seed, "sigkill_loses_no_acknowledged_record");
+        let mut rng = rng(seed);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+            .env("TIDEMARK_CRASH_CHILD", dir.path())
+            .env("TIDEMARK_CRASH_SEED", seed.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn child");
+        let stdout = child.stdout.take().expect("stdout");
+        let kill_after = Duration::from_millis(rng.random_range(20..400));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut acked = 0u64;
+        let mut started = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if started.is_some_and(|t: Instant| t.elapsed() >= kill_after)
+                || Instant::now() > deadline
+            {
+                break;
+            }
+            match rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(line) if line == "ready" => started = Some(Instant::now()),
+                Ok(line) if line == "done" => break,
+                Ok(line) => {
+                    if let Some(seq) = line
+                        .strip_prefix("ack ")
+                        .and_then(|s| s.parse::<u64>().ok())
+                    {
+                        acked = acked.max(seq);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        child.kill().expect("SIGKILL the child");
+        child.wait().expect("reap");
+        // Lines already printed before the kill were acknowledged too.
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            if let Some(seq) = line
+                .strip_prefix("ack ")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                acked = acked.max(seq);
+            }
+        }
+        reader.join().expect("reader");
+
+        let (journal, report) = Journal::open(dir.path(), options()).expect("reopen after SIGKILL");
+        assert!(
+            report.newest_seq >= acked,
+            "acknowledged seq {acked} lost: journal ends at {} ({report:?})",
+            report.newest_seq
+        );
+        let mut model = Model::default();
+        let volume = journal.volume("vol0").expect("volume").id;
+        model.sizes.insert(volume, VOLUME_SIZE);
+        for (i, op) in changes(seed).into_iter().enumerate() {
+            let seq = i as u64 + 1;
+            if seq > report.newest_seq {
+                break;
+            }
+            model
+                .records
+                .insert(seq, (volume, op, Timestamp::default()));
+        }
+        check_reads(&journal, &model, &mut rng, 20);
+    }
+}
