@@ -26,6 +26,11 @@ BIN="${CARGO_TARGET_DIR:-target}/debug/journal-append"
 work=$(mktemp -d "$DIR/tidemark-j1.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
+# Deleting a gigabyte issues discards (on filesystems mounted with
+# `discard`) and leaves dirty metadata; let both finish so neither side of
+# the comparison pays for the other's cleanup.
+settle() { sync; sleep 2; }
+
 raw_rates=()
 journal_rates=()
 for round in $(seq 1 "$ROUNDS"); do
@@ -33,8 +38,10 @@ for round in $(seq 1 "$ROUNDS"); do
       --size="${SIZE_MIB}M" --output-format=json >"$work/fio.json"
   raw=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("%.1f" % (j["jobs"][0]["write"]["bw_bytes"]/1e6))' "$work/fio.json")
   rm -f "$work/raw"
+  settle
   journal=$("$BIN" "$work/journal" "$SIZE_MIB" 1024 incompressible 64 | awk '/^MB\/s/ {print $2}')
   rm -rf "$work/journal"
+  settle
   echo "round $round: raw ${raw} MB/s, journal ${journal} MB/s"
   raw_rates+=("$raw")
   journal_rates+=("$journal")

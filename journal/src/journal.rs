@@ -51,6 +51,8 @@ pub struct JournalOptions {
     /// Zeroes and trims spanning more 4 KiB blocks than this are indexed as
     /// one range entry instead of one entry per block.
     pub large_range_blocks: u64,
+    /// Write segments with `O_DIRECT` (where the filesystem allows it).
+    pub direct_io: bool,
     /// Where timestamps come from.
     pub clock: Arc<dyn Clock>,
 }
@@ -64,6 +66,7 @@ impl Default for JournalOptions {
             max_batch_bytes: 8 << 20,
             recovery: RecoveryMode::Strict,
             large_range_blocks: 256,
+            direct_io: true,
             clock: Arc::new(SystemClock),
         }
     }

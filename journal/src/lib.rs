@@ -13,7 +13,8 @@
 //!   catalogue, tags, timeline events, metadata.
 //! - [`base`] — base images: each volume at the horizon.
 //! - [`mark`] — bodies of mark records (tags, events).
-//! - `writer` — the group-commit writer thread and [`AppendHandle`].
+//! - `writer` — the group-commit write and sync stages and [`AppendHandle`].
+//! - `appender` — direct (`O_DIRECT`) appends of batches to a segment.
 //! - [`recovery`] — start-up: torn tails, corruption, index catch-up.
 //! - `read` — point-in-time reads.
 //! - [`retention`] — folding old records into the base images.
@@ -22,6 +23,7 @@
 //!
 //! The on-disk format is specified in `docs/format.md`.
 
+mod appender;
 pub mod base;
 pub mod clock;
 pub mod error;

@@ -186,30 +186,39 @@ impl PreparedRecord {
         }
     }
 
-    /// Appends the encoded record, stamped with `seq` and `timestamp`, to
-    /// `out`.
+    /// Encodes the record, stamped with `seq` and `timestamp`, into the
+    /// first [`PreparedRecord::encoded_len`] bytes of `out`, and returns
+    /// that length.
     ///
     /// Format (little-endian, 56-byte header, then `stored_len` payload bytes):
     /// `{ u32 magic "TDRC" | u8 kind | u8 flags | u16 reserved | u32 volume |
     ///    u32 stored_len | u64 seq | i64 timestamp_ns | u64 offset |
     ///    u64 length | u32 reserved | u32 crc32c }`
     /// with `crc32c = crc32c_append(crc32c(payload), header[0..52])`.
+    pub fn encode_to(&self, seq: Seq, timestamp: Timestamp, out: &mut [u8]) -> usize {
+        let out = &mut out[..self.encoded_len()];
+        out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        out[4] = self.kind as u8;
+        out[5] = if self.compressed { FLAG_LZ4 } else { 0 };
+        out[6..8].copy_from_slice(&0u16.to_le_bytes());
+        out[8..12].copy_from_slice(&self.volume.to_le_bytes());
+        out[12..16].copy_from_slice(&(self.stored.len() as u32).to_le_bytes());
+        out[16..24].copy_from_slice(&seq.to_le_bytes());
+        out[24..32].copy_from_slice(&timestamp.as_nanos().to_le_bytes());
+        out[32..40].copy_from_slice(&self.offset.to_le_bytes());
+        out[40..48].copy_from_slice(&self.length.to_le_bytes());
+        out[48..52].copy_from_slice(&0u32.to_le_bytes());
+        let crc = crc32c::crc32c_append(self.payload_crc, &out[0..52]);
+        out[52..56].copy_from_slice(&crc.to_le_bytes());
+        out[RECORD_HEADER_LEN..].copy_from_slice(&self.stored);
+        out.len()
+    }
+
+    /// Appends the encoded record to `out`; see [`PreparedRecord::encode_to`].
     pub fn encode_into(&self, seq: Seq, timestamp: Timestamp, out: &mut Vec<u8>) {
         let start = out.len();
-        out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
-        out.push(self.kind as u8);
-        out.push(if self.compressed { FLAG_LZ4 } else { 0 });
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&self.volume.to_le_bytes());
-        out.extend_from_slice(&(self.stored.len() as u32).to_le_bytes());
-        out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(&timestamp.as_nanos().to_le_bytes());
-        out.extend_from_slice(&self.offset.to_le_bytes());
-        out.extend_from_slice(&self.length.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        let crc = crc32c::crc32c_append(self.payload_crc, &out[start..start + 52]);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&self.stored);
+        out.resize(start + self.encoded_len(), 0);
+        self.encode_to(seq, timestamp, &mut out[start..]);
     }
 }
 

@@ -1,13 +1,16 @@
 //! Start-up recovery: finding where the journal really ends, telling a torn
 //! tail from damage, and catching the index up.
 //!
-//! The rule that makes this exact: the writer writes batch k+1 only after
-//! batch k is durable. So in the newest segment, a damaged batch with no
-//! valid batch after it is the torn tail of a crash (never acknowledged)
-//! and is cut off; a damaged batch *followed* by a valid one, or damage in
-//! any older segment, is corruption of acknowledged data and is reported
-//! with its file and offset — or, if the operator chose
-//! [`RecoveryMode::TruncateCorrupt`], cut off with everything after it.
+//! The rule that makes this exact: every batch frame records how far its
+//! segment was durable when the batch was written (`durable_end`), and the
+//! writer fills a new segment only once the previous one is wholly durable.
+//! So in the newest segment, a damaged batch at offset X is the torn tail
+//! of a crash (never acknowledged) unless some valid batch after it was
+//! written when X was already durable (`durable_end > X`); the tail is cut
+//! off. A damaged batch that was durable, or damage in any older segment,
+//! is corruption of acknowledged data and is reported with its file and
+//! offset — or, if the operator chose [`RecoveryMode::TruncateCorrupt`],
+//! cut off with everything after it.
 
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -245,24 +248,32 @@ pub(crate) fn recover(
         })?;
 
         let end = summary.end.valid_end;
-        let valid_after = segment.find_valid_batch_after(end, summary.last_seq);
+        let later = segment.valid_batches_after(end, summary.last_seq);
+        // A valid batch written after the bytes at `end` were durable means
+        // those bytes were acknowledged: damage. Valid batches written while
+        // they were still being synced are part of the same unacknowledged
+        // tail.
+        let durable_before = later.iter().find(|(_, frame)| frame.durable_end > end);
         let mut stop = false;
-        match (&summary.end.damage, valid_after, is_last) {
-            (None, None, _) => {}
-            (Some(reason), None, true) => {
+        match (&summary.end.damage, durable_before, later.first(), is_last) {
+            (None, None, None, _) => {}
+            (damage, None, _, true) => {
+                let reason = damage.clone().unwrap_or_else(|| {
+                    "zeroed bytes before batches that were never acknowledged".into()
+                });
                 tracing::warn!(segment = %path.display(), offset = end, %reason, "cutting the torn tail of the journal");
                 cut_segment(&path, end, segment.header.segment_size)?;
                 report.torn_tail = Some(Damage {
                     path: path.clone(),
                     offset: end,
-                    reason: reason.clone(),
+                    reason,
                 });
             }
-            (damage, after, _) => {
+            (damage, durable, any, _) => {
                 let mut reason = damage
                     .clone()
                     .unwrap_or_else(|| "zeroed bytes where the next batch should be".into());
-                if let Some(at) = after {
+                if let Some((at, _)) = durable.or(any) {
                     reason.push_str(&format!("; a valid batch follows at offset {at}"));
                 }
                 if mode == RecoveryMode::Strict {
@@ -327,18 +338,8 @@ pub(crate) fn recover(
 pub(crate) fn active_segment(shared: &Arc<Shared>, recovered: &Recovered) -> Result<ActiveSegment> {
     if let Some((id, end)) = recovered.active {
         let segment = shared.segment(id)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&segment.path)
-            .map_err(|e| Error::io("open segment", &segment.path, e))?;
         let entry = recovered.catalogue.iter().find(|e| e.id == id).copied();
-        return Ok(ActiveSegment {
-            file,
-            segment,
-            write_offset: end,
-            entry,
-        });
+        return ActiveSegment::open(segment, end, entry, &shared.options);
     }
     let header = SegmentHeader {
         group_id: shared.group_id,
@@ -347,13 +348,7 @@ pub(crate) fn active_segment(shared: &Arc<Shared>, recovered: &Recovered) -> Res
         segment_size: shared.options.segment_size,
         created: shared.options.clock.now(),
     };
-    let (file, segment) = Segment::create(&shared.segments_dir, header)?;
-    let segment = Arc::new(segment);
+    let segment = Arc::new(Segment::create(&shared.segments_dir, header)?);
     shared.add_segment(segment.clone());
-    Ok(ActiveSegment {
-        file,
-        segment,
-        write_offset: SEGMENT_HEADER_LEN as u64,
-        entry: None,
-    })
+    ActiveSegment::open(segment, SEGMENT_HEADER_LEN as u64, None, &shared.options)
 }

@@ -32,7 +32,7 @@ pub const SEGMENT_HEADER_LEN: usize = 64;
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"TDBT");
 
 /// Bytes of a batch frame.
-pub const BATCH_HEADER_LEN: usize = 48;
+pub const BATCH_HEADER_LEN: usize = 56;
 
 /// The segment header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,28 +127,35 @@ pub struct BatchFrame {
     pub last_seq: Seq,
     /// The fencing epoch the batch was written under.
     pub epoch: u64,
+    /// Every byte of the segment before this offset was durable when the
+    /// batch was written. The writer writes a batch while the previous one
+    /// is still being synced; this is what still lets recovery tell a torn
+    /// tail from corruption (see `recovery.rs`).
+    pub durable_end: u64,
 }
 
 impl BatchFrame {
     /// Encodes the frame.
     ///
-    /// Format (little-endian, 48 bytes):
-    /// `{ u32 magic "TDBT" | u32 count | u64 body_len | u64 first_seq |
-    ///    u64 last_seq | u64 epoch | u32 reserved | u32 crc32c(bytes 0..44) }`
+    /// Format (little-endian, 56 bytes):
+    /// `{ u32 magic "TDBT" | u32 count | u32 body_len | u32 reserved |
+    ///    u64 first_seq | u64 last_seq | u64 epoch | u64 durable_end |
+    ///    u32 reserved | u32 crc32c(bytes 0..52) }`
     pub fn encode(&self) -> [u8; BATCH_HEADER_LEN] {
         let mut out = [0u8; BATCH_HEADER_LEN];
         out[0..4].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
         out[4..8].copy_from_slice(&self.count.to_le_bytes());
-        out[8..16].copy_from_slice(&self.body_len.to_le_bytes());
+        out[8..12].copy_from_slice(&(self.body_len as u32).to_le_bytes());
         out[16..24].copy_from_slice(&self.first_seq.to_le_bytes());
         out[24..32].copy_from_slice(&self.last_seq.to_le_bytes());
         out[32..40].copy_from_slice(&self.epoch.to_le_bytes());
-        let crc = crc32c::crc32c(&out[0..44]);
-        out[44..48].copy_from_slice(&crc.to_le_bytes());
+        out[40..48].copy_from_slice(&self.durable_end.to_le_bytes());
+        let crc = crc32c::crc32c(&out[0..52]);
+        out[52..56].copy_from_slice(&crc.to_le_bytes());
         out
     }
 
-    /// Decodes a frame; `None` with a reason when the bytes are not one.
+    /// Decodes a frame; the reason when the bytes are not one.
     pub fn decode(bytes: &[u8]) -> std::result::Result<Self, String> {
         if bytes.len() < BATCH_HEADER_LEN {
             return Err("batch frame cut short by the end of the segment".into());
@@ -157,15 +164,16 @@ impl BatchFrame {
         if magic != BATCH_MAGIC {
             return Err(format!("bad batch magic {magic:#010x}"));
         }
-        if crc32c::crc32c(&bytes[0..44]) != le_u32(bytes, 44) {
+        if crc32c::crc32c(&bytes[0..52]) != le_u32(bytes, 52) {
             return Err("batch frame fails its CRC".into());
         }
         let frame = BatchFrame {
             count: le_u32(bytes, 4),
-            body_len: le_u64(bytes, 8),
+            body_len: le_u32(bytes, 8) as u64,
             first_seq: le_u64(bytes, 16),
             last_seq: le_u64(bytes, 24),
             epoch: le_u64(bytes, 32),
+            durable_end: le_u64(bytes, 40),
         };
         if frame.count == 0 || frame.last_seq < frame.first_seq {
             return Err(format!(
@@ -256,10 +264,11 @@ impl Segment {
         })
     }
 
-    /// Creates segment `header.segment_id` in `dir` at its full size, writes
-    /// and syncs its header and the directory entry, and returns the file for
-    /// appending and the segment for reading.
-    pub fn create(dir: &Path, header: SegmentHeader) -> Result<(File, Segment)> {
+    /// Creates segment `header.segment_id` in `dir` at its full size,
+    /// allocated up front where the filesystem can (so a full disk shows up
+    /// here, not in the middle of a batch), writes and syncs its header and
+    /// the directory entry, and returns it mapped for reading.
+    pub fn create(dir: &Path, header: SegmentHeader) -> Result<Segment> {
         let path = segment_path(dir, header.segment_id);
         let file = OpenOptions::new()
             .read(true)
@@ -268,27 +277,48 @@ impl Segment {
             .open(&path)
             .map_err(|e| Error::io("create segment", &path, e))?;
         let result = (|| {
-            file.set_len(header.segment_size)
-                .map_err(|e| Error::io("size segment", &path, e))?;
+            let allocated = rustix::fs::fallocate(
+                &file,
+                rustix::fs::FallocateFlags::empty(),
+                0,
+                header.segment_size,
+            );
+            match allocated {
+                Ok(()) => {}
+                Err(e) if e == rustix::io::Errno::NOSPC => {
+                    return Err(Error::io("allocate segment", &path, e.into()));
+                }
+                Err(_) => file
+                    .set_len(header.segment_size)
+                    .map_err(|e| Error::io("size segment", &path, e))?,
+            }
             file.write_all_at(&header.encode(), 0)
                 .map_err(|e| Error::io("write segment header", &path, e))?;
             file.sync_all()
                 .map_err(|e| Error::io("fsync segment", &path, e))?;
             sync_dir(dir)?;
-            let reader = file
-                .try_clone()
-                .map_err(|e| Error::io("open segment", &path, e))?;
-            Segment::map(reader, &path)
+            Segment::map(file, &path)
         })();
-        match result {
-            Ok(segment) => Ok((file, segment)),
-            Err(e) => {
-                // A half-made segment would be found as damage at the next
-                // start; it holds nothing, so remove it now.
-                let _ = std::fs::remove_file(&path);
-                Err(e)
-            }
+        if result.is_err() {
+            // A half-made segment would be found as damage at the next
+            // start; it holds nothing, so remove it now.
+            let _ = std::fs::remove_file(&path);
         }
+        result
+    }
+
+    /// `len` bytes of the file at `offset`.
+    pub fn bytes(&self, offset: u64, len: usize) -> Result<&[u8]> {
+        usize::try_from(offset)
+            .ok()
+            .and_then(|start| self.map.get(start..start.checked_add(len)?))
+            .ok_or_else(|| {
+                Error::corruption(
+                    &self.path,
+                    offset,
+                    format!("{len} bytes from here run past the segment"),
+                )
+            })
     }
 
     /// The segment's id.
@@ -406,22 +436,30 @@ impl Segment {
         Ok((frame, end))
     }
 
-    /// Looks for a valid batch anywhere from `from` on whose records follow
-    /// `prev_seq`, returning its offset. Used to tell a torn tail (nothing
-    /// valid follows the damage) from corruption in the middle.
-    pub fn find_valid_batch_after(&self, from: u64, prev_seq: Seq) -> Option<u64> {
+    /// Looks for valid batches anywhere from `from` on whose records follow
+    /// `prev_seq`, and returns the offset and frame of each. Used to tell a
+    /// torn tail from corruption in the middle.
+    pub fn valid_batches_after(&self, from: u64, prev_seq: Seq) -> Vec<(u64, BatchFrame)> {
         let magic = BATCH_MAGIC.to_le_bytes();
-        let mut at = usize::try_from(from).ok()?;
+        let mut found = Vec::new();
+        let Ok(mut at) = usize::try_from(from) else {
+            return found;
+        };
         let mut scratch = Vec::new();
         while at < self.map.len() {
-            let found = memchr::memmem::find(&self.map[at..], &magic)?;
-            let pos = at + found;
-            if self.check_batch(pos, prev_seq, &mut scratch).is_ok() {
-                return Some(pos as u64);
+            let Some(hit) = memchr::memmem::find(&self.map[at..], &magic) else {
+                break;
+            };
+            let pos = at + hit;
+            match self.check_batch(pos, prev_seq, &mut scratch) {
+                Ok((frame, end)) => {
+                    found.push((pos as u64, frame));
+                    at = end;
+                }
+                Err(_) => at = pos + 1,
             }
-            at = pos + 1;
         }
-        None
+        found
     }
 }
 
@@ -468,6 +506,7 @@ mod tests {
             first_seq: 5,
             last_seq: 6,
             epoch: 1,
+            durable_end: 64,
         };
         assert_eq!(BatchFrame::decode(&frame.encode()), Ok(frame));
         let mut bad = frame.encode();

@@ -43,8 +43,8 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Offset just past the last batch in a segment: the first 48 zero bytes
-/// after the header that begin a zero run to the end.
+/// Offset just past the last non-zero byte of a segment: where its last
+/// batch ends.
 fn used_len(path: &Path) -> usize {
     let bytes = fs::read(path).expect("read");
     bytes.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1)
@@ -158,9 +158,9 @@ fn find_last_batch(bytes: &[u8]) -> usize {
     while let Some(found) = bytes[at..].windows(4).position(|w| w == magic) {
         let pos = at + found;
         let body_len =
-            u64::from_le_bytes(bytes[pos + 8..pos + 16].try_into().expect("8 bytes")) as usize;
+            u32::from_le_bytes(bytes[pos + 8..pos + 12].try_into().expect("4 bytes")) as usize;
         last = Some(pos);
-        at = pos + 48 + body_len;
+        at = pos + 56 + body_len;
         if at >= bytes.len() {
             break;
         }
@@ -186,12 +186,19 @@ fn damage_before_valid_batches_is_reported_with_its_position() {
         let last_batch = find_last_batch(&bytes[..used_len(file)]);
         // Damage the first batch of the chosen segment: valid batches (or
         // segments) follow, so this cannot be a torn tail.
+        // In the newest segment, damage is only provably not a torn tail if
+        // a later batch was written after the damaged one was durable.
         let is_last_segment = file == files.last().expect("files");
-        if is_last_segment && last_batch == first_batch {
+        let durable_end = u64::from_le_bytes(
+            bytes[last_batch + 40..last_batch + 48]
+                .try_into()
+                .expect("8 bytes"),
+        );
+        if is_last_segment && durable_end <= first_batch as u64 {
             continue;
         }
         let mut damaged = bytes.clone();
-        let at = rng.random_range(first_batch..first_batch + 48 + 56);
+        let at = rng.random_range(first_batch..first_batch + 56 + 56);
         damaged[at] ^= 0x10;
         fs::write(file, &damaged).expect("write");
 
@@ -357,5 +364,82 @@ fn segment_of_another_group_is_refused() {
     match Journal::open(a.path(), small_options(clock.clone(), RecoveryMode::Strict)) {
         Err(e @ Error::Corruption { .. }) => assert!(e.to_string().contains("group id"), "{e}"),
         other => panic!("a foreign segment was accepted: {other:?}"),
+    }
+}
+
+/// Rewrites the `durable_end` of the batch frame at `pos` (and its CRC).
+fn set_durable_end(bytes: &mut [u8], pos: usize, durable_end: u64) {
+    bytes[pos + 40..pos + 48].copy_from_slice(&durable_end.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[pos..pos + 52]);
+    bytes[pos + 52..pos + 56].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The frame offsets of every batch in a segment's bytes.
+fn batch_offsets(bytes: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut at = 64;
+    while at + 56 <= bytes.len() && bytes[at..at + 4] == *b"TDBT" {
+        out.push(at);
+        at += 56 + u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
+    }
+    out
+}
+
+#[test]
+fn a_batch_written_while_the_previous_synced_does_not_make_a_tear_corruption() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+    let (model, _) = build(dir.path(), &clock, 11, 6);
+    let file = segment_files(dir.path()).pop().expect("segment");
+    let pristine = fs::read(&file).expect("read");
+    let batches = batch_offsets(&pristine);
+    assert!(batches.len() >= 3, "want several batches, got {batches:?}");
+    let torn = batches[batches.len() - 2];
+    let last = batches[batches.len() - 1];
+    let seq_before_torn =
+        u64::from_le_bytes(pristine[torn + 16..torn + 24].try_into().expect("8 bytes")) - 1;
+
+    // The last batch was written while the one before it was still being
+    // synced (its durable_end stops short of it), and the crash tore that
+    // one: a torn tail, both cut.
+    let mut bytes = pristine.clone();
+    set_durable_end(&mut bytes, last, torn as u64);
+    bytes[torn + 70] ^= 0xff;
+    fs::write(&file, &bytes).expect("write");
+    let (journal, report) = open(dir.path(), &clock, RecoveryMode::Strict);
+    let cut = report
+        .torn_tail
+        .clone()
+        .unwrap_or_else(|| panic!("no torn tail: {report:?}"));
+    assert_eq!(cut.offset as usize, torn);
+    assert_eq!(report.newest_seq, seq_before_torn);
+    let mut prefix = model.clone();
+    prefix.cut_after(seq_before_torn);
+    check_reads(&journal, &prefix, &mut rng(11), 10);
+    journal.close().expect("close");
+
+    // The same damage when the last batch was written after the damaged
+    // one was durable: acknowledged data is gone, so it is corruption.
+    let mut bytes = pristine;
+    set_durable_end(&mut bytes, last, last as u64);
+    bytes[torn + 70] ^= 0xff;
+    fs::write(&file, &bytes).expect("write");
+    match Journal::open(
+        dir.path(),
+        small_options(clock.clone(), RecoveryMode::Strict),
+    ) {
+        Err(Error::Corruption {
+            path,
+            offset,
+            reason,
+        }) => {
+            assert_eq!(path, file);
+            assert_eq!(offset as usize, torn);
+            assert!(
+                reason.contains(&format!("valid batch follows at offset {last}")),
+                "{reason}"
+            );
+        }
+        other => panic!("durable damage was not reported: {other:?}"),
     }
 }

@@ -26,6 +26,16 @@ fn random_histories_read_back_exactly() {
     }
 }
 
+/// The same histories written through the page cache, as on filesystems
+/// that refuse O_DIRECT.
+#[test]
+fn random_histories_read_back_exactly_without_direct_io() {
+    BUFFERED_IO.with(|b| b.set(true));
+    for seed in seeds(24).into_iter().take(8) {
+        run(seed ^ 0xb0f);
+    }
+}
+
 fn run(seed: u64) {
     let _guard = SeedGuard(seed, "random_histories_read_back_exactly");
     let mut rng = rng(seed);

@@ -2,7 +2,10 @@
 //! commit allows and prints the throughput as `MB/s <n>` on its last line.
 //! `bench/j1.sh` runs it beside fio to compute J1.
 //!
-//! Usage: `journal-append DIR [TOTAL_MIB] [RECORD_KIB] [compressible|incompressible] [DEPTH]`
+//! Usage: `journal-append DIR [TOTAL_MIB] [RECORD_KIB] [compressible|incompressible] [DEPTH] [THREADS]`
+//!
+//! THREADS appenders (default: one per core) share DEPTH records in flight,
+//! as the connections of a daemon would; each compresses its own records.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -32,6 +35,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         Some(other) => return Err(format!("unknown content {other:?}").into()),
     };
     let depth: usize = args.get(5).map_or(Ok(64), |s| s.parse())?;
+    let threads: u64 = match args.get(6) {
+        Some(s) => s.parse()?,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
+    };
 
     let record_len = record_kib * 1024;
     let records = (total_mib * 1024 * 1024) / record_len as u64;
@@ -42,25 +49,44 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let payloads: Vec<Vec<u8>> = (0..8).map(|i| payload(content, record_len, i)).collect();
 
     let start = Instant::now();
-    let mut in_flight = VecDeque::with_capacity(depth);
-    for i in 0..records {
-        let offset = (i * record_len as u64) % (volume_size - record_len as u64);
-        let data = &payloads[(i % 8) as usize];
-        in_flight.push_back(journal.append(volume, Change::Write { offset, data })?);
-        if in_flight.len() >= depth {
-            if let Some(handle) = in_flight.pop_front() {
-                handle.wait()?;
-            }
+    let per_thread_depth = (depth / threads as usize).max(1);
+    std::thread::scope(|scope| -> Result<(), tidemark_journal::Error> {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let journal = &journal;
+                let payloads = &payloads;
+                scope.spawn(move || -> Result<(), tidemark_journal::Error> {
+                    let mut in_flight = VecDeque::with_capacity(per_thread_depth);
+                    for i in (t..records).step_by(threads as usize) {
+                        let offset = (i * record_len as u64) % (volume_size - record_len as u64);
+                        let data = &payloads[(i % 8) as usize];
+                        in_flight
+                            .push_back(journal.append(volume, Change::Write { offset, data })?);
+                        if in_flight.len() >= per_thread_depth {
+                            if let Some(handle) = in_flight.pop_front() {
+                                handle.wait()?;
+                            }
+                        }
+                    }
+                    for handle in in_flight {
+                        handle.wait()?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().map_err(|_| {
+                tidemark_journal::Error::Invalid("an appender thread panicked".into())
+            })??;
         }
-    }
-    for handle in in_flight {
-        handle.wait()?;
-    }
+        Ok(())
+    })?;
     let secs = start.elapsed().as_secs_f64();
     journal.close()?;
     let mb = (records * record_len as u64) as f64 / 1e6;
     println!(
-        "records {records} of {record_kib} KiB ({}), depth {depth}, {secs:.2} s",
+        "records {records} of {record_kib} KiB ({}), depth {depth}, {threads} appenders, {secs:.2} s",
         content.name()
     );
     println!("MB/s {:.1}", mb / secs);

@@ -90,6 +90,12 @@ impl Model {
     }
 }
 
+thread_local! {
+    /// Whether journals opened on this test thread write through the page
+    /// cache instead of with O_DIRECT.
+    pub static BUFFERED_IO: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Small segments and batches, so tests roll segments and split batches.
 pub fn small_options(clock: Arc<ManualClock>, recovery: RecoveryMode) -> JournalOptions {
     JournalOptions {
@@ -100,6 +106,7 @@ pub fn small_options(clock: Arc<ManualClock>, recovery: RecoveryMode) -> Journal
         recovery,
         // Small, so the model's zeroes and trims exercise both layouts.
         large_range_blocks: 4,
+        direct_io: !BUFFERED_IO.with(|b| b.get()),
         clock,
     }
 }
