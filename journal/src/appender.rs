@@ -161,7 +161,12 @@ impl SegmentAppender {
             let keep = align_up(tail_len.max(1));
             buf[tail_len..keep].fill(0);
             let _ = self.file.write_all_at(&buf[..keep], block);
-            return Err(Error::io("write segment", &self.path, e));
+            return Err(Error::io_at(
+                "write segment",
+                &self.path,
+                self.write_offset,
+                e,
+            ));
         }
         let new_offset = self.write_offset + len as u64;
         let new_block = align_down(new_offset);

@@ -99,7 +99,7 @@ impl BaseImage {
         self.check(offset, buf.len() as u64)?;
         self.file
             .read_exact_at(buf, offset)
-            .map_err(|e| Error::io("read base image", &self.path, e))
+            .map_err(|e| Error::io_at("read base image", &self.path, offset, e))
     }
 
     /// Writes `data` at `offset`.
@@ -107,7 +107,7 @@ impl BaseImage {
         self.check(offset, data.len() as u64)?;
         self.file
             .write_all_at(data, offset)
-            .map_err(|e| Error::io("write base image", &self.path, e))
+            .map_err(|e| Error::io_at("write base image", &self.path, offset, e))
     }
 
     /// Sets `len` bytes at `offset` to zero, punching a hole where the

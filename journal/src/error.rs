@@ -14,12 +14,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An operating-system IO error on a named file.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}{}: {source}", at.map(|o| format!(" at offset {o}")).unwrap_or_default())]
     Io {
         /// What the journal was doing (`"open"`, `"write"`, `"fsync"`, …).
         op: &'static str,
         /// The file or directory involved.
         path: PathBuf,
+        /// Where in the file, for reads and writes.
+        at: Option<u64>,
         /// The underlying error.
         #[source]
         source: std::io::Error,
@@ -126,6 +128,22 @@ impl Error {
         Error::Io {
             op,
             path: path.into(),
+            at: None,
+            source,
+        }
+    }
+
+    /// Wraps an IO error of a read or write at `offset` of `path`.
+    pub fn io_at(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        offset: u64,
+        source: std::io::Error,
+    ) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            at: Some(offset),
             source,
         }
     }

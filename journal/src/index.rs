@@ -14,7 +14,8 @@
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, FlushOptions, Options, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, FlushOptions, Options,
+    ReadOptions, SliceTransform, WriteBatch, WriteOptions, DB,
 };
 
 use crate::error::{Error, Result};
@@ -46,6 +47,12 @@ const ALL_CFS: [&str; 7] = [
     CF_EVENTS,
     CF_RANGES,
 ];
+
+/// Bytes of a block key that name the block (`volume ‖ block`).
+const BLOCK_PREFIX_LEN: usize = 12;
+
+/// Size of the block cache shared by every column family.
+const BLOCK_CACHE_BYTES: usize = 64 << 20;
 
 const META_VERSION: &[u8] = b"index_version";
 const META_INDEXED_SEQ: &[u8] = b"indexed_seq";
@@ -206,9 +213,34 @@ impl Index {
         opts.set_atomic_flush(true);
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(2);
-        let cfs = ALL_CFS
-            .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        // One block cache for every family, holding index and filter blocks
+        // too, so a point lookup in a large index costs memory reads, not
+        // file reads.
+        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        let table = |bloom: bool| {
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            table.set_cache_index_and_filter_blocks(true);
+            if bloom {
+                table.set_bloom_filter(10.0, false);
+                table.set_whole_key_filtering(false);
+            }
+            table
+        };
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut cf = Options::default();
+            if *name == CF_BLOCKS {
+                // Every lookup stays within one `volume ‖ block` prefix, so a
+                // prefix bloom filter lets a seek skip every file that never
+                // saw that block.
+                cf.set_prefix_extractor(SliceTransform::create_fixed_prefix(BLOCK_PREFIX_LEN));
+                cf.set_memtable_prefix_bloom_ratio(0.1);
+                cf.set_block_based_table_factory(&table(true));
+            } else {
+                cf.set_block_based_table_factory(&table(false));
+            }
+            ColumnFamilyDescriptor::new(*name, cf)
+        });
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| Error::Index {
             path: path.to_path_buf(),
             source,
@@ -323,12 +355,12 @@ impl Index {
         mut visit: impl FnMut(BlockEntry) -> Result<bool>,
     ) -> Result<()> {
         iter.seek_for_prev(block_key(volume, block, point));
-        let prefix = &block_key(volume, block, 0)[..12];
+        let prefix = &block_key(volume, block, 0)[..BLOCK_PREFIX_LEN];
         while iter.valid() {
             let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
                 break;
             };
-            if key.len() != 20 || &key[..12] != prefix {
+            if key.len() != 20 || &key[..BLOCK_PREFIX_LEN] != prefix {
                 break;
             }
             let seq = be_u64(key, 12);
@@ -402,7 +434,9 @@ impl Index {
 
     /// A raw iterator over the block family, for [`Index::block_versions`].
     pub fn block_iter(&self) -> Result<rocksdb::DBRawIterator<'_>> {
-        Ok(self.db.raw_iterator_cf(self.cf(CF_BLOCKS)?))
+        let mut opts = ReadOptions::default();
+        opts.set_prefix_same_as_start(true);
+        Ok(self.db.raw_iterator_cf_opt(self.cf(CF_BLOCKS)?, opts))
     }
 
     /// The newest record at or before `at`: its seq and time.
@@ -592,7 +626,9 @@ impl Index {
     pub fn dump(&self) -> Result<Vec<IndexEntry>> {
         let mut out = Vec::new();
         for name in ALL_CFS {
-            let mut iter = self.db.raw_iterator_cf(self.cf(name)?);
+            let mut opts = ReadOptions::default();
+            opts.set_total_order_seek(true);
+            let mut iter = self.db.raw_iterator_cf_opt(self.cf(name)?, opts);
             iter.seek_to_first();
             while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
                 out.push((name.to_string(), key.to_vec(), value.to_vec()));
