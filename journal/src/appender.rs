@@ -14,11 +14,17 @@
 //!
 //! Filesystems that refuse `O_DIRECT` get the same writes through the page
 //! cache.
+//!
+//! Encoding a batch and writing it are split ([`SegmentAppender::finish`]
+//! hands back a [`BatchWrite`]) so that one thread can encode the next batch
+//! into a second buffer while another writes this one.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{Error, Result};
 use crate::segment::Segment;
@@ -35,7 +41,7 @@ fn align_up(n: usize) -> usize {
 }
 
 /// A zero-filled buffer whose usable part starts at an `IO_ALIGN` address.
-struct AlignedBuf {
+pub struct AlignedBuf {
     raw: Vec<u8>,
     start: usize,
     len: usize,
@@ -53,6 +59,49 @@ impl AlignedBuf {
     }
 }
 
+/// The batch buffers, passed from the encoding thread to the writing one
+/// and back. Their number bounds how far encoding runs ahead of the disk.
+#[derive(Clone)]
+pub struct BufferPool {
+    give: Sender<AlignedBuf>,
+    take: Receiver<AlignedBuf>,
+}
+
+impl std::fmt::Debug for BufferPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufferPool")
+            .field("free", &self.take.len())
+            .finish()
+    }
+}
+
+impl BufferPool {
+    /// `count` buffers able to hold a batch of up to `max_batch` bytes.
+    pub fn new(count: usize, max_batch: usize) -> Self {
+        let (give, take) = crossbeam_channel::bounded(count);
+        for _ in 0..count {
+            let _ = give.send(AlignedBuf::new(align_up(max_batch + IO_ALIGN)));
+        }
+        BufferPool { give, take }
+    }
+
+    /// Waits for a free buffer. The pool holds a sender of its own, so
+    /// this only waits for the writing thread to return one.
+    fn take(&self) -> AlignedBuf {
+        match self.take.recv() {
+            Ok(buf) => buf,
+            // Unreachable while `self.give` lives; a fresh buffer is correct
+            // anyway.
+            Err(_) => AlignedBuf::new(IO_ALIGN),
+        }
+    }
+
+    /// Returns a buffer.
+    pub fn give(&self, buf: AlignedBuf) {
+        let _ = self.give.try_send(buf);
+    }
+}
+
 /// Appends batches to one segment file.
 pub struct SegmentAppender {
     file: Arc<File>,
@@ -62,7 +111,8 @@ pub struct SegmentAppender {
     write_offset: u64,
     /// The bytes of the block holding `write_offset` that precede it.
     tail: Vec<u8>,
-    buf: AlignedBuf,
+    /// The buffer a batch is being encoded into.
+    current: Option<AlignedBuf>,
 }
 
 impl std::fmt::Debug for SegmentAppender {
@@ -100,14 +150,8 @@ fn open_for_append(path: &Path, direct: bool) -> Result<(File, bool)> {
 }
 
 impl SegmentAppender {
-    /// An appender for `segment` whose valid bytes end at `write_offset`,
-    /// able to write batches of up to `max_batch` bytes.
-    pub fn open(
-        segment: &Segment,
-        write_offset: u64,
-        direct: bool,
-        max_batch: usize,
-    ) -> Result<Self> {
+    /// An appender for `segment` whose valid bytes end at `write_offset`.
+    pub fn open(segment: &Segment, write_offset: u64, direct: bool) -> Result<Self> {
         let (file, direct) = open_for_append(&segment.path, direct)?;
         let block = align_down(write_offset);
         let tail = segment
@@ -119,11 +163,11 @@ impl SegmentAppender {
             direct,
             write_offset,
             tail,
-            buf: AlignedBuf::new(align_up(max_batch + IO_ALIGN)),
+            current: None,
         })
     }
 
-    /// The file, for the sync stage's `fdatasync`.
+    /// The file, for `fdatasync`.
     pub fn file(&self) -> &Arc<File> {
         &self.file
     }
@@ -133,48 +177,78 @@ impl SegmentAppender {
         self.write_offset
     }
 
-    /// The buffer to encode a batch of `len` bytes into; then [`write`](Self::write) it.
-    pub fn batch_buffer(&mut self, len: usize) -> Result<&mut [u8]> {
-        let start = self.tail.len();
-        if start + len > self.buf.len {
+    /// A buffer (from `pool`) to encode a batch of `len` bytes into; then
+    /// [`finish`](Self::finish) it.
+    pub fn batch_buffer(&mut self, pool: &BufferPool, len: usize) -> Result<&mut [u8]> {
+        let tail = self.tail.len();
+        let buf = self.current.get_or_insert_with(|| pool.take());
+        if tail + len > buf.len {
             return Err(Error::Invalid(format!(
                 "batch of {len} bytes exceeds the writer's buffer of {} bytes",
-                self.buf.len - start
+                buf.len - tail
             )));
         }
-        Ok(&mut self.buf.slice()[start..start + len])
+        let slice = buf.slice();
+        slice[..tail].copy_from_slice(&self.tail);
+        Ok(&mut slice[tail..tail + len])
     }
 
-    /// Writes the batch of `len` bytes encoded by [`batch_buffer`](Self::batch_buffer).
-    pub fn write(&mut self, len: usize) -> Result<()> {
+    /// Seals the batch of `len` bytes encoded by
+    /// [`batch_buffer`](Self::batch_buffer) into a write, and moves the
+    /// append position past it.
+    pub fn finish(&mut self, len: usize) -> Result<BatchWrite> {
+        let mut buf = self
+            .current
+            .take()
+            .ok_or_else(|| Error::Invalid("finish without a batch buffer".into()))?;
         let tail_len = self.tail.len();
         let end = tail_len + len;
         let padded = align_up(end);
         let block = align_down(self.write_offset);
-        let buf = self.buf.slice();
-        buf[..tail_len].copy_from_slice(&self.tail);
-        buf[end..padded].fill(0);
-        if let Err(e) = self.file.write_all_at(&buf[..padded], block) {
-            // Nothing was acknowledged and the next batch overwrites these
-            // bytes; re-writing the old tail keeps a crash before then from
-            // finding a complete-looking batch that was reported failed.
-            let keep = align_up(tail_len.max(1));
-            buf[tail_len..keep].fill(0);
-            let _ = self.file.write_all_at(&buf[..keep], block);
-            return Err(Error::io_at(
-                "write segment",
-                &self.path,
-                self.write_offset,
-                e,
-            ));
-        }
+        let slice = buf.slice();
+        slice[end..padded].fill(0);
         let new_offset = self.write_offset + len as u64;
-        let new_block = align_down(new_offset);
-        let from = (new_block - block) as usize;
-        let to = (new_offset - block) as usize;
+        let from = (align_down(new_offset) - block) as usize;
         self.tail.clear();
-        self.tail.extend_from_slice(&buf[from..to]);
+        self.tail.extend_from_slice(&slice[from..end]);
+        let write = BatchWrite {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            block,
+            len: padded,
+            start: self.write_offset,
+            buf,
+        };
         self.write_offset = new_offset;
-        Ok(())
+        Ok(write)
+    }
+}
+
+/// One batch, encoded and padded, ready to be written.
+pub struct BatchWrite {
+    file: Arc<File>,
+    path: PathBuf,
+    /// The block-aligned offset the buffer goes to.
+    block: u64,
+    /// Bytes to write (a multiple of `IO_ALIGN`).
+    len: usize,
+    /// Where the batch itself starts, for errors.
+    start: u64,
+    buf: AlignedBuf,
+}
+
+impl BatchWrite {
+    /// Gives up the write and returns its buffer.
+    pub fn into_buf(self) -> AlignedBuf {
+        self.buf
+    }
+
+    /// Writes the batch. Gives the buffer back either way.
+    pub fn write(mut self) -> (Result<()>, AlignedBuf) {
+        let result = self
+            .file
+            .write_all_at(&self.buf.slice()[..self.len], self.block)
+            .map_err(|e| Error::io_at("write segment", &self.path, self.start, e));
+        (result, self.buf)
     }
 }

@@ -1,16 +1,17 @@
 //! Start-up recovery: finding where the journal really ends, telling a torn
 //! tail from damage, and catching the index up.
 //!
-//! The rule that makes this exact: every batch frame records how far its
-//! segment was durable when the batch was written (`durable_end`), and the
-//! writer fills a new segment only once the previous one is wholly durable.
-//! So in the newest segment, a damaged batch at offset X is the torn tail
-//! of a crash (never acknowledged) unless some valid batch after it was
-//! written when X was already durable (`durable_end > X`); the tail is cut
-//! off. A damaged batch that was durable, or damage in any older segment,
-//! is corruption of acknowledged data and is reported with its file and
-//! offset — or, if the operator chose [`RecoveryMode::TruncateCorrupt`],
-//! cut off with everything after it.
+//! The rule that makes this exact: a batch is acknowledged only after an
+//! fsync that began after it was written, and every batch frame records how
+//! far the journal was durable when the batch was written (its durable
+//! watermark: a segment and an offset). So damage at position X (segment
+//! S, offset X) is the torn tail of a crash — never acknowledged, and
+//! neither is anything after it — unless some valid batch after it, in S or
+//! a later segment, was written when X was already durable. A torn tail is
+//! cut off, with every later segment. Damage that some later batch vouches
+//! for is corruption of acknowledged data and is reported with its file and
+//! offset — or, if the operator chose [`RecoveryMode::TruncateCorrupt`], cut
+//! off with everything after it.
 
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -127,6 +128,26 @@ fn never_finished(path: &Path) -> Result<bool> {
     }
     Ok(SegmentHeader::decode(&bytes, path).is_err()
         && memchr::memmem::find(&bytes, &BATCH_MAGIC.to_le_bytes()).is_none())
+}
+
+/// The first valid batch in the segments `later_ids` that vouches for
+/// position `offset` of segment `segment` (see [`crate::segment::BatchFrame::vouches_for`]).
+fn voucher_in(
+    dir: &Path,
+    later_ids: &[u64],
+    prev_seq: Seq,
+    segment: u64,
+    offset: u64,
+) -> Option<(PathBuf, u64)> {
+    later_ids.iter().find_map(|&id| {
+        let path = segment_path(dir, id);
+        let later = Segment::open(&path).ok()?;
+        later
+            .valid_batches_after(SEGMENT_HEADER_LEN as u64, prev_seq)
+            .into_iter()
+            .find(|(_, frame)| frame.vouches_for(segment, offset))
+            .map(|(at, _)| (path, at))
+    })
 }
 
 /// Cuts a segment at `offset`: the bytes after it become zeros (holes),
@@ -249,52 +270,62 @@ pub(crate) fn recover(
 
         let end = summary.end.valid_end;
         let later = segment.valid_batches_after(end, summary.last_seq);
-        // A valid batch written after the bytes at `end` were durable means
-        // those bytes were acknowledged: damage. Valid batches written while
-        // they were still being synced are part of the same unacknowledged
-        // tail.
-        let durable_before = later.iter().find(|(_, frame)| frame.durable_end > end);
         let mut stop = false;
-        match (&summary.end.damage, durable_before, later.first(), is_last) {
-            (None, None, None, _) => {}
-            (damage, None, _, true) => {
-                let reason = damage.clone().unwrap_or_else(|| {
-                    "zeroed bytes before batches that were never acknowledged".into()
-                });
-                tracing::warn!(segment = %path.display(), offset = end, %reason, "cutting the torn tail of the journal");
-                cut_segment(&path, end, segment.header.segment_size)?;
-                report.torn_tail = Some(Damage {
-                    path: path.clone(),
-                    offset: end,
-                    reason,
-                });
-            }
-            (damage, durable, any, _) => {
-                let mut reason = damage
-                    .clone()
-                    .unwrap_or_else(|| "zeroed bytes where the next batch should be".into());
-                if let Some((at, _)) = durable.or(any) {
-                    reason.push_str(&format!("; a valid batch follows at offset {at}"));
-                }
-                if mode == RecoveryMode::Strict {
-                    return Err(Error::Corruption {
-                        path,
+        if summary.end.damage.is_some() || !later.is_empty() {
+            // A valid batch written after the bytes at `end` were durable
+            // (in this segment or a later one) means those bytes were
+            // acknowledged: damage. Batches written while they were still
+            // being synced belong to the same unacknowledged tail.
+            let voucher = later
+                .iter()
+                .find(|(_, frame)| frame.vouches_for(id, end))
+                .map(|(at, _)| (path.clone(), *at))
+                .or_else(|| voucher_in(segments_dir, &ids[i..], summary.last_seq, id, end));
+            let reason = summary.end.damage.clone();
+            match voucher {
+                None => {
+                    let reason = reason.unwrap_or_else(|| {
+                        "zeroed bytes before batches that were never acknowledged".into()
+                    });
+                    tracing::warn!(segment = %path.display(), offset = end, %reason, "cutting the torn tail of the journal");
+                    cut_segment(&path, end, segment.header.segment_size)?;
+                    report.torn_tail = Some(Damage {
+                        path: path.clone(),
                         offset: end,
-                        reason: format!("{reason} (open with recovery mode truncate-corrupt to drop everything from here on)"),
+                        reason,
                     });
                 }
-                tracing::error!(segment = %path.display(), offset = end, %reason, "dropping the journal from a corrupt record on");
-                cut_segment(&path, end, segment.header.segment_size)?;
-                report.truncated_corruption = Some(Damage {
-                    path: path.clone(),
-                    offset: end,
-                    reason,
-                });
-                for &later in &ids[i..] {
-                    remove(&segment_path(segments_dir, later), &mut report)?;
+                Some((vouching_file, at)) => {
+                    let reason = format!(
+                        "{}; a valid batch written after this was durable follows in {} at offset {at}",
+                        reason.unwrap_or_else(|| "zeroed bytes where the next batch should be".into()),
+                        vouching_file.display()
+                    );
+                    if mode == RecoveryMode::Strict {
+                        return Err(Error::Corruption {
+                            path,
+                            offset: end,
+                            reason: format!(
+                                "{reason} (open with recovery mode truncate-corrupt to drop everything from here on)"
+                            ),
+                        });
+                    }
+                    tracing::error!(segment = %path.display(), offset = end, %reason, "dropping the journal from a corrupt record on");
+                    cut_segment(&path, end, segment.header.segment_size)?;
+                    report.truncated_corruption = Some(Damage {
+                        path: path.clone(),
+                        offset: end,
+                        reason,
+                    });
                 }
-                stop = true;
             }
+            // Either way nothing after the cut survives: a torn tail's later
+            // batches were never acknowledged, and under truncate-corrupt the
+            // operator chose to drop them.
+            for &later in &ids[i..] {
+                remove(&segment_path(segments_dir, later), &mut report)?;
+            }
+            stop = true;
         }
 
         let last_kept = is_last || stop;

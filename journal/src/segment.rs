@@ -32,7 +32,7 @@ pub const SEGMENT_HEADER_LEN: usize = 64;
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"TDBT");
 
 /// Bytes of a batch frame.
-pub const BATCH_HEADER_LEN: usize = 56;
+pub const BATCH_HEADER_LEN: usize = 64;
 
 /// The segment header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,20 +127,23 @@ pub struct BatchFrame {
     pub last_seq: Seq,
     /// The fencing epoch the batch was written under.
     pub epoch: u64,
-    /// Every byte of the segment before this offset was durable when the
-    /// batch was written. The writer writes a batch while the previous one
-    /// is still being synced; this is what still lets recovery tell a torn
-    /// tail from corruption (see `recovery.rs`).
+    /// When the batch was written, every segment before `durable_segment`
+    /// and every byte of `durable_segment` before `durable_end` was
+    /// durable. The writer writes a batch while earlier ones are still
+    /// being synced; this is what still lets recovery tell a torn tail from
+    /// corruption (see `recovery.rs`).
+    pub durable_segment: u64,
+    /// See `durable_segment`.
     pub durable_end: u64,
 }
 
 impl BatchFrame {
     /// Encodes the frame.
     ///
-    /// Format (little-endian, 56 bytes):
+    /// Format (little-endian, 64 bytes):
     /// `{ u32 magic "TDBT" | u32 count | u32 body_len | u32 reserved |
-    ///    u64 first_seq | u64 last_seq | u64 epoch | u64 durable_end |
-    ///    u32 reserved | u32 crc32c(bytes 0..52) }`
+    ///    u64 first_seq | u64 last_seq | u64 epoch | u64 durable_segment |
+    ///    u64 durable_end | u32 reserved | u32 crc32c(bytes 0..60) }`
     pub fn encode(&self) -> [u8; BATCH_HEADER_LEN] {
         let mut out = [0u8; BATCH_HEADER_LEN];
         out[0..4].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
@@ -149,10 +152,17 @@ impl BatchFrame {
         out[16..24].copy_from_slice(&self.first_seq.to_le_bytes());
         out[24..32].copy_from_slice(&self.last_seq.to_le_bytes());
         out[32..40].copy_from_slice(&self.epoch.to_le_bytes());
-        out[40..48].copy_from_slice(&self.durable_end.to_le_bytes());
-        let crc = crc32c::crc32c(&out[0..52]);
-        out[52..56].copy_from_slice(&crc.to_le_bytes());
+        out[40..48].copy_from_slice(&self.durable_segment.to_le_bytes());
+        out[48..56].copy_from_slice(&self.durable_end.to_le_bytes());
+        let crc = crc32c::crc32c(&out[0..60]);
+        out[60..64].copy_from_slice(&crc.to_le_bytes());
         out
+    }
+
+    /// True if this batch was written when every byte before `offset` of
+    /// segment `segment` was durable.
+    pub fn vouches_for(&self, segment: u64, offset: u64) -> bool {
+        (self.durable_segment, self.durable_end) > (segment, offset)
     }
 
     /// Decodes a frame; the reason when the bytes are not one.
@@ -164,7 +174,7 @@ impl BatchFrame {
         if magic != BATCH_MAGIC {
             return Err(format!("bad batch magic {magic:#010x}"));
         }
-        if crc32c::crc32c(&bytes[0..52]) != le_u32(bytes, 52) {
+        if crc32c::crc32c(&bytes[0..60]) != le_u32(bytes, 60) {
             return Err("batch frame fails its CRC".into());
         }
         let frame = BatchFrame {
@@ -173,7 +183,8 @@ impl BatchFrame {
             first_seq: le_u64(bytes, 16),
             last_seq: le_u64(bytes, 24),
             epoch: le_u64(bytes, 32),
-            durable_end: le_u64(bytes, 40),
+            durable_segment: le_u64(bytes, 40),
+            durable_end: le_u64(bytes, 48),
         };
         if frame.count == 0 || frame.last_seq < frame.first_seq {
             return Err(format!(
@@ -439,6 +450,9 @@ impl Segment {
     /// Looks for valid batches anywhere from `from` on whose records follow
     /// `prev_seq`, and returns the offset and frame of each. Used to tell a
     /// torn tail from corruption in the middle.
+    ///
+    /// A batch "vouches" for position `(segment, offset)` when its frame says
+    /// that position was durable when the batch was written.
     pub fn valid_batches_after(&self, from: u64, prev_seq: Seq) -> Vec<(u64, BatchFrame)> {
         let magic = BATCH_MAGIC.to_le_bytes();
         let mut found = Vec::new();
@@ -506,6 +520,7 @@ mod tests {
             first_seq: 5,
             last_seq: 6,
             epoch: 1,
+            durable_segment: 3,
             durable_end: 64,
         };
         assert_eq!(BatchFrame::decode(&frame.encode()), Ok(frame));

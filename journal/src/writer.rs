@@ -1,17 +1,18 @@
-//! The journal writer: two threads that turn a stream of sequenced records
-//! into durable, indexed batches.
+//! The journal writer: three threads that turn a stream of sequenced
+//! records into durable, indexed batches.
 //!
-//! Appenders send [`Submission`]s in seq order. The *write stage* takes the
+//! Appenders send [`Submission`]s in seq order. The *encode stage* takes the
 //! first one, drains whatever else is already waiting (bounded by bytes),
-//! and writes all of it as one batch with one `pwrite`. The *sync stage*
-//! makes written batches durable with one `fdatasync` (covering every batch
-//! written since the last one), indexes them with one RocksDB write each,
-//! and only then answers their appenders. The two stages overlap — batch
-//! k+1 is written while batch k is being synced — so the disk never idles
-//! between a sync and the next write; while both are busy, the next batch
-//! gathers in the channel: that is the group commit. Each batch frame
-//! records how much of its segment was durable when it was written, which
-//! keeps recovery exact (see `recovery.rs`).
+//! and encodes all of it as one batch into an aligned buffer. The *IO
+//! stage* writes the buffer with one `pwrite` (`O_DIRECT`). The *sync
+//! stage* makes written batches durable with one `fdatasync` (covering
+//! every batch written since the last one), indexes each with one RocksDB
+//! write, and only then answers their appenders. The stages overlap: batch
+//! k+2 is encoded while k+1 is written and k is synced, so the disk never
+//! idles for a memcpy or between a sync and the next write. While they are
+//! busy, the next batch gathers in the channel: that is the group commit.
+//! Each batch frame records how much of its segment was durable when it was
+//! encoded, which keeps recovery exact (see `recovery.rs`).
 
 use std::fs::File;
 use std::future::Future;
@@ -22,7 +23,7 @@ use std::task::{Context, Poll};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
-use crate::appender::SegmentAppender;
+use crate::appender::{BatchWrite, BufferPool, SegmentAppender};
 use crate::error::{Error, Result};
 use crate::index::SegmentEntry;
 use crate::journal::Shared;
@@ -143,12 +144,8 @@ impl ActiveSegment {
         entry: Option<SegmentEntry>,
         options: &crate::journal::JournalOptions,
     ) -> Result<Self> {
-        let max_batch = BATCH_HEADER_LEN
-            + options.max_batch_bytes
-            + crate::record::RECORD_HEADER_LEN
-            + options.max_record_len as usize;
         Ok(ActiveSegment {
-            appender: SegmentAppender::open(&segment, write_offset, options.direct_io, max_batch)?,
+            appender: SegmentAppender::open(&segment, write_offset, options.direct_io)?,
             segment,
             entry,
         })
@@ -170,31 +167,59 @@ struct Written {
     mark_body: Option<Vec<u8>>,
 }
 
-/// What the write stage hands the sync stage, in order.
+/// A batch as the sync stage needs it, once written.
+struct WrittenBatch {
+    file: Arc<File>,
+    path: std::path::PathBuf,
+    segment: u64,
+    end: u64,
+    records: Vec<Written>,
+    entry: SegmentEntry,
+    replies: Vec<oneshot::Sender<Result<()>>>,
+}
+
+impl WrittenBatch {
+    /// Answers every appender of the batch with a failure.
+    fn fail(self, reason: &str) {
+        for reply in self.replies {
+            let _ = reply.send(Err(Error::AppendFailed {
+                path: self.path.clone(),
+                offset: self.end,
+                reason: reason.to_string(),
+            }));
+        }
+    }
+}
+
+/// What the encode stage hands the IO stage, in order.
+enum ToIo {
+    /// Write this, then pass the batch on.
+    Batch(BatchWrite, Box<WrittenBatch>),
+    /// Passed on as it is.
+    Barrier(oneshot::Sender<Result<Seq>>),
+}
+
+/// What the IO stage hands the sync stage, in order.
 enum ToSync {
-    /// A batch written (not yet durable) to `file`.
-    Batch {
-        file: Arc<File>,
-        path: std::path::PathBuf,
-        segment: u64,
-        end: u64,
-        records: Vec<Written>,
-        entry: SegmentEntry,
-        replies: Vec<oneshot::Sender<Result<()>>>,
-    },
+    /// A batch written (not yet durable).
+    Batch(Box<WrittenBatch>),
     /// Answered once everything before it is durable.
     Barrier(oneshot::Sender<Result<Seq>>),
 }
 
-/// How far the active segment is durable: `(segment id, offset)`.
+/// How far the journal is durable: every segment before the first and every
+/// byte of it before the second.
 type SyncedTo = Arc<Mutex<(u64, u64)>>;
 
-/// The write stage's state.
+/// The encode stage's state.
 pub struct Writer {
     shared: Arc<Shared>,
     active: ActiveSegment,
     rx: Receiver<Submission>,
     synced_to: SyncedTo,
+    pool: BufferPool,
+    /// The next segment, being made ahead of time.
+    spare: Option<std::thread::JoinHandle<Result<Segment>>>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -206,46 +231,60 @@ impl std::fmt::Debug for Writer {
 }
 
 impl Writer {
-    /// A writer appending to `active`, whose bytes up to `write_offset` are
-    /// durable (recovery found them there).
+    /// A writer appending to `active`, whose bytes up to its write offset
+    /// are durable (recovery found them there).
     pub fn new(shared: Arc<Shared>, active: ActiveSegment, rx: Receiver<Submission>) -> Self {
         let synced_to = Arc::new(Mutex::new((
             active.segment.id(),
             active.appender.write_offset(),
         )));
+        let options = &shared.options;
+        let max_batch = BATCH_HEADER_LEN
+            + options.max_batch_bytes
+            + crate::record::RECORD_HEADER_LEN
+            + options.max_record_len as usize;
+        // Two buffers: one being encoded while the other is written.
+        let pool = BufferPool::new(2, max_batch);
         Writer {
             shared,
             active,
             rx,
             synced_to,
+            pool,
+            spare: None,
         }
     }
 
-    /// Runs both stages until every sender is gone and everything written
-    /// is durable, then returns.
+    /// Runs the three stages until every sender is gone and everything
+    /// written is durable, then returns.
     pub fn run(mut self) {
-        // Two batches may wait for the sync stage; beyond that the write
-        // stage waits too, which bounds how far writes run ahead of syncs.
-        let (to_sync, from_write) = crossbeam_channel::bounded(2);
+        // A batch or two may wait between stages; beyond that the stage
+        // before waits too, which bounds how far encoding runs ahead.
+        let (to_io, from_encode) = crossbeam_channel::bounded(1);
+        let (to_sync, from_io) = crossbeam_channel::bounded(2);
         let shared = self.shared.clone();
         let synced_to = self.synced_to.clone();
+        let pool = self.pool.clone();
         std::thread::scope(|scope| {
-            let syncer = std::thread::Builder::new()
+            let io = std::thread::Builder::new()
+                .name("tidemark-journal-io".into())
+                .spawn_scoped(scope, {
+                    let shared = shared.clone();
+                    move || io_stage(&shared, &from_encode, &to_sync, &pool)
+                });
+            let sync = std::thread::Builder::new()
                 .name("tidemark-journal-sync".into())
-                .spawn_scoped(scope, move || sync_stage(&shared, &from_write, &synced_to));
-            match syncer {
-                Ok(_) => self.write_stage(&to_sync),
-                Err(e) => {
-                    self.shared
-                        .poison(format!("cannot start the sync thread: {e}"));
-                    self.write_stage(&to_sync);
-                }
+                .spawn_scoped(scope, move || sync_stage(&shared, &from_io, &synced_to));
+            if let (Err(e), _) | (_, Err(e)) = (&io, &sync) {
+                self.shared
+                    .poison(format!("cannot start the journal's threads: {e}"));
             }
-            drop(to_sync);
+            self.encode_stage(&to_io);
+            drop(to_io);
         });
     }
 
-    fn write_stage(&mut self, to_sync: &Sender<ToSync>) {
+    fn encode_stage(&mut self, to_io: &Sender<ToIo>) {
         let max_batch = self.shared.options.max_batch_bytes;
         let mut carry: Option<Submission> = None;
         loop {
@@ -290,48 +329,39 @@ impl Writer {
                 next = self.rx.try_recv().ok();
             }
             if !batch.is_empty() {
-                self.write(batch, to_sync);
+                self.encode(batch, to_io);
             }
             for reply in barriers {
-                if to_sync.send(ToSync::Barrier(reply)).is_err() {
+                if to_io.send(ToIo::Barrier(reply)).is_err() {
                     return;
                 }
             }
         }
     }
 
-    /// Writes one batch and hands it to the sync stage; on failure answers
+    /// Encodes one batch and hands it to the IO stage; on failure answers
     /// its appenders at once.
-    fn write(&mut self, batch: Vec<Pending>, to_sync: &Sender<ToSync>) {
+    fn encode(&mut self, batch: Vec<Pending>, to_io: &Sender<ToIo>) {
         if let Some(e) = self.shared.poisoned() {
             for p in batch {
                 let _ = p.reply.send(Err(self.shared.poison_error(&e)));
             }
             return;
         }
-        match self.write_batch(&batch) {
-            Ok((records, end)) => {
-                let Some(entry) = self.active.entry else {
-                    return;
-                };
-                let written = ToSync::Batch {
-                    file: self.active.appender.file().clone(),
-                    path: self.active.segment.path.clone(),
-                    segment: self.active.segment.id(),
-                    end,
-                    records,
-                    entry,
-                    replies: batch.into_iter().map(|p| p.reply).collect(),
-                };
-                // The sync stage only goes away once this stage is done.
-                let _ = to_sync.send(written);
+        let replies_path = self.active.segment.path.clone();
+        let at = self.active.appender.write_offset();
+        match self.encode_batch(&batch) {
+            Ok((write, mut written)) => {
+                written.replies = batch.into_iter().map(|p| p.reply).collect();
+                // The IO stage only goes away once this stage is done.
+                let _ = to_io.send(ToIo::Batch(write, Box::new(written)));
             }
             Err(e) => {
                 let reason = e.to_string();
                 for p in batch {
                     let _ = p.reply.send(Err(Error::AppendFailed {
-                        path: self.active.segment.path.clone(),
-                        offset: self.active.appender.write_offset(),
+                        path: replies_path.clone(),
+                        offset: at,
                         reason: reason.clone(),
                     }));
                 }
@@ -339,11 +369,11 @@ impl Writer {
         }
     }
 
-    /// Encodes and writes one batch; returns its records and where it ends.
-    fn write_batch(&mut self, batch: &[Pending]) -> Result<(Vec<Written>, u64)> {
+    /// Encodes one batch into a buffer of the pool.
+    fn encode_batch(&mut self, batch: &[Pending]) -> Result<(BatchWrite, WrittenBatch)> {
         let (first_seq, last_seq) = match (batch.first(), batch.last()) {
             (Some(f), Some(l)) => (f.seq, l.seq),
-            _ => return Ok((Vec::new(), self.active.appender.write_offset())),
+            _ => return Err(Error::Invalid("empty batch".into())),
         };
         let len = BATCH_HEADER_LEN + batch.iter().map(|p| p.record.encoded_len()).sum::<usize>();
         if self.active.appender.write_offset() + len as u64
@@ -351,20 +381,18 @@ impl Writer {
         {
             self.roll(first_seq)?;
         }
-        let durable_end = match *self.synced_to.lock() {
-            (segment, offset) if segment == self.active.segment.id() => offset,
-            _ => SEGMENT_HEADER_LEN as u64,
-        };
+        let (durable_segment, durable_end) = *self.synced_to.lock();
         let frame = BatchFrame {
             count: batch.len() as u32,
             body_len: (len - BATCH_HEADER_LEN) as u64,
             first_seq,
             last_seq,
             epoch: self.shared.epoch(),
+            durable_segment,
             durable_end,
         };
         let at = self.active.appender.write_offset();
-        let buf = self.active.appender.batch_buffer(len)?;
+        let buf = self.active.appender.batch_buffer(&self.pool, len)?;
         buf[..BATCH_HEADER_LEN].copy_from_slice(&frame.encode());
         let mut offsets = Vec::with_capacity(batch.len());
         let mut pos = BATCH_HEADER_LEN;
@@ -372,7 +400,7 @@ impl Writer {
             offsets.push(pos as u64);
             pos += p.record.encode_to(p.seq, p.time, &mut buf[pos..]);
         }
-        self.active.appender.write(len)?;
+        let write = self.active.appender.finish(len)?;
         let end = self.active.appender.write_offset();
 
         let segment_id = self.active.segment.id();
@@ -397,43 +425,47 @@ impl Writer {
                 offset: at + offset,
                 mark_body,
             });
-            let entry = self.active.entry.get_or_insert(SegmentEntry {
-                id: segment_id,
-                first_seq: p.seq,
-                last_seq: p.seq,
-                first_time: p.time,
-                last_time: p.time,
-                used_bytes: 0,
-                records: 0,
-            });
-            entry.last_seq = p.seq;
-            entry.last_time = p.time;
-            entry.records += 1;
         }
-        if let Some(entry) = self.active.entry.as_mut() {
-            entry.used_bytes = end;
-        }
-        Ok((records, end))
+        let entry = self.active.entry.get_or_insert(SegmentEntry {
+            id: segment_id,
+            first_seq,
+            last_seq,
+            first_time: batch.first().map_or(Timestamp::default(), |p| p.time),
+            last_time: Timestamp::default(),
+            used_bytes: 0,
+            records: 0,
+        });
+        entry.last_seq = last_seq;
+        entry.last_time = batch.last().map_or(entry.last_time, |p| p.time);
+        entry.records += batch.len() as u64;
+        entry.used_bytes = end;
+        let written = WrittenBatch {
+            file: self.active.appender.file().clone(),
+            path: self.active.segment.path.clone(),
+            segment: segment_id,
+            end,
+            records,
+            entry: *entry,
+            replies: Vec::new(),
+        };
+        Ok((write, written))
     }
 
-    /// Starts a new segment for a batch beginning at `first_seq`, once
-    /// everything in the current one is durable: recovery treats damage in
-    /// any but the newest segment as corruption, so no older segment may
-    /// hold an unsynced batch.
+    /// Moves on to the next segment for a batch beginning at `first_seq`.
+    /// Batches of the previous segment may still be on their way to the
+    /// disk; the batches' durable watermarks keep recovery exact across the
+    /// switch. The next segment is normally made ahead of time.
     fn roll(&mut self, first_seq: Seq) -> Result<()> {
-        self.active.appender.file().sync_data().map_err(|e| {
-            let err = Error::io("fsync segment", &self.active.segment.path, e);
-            self.shared.poison(err.to_string());
-            err
-        })?;
-        let header = SegmentHeader {
-            group_id: self.shared.group_id,
-            segment_id: self.active.segment.id() + 1,
-            first_seq,
-            segment_size: self.shared.options.segment_size,
-            created: self.shared.options.clock.now(),
+        let id = self.active.segment.id() + 1;
+        let segment = match self.spare.take().map(|spare| spare.join()) {
+            Some(Ok(Ok(segment))) if segment.id() == id => segment,
+            Some(Ok(Err(e))) => {
+                tracing::warn!(error = %e, "making the next segment ahead of time failed; trying again now");
+                self.create_segment(id, first_seq)?
+            }
+            _ => self.create_segment(id, first_seq)?,
         };
-        let segment = Arc::new(Segment::create(&self.shared.segments_dir, header)?);
+        let segment = Arc::new(segment);
         let active = ActiveSegment::open(
             segment.clone(),
             SEGMENT_HEADER_LEN as u64,
@@ -441,42 +473,98 @@ impl Writer {
             &self.shared.options,
         )?;
         self.shared.add_segment(segment);
-        tracing::debug!(
-            segment = header.segment_id,
-            first_seq,
-            "rolled to a new segment"
-        );
+        tracing::debug!(segment = id, first_seq, "rolled to a new segment");
         self.active = active;
+        self.prepare_spare(first_seq);
         Ok(())
+    }
+
+    fn create_segment(&self, id: u64, first_seq: Seq) -> Result<Segment> {
+        Segment::create(
+            &self.shared.segments_dir,
+            self.segment_header(id, first_seq),
+        )
+    }
+
+    fn segment_header(&self, id: u64, first_seq: Seq) -> SegmentHeader {
+        SegmentHeader {
+            group_id: self.shared.group_id,
+            segment_id: id,
+            first_seq,
+            segment_size: self.shared.options.segment_size,
+            created: self.shared.options.clock.now(),
+        }
+    }
+
+    /// Starts making the segment after the active one in the background,
+    /// so a roll does not wait for allocation and fsyncs. Every record it
+    /// will hold comes after `after_seq`.
+    fn prepare_spare(&mut self, after_seq: Seq) {
+        let header = self.segment_header(self.active.segment.id() + 1, after_seq + 1);
+        let dir = self.shared.segments_dir.clone();
+        let made = std::thread::Builder::new()
+            .name("tidemark-journal-segment".into())
+            .spawn(move || Segment::create(&dir, header));
+        self.spare = made.ok();
+    }
+}
+
+/// The IO stage: writes encoded batches, in order, and passes them on.
+fn io_stage(
+    shared: &Shared,
+    from_encode: &Receiver<ToIo>,
+    to_sync: &Sender<ToSync>,
+    pool: &BufferPool,
+) {
+    while let Ok(job) = from_encode.recv() {
+        let passed = match job {
+            ToIo::Barrier(reply) => to_sync.send(ToSync::Barrier(reply)),
+            ToIo::Batch(write, batch) => {
+                if let Some(e) = shared.poisoned() {
+                    pool.give(write.into_buf());
+                    batch.fail(&e.to_string());
+                    continue;
+                }
+                let (result, buf) = write.write();
+                pool.give(buf);
+                match result {
+                    Ok(()) => to_sync.send(ToSync::Batch(batch)),
+                    Err(e) => {
+                        // Later batches were encoded to follow this one, so
+                        // none of them may be written now.
+                        shared.poison(e.to_string());
+                        batch.fail(&e.to_string());
+                        continue;
+                    }
+                }
+            }
+        };
+        if passed.is_err() {
+            return;
+        }
     }
 }
 
 /// The sync stage: makes written batches durable, indexes them, publishes
 /// them to readers and answers their appenders, in order.
-fn sync_stage(shared: &Shared, from_write: &Receiver<ToSync>, synced_to: &Mutex<(u64, u64)>) {
-    while let Ok(first) = from_write.recv() {
+fn sync_stage(shared: &Shared, from_io: &Receiver<ToSync>, synced_to: &Mutex<(u64, u64)>) {
+    while let Ok(first) = from_io.recv() {
         let mut items = vec![first];
-        while let Ok(more) = from_write.try_recv() {
+        while let Ok(more) = from_io.try_recv() {
             items.push(more);
         }
         // One fdatasync per file covers every batch written to it so far.
         let mut synced: Vec<u64> = Vec::new();
         let mut failure: Option<Error> = shared.poisoned();
         for item in &items {
-            if let ToSync::Batch {
-                file,
-                path,
-                segment,
-                ..
-            } = item
-            {
-                if failure.is_some() || synced.contains(segment) {
+            if let ToSync::Batch(batch) = item {
+                if failure.is_some() || synced.contains(&batch.segment) {
                     continue;
                 }
-                match file.sync_data() {
-                    Ok(()) => synced.push(*segment),
+                match batch.file.sync_data() {
+                    Ok(()) => synced.push(batch.segment),
                     Err(e) => {
-                        let err = Error::io("fsync segment", path, e);
+                        let err = Error::io("fsync segment", &batch.path, e);
                         shared.poison(err.to_string());
                         failure = Some(err);
                     }
@@ -485,28 +573,14 @@ fn sync_stage(shared: &Shared, from_write: &Receiver<ToSync>, synced_to: &Mutex<
         }
         for item in items {
             match item {
-                ToSync::Batch {
-                    path,
-                    segment,
-                    end,
-                    records,
-                    entry,
-                    replies,
-                    ..
-                } => {
+                ToSync::Batch(batch) => {
                     if let Some(e) = &failure {
-                        for reply in replies {
-                            let _ = reply.send(Err(Error::AppendFailed {
-                                path: path.clone(),
-                                offset: end,
-                                reason: e.to_string(),
-                            }));
-                        }
+                        batch.fail(&e.to_string());
                         continue;
                     }
-                    index_batch(shared, segment, &records, &entry);
-                    *synced_to.lock() = (segment, end);
-                    for reply in replies {
+                    index_batch(shared, batch.segment, &batch.records, &batch.entry);
+                    *synced_to.lock() = (batch.segment, batch.end);
+                    for reply in batch.replies {
                         let _ = reply.send(Ok(()));
                     }
                 }

@@ -105,7 +105,11 @@ fn torn_tail_is_cut_at_the_last_whole_batch() {
             apply(&journal, &mut model, ops);
             journal.close().expect("close");
         }
-        let newest_file = segment_files(dir.path()).pop().expect("a segment");
+        let newest_file = segment_files(dir.path())
+            .into_iter()
+            .rev()
+            .find(|f| used_len(f) > 64)
+            .expect("a segment with batches");
         let used = used_len(&newest_file);
         let mut bytes = fs::read(&newest_file).expect("read");
         // Find where the last batch starts: the previous journal state ended there.
@@ -150,6 +154,14 @@ fn torn_tail_is_cut_at_the_last_whole_batch() {
     }
 }
 
+/// The id of a segment file, from its name.
+fn segment_id_of(path: &Path) -> u64 {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .expect("segment id")
+}
+
 /// The offset of the last batch frame in `bytes`.
 fn find_last_batch(bytes: &[u8]) -> usize {
     let magic = u32::from_le_bytes(*b"TDBT").to_le_bytes();
@@ -160,7 +172,7 @@ fn find_last_batch(bytes: &[u8]) -> usize {
         let body_len =
             u32::from_le_bytes(bytes[pos + 8..pos + 12].try_into().expect("4 bytes")) as usize;
         last = Some(pos);
-        at = pos + 56 + body_len;
+        at = pos + 64 + body_len;
         if at >= bytes.len() {
             break;
         }
@@ -181,24 +193,39 @@ fn damage_before_valid_batches_is_reported_with_its_position() {
         let (model, _) = build(dir.path(), &clock, seed, 40);
         let files = segment_files(dir.path());
         let file = &files[rng.random_range(0..files.len())];
+        if used_len(file) <= 64 {
+            continue; // the spare segment, made ahead of time, holds nothing
+        }
         let bytes = fs::read(file).expect("read");
         let first_batch = 64;
-        let last_batch = find_last_batch(&bytes[..used_len(file)]);
-        // Damage the first batch of the chosen segment: valid batches (or
-        // segments) follow, so this cannot be a torn tail.
-        // In the newest segment, damage is only provably not a torn tail if
-        // a later batch was written after the damaged one was durable.
-        let is_last_segment = file == files.last().expect("files");
-        let durable_end = u64::from_le_bytes(
-            bytes[last_batch + 40..last_batch + 48]
-                .try_into()
-                .expect("8 bytes"),
+        // Damage the first batch of the chosen segment. It is only provably
+        // not a torn tail if a later batch was written after it was durable:
+        // the newest batch of all carries the newest watermark.
+        let segment_id = segment_id_of(file);
+        let newest_file = files
+            .iter()
+            .rev()
+            .find(|f| used_len(f) > 64)
+            .expect("a segment with batches");
+        let newest = fs::read(newest_file).expect("read");
+        let newest_last = find_last_batch(&newest[..used_len(newest_file)]);
+        let watermark = (
+            u64::from_le_bytes(
+                newest[newest_last + 40..newest_last + 48]
+                    .try_into()
+                    .expect("8 bytes"),
+            ),
+            u64::from_le_bytes(
+                newest[newest_last + 48..newest_last + 56]
+                    .try_into()
+                    .expect("8 bytes"),
+            ),
         );
-        if is_last_segment && durable_end <= first_batch as u64 {
+        if watermark <= (segment_id, first_batch as u64) {
             continue;
         }
         let mut damaged = bytes.clone();
-        let at = rng.random_range(first_batch..first_batch + 56 + 56);
+        let at = rng.random_range(first_batch..first_batch + 64 + 56);
         damaged[at] ^= 0x10;
         fs::write(file, &damaged).expect("write");
 
@@ -367,20 +394,21 @@ fn segment_of_another_group_is_refused() {
     }
 }
 
-/// Rewrites the `durable_end` of the batch frame at `pos` (and its CRC).
-fn set_durable_end(bytes: &mut [u8], pos: usize, durable_end: u64) {
-    bytes[pos + 40..pos + 48].copy_from_slice(&durable_end.to_le_bytes());
-    let crc = crc32c::crc32c(&bytes[pos..pos + 52]);
-    bytes[pos + 52..pos + 56].copy_from_slice(&crc.to_le_bytes());
+/// Rewrites the durable watermark of the batch frame at `pos` (and its CRC).
+fn set_watermark(bytes: &mut [u8], pos: usize, segment: u64, durable_end: u64) {
+    bytes[pos + 40..pos + 48].copy_from_slice(&segment.to_le_bytes());
+    bytes[pos + 48..pos + 56].copy_from_slice(&durable_end.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[pos..pos + 60]);
+    bytes[pos + 60..pos + 64].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The frame offsets of every batch in a segment's bytes.
 fn batch_offsets(bytes: &[u8]) -> Vec<usize> {
     let mut out = Vec::new();
     let mut at = 64;
-    while at + 56 <= bytes.len() && bytes[at..at + 4] == *b"TDBT" {
+    while at + 64 <= bytes.len() && bytes[at..at + 4] == *b"TDBT" {
         out.push(at);
-        at += 56 + u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
+        at += 64 + u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
     }
     out
 }
@@ -390,7 +418,12 @@ fn a_batch_written_while_the_previous_synced_does_not_make_a_tear_corruption() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
     let (model, _) = build(dir.path(), &clock, 11, 6);
-    let file = segment_files(dir.path()).pop().expect("segment");
+    let file = segment_files(dir.path())
+        .into_iter()
+        .rev()
+        .find(|f| used_len(f) > 64)
+        .expect("a segment with batches");
+    let segment_id = segment_id_of(&file);
     let pristine = fs::read(&file).expect("read");
     let batches = batch_offsets(&pristine);
     assert!(batches.len() >= 3, "want several batches, got {batches:?}");
@@ -403,8 +436,8 @@ fn a_batch_written_while_the_previous_synced_does_not_make_a_tear_corruption() {
     // synced (its durable_end stops short of it), and the crash tore that
     // one: a torn tail, both cut.
     let mut bytes = pristine.clone();
-    set_durable_end(&mut bytes, last, torn as u64);
-    bytes[torn + 70] ^= 0xff;
+    set_watermark(&mut bytes, last, segment_id, torn as u64);
+    bytes[torn + 80] ^= 0xff;
     fs::write(&file, &bytes).expect("write");
     let (journal, report) = open(dir.path(), &clock, RecoveryMode::Strict);
     let cut = report
@@ -421,8 +454,8 @@ fn a_batch_written_while_the_previous_synced_does_not_make_a_tear_corruption() {
     // The same damage when the last batch was written after the damaged
     // one was durable: acknowledged data is gone, so it is corruption.
     let mut bytes = pristine;
-    set_durable_end(&mut bytes, last, last as u64);
-    bytes[torn + 70] ^= 0xff;
+    set_watermark(&mut bytes, last, segment_id, last as u64);
+    bytes[torn + 80] ^= 0xff;
     fs::write(&file, &bytes).expect("write");
     match Journal::open(
         dir.path(),
@@ -435,11 +468,77 @@ fn a_batch_written_while_the_previous_synced_does_not_make_a_tear_corruption() {
         }) => {
             assert_eq!(path, file);
             assert_eq!(offset as usize, torn);
-            assert!(
-                reason.contains(&format!("valid batch follows at offset {last}")),
-                "{reason}"
-            );
+            assert!(reason.contains(&format!("at offset {last}")), "{reason}");
         }
         other => panic!("durable damage was not reported: {other:?}"),
+    }
+}
+
+#[test]
+fn a_tear_at_the_end_of_a_segment_takes_unacknowledged_later_segments_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+    let (model, _) = build(dir.path(), &clock, 21, 70);
+    let with_batches: Vec<PathBuf> = segment_files(dir.path())
+        .into_iter()
+        .filter(|f| used_len(f) > 64)
+        .collect();
+    assert!(with_batches.len() >= 2, "want two segments with batches");
+    let older = &with_batches[with_batches.len() - 2];
+    let newer = &with_batches[with_batches.len() - 1];
+    let older_id = segment_id_of(older);
+    let older_pristine = fs::read(older).expect("read");
+    let newer_pristine = fs::read(newer).expect("read");
+    let torn = *batch_offsets(&older_pristine).last().expect("a batch");
+    let seq_before_torn = u64::from_le_bytes(
+        older_pristine[torn + 16..torn + 24]
+            .try_into()
+            .expect("8 bytes"),
+    ) - 1;
+
+    // Every batch of the newer segment was written while the older one's
+    // last batch was still syncing, and that batch tore: a torn tail that
+    // takes the newer segment with it.
+    let mut older_bytes = older_pristine.clone();
+    older_bytes[torn + 80] ^= 0xff;
+    let mut newer_bytes = newer_pristine.clone();
+    for pos in batch_offsets(&newer_bytes) {
+        set_watermark(&mut newer_bytes, pos, older_id, torn as u64);
+    }
+    fs::write(older, &older_bytes).expect("write");
+    fs::write(newer, &newer_bytes).expect("write");
+    let (journal, report) = open(dir.path(), &clock, RecoveryMode::Strict);
+    let cut = report
+        .torn_tail
+        .clone()
+        .unwrap_or_else(|| panic!("no torn tail: {report:?}"));
+    assert_eq!((&cut.path, cut.offset as usize), (older, torn));
+    assert!(report.removed_segments.contains(newer), "{report:?}");
+    assert_eq!(report.newest_seq, seq_before_torn);
+    let mut prefix = model.clone();
+    prefix.cut_after(seq_before_torn);
+    check_reads(&journal, &prefix, &mut rng(21), 10);
+    journal.close().expect("close");
+
+    // Once a batch of the newer segment vouches that the older segment was
+    // durable, the same damage is corruption.
+    let mut newer_bytes = newer_pristine;
+    let first = batch_offsets(&newer_bytes)[0];
+    set_watermark(&mut newer_bytes, first, segment_id_of(newer), 64);
+    fs::write(older, &older_bytes).expect("write");
+    fs::write(newer, &newer_bytes).expect("write");
+    match Journal::open(
+        dir.path(),
+        small_options(clock.clone(), RecoveryMode::Strict),
+    ) {
+        Err(Error::Corruption {
+            path,
+            offset,
+            reason,
+        }) => {
+            assert_eq!((&path, offset as usize), (older, torn));
+            assert!(reason.contains(&newer.display().to_string()), "{reason}");
+        }
+        other => panic!("vouched-for damage was not reported: {other:?}"),
     }
 }
