@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rand::Rng;
 use tidemark_journal::{
-    Change, Journal, JournalOptions, ManualClock, RecoveryMode, SystemClock, Timestamp,
+    Journal, JournalOptions, ManualClock, RecoveryMode, SystemClock, Timestamp,
 };
 
 const VOLUME_SIZE: u64 = 256 * 1024;
@@ -65,31 +65,7 @@ fn crash_child() {
     println!("ready");
     let mut in_flight = std::collections::VecDeque::new();
     for op in changes(seed) {
-        let handle = match &op {
-            Op::Write { offset, data } => journal.append(
-                volume,
-                Change::Write {
-                    offset: *offset,
-                    data,
-                },
-            ),
-            Op::Zero { offset, len } => journal.append(
-                volume,
-                Change::Zero {
-                    offset: *offset,
-                    len: *len,
-                },
-            ),
-            Op::Trim { offset, len } => journal.append(
-                volume,
-                Change::Trim {
-                    offset: *offset,
-                    len: *len,
-                },
-            ),
-            _ => journal.append(volume, Change::Flush),
-        }
-        .expect("append");
+        let handle = op.append_to(&journal, volume).expect("append");
         in_flight.push_back(handle);
         if in_flight.len() >= 8 {
             if let Some(h) = in_flight.pop_front() {

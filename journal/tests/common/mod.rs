@@ -25,6 +25,37 @@ pub enum Op {
     TagDelete(String),
 }
 
+impl Op {
+    /// Appends this change to `volume` of `journal`.
+    pub fn append_to(
+        &self,
+        journal: &Journal,
+        volume: VolumeId,
+    ) -> tidemark_journal::Result<tidemark_journal::AppendHandle> {
+        let change = match self {
+            Op::Write { offset, data } => Change::Write {
+                offset: *offset,
+                data,
+            },
+            Op::Zero { offset, len } => Change::Zero {
+                offset: *offset,
+                len: *len,
+            },
+            Op::Trim { offset, len } => Change::Trim {
+                offset: *offset,
+                len: *len,
+            },
+            Op::Flush => Change::Flush,
+            Op::TagSet(name) => Change::Mark(Mark::TagSet {
+                name,
+                body: b"body",
+            }),
+            Op::TagDelete(name) => return journal.delete_tag(volume, name),
+        };
+        journal.append(volume, change)
+    }
+}
+
 /// Every acknowledged record, by seq.
 #[derive(Clone, Debug, Default)]
 pub struct Model {
@@ -179,38 +210,7 @@ pub fn apply(journal: &Journal, model: &mut Model, ops: Vec<(VolumeId, Op)>) {
                 continue;
             }
         }
-        let handle = match &op {
-            Op::Write { offset, data } => journal.append(
-                volume,
-                Change::Write {
-                    offset: *offset,
-                    data,
-                },
-            ),
-            Op::Zero { offset, len } => journal.append(
-                volume,
-                Change::Zero {
-                    offset: *offset,
-                    len: *len,
-                },
-            ),
-            Op::Trim { offset, len } => journal.append(
-                volume,
-                Change::Trim {
-                    offset: *offset,
-                    len: *len,
-                },
-            ),
-            Op::Flush => journal.append(volume, Change::Flush),
-            Op::TagSet(name) => journal.append(
-                volume,
-                Change::Mark(Mark::TagSet {
-                    name,
-                    body: b"body",
-                }),
-            ),
-            Op::TagDelete(name) => journal.delete_tag(volume, name),
-        };
+        let handle = op.append_to(journal, volume);
         let handle = handle.unwrap_or_else(|e| panic!("append {op:?}: {e}"));
         handles.push((volume, op, handle));
         // A tag delete is checked against the model, so settle it first.
