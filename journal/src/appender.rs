@@ -27,6 +27,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{Error, Result};
+use crate::io_hooks::IoHooks;
 use crate::segment::Segment;
 
 /// Alignment of direct writes: offsets, lengths and buffer addresses.
@@ -238,17 +239,20 @@ pub struct BatchWrite {
 }
 
 impl BatchWrite {
-    /// Gives up the write and returns its buffer.
+    /// Gives up the write (done or not) and returns its buffer.
     pub fn into_buf(self) -> AlignedBuf {
         self.buf
     }
 
-    /// Writes the batch. Gives the buffer back either way.
-    pub fn write(mut self) -> (Result<()>, AlignedBuf) {
-        let result = self
-            .file
+    /// Writes the batch; may be called again after a failure.
+    pub fn write(&mut self, hooks: &dyn IoHooks) -> std::result::Result<(), std::io::Error> {
+        hooks.before_write(&self.path, self.block, self.len)?;
+        self.file
             .write_all_at(&self.buf.slice()[..self.len], self.block)
-            .map_err(|e| Error::io_at("write segment", &self.path, self.start, e));
-        (result, self.buf)
+    }
+
+    /// The error of a failed [`write`](Self::write), naming file and offset.
+    pub fn error(&self, source: std::io::Error) -> Error {
+        Error::io_at("write segment", &self.path, self.start, source)
     }
 }

@@ -117,6 +117,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// The memory cache had no room for a record (in time).
+    #[error("volume {volume}: the memory cache ({limit} bytes) has no room for a {bytes}-byte record; the journal is behind")]
+    CacheFull {
+        /// The volume written to.
+        volume: String,
+        /// The record's size.
+        bytes: u64,
+        /// The cache's bound.
+        limit: u64,
+    },
+
     /// Another process holds the journal directory open.
     #[error("journal {0} is locked by another process")]
     Locked(PathBuf),

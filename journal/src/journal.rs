@@ -26,8 +26,10 @@ use crate::base::BaseImage;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::index::{Index, SegmentEntry, StoredEvent, StoredTag};
+use crate::io_hooks::{IoHooks, RealIo};
 use crate::manifest::{Gap, Manifest};
 use crate::mark::Mark;
+use crate::memory_cache::{Admission, MemoryCache, MemoryCacheStats};
 use crate::point::{History, Point, Seq, Timestamp};
 use crate::record::{PreparedRecord, RecordKind, MAX_PAYLOAD_LEN, RECORD_HEADER_LEN};
 use crate::recovery::{self, RecoveryMode, RecoveryReport};
@@ -53,6 +55,11 @@ pub struct JournalOptions {
     pub large_range_blocks: u64,
     /// Write segments with `O_DIRECT` (where the filesystem allows it).
     pub direct_io: bool,
+    /// Bound of the memory cache: bytes of records captured but not yet
+    /// durable in the journal.
+    pub memory_cache_bytes: u64,
+    /// Hooks in front of segment IO ([`RealIo`] but in fault tests).
+    pub io_hooks: Arc<dyn IoHooks>,
     /// Where timestamps come from.
     pub clock: Arc<dyn Clock>,
 }
@@ -67,6 +74,8 @@ impl Default for JournalOptions {
             recovery: RecoveryMode::Strict,
             large_range_blocks: 256,
             direct_io: true,
+            memory_cache_bytes: 128 << 20,
+            io_hooks: Arc::new(RealIo),
             clock: Arc::new(SystemClock),
         }
     }
@@ -156,6 +165,13 @@ pub(crate) struct Shared {
     /// Readers hold it shared; a retention fold holds it exclusively while
     /// base images and horizon change under them.
     pub fold: RwLock<()>,
+    /// Records captured and not yet durable, bounded by bytes.
+    pub memory: Arc<MemoryCache>,
+    /// Set when the journal is closing, so a writer waiting out a full disk
+    /// gives up.
+    pub closing: std::sync::atomic::AtomicBool,
+    /// Batch writes that found the disk full and waited.
+    pub disk_full_waits: AtomicU64,
 }
 
 impl Shared {
@@ -293,6 +309,7 @@ struct JournalInner {
 
 impl JournalInner {
     fn shutdown(&self) -> Result<()> {
+        self.shared.closing.store(true, Ordering::SeqCst);
         self.sequencer.lock().tx = None;
         if let Some(handle) = self.writer.lock().take() {
             if handle.join().is_err() {
@@ -431,6 +448,9 @@ impl Journal {
             active_segment: AtomicU64::new(0),
             poisoned: Mutex::new(None),
             fold: RwLock::new(()),
+            memory: MemoryCache::new(options.memory_cache_bytes),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            disk_full_waits: AtomicU64::new(0),
             options,
         });
         for segment in &recovered.segments {
@@ -522,9 +542,22 @@ impl Journal {
         self.shared().volume(name)
     }
 
-    /// Appends `change` to `volume` and returns at once with the record's
-    /// place in the write order; the handle resolves when it is durable.
+    /// Appends `change` to `volume` and returns with the record's place in
+    /// the write order; the handle resolves when it is durable. Waits for
+    /// room in the memory cache as long as it takes.
     pub fn append(&self, volume: VolumeId, change: Change<'_>) -> Result<AppendHandle> {
+        self.append_with(volume, change, Admission::Wait)
+    }
+
+    /// Appends like [`Journal::append`], waiting for room in the memory
+    /// cache only as `admission` says; [`Error::CacheFull`] when there is
+    /// none.
+    pub fn append_with(
+        &self,
+        volume: VolumeId,
+        change: Change<'_>,
+        admission: Admission,
+    ) -> Result<AppendHandle> {
         let shared = self.shared();
         let info = shared.volume_by_id(volume)?;
         let in_volume = |offset: u64, len: u64| -> Result<()> {
@@ -574,6 +607,15 @@ impl Journal {
                 PreparedRecord::raw(RecordKind::Mark, volume, 0, body)
             }
         };
+        let bytes = record.encoded_len() as u64;
+        let charge = shared
+            .memory
+            .admit(bytes, admission)
+            .ok_or_else(|| Error::CacheFull {
+                volume: info.name.clone(),
+                bytes,
+                limit: shared.options.memory_cache_bytes,
+            })?;
         let mut sequencer = self.inner.sequencer.lock();
         let tx = sequencer
             .tx
@@ -594,6 +636,7 @@ impl Journal {
             time,
             record,
             reply,
+            charge,
         })
         .map_err(|_| Error::Closed(shared.dir.clone()))?;
         sequencer.next_seq += 1;
@@ -740,6 +783,11 @@ impl Journal {
     /// Windows that forced retention dropped past a hold.
     pub fn gaps(&self) -> Vec<Gap> {
         self.shared().manifest.read().gaps.clone()
+    }
+
+    /// The memory cache's counters.
+    pub fn memory_cache(&self) -> MemoryCacheStats {
+        self.shared().memory.stats()
     }
 
     /// Every key and value of the index, for tests that compare indexes.

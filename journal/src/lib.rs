@@ -18,7 +18,11 @@
 //! - [`recovery`] — start-up: torn tails, corruption, index catch-up.
 //! - `read` — point-in-time reads.
 //! - [`retention`] — folding old records into the base images.
+//! - [`memory_cache`] — the byte-bounded memory cache between capture and
+//!   the journal, and how appenders wait for room in it.
 //! - [`journal`] — [`Journal`], which ties these together.
+//! - [`io_hooks`] — hooks in front of segment IO; [`io_hooks::FaultyIo`]
+//!   makes the disk slow, full or broken for tests.
 //! - [`point`], [`volume`], [`clock`], [`error`] — the vocabulary.
 //!
 //! The on-disk format is specified in `docs/format.md`.
@@ -28,9 +32,11 @@ pub mod base;
 pub mod clock;
 pub mod error;
 pub mod index;
+pub mod io_hooks;
 pub mod journal;
 pub mod manifest;
 pub mod mark;
+pub mod memory_cache;
 pub mod point;
 mod read;
 pub mod record;
@@ -46,6 +52,7 @@ pub use index::{SegmentEntry, StoredEvent, StoredTag, INDEX_BLOCK};
 pub use journal::{Change, Journal, JournalOptions};
 pub use manifest::Gap;
 pub use mark::Mark;
+pub use memory_cache::{Admission, MemoryCacheStats};
 pub use point::{History, Point, Seq, Timestamp};
 pub use record::RecordKind;
 pub use recovery::{Damage, RecoveryMode, RecoveryReport};

@@ -379,7 +379,11 @@ pub(crate) fn active_segment(shared: &Arc<Shared>, recovered: &Recovered) -> Res
         segment_size: shared.options.segment_size,
         created: shared.options.clock.now(),
     };
-    let segment = Arc::new(Segment::create(&shared.segments_dir, header)?);
+    let segment = Arc::new(Segment::create(
+        &shared.segments_dir,
+        header,
+        shared.options.io_hooks.as_ref(),
+    )?);
     shared.add_segment(segment.clone());
     ActiveSegment::open(segment, SEGMENT_HEADER_LEN as u64, None, &shared.options)
 }

@@ -279,8 +279,15 @@ impl Segment {
     /// allocated up front where the filesystem can (so a full disk shows up
     /// here, not in the middle of a batch), writes and syncs its header and
     /// the directory entry, and returns it mapped for reading.
-    pub fn create(dir: &Path, header: SegmentHeader) -> Result<Segment> {
+    pub fn create(
+        dir: &Path,
+        header: SegmentHeader,
+        hooks: &dyn crate::io_hooks::IoHooks,
+    ) -> Result<Segment> {
         let path = segment_path(dir, header.segment_id);
+        hooks
+            .before_create(&path)
+            .map_err(|e| Error::io("create segment", &path, e))?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)

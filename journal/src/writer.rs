@@ -27,6 +27,7 @@ use crate::appender::{BatchWrite, BufferPool, SegmentAppender};
 use crate::error::{Error, Result};
 use crate::index::SegmentEntry;
 use crate::journal::Shared;
+use crate::memory_cache::CacheCharge;
 use crate::point::{Seq, Timestamp};
 use crate::record::{PreparedRecord, RecordHeader};
 use crate::segment::{BatchFrame, Segment, SegmentHeader, BATCH_HEADER_LEN, SEGMENT_HEADER_LEN};
@@ -44,6 +45,8 @@ pub enum Submission {
         record: PreparedRecord,
         /// Answered once the record is durable and indexed (or failed).
         reply: oneshot::Sender<Result<()>>,
+        /// The record's room in the memory cache, held until it is durable.
+        charge: CacheCharge,
     },
     /// A barrier: answered once everything submitted before it is durable,
     /// with the newest durable seq.
@@ -157,6 +160,7 @@ struct Pending {
     time: Timestamp,
     record: PreparedRecord,
     reply: oneshot::Sender<Result<()>>,
+    charge: CacheCharge,
 }
 
 /// A record of a written batch, as the sync stage indexes it.
@@ -176,6 +180,8 @@ struct WrittenBatch {
     records: Vec<Written>,
     entry: SegmentEntry,
     replies: Vec<oneshot::Sender<Result<()>>>,
+    /// The batch's room in the memory cache, given back when it is done.
+    charge: Option<CacheCharge>,
 }
 
 impl WrittenBatch {
@@ -306,6 +312,7 @@ impl Writer {
                         time,
                         record,
                         reply,
+                        charge,
                     } => {
                         if !batch.is_empty() && bytes + record.encoded_len() > max_batch {
                             carry = Some(Submission::Append {
@@ -313,6 +320,7 @@ impl Writer {
                                 time,
                                 record,
                                 reply,
+                                charge,
                             });
                             break;
                         }
@@ -322,6 +330,7 @@ impl Writer {
                             time,
                             record,
                             reply,
+                            charge,
                         });
                     }
                     Submission::Barrier { reply } => barriers.push(reply),
@@ -352,7 +361,13 @@ impl Writer {
         let at = self.active.appender.write_offset();
         match self.encode_batch(&batch) {
             Ok((write, mut written)) => {
-                written.replies = batch.into_iter().map(|p| p.reply).collect();
+                for p in batch {
+                    written.replies.push(p.reply);
+                    match written.charge.as_mut() {
+                        Some(charge) => charge.absorb(p.charge),
+                        None => written.charge = Some(p.charge),
+                    }
+                }
                 // The IO stage only goes away once this stage is done.
                 let _ = to_io.send(ToIo::Batch(write, Box::new(written)));
             }
@@ -446,7 +461,8 @@ impl Writer {
             end,
             records,
             entry: *entry,
-            replies: Vec::new(),
+            replies: Vec::with_capacity(batch.len()),
+            charge: None,
         };
         Ok((write, written))
     }
@@ -483,6 +499,7 @@ impl Writer {
         Segment::create(
             &self.shared.segments_dir,
             self.segment_header(id, first_seq),
+            self.shared.options.io_hooks.as_ref(),
         )
     }
 
@@ -502,9 +519,10 @@ impl Writer {
     fn prepare_spare(&mut self, after_seq: Seq) {
         let header = self.segment_header(self.active.segment.id() + 1, after_seq + 1);
         let dir = self.shared.segments_dir.clone();
+        let hooks = self.shared.options.io_hooks.clone();
         let made = std::thread::Builder::new()
             .name("tidemark-journal-segment".into())
-            .spawn(move || Segment::create(&dir, header));
+            .spawn(move || Segment::create(&dir, header, hooks.as_ref()));
         self.spare = made.ok();
     }
 }
@@ -519,21 +537,24 @@ fn io_stage(
     while let Ok(job) = from_encode.recv() {
         let passed = match job {
             ToIo::Barrier(reply) => to_sync.send(ToSync::Barrier(reply)),
-            ToIo::Batch(write, batch) => {
+            ToIo::Batch(mut write, batch) => {
                 if let Some(e) = shared.poisoned() {
                     pool.give(write.into_buf());
                     batch.fail(&e.to_string());
                     continue;
                 }
-                let (result, buf) = write.write();
-                pool.give(buf);
-                match result {
-                    Ok(()) => to_sync.send(ToSync::Batch(batch)),
+                match write_waiting_out_full_disk(shared, &mut write) {
+                    Ok(()) => {
+                        pool.give(write.into_buf());
+                        to_sync.send(ToSync::Batch(batch))
+                    }
                     Err(e) => {
                         // Later batches were encoded to follow this one, so
                         // none of them may be written now.
-                        shared.poison(e.to_string());
-                        batch.fail(&e.to_string());
+                        let err = write.error(e);
+                        pool.give(write.into_buf());
+                        shared.poison(err.to_string());
+                        batch.fail(&err.to_string());
                         continue;
                     }
                 }
@@ -541,6 +562,32 @@ fn io_stage(
         };
         if passed.is_err() {
             return;
+        }
+    }
+}
+
+/// Writes a batch. A full disk is waited out — retried every 100 ms until
+/// space returns or the journal closes — so appenders see a stall (and
+/// time out at their own pace) rather than a failure, and nothing on disk
+/// changes until the write can succeed.
+fn write_waiting_out_full_disk(shared: &Shared, write: &mut BatchWrite) -> std::io::Result<()> {
+    let mut warned = false;
+    loop {
+        match write.write(shared.options.io_hooks.as_ref()) {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) => {
+                if shared.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(e);
+                }
+                if !warned {
+                    tracing::warn!(journal = %shared.dir.display(), "the journal's disk is full; writes wait for space");
+                    warned = true;
+                }
+                shared
+                    .disk_full_waits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
         }
     }
 }
@@ -561,7 +608,11 @@ fn sync_stage(shared: &Shared, from_io: &Receiver<ToSync>, synced_to: &Mutex<(u6
                 if failure.is_some() || synced.contains(&batch.segment) {
                     continue;
                 }
-                match batch.file.sync_data() {
+                let hooks = shared.options.io_hooks.as_ref();
+                match hooks
+                    .before_sync(&batch.path)
+                    .and_then(|()| batch.file.sync_data())
+                {
                     Ok(()) => synced.push(batch.segment),
                     Err(e) => {
                         let err = Error::io("fsync segment", &batch.path, e);

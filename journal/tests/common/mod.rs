@@ -138,6 +138,8 @@ pub fn small_options(clock: Arc<ManualClock>, recovery: RecoveryMode) -> Journal
         // Small, so the model's zeroes and trims exercise both layouts.
         large_range_blocks: 4,
         direct_io: !BUFFERED_IO.with(|b| b.get()),
+        memory_cache_bytes: 256 << 10,
+        io_hooks: Arc::new(tidemark_journal::io_hooks::RealIo),
         clock,
     }
 }

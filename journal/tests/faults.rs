@@ -1,0 +1,292 @@
+//! A slow, full or broken disk under the journal: the memory cache pushes
+//! back, a full disk stalls writes until space returns, a failed fsync stops
+//! appends until a reopen, and nothing acknowledged is ever lost.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::Rng;
+use tidemark_journal::io_hooks::FaultyIo;
+use tidemark_journal::{
+    Admission, Change, Error, Journal, JournalOptions, ManualClock, RecoveryMode, Timestamp,
+};
+
+const START: i64 = 1_800_000_000_000_000_000;
+const ENOSPC: i32 = 28;
+const EIO: i32 = 5;
+
+fn faulty_options(faults: &Arc<FaultyIo>, cache: u64) -> JournalOptions {
+    JournalOptions {
+        io_hooks: faults.clone(),
+        memory_cache_bytes: cache,
+        ..small_options(
+            Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+            RecoveryMode::Strict,
+        )
+    }
+}
+
+#[test]
+fn a_slow_journal_fills_the_memory_cache_and_appenders_wait_or_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let (journal, _) = Journal::open(dir.path(), faulty_options(&faults, 64 << 10)).expect("open");
+    let volume = journal.create_volume("vol0", 1 << 20).expect("volume").id;
+    faults.set_write_delay(Duration::from_millis(300));
+    // Random bytes: lz4 cannot shrink them, so each record costs 24 KiB.
+    let mut data = vec![0u8; 24 << 10];
+    rng(1).fill(&mut data[..]);
+
+    // Fill the cache: records stay charged until durable, and the disk is slow.
+    let mut held = Vec::new();
+    let refused = loop {
+        match journal.append_with(
+            volume,
+            Change::Write {
+                offset: 0,
+                data: &data,
+            },
+            Admission::NoWait,
+        ) {
+            Ok(handle) => held.push(handle),
+            Err(e) => break e,
+        }
+        assert!(
+            held.len() < 10,
+            "a 64 KiB cache took {} records of 24 KiB",
+            held.len()
+        );
+    };
+    match &refused {
+        Error::CacheFull { volume, limit, .. } => {
+            assert_eq!(volume, "vol0");
+            assert_eq!(*limit, 64 << 10);
+        }
+        other => panic!("expected CacheFull, got {other}"),
+    }
+    assert!(journal.memory_cache().used_bytes <= 64 << 10);
+
+    // A bounded wait that the slow disk cannot satisfy fails clearly.
+    let started = Instant::now();
+    let timed_out = journal.append_with(
+        volume,
+        Change::Write {
+            offset: 0,
+            data: &data,
+        },
+        Admission::WaitFor(Duration::from_millis(50)),
+    );
+    assert!(
+        matches!(timed_out, Err(Error::CacheFull { .. })),
+        "{timed_out:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(50));
+
+    // An unbounded wait succeeds once the journal catches up.
+    faults.set_write_delay(Duration::ZERO);
+    let waited = journal
+        .append(
+            volume,
+            Change::Write {
+                offset: 0,
+                data: &data,
+            },
+        )
+        .expect("append waits for room");
+    for handle in held {
+        handle.wait().expect("durable");
+    }
+    waited.wait().expect("durable");
+    let stats = journal.memory_cache();
+    assert_eq!(stats.used_bytes, 0, "every charge is released once durable");
+    assert!(stats.refusals >= 2 && stats.waits >= 1, "{stats:?}");
+}
+
+#[test]
+fn a_full_disk_stalls_appends_until_space_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let (journal, _) = Journal::open(dir.path(), faulty_options(&faults, 1 << 20)).expect("open");
+    let volume = journal.create_volume("vol0", 1 << 20).expect("volume").id;
+    let mut rng = rng(5);
+    let mut model = Model::default();
+    model.sizes.insert(volume, 1 << 20);
+    apply(
+        &journal,
+        &mut model,
+        vec![(
+            volume,
+            Op::Write {
+                offset: 0,
+                data: payload(&mut rng, 5000),
+            },
+        )],
+    );
+
+    faults.fail_writes(ENOSPC);
+    let data = payload(&mut rng, 9000);
+    let stalled = journal
+        .append(
+            volume,
+            Change::Write {
+                offset: 4096,
+                data: &data,
+            },
+        )
+        .expect("append is accepted");
+    let seq = stalled.seq();
+    std::thread::sleep(Duration::from_millis(350));
+    assert_eq!(
+        journal.history().newest_seq,
+        seq - 1,
+        "nothing becomes durable on a full disk"
+    );
+    let attempts = faults.writes();
+    assert!(attempts >= 3, "the writer retries ({attempts} attempts)");
+
+    faults.fail_writes(0);
+    let done = stalled.wait().expect("durable once space returns");
+    assert_eq!(done.seq, seq);
+    model
+        .records
+        .insert(seq, (volume, Op::Write { offset: 4096, data }, done.time));
+    check_reads(&journal, &model, &mut rng, 10);
+    journal.close().expect("close");
+
+    let (journal, report) = open(
+        dir.path(),
+        &Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+        RecoveryMode::Strict,
+    );
+    assert_eq!(report.newest_seq, seq);
+    assert!(report.torn_tail.is_none(), "{report:?}");
+    check_reads(&journal, &model, &mut rng, 10);
+}
+
+#[test]
+fn a_full_disk_when_a_segment_is_made_fails_appends_cleanly_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let (journal, _) = Journal::open(dir.path(), faulty_options(&faults, 1 << 20)).expect("open");
+    let volume = journal.create_volume("vol0", 1 << 20).expect("volume").id;
+    let mut rng = rng(9);
+    let mut model = Model::default();
+    model.sizes.insert(volume, 1 << 20);
+    // No segment can be made: once the current one (and the spare made at
+    // start) fill up, appends fail, cleanly.
+    faults.fail_creates(ENOSPC);
+    let mut failed = None;
+    for i in 0..400u64 {
+        let data = payload(&mut rng, 20_000);
+        let offset = (i * 20_000) % ((1 << 20) - 20_000);
+        let result = journal
+            .append(
+                volume,
+                Change::Write {
+                    offset,
+                    data: &data,
+                },
+            )
+            .and_then(|h| h.wait());
+        match result {
+            Ok(done) => {
+                model
+                    .records
+                    .insert(done.seq, (volume, Op::Write { offset, data }, done.time));
+            }
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let failed = failed.expect("appends fail once no segment can be made");
+    assert!(failed.is_disk_full(), "{failed}");
+    check_reads(&journal, &model, &mut rng, 10);
+
+    faults.fail_creates(0);
+    let data = payload(&mut rng, 20_000);
+    let done = journal
+        .append(
+            volume,
+            Change::Write {
+                offset: 0,
+                data: &data,
+            },
+        )
+        .and_then(|h| h.wait())
+        .expect("appends work again once space returns");
+    model
+        .records
+        .insert(done.seq, (volume, Op::Write { offset: 0, data }, done.time));
+    journal.close().expect("close");
+    let (journal, _) = open(
+        dir.path(),
+        &Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+        RecoveryMode::Strict,
+    );
+    check_reads(&journal, &model, &mut rng, 10);
+}
+
+#[test]
+fn a_failed_fsync_stops_appends_until_reopen_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let (journal, _) = Journal::open(dir.path(), faulty_options(&faults, 1 << 20)).expect("open");
+    let volume = journal.create_volume("vol0", 1 << 20).expect("volume").id;
+    let mut rng = rng(13);
+    let mut model = Model::default();
+    model.sizes.insert(volume, 1 << 20);
+    for _ in 0..5 {
+        let op = random_op(&mut rng, 1 << 20, 16_000);
+        if matches!(op, Op::TagDelete(_)) {
+            continue;
+        }
+        apply(&journal, &mut model, vec![(volume, op)]);
+    }
+    faults.fail_syncs(EIO);
+    let data = payload(&mut rng, 3000);
+    let lost = journal
+        .append(
+            volume,
+            Change::Write {
+                offset: 0,
+                data: &data,
+            },
+        )
+        .and_then(|h| h.wait());
+    assert!(lost.is_err(), "a write whose fsync failed was acknowledged");
+    faults.fail_syncs(0);
+    let refused = journal
+        .append(
+            volume,
+            Change::Write {
+                offset: 0,
+                data: &data,
+            },
+        )
+        .and_then(|h| h.wait());
+    match refused {
+        Err(Error::Poisoned { .. }) => {}
+        other => panic!("appends after a failed fsync gave {other:?}"),
+    }
+    journal.close().expect("close");
+    let (journal, report) = open(
+        dir.path(),
+        &Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+        RecoveryMode::Strict,
+    );
+    assert!(report.newest_seq >= model.newest());
+    // The unacknowledged write may or may not have reached the disk.
+    let mut prefix = model.clone();
+    if report.newest_seq > model.newest() {
+        prefix.records.insert(
+            report.newest_seq,
+            (volume, Op::Write { offset: 0, data }, Timestamp::default()),
+        );
+    }
+    check_reads(&journal, &prefix, &mut rng, 10);
+}
