@@ -128,6 +128,16 @@ pub enum Error {
         limit: u64,
     },
 
+    /// A record did not become durable in time: the journal's disk is full
+    /// or too slow.
+    #[error("record seq {seq} was not durable after {waited:?}; the journal is stalled (disk full or too slow)")]
+    NotDurable {
+        /// The record.
+        seq: u64,
+        /// How long was waited.
+        waited: std::time::Duration,
+    },
+
     /// Another process holds the journal directory open.
     #[error("journal {0} is locked by another process")]
     Locked(PathBuf),

@@ -126,6 +126,14 @@ pub enum Change<'a> {
         /// Length.
         len: u64,
     },
+    /// A resync write: the production volume's content of a range,
+    /// re-read after changes to it may have gone unjournalled.
+    Resync {
+        /// First byte.
+        offset: u64,
+        /// The bytes.
+        data: &'a [u8],
+    },
     /// A flush: the volume's state here is crash-consistent.
     Flush,
     /// A mark on the timeline.
@@ -572,7 +580,7 @@ impl Journal {
             Ok(())
         };
         let record = match change {
-            Change::Write { offset, data } => {
+            Change::Write { offset, data } | Change::Resync { offset, data } => {
                 in_volume(offset, data.len() as u64)?;
                 if data.len() as u64 > shared.options.max_record_len {
                     return Err(Error::Invalid(format!(
@@ -582,7 +590,10 @@ impl Journal {
                         shared.options.max_record_len
                     )));
                 }
-                PreparedRecord::new(RecordKind::Write, volume, offset, data.len() as u64, data)
+                let mut record =
+                    PreparedRecord::new(RecordKind::Write, volume, offset, data.len() as u64, data);
+                record.resync = matches!(change, Change::Resync { .. });
+                record
             }
             Change::Zero { offset, len } => {
                 in_volume(offset, len)?;
@@ -783,6 +794,11 @@ impl Journal {
     /// Windows that forced retention dropped past a hold.
     pub fn gaps(&self) -> Vec<Gap> {
         self.shared().manifest.read().gaps.clone()
+    }
+
+    /// The largest write one record may carry.
+    pub fn max_record_len(&self) -> u64 {
+        self.shared().options.max_record_len
     }
 
     /// The memory cache's counters.

@@ -21,6 +21,12 @@
 //! - [`memory_cache`] — the byte-bounded memory cache between capture and
 //!   the journal, and how appenders wait for room in it.
 //! - [`journal`] — [`Journal`], which ties these together.
+//! - [`production`] — the production volume the write path writes through.
+//! - [`dirty_map`] — the persistent dirty-region map: regions that may hold
+//!   changes not (yet) durable in the journal.
+//! - [`io_mode`] — sync / async / adaptive, and the adaptive controller.
+//! - [`write_path`] — [`WritePath`]: what the daemon calls for every write;
+//!   applies the IO mode, the dirty map and resyncs.
 //! - [`io_hooks`] — hooks in front of segment IO; [`io_hooks::FaultyIo`]
 //!   makes the disk slow, full or broken for tests.
 //! - [`point`], [`volume`], [`clock`], [`error`] — the vocabulary.
@@ -30,32 +36,39 @@
 mod appender;
 pub mod base;
 pub mod clock;
+pub mod dirty_map;
 pub mod error;
 pub mod index;
 pub mod io_hooks;
+pub mod io_mode;
 pub mod journal;
 pub mod manifest;
 pub mod mark;
 pub mod memory_cache;
 pub mod point;
+pub mod production;
 mod read;
 pub mod record;
 pub mod recovery;
 pub mod retention;
 pub mod segment;
 pub mod volume;
+pub mod write_path;
 mod writer;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use index::{SegmentEntry, StoredEvent, StoredTag, INDEX_BLOCK};
+pub use io_mode::{AdaptiveThresholds, IoMode};
 pub use journal::{Change, Journal, JournalOptions};
 pub use manifest::Gap;
 pub use mark::Mark;
 pub use memory_cache::{Admission, MemoryCacheStats};
 pub use point::{History, Point, Seq, Timestamp};
+pub use production::{BlockDevice, FileDevice};
 pub use record::RecordKind;
 pub use recovery::{Damage, RecoveryMode, RecoveryReport};
 pub use retention::{RetentionPolicy, RetentionReport};
 pub use volume::{VolumeId, VolumeInfo};
+pub use write_path::{Acknowledged, ResyncReport, VolumeStats, WritePath, WritePathOptions};
 pub use writer::{AppendHandle, Appended};

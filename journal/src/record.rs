@@ -23,6 +23,12 @@ pub const MAX_PAYLOAD_LEN: u64 = 64 << 20;
 /// Flag bit: the payload is an lz4 block (lz4_flex raw block format).
 const FLAG_LZ4: u8 = 1;
 
+/// Flag bit: a resync write — the production volume's content of the range,
+/// re-read after a window in which changes to it may have gone unjournalled
+/// (a crash in async mode, a full cache). History inside that window is
+/// coarse: the write says how the range ended up, not how it got there.
+const FLAG_RESYNC: u8 = 2;
+
 /// What a record does to its volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -80,6 +86,8 @@ pub struct RecordHeader {
     pub kind: RecordKind,
     /// Whether the stored payload is lz4-compressed.
     pub compressed: bool,
+    /// Whether it is a resync write (see the flag's documentation).
+    pub resync: bool,
     /// The volume it applies to.
     pub volume: VolumeId,
     /// Bytes of payload stored after the header.
@@ -119,6 +127,8 @@ pub struct PreparedRecord {
     pub stored: Vec<u8>,
     /// Whether `stored` is lz4-compressed.
     pub compressed: bool,
+    /// Whether this is a resync write.
+    pub resync: bool,
     /// CRC32C of `stored`, to be extended over the header by the writer.
     pub payload_crc: u32,
 }
@@ -152,6 +162,7 @@ impl PreparedRecord {
             length,
             stored,
             compressed,
+            resync: false,
             payload_crc,
         }
     }
@@ -167,6 +178,7 @@ impl PreparedRecord {
             length: payload.len() as u64,
             stored: payload,
             compressed: false,
+            resync: false,
             payload_crc,
         }
     }
@@ -199,7 +211,8 @@ impl PreparedRecord {
         let out = &mut out[..self.encoded_len()];
         out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
         out[4] = self.kind as u8;
-        out[5] = if self.compressed { FLAG_LZ4 } else { 0 };
+        out[5] =
+            if self.compressed { FLAG_LZ4 } else { 0 } | if self.resync { FLAG_RESYNC } else { 0 };
         out[6..8].copy_from_slice(&0u16.to_le_bytes());
         out[8..12].copy_from_slice(&self.volume.to_le_bytes());
         out[12..16].copy_from_slice(&(self.stored.len() as u32).to_le_bytes());
@@ -265,13 +278,16 @@ pub fn decode_record<'a>(
     let kind = RecordKind::from_u8(bytes[4])
         .ok_or_else(|| bad(format!("unknown record kind {}", bytes[4])))?;
     let flags = bytes[5];
-    if flags & !FLAG_LZ4 != 0 {
+    if flags & !(FLAG_LZ4 | FLAG_RESYNC) != 0
+        || (flags & FLAG_RESYNC != 0 && kind != RecordKind::Write)
+    {
         return Err(bad(format!("unknown record flags {flags:#04x}")));
     }
     let stored_len = le_u32(bytes, 12);
     let header = RecordHeader {
         kind,
         compressed: flags & FLAG_LZ4 != 0,
+        resync: flags & FLAG_RESYNC != 0,
         volume: le_u32(bytes, 8),
         stored_len,
         seq: le_u64(bytes, 16),

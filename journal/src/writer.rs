@@ -111,6 +111,23 @@ impl AppendHandle {
             Err(_) => Err(Error::Closed(self.closed)),
         }
     }
+
+    /// Blocks until the record is durable, or `timeout` has passed
+    /// ([`Error::NotDurable`]; the record may still become durable later).
+    pub fn wait_timeout(self, timeout: std::time::Duration) -> Result<Appended> {
+        match self.reply.recv_timeout(timeout) {
+            Ok(Ok(())) => Ok(Appended {
+                seq: self.seq,
+                time: self.time,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(oneshot::RecvTimeoutError::Timeout) => Err(Error::NotDurable {
+                seq: self.seq,
+                waited: timeout,
+            }),
+            Err(oneshot::RecvTimeoutError::Disconnected) => Err(Error::Closed(self.closed)),
+        }
+    }
 }
 
 impl Future for AppendHandle {
@@ -424,6 +441,7 @@ impl Writer {
             let header = RecordHeader {
                 kind: p.record.kind,
                 compressed: p.record.compressed,
+                resync: p.record.resync,
                 volume: p.record.volume,
                 stored_len: p.record.stored.len() as u32,
                 seq: p.seq,

@@ -1,0 +1,771 @@
+//! The write path: what the daemon calls for every write to a protected
+//! volume. It applies the volume's IO mode, writes the production volume,
+//! journals the change, and returns when the mode says the write may be
+//! acknowledged.
+//!
+//! Per write, in order:
+//! 1. lock the write's regions (so the journal's order of overlapping
+//!    writes is the order they reach the production volume);
+//! 2. mark the regions in the persistent dirty-region map (durably, before
+//!    the production volume changes);
+//! 3. **sync**: append the record (waiting for room in the memory cache, up
+//!    to `sync_timeout`), write the production volume, unlock, wait until
+//!    the record is durable, acknowledge;
+//!    **async**: write the production volume, append the record if the
+//!    memory cache has room (else leave the region for a resync), unlock,
+//!    acknowledge;
+//! 4. settle the regions in the dirty map; a background round clears them
+//!    once their records are durable and the production volume is flushed.
+//!
+//! After a crash, [`WritePath::attach`] re-reads every marked region from
+//! the production volume and journals what differs as `resync` writes, with
+//! a `resync` event on the timeline: the journal never silently misses a
+//! change, and afterwards the production volume equals the journal's newest
+//! point. Regions left unjournalled by a full cache are resynced the same
+//! way in the background once the cache has room.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
+
+use crate::dirty_map::DirtyMap;
+use crate::error::{Error, Result};
+use crate::io_mode::{AdaptiveController, AdaptiveThresholds, IoMode, Switch};
+use crate::journal::{Change, Journal};
+use crate::mark::Mark;
+use crate::memory_cache::Admission;
+use crate::point::{Point, Seq};
+use crate::production::BlockDevice;
+use crate::volume::VolumeInfo;
+
+/// How the write path behaves.
+#[derive(Clone, Copy, Debug)]
+pub struct WritePathOptions {
+    /// Granularity of the dirty-region map.
+    pub region_size: u64,
+    /// How long a sync write may wait for room in the memory cache, and
+    /// then for its record to become durable, before it fails.
+    pub sync_timeout: Duration,
+    /// When adaptive volumes switch.
+    pub adaptive: AdaptiveThresholds,
+    /// How often the background round runs: probing the journal for
+    /// adaptive volumes, resyncing unjournalled regions, cleaning dirty
+    /// maps.
+    pub maintenance_interval: Duration,
+}
+
+impl Default for WritePathOptions {
+    fn default() -> Self {
+        WritePathOptions {
+            region_size: 1 << 20,
+            sync_timeout: Duration::from_secs(30),
+            adaptive: AdaptiveThresholds::default(),
+            maintenance_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Counters of one protected volume, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VolumeStats {
+    /// Writes (including zeroes and trims) acknowledged.
+    pub writes: u64,
+    /// Bytes they covered.
+    pub bytes: u64,
+    /// Of them, acknowledged in sync mode.
+    pub sync_writes: u64,
+    /// Of them, acknowledged in async mode.
+    pub async_writes: u64,
+    /// Async writes the memory cache had no room for (left to a resync).
+    pub cache_fallbacks: u64,
+    /// Adaptive switches between sync and async.
+    pub mode_switches: u64,
+    /// Regions resynced from the production volume.
+    pub resynced_regions: u64,
+    /// Bytes written to the journal by resyncs.
+    pub resynced_bytes: u64,
+    /// Regions marked in the dirty map now.
+    pub dirty_regions: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    writes: AtomicU64,
+    bytes: AtomicU64,
+    sync_writes: AtomicU64,
+    async_writes: AtomicU64,
+    cache_fallbacks: AtomicU64,
+    mode_switches: AtomicU64,
+    resynced_regions: AtomicU64,
+    resynced_bytes: AtomicU64,
+}
+
+/// What one resync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResyncReport {
+    /// The volume.
+    pub volume: String,
+    /// Regions re-read from the production volume, by index.
+    pub regions: Vec<usize>,
+    /// Bytes that differed from the journal and were journalled.
+    pub bytes: u64,
+    /// The seq of the `resync` event, if anything was resynced.
+    pub seq: Option<Seq>,
+}
+
+/// How a write was acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Acknowledged {
+    /// The mode it went in.
+    pub mode: IoMode,
+    /// Its record's seq; `None` if the cache had no room (async only) and
+    /// a resync will cover it.
+    pub seq: Option<Seq>,
+}
+
+/// One change as the write path applies it.
+#[derive(Clone, Copy, Debug)]
+enum Op<'a> {
+    Write(&'a [u8]),
+    Zero(u64),
+    Trim(u64),
+}
+
+impl Op<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Op::Write(data) => data.len() as u64,
+            Op::Zero(len) | Op::Trim(len) => *len,
+        }
+    }
+
+    /// The journal changes for this op at `offset`: a write larger than
+    /// the largest record becomes several records.
+    fn changes(&self, offset: u64, max_record: u64) -> Vec<Change<'_>> {
+        match *self {
+            Op::Write(data) => data
+                .chunks(max_record.max(1) as usize)
+                .scan(offset, |at, chunk| {
+                    let change = Change::Write {
+                        offset: *at,
+                        data: chunk,
+                    };
+                    *at += chunk.len() as u64;
+                    Some(change)
+                })
+                .collect(),
+            Op::Zero(len) => vec![Change::Zero { offset, len }],
+            Op::Trim(len) => vec![Change::Trim { offset, len }],
+        }
+    }
+}
+
+/// A protected volume attached to the write path.
+struct Protected {
+    info: VolumeInfo,
+    device: Arc<dyn BlockDevice>,
+    dirty: DirtyMap,
+    /// One lock per dirty-map region; see the module documentation.
+    stripes: Vec<Mutex<()>>,
+    mode: Mutex<IoMode>,
+    adaptive: Mutex<AdaptiveController>,
+    counters: Counters,
+}
+
+impl Protected {
+    /// Locks the regions `offset..offset+len` touches, in ascending order.
+    fn lock(&self, offset: u64, len: u64) -> Vec<MutexGuard<'_, ()>> {
+        self.dirty
+            .regions_of(offset, len)
+            .filter_map(|r| self.stripes.get(r))
+            .map(|m| m.lock())
+            .collect()
+    }
+
+    /// The mode a write goes in now.
+    fn effective_mode(&self, backlog: u64) -> (IoMode, Option<Switch>) {
+        match *self.mode.lock() {
+            IoMode::Adaptive => {
+                let mut controller = self.adaptive.lock();
+                let switch = controller.decide(backlog, Instant::now());
+                (controller.current(), switch)
+            }
+            mode => (mode, None),
+        }
+    }
+}
+
+struct Inner {
+    journal: Journal,
+    options: WritePathOptions,
+    dirty_dir: PathBuf,
+    volumes: RwLock<HashMap<String, Arc<Protected>>>,
+    stop: AtomicBool,
+    /// Wakes the maintenance thread early (on close).
+    wake: (Mutex<bool>, Condvar),
+}
+
+/// The write path of one journal (consistency group).
+pub struct WritePath {
+    inner: Arc<Inner>,
+    maintenance: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for WritePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WritePath")
+            .field("journal", &self.inner.journal)
+            .finish()
+    }
+}
+
+impl WritePath {
+    /// A write path over `journal`, with its background round running.
+    pub fn new(journal: Journal, options: WritePathOptions) -> Result<Self> {
+        let dirty_dir = journal.dir().join("dirty");
+        std::fs::create_dir_all(&dirty_dir)
+            .map_err(|e| Error::io("create directory", &dirty_dir, e))?;
+        let inner = Arc::new(Inner {
+            journal,
+            options,
+            dirty_dir,
+            volumes: RwLock::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+            wake: (Mutex::new(false), Condvar::new()),
+        });
+        let background = inner.clone();
+        let maintenance = std::thread::Builder::new()
+            .name("tidemark-write-path".into())
+            .spawn(move || background.maintain())
+            .map_err(|e| Error::io("spawn maintenance thread", &inner.dirty_dir, e))?;
+        Ok(WritePath {
+            inner,
+            maintenance: Mutex::new(Some(maintenance)),
+        })
+    }
+
+    /// The journal underneath.
+    pub fn journal(&self) -> &Journal {
+        &self.inner.journal
+    }
+
+    /// Attaches the production volume `device` to journal volume `volume`
+    /// in `mode`, and resyncs every region its dirty map marks (after a
+    /// crash: every region where the journal may have missed a change).
+    pub fn attach(
+        &self,
+        volume: &str,
+        device: Arc<dyn BlockDevice>,
+        mode: IoMode,
+    ) -> Result<ResyncReport> {
+        let info = self.inner.journal.volume(volume)?;
+        if device.size() < info.size {
+            return Err(Error::Invalid(format!(
+                "volume {volume}: the production volume {} is {} bytes, the volume is {}",
+                device.path().display(),
+                device.size(),
+                info.size
+            )));
+        }
+        if self.inner.volumes.read().contains_key(volume) {
+            return Err(Error::Invalid(format!(
+                "volume {volume} is already attached"
+            )));
+        }
+        let region_size = self.inner.options.region_size;
+        let dirty = DirtyMap::open(
+            &self.inner.dirty_dir.join(format!("{:010}.map", info.id)),
+            &info,
+            region_size,
+        )?;
+        let regions = info.size.div_ceil(region_size) as usize;
+        let protected = Arc::new(Protected {
+            stripes: (0..regions).map(|_| Mutex::new(())).collect(),
+            mode: Mutex::new(mode),
+            adaptive: Mutex::new(AdaptiveController::new(
+                self.inner.options.adaptive,
+                Instant::now(),
+            )),
+            counters: Counters::default(),
+            info,
+            device,
+            dirty,
+        });
+        let marked = protected.dirty.marked();
+        let report = self.inner.resync(&protected, &marked, "crash")?;
+        self.inner
+            .volumes
+            .write()
+            .insert(volume.to_string(), protected);
+        Ok(report)
+    }
+
+    fn volume(&self, name: &str) -> Result<Arc<Protected>> {
+        self.inner
+            .volumes
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownVolume(name.to_string()))
+    }
+
+    /// Writes `data` at `offset` of `volume`; returns when the volume's IO
+    /// mode allows the write to be acknowledged. `fua` also makes the
+    /// production volume durable before returning.
+    pub fn write(&self, volume: &str, offset: u64, data: &[u8], fua: bool) -> Result<Acknowledged> {
+        self.apply(volume, offset, Op::Write(data), fua)
+    }
+
+    /// Sets `len` bytes at `offset` to zero.
+    pub fn write_zeroes(
+        &self,
+        volume: &str,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<Acknowledged> {
+        self.apply(volume, offset, Op::Zero(len), fua)
+    }
+
+    /// Discards `len` bytes at `offset`; they read back as zeros.
+    pub fn trim(&self, volume: &str, offset: u64, len: u64) -> Result<Acknowledged> {
+        self.apply(volume, offset, Op::Trim(len), false)
+    }
+
+    /// Reads the live volume (the production volume).
+    pub fn read(&self, volume: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let v = self.volume(volume)?;
+        check_bounds(&v.info, offset, buf.len() as u64)?;
+        v.device
+            .read_at(buf, offset)
+            .map_err(|e| Error::io_at("read production volume", v.device.path(), offset, e))
+    }
+
+    /// Makes every acknowledged write to `volume` durable on the production
+    /// volume and records a flush (a crash-consistent point) in the journal.
+    /// In sync mode it returns once the flush record is durable too.
+    pub fn flush(&self, volume: &str) -> Result<Option<Seq>> {
+        let v = self.volume(volume)?;
+        v.device
+            .flush()
+            .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
+        let (mode, switch) = v.effective_mode(self.inner.backlog());
+        self.inner.record_switch(&v, switch);
+        let journal = &self.inner.journal;
+        match mode {
+            IoMode::Async => Ok(journal
+                .append_with(v.info.id, Change::Flush, Admission::NoWait)
+                .ok()
+                .map(|h| h.seq())),
+            _ => {
+                let timeout = self.inner.options.sync_timeout;
+                let handle =
+                    journal.append_with(v.info.id, Change::Flush, Admission::WaitFor(timeout))?;
+                Ok(Some(handle.wait_timeout(timeout)?.seq))
+            }
+        }
+    }
+
+    /// Changes `volume`'s IO mode; takes effect with the next write.
+    pub fn set_mode(&self, volume: &str, mode: IoMode) -> Result<()> {
+        let v = self.volume(volume)?;
+        let from = std::mem::replace(&mut *v.mode.lock(), mode);
+        if from != mode {
+            *v.adaptive.lock() =
+                AdaptiveController::new(self.inner.options.adaptive, Instant::now());
+            self.inner.event(
+                &v,
+                "io-mode",
+                &format!("{{\"from\":\"{from}\",\"to\":\"{mode}\",\"by\":\"operator\"}}"),
+            );
+        }
+        Ok(())
+    }
+
+    /// `volume`'s configured IO mode and the mode writes go in now.
+    pub fn mode(&self, volume: &str) -> Result<(IoMode, IoMode)> {
+        let v = self.volume(volume)?;
+        let configured = *v.mode.lock();
+        let now = match configured {
+            IoMode::Adaptive => v.adaptive.lock().current(),
+            mode => mode,
+        };
+        Ok((configured, now))
+    }
+
+    /// `volume`'s counters.
+    pub fn stats(&self, volume: &str) -> Result<VolumeStats> {
+        let v = self.volume(volume)?;
+        let c = &v.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Ok(VolumeStats {
+            writes: load(&c.writes),
+            bytes: load(&c.bytes),
+            sync_writes: load(&c.sync_writes),
+            async_writes: load(&c.async_writes),
+            cache_fallbacks: load(&c.cache_fallbacks),
+            mode_switches: load(&c.mode_switches),
+            resynced_regions: load(&c.resynced_regions),
+            resynced_bytes: load(&c.resynced_bytes),
+            dirty_regions: v.dirty.marked_count() as u64,
+        })
+    }
+
+    /// Runs one background round now: adaptive probes, resyncs of
+    /// unjournalled regions, dirty-map cleaning. (It also runs on its own
+    /// every `maintenance_interval`.)
+    pub fn maintain_now(&self) -> Result<()> {
+        self.inner.round()
+    }
+
+    /// Stops the background round, resyncs what is left unjournalled, and
+    /// cleans the dirty maps as far as the journal allows.
+    pub fn close(&self) -> Result<()> {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        {
+            let (lock, cvar) = &self.inner.wake;
+            *lock.lock() = true;
+            cvar.notify_all();
+        }
+        if let Some(handle) = self.maintenance.lock().take() {
+            let _ = handle.join();
+        }
+        self.inner.journal.sync()?;
+        self.inner.round()
+    }
+
+    fn apply(&self, volume: &str, offset: u64, op: Op<'_>, fua: bool) -> Result<Acknowledged> {
+        let v = self.volume(volume)?;
+        let len = op.len();
+        check_bounds(&v.info, offset, len)?;
+        let inner = &self.inner;
+        let (mode, switch) = v.effective_mode(inner.backlog());
+        inner.record_switch(&v, switch);
+        let stripes = v.lock(offset, len);
+        v.dirty.begin(offset, len)?;
+        let acknowledged = match mode {
+            IoMode::Async => inner.apply_async(&v, offset, op, fua, stripes),
+            _ => inner.apply_sync(&v, offset, op, fua, stripes),
+        }?;
+        let c = &v.counters;
+        c.writes.fetch_add(1, Ordering::Relaxed);
+        c.bytes.fetch_add(len, Ordering::Relaxed);
+        match acknowledged.mode {
+            IoMode::Async => c.async_writes.fetch_add(1, Ordering::Relaxed),
+            _ => c.sync_writes.fetch_add(1, Ordering::Relaxed),
+        };
+        Ok(acknowledged)
+    }
+}
+
+impl Drop for WritePath {
+    fn drop(&mut self) {
+        if self.maintenance.lock().is_some() {
+            if let Err(e) = self.close() {
+                tracing::warn!(error = %e, "write path did not close cleanly");
+            }
+        }
+    }
+}
+
+fn check_bounds(info: &VolumeInfo, offset: u64, len: u64) -> Result<()> {
+    if len == 0 || offset.checked_add(len).is_none_or(|end| end > info.size) {
+        return Err(Error::OutOfBounds {
+            volume: info.name.clone(),
+            offset,
+            len,
+            size: info.size,
+        });
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn backlog(&self) -> u64 {
+        self.journal.memory_cache().used_bytes
+    }
+
+    fn device_apply(&self, v: &Protected, offset: u64, op: Op<'_>, fua: bool) -> Result<()> {
+        let device = &v.device;
+        let result = match op {
+            Op::Write(data) => device.write_at(data, offset),
+            Op::Zero(len) | Op::Trim(len) => device.zero(offset, len),
+        }
+        .and_then(|()| if fua { device.flush() } else { Ok(()) });
+        result.map_err(|e| Error::io_at("write production volume", device.path(), offset, e))
+    }
+
+    fn apply_sync(
+        &self,
+        v: &Protected,
+        offset: u64,
+        op: Op<'_>,
+        fua: bool,
+        stripes: Vec<MutexGuard<'_, ()>>,
+    ) -> Result<Acknowledged> {
+        let len = op.len();
+        let started = Instant::now();
+        let timeout = self.options.sync_timeout;
+        let mut handles = Vec::new();
+        for change in op.changes(offset, self.journal.max_record_len()) {
+            match self
+                .journal
+                .append_with(v.info.id, change, Admission::WaitFor(timeout))
+            {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    // Part of a split write may be journalled already: then
+                    // the journal and the production volume differ until
+                    // the region is resynced.
+                    v.dirty.settle(offset, len, None, !handles.is_empty());
+                    return Err(e);
+                }
+            }
+        }
+        let seq = handles.last().map_or(0, |h| h.seq());
+        if let Err(e) = self.device_apply(v, offset, op, fua) {
+            // The journal has a change the production volume lacks: leave
+            // the region to a resync, which makes them agree again.
+            v.dirty.settle(offset, len, None, true);
+            return Err(e);
+        }
+        drop(stripes);
+        let durable: Result<Vec<_>> = handles
+            .into_iter()
+            .map(|h| h.wait_timeout(timeout.saturating_sub(started.elapsed())))
+            .collect();
+        // A record that failed, or is not durable in time, may never reach
+        // the journal while the production volume has the change: leave the
+        // region to a resync then (needless if the record lands after all).
+        let journalled = durable.as_ref().ok().map(|_| seq);
+        v.dirty.settle(offset, len, journalled, true);
+        durable?;
+        if *v.mode.lock() == IoMode::Adaptive {
+            let switch =
+                v.adaptive
+                    .lock()
+                    .observe(started.elapsed(), self.backlog(), Instant::now());
+            self.record_switch(v, switch);
+        }
+        Ok(Acknowledged {
+            mode: IoMode::Sync,
+            seq: Some(seq),
+        })
+    }
+
+    fn apply_async(
+        &self,
+        v: &Protected,
+        offset: u64,
+        op: Op<'_>,
+        fua: bool,
+        stripes: Vec<MutexGuard<'_, ()>>,
+    ) -> Result<Acknowledged> {
+        let len = op.len();
+        if let Err(e) = self.device_apply(v, offset, op, fua) {
+            v.dirty.settle(offset, len, None, false);
+            return Err(e);
+        }
+        let mut seq = None;
+        for change in op.changes(offset, self.journal.max_record_len()) {
+            match self
+                .journal
+                .append_with(v.info.id, change, Admission::NoWait)
+            {
+                Ok(handle) => seq = Some(handle.seq()),
+                Err(e) => {
+                    if !matches!(e, Error::CacheFull { .. }) {
+                        tracing::warn!(volume = %v.info.name, error = %e, "journalling an async write failed; its region will be resynced");
+                    }
+                    v.counters.cache_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    seq = None;
+                    break;
+                }
+            }
+        }
+        drop(stripes);
+        v.dirty.settle(offset, len, seq, true);
+        Ok(Acknowledged {
+            mode: IoMode::Async,
+            seq,
+        })
+    }
+
+    /// Appends a timeline event for `v` without waiting on the cache.
+    fn event(&self, v: &Protected, name: &str, body: &str) {
+        let mark = Mark::Event {
+            name,
+            body: body.as_bytes(),
+        };
+        if let Err(e) = self
+            .journal
+            .append_with(v.info.id, Change::Mark(mark), Admission::NoWait)
+        {
+            tracing::warn!(volume = %v.info.name, event = name, error = %e, "could not record a timeline event");
+        }
+    }
+
+    fn record_switch(&self, v: &Protected, switch: Option<Switch>) {
+        if let Some(Switch { from, to }) = switch {
+            v.counters.mode_switches.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(volume = %v.info.name, %from, %to, "adaptive IO mode switched");
+            self.event(
+                v,
+                "io-mode",
+                &format!("{{\"from\":\"{from}\",\"to\":\"{to}\",\"by\":\"adaptive\"}}"),
+            );
+        }
+    }
+
+    /// Re-reads `regions` from the production volume and journals, as
+    /// resync writes, every 4 KiB block that differs from the journal's
+    /// newest point; then records a `resync` event naming the window.
+    fn resync(&self, v: &Protected, regions: &[usize], reason: &str) -> Result<ResyncReport> {
+        let mut report = ResyncReport {
+            volume: v.info.name.clone(),
+            ..ResyncReport::default()
+        };
+        if regions.is_empty() {
+            return Ok(report);
+        }
+        let region_size = v.dirty.region_size();
+        let max_record = self.journal.max_record_len().max(4096) / 4096 * 4096;
+        let mut production = vec![0u8; region_size as usize];
+        let mut journalled = vec![0u8; region_size as usize];
+        let mut handles = Vec::new();
+        let mut first_offset = u64::MAX;
+        let mut end_offset = 0;
+        for &r in regions {
+            let offset = r as u64 * region_size;
+            let len = region_size.min(v.info.size - offset) as usize;
+            let _stripe = v.stripes.get(r).map(|m| m.lock());
+            v.device
+                .read_at(&mut production[..len], offset)
+                .map_err(|e| Error::io_at("read production volume", v.device.path(), offset, e))?;
+            self.journal
+                .read(&v.info.name, offset, &mut journalled[..len], Point::Latest)?;
+            let mut newest = 0;
+            let mut block = 0;
+            while block < len {
+                let differs = |b: usize| {
+                    let end = (b + 4096).min(len);
+                    production[b..end] != journalled[b..end]
+                };
+                if !differs(block) {
+                    block += 4096;
+                    continue;
+                }
+                let start = block;
+                while block < len && differs(block) && (block - start) as u64 + 4096 <= max_record {
+                    block += 4096;
+                }
+                let end = block.min(len);
+                let data = &production[start..end];
+                let handle = self.journal.append_with(
+                    v.info.id,
+                    Change::Resync {
+                        offset: offset + start as u64,
+                        data,
+                    },
+                    Admission::Wait,
+                )?;
+                newest = newest.max(handle.seq());
+                handles.push(handle);
+                report.bytes += data.len() as u64;
+            }
+            // Still under the region's lock: a write that comes after this
+            // is not covered by the resync and must count on its own.
+            v.dirty.resynced(r, newest);
+            first_offset = first_offset.min(offset);
+            end_offset = end_offset.max(offset + len as u64);
+            report.regions.push(r);
+        }
+        let body = format!(
+            "{{\"reason\":\"{reason}\",\"regions\":{},\"offset\":{first_offset},\"end\":{end_offset},\"bytes\":{}}}",
+            report.regions.len(),
+            report.bytes
+        );
+        let event = self.journal.append_with(
+            v.info.id,
+            Change::Mark(Mark::Event {
+                name: "resync",
+                body: body.as_bytes(),
+            }),
+            Admission::Wait,
+        )?;
+        let mut last = event.seq();
+        for handle in handles {
+            last = last.max(handle.wait()?.seq);
+        }
+        let seq = event.wait()?.seq.max(last);
+        v.counters
+            .resynced_regions
+            .fetch_add(report.regions.len() as u64, Ordering::Relaxed);
+        v.counters
+            .resynced_bytes
+            .fetch_add(report.bytes, Ordering::Relaxed);
+        tracing::info!(volume = %v.info.name, reason, regions = report.regions.len(), bytes = report.bytes, "resynced from the production volume");
+        report.seq = Some(seq);
+        Ok(report)
+    }
+
+    /// One background round over every attached volume.
+    fn round(&self) -> Result<()> {
+        let volumes: Vec<Arc<Protected>> = self.volumes.read().values().cloned().collect();
+        let mut first_error = None;
+        for v in volumes {
+            if let Err(e) = self.maintain_volume(&v) {
+                tracing::warn!(volume = %v.info.name, error = %e, "write-path maintenance failed");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn maintain_volume(&self, v: &Protected) -> Result<()> {
+        if *v.mode.lock() == IoMode::Adaptive {
+            // A probe: how long until everything captured so far is
+            // durable. Async writes give the controller no latency of
+            // their own, so this is how it sees the journal recover.
+            let started = Instant::now();
+            self.journal.sync()?;
+            let switch =
+                v.adaptive
+                    .lock()
+                    .observe(started.elapsed(), self.backlog(), Instant::now());
+            self.record_switch(v, switch);
+        }
+        let unjournaled = v.dirty.unjournaled();
+        if !unjournaled.is_empty() {
+            self.resync(v, &unjournaled, "cache-full")?;
+        }
+        let generation = v.dirty.start_clean();
+        v.device
+            .flush()
+            .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
+        let durable = self.journal.history().newest_seq;
+        v.dirty.clean(durable, generation)?;
+        Ok(())
+    }
+
+    fn maintain(self: Arc<Self>) {
+        while !self.stop.load(Ordering::SeqCst) {
+            {
+                let (lock, cvar) = &self.wake;
+                let mut woken = lock.lock();
+                if !*woken {
+                    cvar.wait_for(&mut woken, self.options.maintenance_interval);
+                }
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let _ = self.round();
+        }
+    }
+}

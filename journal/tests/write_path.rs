@@ -1,0 +1,451 @@
+//! The write path in each IO mode: what is acknowledged is journalled (or
+//! covered by a resync), the production volume always ends up equal to the
+//! journal's newest point, a full cache falls back to the dirty-region map,
+//! a slowed journal drives adaptive mode to async and back without
+//! flapping, and a full disk makes sync writes fail cleanly.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rand::Rng;
+use tidemark_journal::io_hooks::FaultyIo;
+use tidemark_journal::{
+    AdaptiveThresholds, BlockDevice, Error, FileDevice, IoMode, Journal, JournalOptions,
+    ManualClock, Mark, Point, RecoveryMode, Timestamp, WritePath, WritePathOptions,
+};
+
+const START: i64 = 1_800_000_000_000_000_000;
+const SIZE: u64 = 2 << 20;
+const ENOSPC: i32 = 28;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    faults: Arc<FaultyIo>,
+    path: WritePath,
+}
+
+fn setup(mode: IoMode, cache: u64, options: WritePathOptions) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let journal_options = JournalOptions {
+        io_hooks: faults.clone(),
+        memory_cache_bytes: cache,
+        ..small_options(
+            Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+            RecoveryMode::Strict,
+        )
+    };
+    let (journal, _) = Journal::open(&dir.path().join("journal"), journal_options).expect("open");
+    journal.create_volume("vol", SIZE).expect("volume");
+    let path = WritePath::new(journal, options).expect("write path");
+    let device =
+        Arc::new(FileDevice::open(&dir.path().join("production.img"), SIZE).expect("device"));
+    let report = path.attach("vol", device, mode).expect("attach");
+    assert!(report.regions.is_empty(), "a fresh volume needs no resync");
+    Setup {
+        _dir: dir,
+        faults,
+        path,
+    }
+}
+
+fn small_regions() -> WritePathOptions {
+    WritePathOptions {
+        region_size: 256 << 10,
+        sync_timeout: Duration::from_secs(10),
+        maintenance_interval: Duration::from_secs(3600),
+        ..WritePathOptions::default()
+    }
+}
+
+/// Whether the production volume and the journal's newest point are
+/// identical.
+fn production_equals_journal(path: &WritePath) -> bool {
+    path.journal().sync().expect("sync");
+    let mut production = vec![0u8; SIZE as usize];
+    let mut journalled = vec![0u8; SIZE as usize];
+    path.read("vol", 0, &mut production)
+        .expect("read production");
+    path.journal()
+        .read("vol", 0, &mut journalled, Point::Latest)
+        .expect("read journal");
+    production == journalled
+}
+
+/// The production volume and the journal's newest point are identical.
+fn assert_production_equals_journal(path: &WritePath) {
+    path.journal().sync().expect("sync");
+    let mut production = vec![0u8; SIZE as usize];
+    let mut journalled = vec![0u8; SIZE as usize];
+    path.read("vol", 0, &mut production)
+        .expect("read production");
+    path.journal()
+        .read("vol", 0, &mut journalled, Point::Latest)
+        .expect("read journal");
+    if production != journalled {
+        let at = production
+            .iter()
+            .zip(&journalled)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        panic!("production and journal differ first at byte {at}");
+    }
+}
+
+fn random_write(rng: &mut rand::rngs::SmallRng) -> (u64, Vec<u8>) {
+    let len = rng.random_range(1..=40_000u64);
+    let offset = rng.random_range(0..=SIZE - len);
+    (offset, payload(rng, len as usize))
+}
+
+#[test]
+fn sync_writes_are_durable_in_the_journal_when_acknowledged() {
+    let s = setup(IoMode::Sync, 1 << 20, small_regions());
+    let mut rng = rng(1);
+    for i in 0..200 {
+        let (offset, data) = random_write(&mut rng);
+        let ack = match i % 10 {
+            7 => s.path.write_zeroes("vol", offset, data.len() as u64, false),
+            8 => s.path.trim("vol", offset, data.len() as u64),
+            _ => s.path.write("vol", offset, &data, i % 5 == 0),
+        }
+        .expect("write");
+        assert_eq!(ack.mode, IoMode::Sync);
+        let seq = ack.seq.expect("sync writes have a record");
+        // Durable and readable at its own point the moment it is acknowledged.
+        assert!(s.path.journal().history().newest_seq >= seq);
+        let mut at_seq = vec![0u8; data.len()];
+        s.path
+            .journal()
+            .read("vol", offset, &mut at_seq, Point::Seq(seq))
+            .expect("read");
+        let expected = if i % 10 == 7 || i % 10 == 8 {
+            vec![0u8; data.len()]
+        } else {
+            data
+        };
+        assert!(
+            at_seq == expected,
+            "write {i} at seq {seq} is not in the journal"
+        );
+    }
+    s.path.flush("vol").expect("flush");
+    assert_production_equals_journal(&s.path);
+    let stats = s.path.stats("vol").expect("stats");
+    assert_eq!(
+        (stats.writes, stats.sync_writes, stats.async_writes),
+        (200, 200, 0)
+    );
+}
+
+#[test]
+fn async_writes_beyond_the_cache_are_resynced_from_production() {
+    let s = setup(IoMode::Async, 64 << 10, small_regions());
+    let mut rng = rng(2);
+    // A slow journal and a small cache: most async writes find no room.
+    s.faults.set_write_delay(Duration::from_millis(20));
+    let mut unjournalled = 0;
+    for _ in 0..100 {
+        let (offset, data) = random_write(&mut rng);
+        let ack = s.path.write("vol", offset, &data, false).expect("write");
+        assert_eq!(ack.mode, IoMode::Async);
+        if ack.seq.is_none() {
+            unjournalled += 1;
+        }
+    }
+    assert!(unjournalled > 0, "the cache never overflowed");
+    let stats = s.path.stats("vol").expect("stats");
+    assert_eq!(stats.cache_fallbacks, unjournalled);
+    assert!(stats.dirty_regions > 0);
+
+    s.faults.set_write_delay(Duration::ZERO);
+    s.path.maintain_now().expect("maintenance resyncs");
+    let stats = s.path.stats("vol").expect("stats");
+    assert!(
+        stats.resynced_regions > 0 && stats.resynced_bytes > 0,
+        "{stats:?}"
+    );
+    assert_production_equals_journal(&s.path);
+    // The resync is on the timeline.
+    let volume = s.path.journal().volume("vol").expect("volume").id;
+    let events = s
+        .path
+        .journal()
+        .events(volume, 0, u64::MAX)
+        .expect("events");
+    let resyncs: Vec<_> = events
+        .iter()
+        .filter_map(|e| match Mark::decode(&e.body) {
+            Some(Mark::Event {
+                name: "resync",
+                body,
+            }) => Some(String::from_utf8_lossy(body).into_owned()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        resyncs
+            .iter()
+            .any(|b| b.contains("\"reason\":\"cache-full\"")),
+        "{resyncs:?}"
+    );
+    // Once durable and flushed, the regions are clean again.
+    s.path.maintain_now().expect("maintenance");
+    assert_eq!(s.path.stats("vol").expect("stats").dirty_regions, 0);
+}
+
+#[test]
+fn adaptive_goes_async_while_the_journal_is_slow_and_back_once_it_recovers() {
+    let options = WritePathOptions {
+        adaptive: AdaptiveThresholds {
+            high_latency: Duration::from_millis(15),
+            high_backlog: 1 << 30,
+            low_latency: Duration::from_millis(5),
+            low_backlog: 1 << 20,
+            min_dwell: Duration::from_millis(300),
+        },
+        ..small_regions()
+    };
+    let s = setup(IoMode::Adaptive, 4 << 20, options);
+    let mut rng = rng(3);
+    assert_eq!(
+        s.path.mode("vol").expect("mode"),
+        (IoMode::Adaptive, IoMode::Sync)
+    );
+
+    s.faults.set_write_delay(Duration::from_millis(40));
+    let mut went_async = false;
+    for _ in 0..40 {
+        let (offset, data) = random_write(&mut rng);
+        if s.path
+            .write("vol", offset, &data, false)
+            .expect("write")
+            .mode
+            == IoMode::Async
+        {
+            went_async = true;
+            break;
+        }
+    }
+    assert!(
+        went_async,
+        "a slow journal did not switch adaptive to async"
+    );
+
+    // The journal recovers; writes keep coming. Hysteresis: no switch back
+    // before the dwell time, and then exactly one.
+    s.faults.set_write_delay(Duration::ZERO);
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(900) {
+        let (offset, data) = random_write(&mut rng);
+        let ack = s.path.write("vol", offset, &data, false).expect("write");
+        if started.elapsed() < Duration::from_millis(250) {
+            assert_eq!(
+                ack.mode,
+                IoMode::Async,
+                "switched back before the dwell time"
+            );
+        }
+        s.path.maintain_now().expect("probe");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        s.path.mode("vol").expect("mode").1,
+        IoMode::Sync,
+        "never went back to sync"
+    );
+    let stats = s.path.stats("vol").expect("stats");
+    assert_eq!(stats.mode_switches, 2, "flapped: {stats:?}");
+    let volume = s.path.journal().volume("vol").expect("volume").id;
+    s.path.journal().sync().expect("sync");
+    let switches = s
+        .path
+        .journal()
+        .events(volume, 0, u64::MAX)
+        .expect("events")
+        .iter()
+        .filter(|e| {
+            matches!(
+                Mark::decode(&e.body),
+                Some(Mark::Event {
+                    name: "io-mode",
+                    ..
+                })
+            )
+        })
+        .count();
+    assert_eq!(switches, 2, "each switch is a timeline event");
+    s.path.maintain_now().expect("maintenance");
+    assert_production_equals_journal(&s.path);
+}
+
+#[test]
+fn sync_writes_fail_cleanly_while_the_journal_disk_is_full_and_recover() {
+    let options = WritePathOptions {
+        sync_timeout: Duration::from_millis(300),
+        ..small_regions()
+    };
+    let s = setup(IoMode::Sync, 1 << 20, options);
+    let mut rng = rng(4);
+    let (offset, data) = random_write(&mut rng);
+    s.path.write("vol", offset, &data, false).expect("write");
+
+    s.faults.fail_writes(ENOSPC);
+    let (offset, data) = random_write(&mut rng);
+    match s.path.write("vol", offset, &data, false) {
+        Err(e @ Error::NotDurable { .. }) => assert!(e.to_string().contains("stalled"), "{e}"),
+        other => panic!("a sync write on a full disk gave {other:?}"),
+    }
+    s.faults.fail_writes(0);
+    let (offset, data) = random_write(&mut rng);
+    s.path
+        .write("vol", offset, &data, true)
+        .expect("writes work once space returns");
+    s.path.flush("vol").expect("flush");
+    s.path.maintain_now().expect("maintenance");
+    assert_production_equals_journal(&s.path);
+}
+
+#[test]
+fn modes_change_while_running_and_bad_requests_are_refused() {
+    let s = setup(IoMode::Sync, 1 << 20, small_regions());
+    s.path.set_mode("vol", IoMode::Async).expect("set mode");
+    assert_eq!(
+        s.path.write("vol", 0, b"abc", false).expect("write").mode,
+        IoMode::Async
+    );
+    s.path.set_mode("vol", IoMode::Sync).expect("set mode");
+    assert_eq!(
+        s.path.write("vol", 0, b"abd", false).expect("write").mode,
+        IoMode::Sync
+    );
+    assert!(matches!(
+        s.path.write("vol", SIZE - 1, b"ab", false),
+        Err(Error::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        s.path.write("nope", 0, b"ab", false),
+        Err(Error::UnknownVolume(_))
+    ));
+    assert!(matches!(
+        s.path.write_zeroes("vol", 0, 0, false),
+        Err(Error::OutOfBounds { .. })
+    ));
+    s.path.maintain_now().expect("maintenance");
+    assert_production_equals_journal(&s.path);
+}
+
+#[test]
+fn regions_stay_dirty_until_their_records_are_durable() {
+    let s = setup(IoMode::Async, 8 << 20, small_regions());
+    let mut rng = rng(6);
+    s.faults.set_write_delay(Duration::from_millis(400));
+    for _ in 0..5 {
+        let (offset, data) = random_write(&mut rng);
+        assert!(s
+            .path
+            .write("vol", offset, &data, false)
+            .expect("write")
+            .seq
+            .is_some());
+    }
+    // The records are still on their way: cleaning must keep the regions.
+    s.path.maintain_now().expect("maintenance");
+    assert!(s.path.stats("vol").expect("stats").dirty_regions > 0);
+    s.faults.set_write_delay(Duration::ZERO);
+    s.path.journal().sync().expect("sync");
+    s.path.maintain_now().expect("maintenance");
+    assert_eq!(s.path.stats("vol").expect("stats").dirty_regions, 0);
+    assert_production_equals_journal(&s.path);
+}
+
+/// A production volume that takes a random while to write, so concurrent
+/// writes overtake each other on their way to it.
+#[derive(Debug)]
+struct Jittery(FileDevice, std::sync::atomic::AtomicU64);
+
+impl BlockDevice for Jittery {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let n = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::thread::sleep(Duration::from_micros((n * 7919) % 1500));
+        self.0.write_at(data, offset)
+    }
+    fn zero(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.zero(offset, len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[test]
+fn concurrent_overlapping_writes_reach_journal_and_production_in_the_same_order() {
+    for mode in [IoMode::Sync, IoMode::Async] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = Journal::open(
+            &dir.path().join("journal"),
+            small_options(
+                Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+                RecoveryMode::Strict,
+            ),
+        )
+        .expect("open");
+        journal.create_volume("vol", SIZE).expect("volume");
+        let path = WritePath::new(journal, small_regions()).expect("write path");
+        let device = FileDevice::open(&dir.path().join("production.img"), SIZE).expect("device");
+        path.attach("vol", Arc::new(Jittery(device, Default::default())), mode)
+            .expect("attach");
+        let s = Setup {
+            _dir: dir,
+            faults: Arc::new(FaultyIo::new()),
+            path,
+        };
+        // Rounds in which every thread writes the same range at once (the
+        // slow device lets them overtake each other); after each round the
+        // production volume must equal the journal's newest point.
+        let threads = 4;
+        let barrier = std::sync::Barrier::new(threads);
+        let diverged = std::sync::Mutex::new(None);
+        std::thread::scope(|scope| {
+            for t in 0..threads as u64 {
+                let path = &s.path;
+                let barrier = &barrier;
+                let diverged = &diverged;
+                scope.spawn(move || {
+                    let mut rng = rng(100 + t);
+                    for round in 0..25 {
+                        barrier.wait();
+                        let len = rng.random_range(4096..=12_000u64);
+                        let data = payload(&mut rng, len as usize);
+                        path.write("vol", 1000, &data, false).expect("write");
+                        barrier.wait();
+                        if t == 0
+                            && diverged.lock().expect("lock").is_none()
+                            && !production_equals_journal(path)
+                        {
+                            *diverged.lock().expect("lock") = Some(round);
+                        }
+                        barrier.wait();
+                    }
+                });
+            }
+        });
+        if let Some(round) = *diverged.lock().expect("lock") {
+            panic!("{mode}: production and journal diverged after round {round}");
+        }
+        s.path.maintain_now().expect("maintenance");
+        assert_production_equals_journal(&s.path);
+    }
+}
