@@ -51,8 +51,11 @@ const ALL_CFS: [&str; 7] = [
 /// Bytes of a block key that name the block (`volume ‖ block`).
 const BLOCK_PREFIX_LEN: usize = 12;
 
+/// Bound of all memtables together.
+const MEMTABLE_BYTES: usize = 16 << 20;
+
 /// Size of the block cache shared by every column family.
-const BLOCK_CACHE_BYTES: usize = 64 << 20;
+const BLOCK_CACHE_BYTES: usize = 32 << 20;
 
 const META_VERSION: &[u8] = b"index_version";
 const META_INDEXED_SEQ: &[u8] = b"indexed_seq";
@@ -212,6 +215,9 @@ impl Index {
         // meta family's `indexed_seq` could claim entries that were lost.
         opts.set_atomic_flush(true);
         opts.set_max_background_jobs(2);
+        // Memtables of every family together stay under this, so the
+        // index's memory is bounded however fast records arrive (M1).
+        opts.set_db_write_buffer_size(MEMTABLE_BYTES);
         opts.set_keep_log_file_num(2);
         // One block cache for every family, holding index and filter blocks
         // too, so a point lookup in a large index costs memory reads, not

@@ -25,6 +25,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::base::BaseImage;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
+use crate::file_cache::{self, FileCache, FileCacheStats};
 use crate::index::{Index, SegmentEntry, StoredEvent, StoredTag};
 use crate::io_hooks::{IoHooks, RealIo};
 use crate::manifest::{Gap, Manifest};
@@ -35,7 +36,7 @@ use crate::record::{PreparedRecord, RecordKind, MAX_PAYLOAD_LEN, RECORD_HEADER_L
 use crate::recovery::{self, RecoveryMode, RecoveryReport};
 use crate::segment::{Segment, BATCH_HEADER_LEN, SEGMENT_HEADER_LEN};
 use crate::volume::{validate_volume_name, VolumeId, VolumeInfo};
-use crate::writer::{AppendHandle, Submission, Writer};
+use crate::writer::{AppendHandle, Payload, Submission, Writer};
 
 /// How a journal is opened.
 #[derive(Clone, Debug)]
@@ -60,6 +61,16 @@ pub struct JournalOptions {
     pub memory_cache_bytes: u64,
     /// Hooks in front of segment IO ([`RealIo`] but in fault tests).
     pub io_hooks: Arc<dyn IoHooks>,
+    /// Which tiers of the monitoring cache records wait in.
+    pub cache_tiers: CacheTiers,
+    /// Size of the file cache's ring (`DIR/cache/file-cache.ring`).
+    pub file_cache_bytes: u64,
+    /// With both tiers: records spill to the file cache once the memory
+    /// cache holds more than this fraction of its bound...
+    pub spill_above: f64,
+    /// ...and return to memory once the file cache has drained and the
+    /// memory cache holds less than this fraction.
+    pub return_below: f64,
     /// Where timestamps come from.
     pub clock: Arc<dyn Clock>,
 }
@@ -70,12 +81,16 @@ impl Default for JournalOptions {
             group: "default".into(),
             segment_size: 64 << 20,
             max_record_len: 32 << 20,
-            max_batch_bytes: 8 << 20,
+            max_batch_bytes: 4 << 20,
             recovery: RecoveryMode::Strict,
             large_range_blocks: 256,
             direct_io: true,
             memory_cache_bytes: 128 << 20,
             io_hooks: Arc::new(RealIo),
+            cache_tiers: CacheTiers::Both,
+            file_cache_bytes: 4 << 30,
+            spill_above: 0.75,
+            return_below: 0.25,
             clock: Arc::new(SystemClock),
         }
     }
@@ -100,6 +115,51 @@ impl JournalOptions {
         }
         Ok(())
     }
+}
+
+/// Which tiers of the monitoring cache records wait in between capture and
+/// the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheTiers {
+    /// Memory only.
+    Memory,
+    /// The file cache only: every record is durable (in the file cache)
+    /// before it reaches the journal.
+    File,
+    /// Memory, spilling to the file cache above a high-water mark.
+    Both,
+}
+
+impl std::str::FromStr for CacheTiers {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "memory" => Ok(CacheTiers::Memory),
+            "file" => Ok(CacheTiers::File),
+            "both" => Ok(CacheTiers::Both),
+            other => Err(format!(
+                "unknown cache tiers {other:?}; use memory, file or both"
+            )),
+        }
+    }
+}
+
+/// Counters of the monitoring cache, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// The memory tier.
+    pub memory: MemoryCacheStats,
+    /// The file tier, when there is one.
+    pub file: Option<FileCacheStats>,
+    /// Whether records go to the file tier now.
+    pub spilling: bool,
+    /// Switches between the tiers (to the file tier and back).
+    pub tier_switches: u64,
+    /// Records that went to the file tier.
+    pub spilled_records: u64,
+    /// Records journalled from the file cache at start-up.
+    pub replayed_records: u64,
 }
 
 /// A change to append to a volume.
@@ -180,6 +240,16 @@ pub(crate) struct Shared {
     pub closing: std::sync::atomic::AtomicBool,
     /// Batch writes that found the disk full and waited.
     pub disk_full_waits: AtomicU64,
+    /// The file tier of the monitoring cache.
+    pub file_cache: Option<Arc<FileCache>>,
+    /// Whether records go to the file tier now (with both tiers).
+    pub spilling: std::sync::atomic::AtomicBool,
+    /// Switches between the tiers.
+    pub tier_switches: AtomicU64,
+    /// Records that went to the file tier.
+    pub spilled_records: AtomicU64,
+    /// Records journalled from the file cache at start-up.
+    pub replayed_records: AtomicU64,
 }
 
 impl Shared {
@@ -222,6 +292,39 @@ impl Shared {
 
     pub fn set_catalogue(&self, entry: SegmentEntry) {
         self.catalogue.lock().insert(entry.id, entry);
+    }
+
+    /// Whether a record of `bytes` goes to the file tier now, switching
+    /// tiers (with hysteresis) as the memory cache fills and drains.
+    pub fn goes_to_file_tier(&self, bytes: u64) -> bool {
+        let Some(file) = self.file_cache.as_ref() else {
+            return false;
+        };
+        match self.options.cache_tiers {
+            CacheTiers::Memory => false,
+            CacheTiers::File => true,
+            CacheTiers::Both => {
+                let memory = self.memory.stats();
+                let limit = memory.limit_bytes as f64;
+                let spilling = self.spilling.load(Ordering::SeqCst);
+                let switch = if spilling {
+                    file.is_empty()
+                        && (memory.used_bytes as f64) < limit * self.options.return_below
+                } else {
+                    (memory.used_bytes + bytes) as f64 > limit * self.options.spill_above
+                };
+                if switch
+                    && self
+                        .spilling
+                        .compare_exchange(spilling, !spilling, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                {
+                    self.tier_switches.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(to_file = !spilling, "monitoring cache switched tiers");
+                }
+                self.spilling.load(Ordering::SeqCst)
+            }
+        }
     }
 
     /// The range of history that can be read now.
@@ -352,6 +455,40 @@ impl std::fmt::Debug for Journal {
     }
 }
 
+/// Opens the file cache in `DIR/cache` when the tiers use it or when one
+/// is left from an earlier run (it may hold acknowledged writes), and
+/// returns what in it the journal lacks. A cache left over that is empty
+/// and no longer wanted, or of another size than configured, is remade.
+fn open_file_cache(
+    dir: &Path,
+    options: &JournalOptions,
+    group_id: u64,
+    journalled: Seq,
+) -> Result<(Option<Arc<FileCache>>, Vec<file_cache::Pending>)> {
+    let cache_dir = dir.join("cache");
+    let path = cache_dir.join("file-cache.ring");
+    let wanted = options.cache_tiers != CacheTiers::Memory;
+    let existing = std::fs::metadata(&path)
+        .ok()
+        .map(|m| m.len().saturating_sub(4096));
+    if !wanted && existing.is_none() {
+        return Ok((None, Vec::new()));
+    }
+    fs::create_dir_all(&cache_dir).map_err(|e| Error::io("create directory", &cache_dir, e))?;
+    let capacity = existing.unwrap_or(options.file_cache_bytes);
+    let (cache, pending) = FileCache::open(&path, capacity, group_id, journalled)?;
+    if pending.is_empty() && (!wanted || capacity != options.file_cache_bytes) {
+        drop(cache);
+        fs::remove_file(&path).map_err(|e| Error::io("remove file cache", &path, e))?;
+        if !wanted {
+            return Ok((None, Vec::new()));
+        }
+        let (cache, _) = FileCache::open(&path, options.file_cache_bytes, group_id, journalled)?;
+        return Ok((Some(Arc::new(cache)), Vec::new()));
+    }
+    Ok((Some(Arc::new(cache)), pending))
+}
+
 fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join("LOCK");
     let file = OpenOptions::new()
@@ -442,6 +579,9 @@ impl Journal {
             Timestamp::from_nanos(manifest.horizon_ns),
         );
         let fold_intent = manifest.folding_to;
+        let (file_cache, replay) =
+            open_file_cache(dir, &options, manifest.group_id, newest_seq.max(horizon.0))?;
+        report.replayed_from_file_cache = replay.len() as u64;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             segments_dir: segments_dir.clone(),
@@ -459,6 +599,11 @@ impl Journal {
             memory: MemoryCache::new(options.memory_cache_bytes),
             closing: std::sync::atomic::AtomicBool::new(false),
             disk_full_waits: AtomicU64::new(0),
+            file_cache,
+            spilling: std::sync::atomic::AtomicBool::new(false),
+            tier_switches: AtomicU64::new(0),
+            spilled_records: AtomicU64::new(0),
+            replayed_records: AtomicU64::new(replay.len() as u64),
             options,
         });
         for segment in &recovered.segments {
@@ -472,6 +617,27 @@ impl Journal {
 
         let (durable_seq, durable_time) = shared.durable();
         let (tx, rx) = crossbeam_channel::unbounded();
+        // What waits in the file cache is journalled before anything new:
+        // it goes into the channel first, with the seq and time it was
+        // given (and perhaps acknowledged with) before the restart.
+        let mut next_seq = durable_seq + 1;
+        let mut last_time = durable_time;
+        for pending in replay {
+            let header = pending.header;
+            next_seq = next_seq.max(header.seq + 1);
+            last_time = last_time.max(header.timestamp);
+            tx.send(Submission::Append {
+                seq: header.seq,
+                time: header.timestamp,
+                record: Payload::File {
+                    entry: pending.entry,
+                    header,
+                },
+                reply: None,
+                charge: None,
+            })
+            .map_err(|_| Error::Closed(dir.to_path_buf()))?;
+        }
         let writer = Writer::new(shared.clone(), active, rx);
         let handle = std::thread::Builder::new()
             .name("tidemark-journal-writer".into())
@@ -481,8 +647,8 @@ impl Journal {
             inner: Arc::new(JournalInner {
                 shared,
                 sequencer: Mutex::new(Sequencer {
-                    next_seq: durable_seq + 1,
-                    last_time: durable_time,
+                    next_seq,
+                    last_time,
                     tx: Some(tx),
                 }),
                 writer: Mutex::new(Some(handle)),
@@ -619,14 +785,40 @@ impl Journal {
             }
         };
         let bytes = record.encoded_len() as u64;
-        let charge = shared
-            .memory
-            .admit(bytes, admission)
-            .ok_or_else(|| Error::CacheFull {
-                volume: info.name.clone(),
-                bytes,
-                limit: shared.options.memory_cache_bytes,
-            })?;
+        if record.kind != RecordKind::Mark && shared.goes_to_file_tier(bytes) {
+            match self.append_to_file_cache(&info, record, admission)? {
+                Ok(handle) => return Ok(handle),
+                // The file cache is full: with both tiers, memory takes it.
+                Err(record) if shared.options.cache_tiers == CacheTiers::Both => {
+                    return self.append_to_memory(&info, record, admission);
+                }
+                Err(record) => {
+                    let limit = shared
+                        .file_cache
+                        .as_ref()
+                        .map_or(0, |c| c.stats().capacity_bytes);
+                    return Err(Error::CacheFull {
+                        volume: info.name.clone(),
+                        bytes: record.encoded_len() as u64,
+                        limit,
+                    });
+                }
+            }
+        }
+        self.append_to_memory(&info, record, admission)
+    }
+
+    /// Stamps `record` with the next seq and time and sends it to the
+    /// writer, under the sequencer lock (so the channel's order is the
+    /// write order). `store` puts it where it waits; it may refuse, and
+    /// then nothing is used up.
+    fn sequence<T>(
+        &self,
+        store: impl FnOnce(Seq, Timestamp) -> Option<(Payload, T)>,
+        reply: Option<oneshot::Sender<Result<()>>>,
+        charge: Option<crate::memory_cache::CacheCharge>,
+    ) -> Result<Option<(Seq, Timestamp, T)>> {
+        let shared = self.shared();
         let mut sequencer = self.inner.sequencer.lock();
         let tx = sequencer
             .tx
@@ -641,7 +833,9 @@ impl Journal {
         } else {
             Timestamp::from_nanos(sequencer.last_time.as_nanos() + 1)
         };
-        let (reply, rx) = oneshot::channel();
+        let Some((record, out)) = store(seq, time) else {
+            return Ok(None);
+        };
         tx.send(Submission::Append {
             seq,
             time,
@@ -652,7 +846,94 @@ impl Journal {
         .map_err(|_| Error::Closed(shared.dir.clone()))?;
         sequencer.next_seq += 1;
         sequencer.last_time = time;
+        Ok(Some((seq, time, out)))
+    }
+
+    fn append_to_memory(
+        &self,
+        info: &VolumeInfo,
+        record: PreparedRecord,
+        admission: Admission,
+    ) -> Result<AppendHandle> {
+        let shared = self.shared();
+        let bytes = record.encoded_len() as u64;
+        let charge = shared
+            .memory
+            .admit(bytes, admission)
+            .ok_or_else(|| Error::CacheFull {
+                volume: info.name.clone(),
+                bytes,
+                limit: shared.options.memory_cache_bytes,
+            })?;
+        let (reply, rx) = oneshot::channel();
+        let stored = self.sequence(
+            |_, _| Some((Payload::Memory(record), ())),
+            Some(reply),
+            Some(charge),
+        )?;
+        let (seq, time, ()) = stored.ok_or_else(|| Error::Closed(shared.dir.clone()))?;
         Ok(AppendHandle::new(seq, time, rx, shared.dir.clone()))
+    }
+
+    /// Writes `record` into the file cache, waiting for room as `admission`
+    /// says. Gives the record back if there is no room.
+    fn append_to_file_cache(
+        &self,
+        info: &VolumeInfo,
+        record: PreparedRecord,
+        admission: Admission,
+    ) -> Result<std::result::Result<AppendHandle, PreparedRecord>> {
+        let shared = self.shared();
+        let Some(cache) = shared.file_cache.clone() else {
+            return Ok(Err(record));
+        };
+        let len = record.encoded_len();
+        let deadline = match admission {
+            Admission::NoWait => None,
+            Admission::WaitFor(d) => Some(std::time::Instant::now() + d),
+            Admission::Wait => {
+                Some(std::time::Instant::now() + std::time::Duration::from_secs(365 * 86_400))
+            }
+        };
+        loop {
+            if !cache.wait_for_room(len, deadline) {
+                return Ok(Err(record));
+            }
+            let stored = self.sequence(
+                |seq, time| {
+                    let entry = cache.append(seq, len, |buf| {
+                        record.encode_to(seq, time, buf);
+                    })?;
+                    let header = crate::record::RecordHeader {
+                        kind: record.kind,
+                        compressed: record.compressed,
+                        resync: record.resync,
+                        volume: record.volume,
+                        stored_len: record.stored.len() as u32,
+                        seq,
+                        timestamp: time,
+                        offset: record.offset,
+                        length: record.length,
+                        crc: 0,
+                    };
+                    Some((Payload::File { entry, header }, entry.write_no))
+                },
+                None,
+                None,
+            )?;
+            if let Some((seq, time, write_no)) = stored {
+                shared.spilled_records.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(volume = %info.name, seq, "record waits in the file cache");
+                return Ok(Ok(AppendHandle::in_file_cache(
+                    seq,
+                    time,
+                    cache,
+                    write_no,
+                    shared.dir.clone(),
+                )));
+            }
+            // Another appender took the room first; wait again.
+        }
     }
 
     /// Waits until everything appended before the call is durable and
@@ -804,6 +1085,19 @@ impl Journal {
     /// The memory cache's counters.
     pub fn memory_cache(&self) -> MemoryCacheStats {
         self.shared().memory.stats()
+    }
+
+    /// Counters of both tiers of the monitoring cache.
+    pub fn cache_stats(&self) -> CacheStats {
+        let shared = self.shared();
+        CacheStats {
+            memory: shared.memory.stats(),
+            file: shared.file_cache.as_ref().map(|c| c.stats()),
+            spilling: shared.spilling.load(Ordering::SeqCst),
+            tier_switches: shared.tier_switches.load(Ordering::Relaxed),
+            spilled_records: shared.spilled_records.load(Ordering::Relaxed),
+            replayed_records: shared.replayed_records.load(Ordering::Relaxed),
+        }
     }
 
     /// Every key and value of the index, for tests that compare indexes.

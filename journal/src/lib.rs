@@ -20,6 +20,8 @@
 //! - [`retention`] — folding old records into the base images.
 //! - [`memory_cache`] — the byte-bounded memory cache between capture and
 //!   the journal, and how appenders wait for room in it.
+//! - [`file_cache`] — the file tier: a memory-mapped ring that records
+//!   spill to, durable across a crash.
 //! - [`journal`] — [`Journal`], which ties these together.
 //! - [`production`] — the production volume the write path writes through.
 //! - [`dirty_map`] — the persistent dirty-region map: regions that may hold
@@ -38,6 +40,7 @@ pub mod base;
 pub mod clock;
 pub mod dirty_map;
 pub mod error;
+pub mod file_cache;
 pub mod index;
 pub mod io_hooks;
 pub mod io_mode;
@@ -60,10 +63,10 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use index::{SegmentEntry, StoredEvent, StoredTag, INDEX_BLOCK};
 pub use io_mode::{AdaptiveThresholds, IoMode};
-pub use journal::{Change, Journal, JournalOptions};
+pub use journal::{CacheStats, CacheTiers, Change, Journal, JournalOptions};
 pub use manifest::Gap;
 pub use mark::Mark;
-pub use memory_cache::{Admission, MemoryCacheStats};
+pub use memory_cache::{return_freed_buffers_to_the_system, Admission, MemoryCacheStats};
 pub use point::{History, Point, Seq, Timestamp};
 pub use production::{BlockDevice, FileDevice};
 pub use record::RecordKind;

@@ -138,6 +138,25 @@ impl MemoryCache {
     }
 }
 
+/// Makes the C allocator give freed record buffers back to the system.
+///
+/// Records are large buffers allocated by appending threads and freed by the
+/// writer's threads at a high rate. glibc's dynamic mmap threshold then
+/// rises to their size, after which they are carved from per-thread arenas
+/// that keep freed space: under a sustained overload the process's resident
+/// memory exceeded the memory cache's bound by tens of MiB. Fixing the
+/// threshold at 128 KiB keeps every record buffer in its own mapping,
+/// returned on free. Binaries call this once, first thing; it is process
+/// wide, which is why the library does not do it on its own.
+pub fn return_freed_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before
+    // any thread of ours allocates records, and any value is valid for it.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

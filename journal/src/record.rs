@@ -29,6 +29,11 @@ const FLAG_LZ4: u8 = 1;
 /// coarse: the write says how the range ended up, not how it got there.
 const FLAG_RESYNC: u8 = 2;
 
+thread_local! {
+    /// Per-thread lz4 output buffer; see [`PreparedRecord::new`].
+    static COMPRESS_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// What a record does to its volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -147,12 +152,21 @@ impl PreparedRecord {
         let (stored, compressed) = if payload.is_empty() {
             (Vec::new(), false)
         } else {
-            let packed = lz4_flex::block::compress(payload);
-            if packed.len() < payload.len() {
-                (packed, true)
-            } else {
-                (payload.to_vec(), false)
-            }
+            // Compress into a scratch buffer kept per thread, then keep an
+            // exact-size copy of whichever is smaller: the record's memory
+            // is then what the memory cache charges for it, and no
+            // worst-case-sized buffer is allocated and freed per write.
+            COMPRESS_SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let bound = lz4_flex::block::get_maximum_output_size(payload.len());
+                if scratch.len() < bound {
+                    scratch.resize(bound, 0);
+                }
+                match lz4_flex::block::compress_into(payload, &mut scratch[..]) {
+                    Ok(n) if n < payload.len() => (scratch[..n].to_vec(), true),
+                    _ => (payload.to_vec(), false),
+                }
+            })
         };
         let payload_crc = crc32c::crc32c(&stored);
         PreparedRecord {

@@ -73,6 +73,9 @@ pub struct RecoveryReport {
     pub removed_segments: Vec<PathBuf>,
     /// An interrupted retention fold that was finished, and its horizon.
     pub finished_fold: Option<Seq>,
+    /// Records found in the file cache that the journal lacked; they are
+    /// journalled before anything new.
+    pub replayed_from_file_cache: u64,
 }
 
 /// The outcome of scanning every segment.

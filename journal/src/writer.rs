@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 
 use crate::appender::{BatchWrite, BufferPool, SegmentAppender};
 use crate::error::{Error, Result};
+use crate::file_cache::{FileCache, FileEntry};
 use crate::index::SegmentEntry;
 use crate::journal::Shared;
 use crate::memory_cache::CacheCharge;
@@ -41,12 +42,13 @@ pub enum Submission {
         seq: Seq,
         /// Its timestamp.
         time: Timestamp,
-        /// The prepared record.
-        record: PreparedRecord,
-        /// Answered once the record is durable and indexed (or failed).
-        reply: oneshot::Sender<Result<()>>,
+        /// The record, in memory or in the file cache.
+        record: Payload,
+        /// Answered once the record is durable and indexed (or failed);
+        /// none for records acknowledged from the file cache.
+        reply: Option<oneshot::Sender<Result<()>>>,
         /// The record's room in the memory cache, held until it is durable.
-        charge: CacheCharge,
+        charge: Option<CacheCharge>,
     },
     /// A barrier: answered once everything submitted before it is durable,
     /// with the newest durable seq.
@@ -54,6 +56,81 @@ pub enum Submission {
         /// Where the answer goes.
         reply: oneshot::Sender<Result<Seq>>,
     },
+}
+
+/// Where a record waits for the journal.
+#[derive(Debug)]
+pub enum Payload {
+    /// In memory (the memory cache).
+    Memory(PreparedRecord),
+    /// Encoded in the file cache.
+    File {
+        /// Where.
+        entry: FileEntry,
+        /// Its header, for the index.
+        header: RecordHeader,
+    },
+}
+
+impl Payload {
+    /// Bytes the record occupies in a segment.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Payload::Memory(record) => record.encoded_len(),
+            Payload::File { entry, .. } => entry.len as usize,
+        }
+    }
+
+    /// Encodes the record (stamped with `seq` and `time`) into `out`.
+    fn encode_to(
+        &self,
+        seq: Seq,
+        time: Timestamp,
+        out: &mut [u8],
+        file_cache: Option<&FileCache>,
+    ) -> Result<usize> {
+        match self {
+            Payload::Memory(record) => Ok(record.encode_to(seq, time, out)),
+            Payload::File { entry, .. } => {
+                let cache = file_cache.ok_or_else(|| {
+                    Error::Invalid("a record waits in a file cache that is not open".into())
+                })?;
+                cache.read(entry, out);
+                Ok(entry.len as usize)
+            }
+        }
+    }
+
+    /// The record's header as the index needs it.
+    fn header(&self, seq: Seq, time: Timestamp) -> RecordHeader {
+        match self {
+            Payload::Memory(record) => RecordHeader {
+                kind: record.kind,
+                compressed: record.compressed,
+                resync: record.resync,
+                volume: record.volume,
+                stored_len: record.stored.len() as u32,
+                seq,
+                timestamp: time,
+                offset: record.offset,
+                length: record.length,
+                crc: 0,
+            },
+            Payload::File { header, .. } => *header,
+        }
+    }
+
+    /// The body of a mark record (marks always wait in memory, uncompressed).
+    fn mark_body(&self) -> Option<Vec<u8>> {
+        match self {
+            Payload::Memory(record)
+                if record.kind == crate::record::RecordKind::Mark && !record.compressed =>
+            {
+                Some(record.stored.clone())
+            }
+            _ => None,
+        }
+    }
 }
 
 /// What an append resolves to once durable.
@@ -71,8 +148,17 @@ pub struct Appended {
 pub struct AppendHandle {
     seq: Seq,
     time: Timestamp,
-    reply: oneshot::Receiver<Result<()>>,
+    durability: Durability,
     closed: std::path::PathBuf,
+}
+
+/// What an append handle waits for.
+#[derive(Debug)]
+enum Durability {
+    /// The journal's answer once the record is durable in it.
+    Journal(oneshot::Receiver<Result<()>>),
+    /// A flush of the file cache through this write.
+    FileCache(Arc<FileCache>, u64),
 }
 
 impl AppendHandle {
@@ -85,7 +171,24 @@ impl AppendHandle {
         AppendHandle {
             seq,
             time,
-            reply,
+            durability: Durability::Journal(reply),
+            closed: dir,
+        }
+    }
+
+    /// A handle for a record written to the file cache: durable once the
+    /// cache is flushed through `write_no`.
+    pub(crate) fn in_file_cache(
+        seq: Seq,
+        time: Timestamp,
+        cache: Arc<FileCache>,
+        write_no: u64,
+        dir: std::path::PathBuf,
+    ) -> Self {
+        AppendHandle {
+            seq,
+            time,
+            durability: Durability::FileCache(cache, write_no),
             closed: dir,
         }
     }
@@ -100,32 +203,46 @@ impl AppendHandle {
         self.time
     }
 
-    /// Blocks until the record is durable.
+    fn appended(&self) -> Appended {
+        Appended {
+            seq: self.seq,
+            time: self.time,
+        }
+    }
+
+    /// Blocks until the record is durable (in the journal, or in the file
+    /// cache, from which it reaches the journal even across a crash).
     pub fn wait(self) -> Result<Appended> {
-        match self.reply.recv() {
-            Ok(Ok(())) => Ok(Appended {
-                seq: self.seq,
-                time: self.time,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::Closed(self.closed)),
+        let appended = self.appended();
+        match self.durability {
+            Durability::FileCache(cache, write_no) => {
+                cache.sync_through(write_no).map(|()| appended)
+            }
+            Durability::Journal(reply) => match reply.recv() {
+                Ok(Ok(())) => Ok(appended),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(Error::Closed(self.closed)),
+            },
         }
     }
 
     /// Blocks until the record is durable, or `timeout` has passed
     /// ([`Error::NotDurable`]; the record may still become durable later).
     pub fn wait_timeout(self, timeout: std::time::Duration) -> Result<Appended> {
-        match self.reply.recv_timeout(timeout) {
-            Ok(Ok(())) => Ok(Appended {
-                seq: self.seq,
-                time: self.time,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(oneshot::RecvTimeoutError::Timeout) => Err(Error::NotDurable {
-                seq: self.seq,
-                waited: timeout,
-            }),
-            Err(oneshot::RecvTimeoutError::Disconnected) => Err(Error::Closed(self.closed)),
+        let appended = self.appended();
+        match self.durability {
+            Durability::FileCache(cache, write_no) => {
+                cache.sync_through(write_no).map(|()| appended)
+            }
+            Durability::Journal(reply) => match reply.recv_timeout(timeout) {
+                Ok(Ok(())) => Ok(appended),
+                Ok(Err(e)) => Err(e),
+                Err(oneshot::RecvTimeoutError::Timeout) => Err(Error::NotDurable {
+                    seq: self.seq,
+                    waited: timeout,
+                }),
+                Err(oneshot::RecvTimeoutError::Disconnected) => Err(Error::Closed(self.closed)),
+            },
         }
     }
 }
@@ -134,12 +251,19 @@ impl Future for AppendHandle {
     type Output = Result<Appended>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (seq, time) = (self.seq, self.time);
-        match Pin::new(&mut self.reply).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Ok(()))) => Poll::Ready(Ok(Appended { seq, time })),
-            Poll::Ready(Ok(Err(e))) => Poll::Ready(Err(e)),
-            Poll::Ready(Err(_)) => Poll::Ready(Err(Error::Closed(self.closed.clone()))),
+        let appended = self.appended();
+        let closed = self.closed.clone();
+        match &mut self.durability {
+            // A flush of a few pages: done in place rather than on a thread.
+            Durability::FileCache(cache, write_no) => {
+                Poll::Ready(cache.sync_through(*write_no).map(|()| appended))
+            }
+            Durability::Journal(reply) => match Pin::new(reply).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(Ok(()))) => Poll::Ready(Ok(appended)),
+                Poll::Ready(Ok(Err(e))) => Poll::Ready(Err(e)),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(Error::Closed(closed))),
+            },
         }
     }
 }
@@ -175,9 +299,9 @@ impl ActiveSegment {
 struct Pending {
     seq: Seq,
     time: Timestamp,
-    record: PreparedRecord,
-    reply: oneshot::Sender<Result<()>>,
-    charge: CacheCharge,
+    record: Payload,
+    reply: Option<oneshot::Sender<Result<()>>>,
+    charge: Option<CacheCharge>,
 }
 
 /// A record of a written batch, as the sync stage indexes it.
@@ -199,6 +323,9 @@ struct WrittenBatch {
     replies: Vec<oneshot::Sender<Result<()>>>,
     /// The batch's room in the memory cache, given back when it is done.
     charge: Option<CacheCharge>,
+    /// The newest seq of a record taken from the file cache, whose space is
+    /// given back once the batch is durable.
+    file_release: Option<Seq>,
 }
 
 impl WrittenBatch {
@@ -369,8 +496,8 @@ impl Writer {
     /// its appenders at once.
     fn encode(&mut self, batch: Vec<Pending>, to_io: &Sender<ToIo>) {
         if let Some(e) = self.shared.poisoned() {
-            for p in batch {
-                let _ = p.reply.send(Err(self.shared.poison_error(&e)));
+            for reply in batch.into_iter().filter_map(|p| p.reply) {
+                let _ = reply.send(Err(self.shared.poison_error(&e)));
             }
             return;
         }
@@ -379,10 +506,14 @@ impl Writer {
         match self.encode_batch(&batch) {
             Ok((write, mut written)) => {
                 for p in batch {
-                    written.replies.push(p.reply);
-                    match written.charge.as_mut() {
-                        Some(charge) => charge.absorb(p.charge),
-                        None => written.charge = Some(p.charge),
+                    if matches!(p.record, Payload::File { .. }) {
+                        written.file_release = Some(p.seq);
+                    }
+                    written.replies.extend(p.reply);
+                    match (written.charge.as_mut(), p.charge) {
+                        (Some(charge), Some(more)) => charge.absorb(more),
+                        (None, more) => written.charge = more,
+                        (Some(_), None) => {}
                     }
                 }
                 // The IO stage only goes away once this stage is done.
@@ -390,8 +521,20 @@ impl Writer {
             }
             Err(e) => {
                 let reason = e.to_string();
-                for p in batch {
-                    let _ = p.reply.send(Err(Error::AppendFailed {
+                if batch
+                    .iter()
+                    .any(|p| matches!(p.record, Payload::File { .. }))
+                {
+                    // Records acknowledged from the file cache must reach the
+                    // journal before any later record does, or the start-up
+                    // replay would take them for journalled: stop here, and
+                    // let a reopen journal them from the file cache.
+                    self.shared.poison(format!(
+                        "a batch holding file-cache records failed: {reason}"
+                    ));
+                }
+                for reply in batch.into_iter().filter_map(|p| p.reply) {
+                    let _ = reply.send(Err(Error::AppendFailed {
                         path: replies_path.clone(),
                         offset: at,
                         reason: reason.clone(),
@@ -430,7 +573,12 @@ impl Writer {
         let mut pos = BATCH_HEADER_LEN;
         for p in batch {
             offsets.push(pos as u64);
-            pos += p.record.encode_to(p.seq, p.time, &mut buf[pos..]);
+            pos += p.record.encode_to(
+                p.seq,
+                p.time,
+                &mut buf[pos..],
+                self.shared.file_cache.as_deref(),
+            )?;
         }
         let write = self.active.appender.finish(len)?;
         let end = self.active.appender.write_offset();
@@ -438,21 +586,8 @@ impl Writer {
         let segment_id = self.active.segment.id();
         let mut records = Vec::with_capacity(batch.len());
         for (p, offset) in batch.iter().zip(offsets) {
-            let header = RecordHeader {
-                kind: p.record.kind,
-                compressed: p.record.compressed,
-                resync: p.record.resync,
-                volume: p.record.volume,
-                stored_len: p.record.stored.len() as u32,
-                seq: p.seq,
-                timestamp: p.time,
-                offset: p.record.offset,
-                length: p.record.length,
-                crc: 0,
-            };
-            let mark_body = (p.record.kind == crate::record::RecordKind::Mark
-                && !p.record.compressed)
-                .then(|| p.record.stored.clone());
+            let header = p.record.header(p.seq, p.time);
+            let mark_body = p.record.mark_body();
             records.push(Written {
                 header,
                 offset: at + offset,
@@ -481,6 +616,7 @@ impl Writer {
             entry: *entry,
             replies: Vec::with_capacity(batch.len()),
             charge: None,
+            file_release: None,
         };
         Ok((write, written))
     }
@@ -648,6 +784,11 @@ fn sync_stage(shared: &Shared, from_io: &Receiver<ToSync>, synced_to: &Mutex<(u6
                         continue;
                     }
                     index_batch(shared, batch.segment, &batch.records, &batch.entry);
+                    if let (Some(seq), Some(cache)) =
+                        (batch.file_release, shared.file_cache.as_deref())
+                    {
+                        cache.release_through(seq);
+                    }
                     *synced_to.lock() = (batch.segment, batch.end);
                     for reply in batch.replies {
                         let _ = reply.send(Ok(()));

@@ -15,6 +15,7 @@ use tidemark_bench::{open_journal, payload, Content};
 use tidemark_journal::Change;
 
 fn main() {
+    tidemark_journal::return_freed_buffers_to_the_system();
     if let Err(e) = run() {
         eprintln!("journal-append: {e}");
         std::process::exit(1);

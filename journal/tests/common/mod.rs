@@ -140,6 +140,10 @@ pub fn small_options(clock: Arc<ManualClock>, recovery: RecoveryMode) -> Journal
         direct_io: !BUFFERED_IO.with(|b| b.get()),
         memory_cache_bytes: 256 << 10,
         io_hooks: Arc::new(tidemark_journal::io_hooks::RealIo),
+        cache_tiers: tidemark_journal::CacheTiers::Memory,
+        file_cache_bytes: 4 << 20,
+        spill_above: 0.75,
+        return_below: 0.25,
         clock,
     }
 }

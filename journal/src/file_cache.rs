@@ -1,0 +1,556 @@
+//! The file cache: a memory-mapped ring file between capture and the
+//! journal, larger and slower than the memory cache, that survives a crash.
+//!
+//! Records spill here when the memory cache passes its high-water mark (or
+//! always, with the file tier alone). Each entry is a record exactly as a
+//! segment holds it, behind a small frame, written in seq order. Entries
+//! are made durable with `msync`, group-committed: one flush covers every
+//! entry written before it. A record in the file cache counts as durable —
+//! a sync write may be acknowledged — because on start-up every entry the
+//! journal lacks is journalled before anything new. Space is given back
+//! once the journal holds an entry durably.
+//!
+//! Format (little-endian), header in the first 4 KiB:
+//! `{ [u8;8] magic "TDMKFCAC" | u32 version | u32 header_len (4096) |
+//!    u64 capacity | u64 group_id | u64 tail | u64 tail_seq |
+//!    [u8;12] reserved | u32 crc32c(bytes 0..60) }`;
+//! then the ring of `capacity` bytes. Entry at ring offset `p`:
+//! `{ u32 magic "TDFC" | u32 len | u64 seq | u32 crc32c(record) |
+//!    u32 crc32c(bytes 0..20) }` then `len` bytes of record; the next entry
+//! starts at `p + 24 + len` rounded up to 8. Where an entry does not fit
+//! before the end of the ring, a wrap marker (magic "TDFW") or the end
+//! itself sends it to offset 0.
+
+use std::collections::VecDeque;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use memmap2::MmapRaw;
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::point::Seq;
+use crate::record::{decode_record, le_u32, le_u64, RecordHeader};
+
+/// The first bytes of a file cache.
+pub const FILE_CACHE_MAGIC: [u8; 8] = *b"TDMKFCAC";
+
+/// The file-cache format this build reads and writes.
+pub const FILE_CACHE_VERSION: u32 = 1;
+
+const HEADER_LEN: u64 = 4096;
+const ENTRY_HEADER: usize = 24;
+const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"TDFC");
+const WRAP_MAGIC: u32 = u32::from_le_bytes(*b"TDFW");
+
+fn align8(n: u64) -> u64 {
+    n.div_ceil(8) * 8
+}
+
+/// Where an entry lies in the ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Ring offset of the record bytes (after the entry frame).
+    pub record_at: u64,
+    /// Bytes of record.
+    pub len: u32,
+    /// Ring offset just past the entry (where the next one may go).
+    pub end: u64,
+    /// The record's seq.
+    pub seq: Seq,
+    /// Number of the write that made it, for [`FileCache::sync_through`].
+    pub write_no: u64,
+}
+
+struct Ring {
+    /// Ring offset where the next entry goes.
+    head: u64,
+    /// Ring offset of the oldest entry not yet journalled.
+    tail: u64,
+    /// Bytes from tail to head, wrap waste included.
+    used: u64,
+    /// Entries not yet journalled, oldest first: (seq, start, end).
+    live: VecDeque<(Seq, u64, u64)>,
+    /// Writes made so far.
+    writes: u64,
+    /// Ranges written since the last flush (ring offsets).
+    unsynced: Vec<(u64, u64)>,
+    /// The header changed since the last flush.
+    header_dirty: bool,
+    /// The newest seq released (journalled).
+    released_seq: Seq,
+}
+
+/// Counters of the file cache, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileCacheStats {
+    /// Bytes of the ring in use.
+    pub used_bytes: u64,
+    /// The ring's size.
+    pub capacity_bytes: u64,
+    /// Entries waiting to be journalled.
+    pub entries: u64,
+    /// Flushes (msync) made.
+    pub flushes: u64,
+}
+
+/// The file cache of one journal.
+pub struct FileCache {
+    path: PathBuf,
+    map: MmapRaw,
+    capacity: u64,
+    group_id: u64,
+    ring: Mutex<Ring>,
+    /// Signalled when space is given back.
+    freed: Condvar,
+    /// Writes known durable; flushes are made under this lock.
+    synced: Mutex<u64>,
+    flushes: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for FileCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileCache")
+            .field("path", &self.path)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+/// An entry found in the file cache at start-up, not yet in the journal.
+#[derive(Clone, Copy, Debug)]
+pub struct Pending {
+    /// Where it is.
+    pub entry: FileEntry,
+    /// Its record's header.
+    pub header: RecordHeader,
+}
+
+impl FileCache {
+    /// Opens (or creates) the file cache at `path` with a ring of
+    /// `capacity` bytes for group `group_id`, and returns the entries whose
+    /// seq is above `journalled` (the journal's newest durable seq): they
+    /// must be journalled before anything new. A cache of another size or
+    /// group, or with a damaged header, is reported as corruption: it may
+    /// hold acknowledged writes, so it is never discarded silently.
+    pub fn open(
+        path: &Path,
+        capacity: u64,
+        group_id: u64,
+        journalled: Seq,
+    ) -> Result<(Self, Vec<Pending>)> {
+        if capacity < 1 << 20 || capacity % 4096 != 0 {
+            return Err(Error::Invalid(format!(
+                "file cache size {capacity} must be at least 1 MiB and a multiple of 4096"
+            )));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io("open file cache", path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat file cache", path, e))?
+            .len();
+        let fresh = len == 0;
+        if fresh {
+            file.set_len(HEADER_LEN + capacity)
+                .map_err(|e| Error::io("size file cache", path, e))?;
+        } else if len != HEADER_LEN + capacity {
+            return Err(Error::corruption(
+                path,
+                0,
+                format!(
+                    "file cache is {len} bytes, configured for {} ({}-byte ring); it may hold acknowledged writes: \
+                     journal them with the old size, or remove the file deliberately",
+                    HEADER_LEN + capacity,
+                    capacity
+                ),
+            ));
+        }
+        let map = MmapRaw::map_raw(&file).map_err(|e| Error::io("map file cache", path, e))?;
+        let cache = FileCache {
+            path: path.to_path_buf(),
+            map,
+            capacity,
+            group_id,
+            ring: Mutex::new(Ring {
+                head: 0,
+                tail: 0,
+                used: 0,
+                live: VecDeque::new(),
+                writes: 0,
+                unsynced: Vec::new(),
+                header_dirty: true,
+                released_seq: journalled,
+            }),
+            freed: Condvar::new(),
+            synced: Mutex::new(0),
+            flushes: std::sync::atomic::AtomicU64::new(0),
+        };
+        let pending = if fresh {
+            Vec::new()
+        } else {
+            cache.recover(journalled)?
+        };
+        cache.write_header();
+        cache.flush_all()?;
+        Ok((cache, pending))
+    }
+
+    fn bytes(&self, at: u64, len: usize) -> &[u8] {
+        // SAFETY: the map is `HEADER_LEN + capacity` bytes and every caller
+        // passes a range inside it. Ring ranges are written only while
+        // reserved to one writer and read only after they were written
+        // (entries) or under the ring lock (header), so no read overlaps a
+        // write.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(at as usize), len) }
+    }
+
+    fn write_bytes(&self, at: u64, data: &[u8]) {
+        // SAFETY: as in `bytes`: the range is inside the map and reserved
+        // to this writer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.map.as_mut_ptr().add(at as usize),
+                data.len(),
+            );
+        }
+    }
+
+    fn header(&self) -> [u8; 64] {
+        let ring = self.ring.lock();
+        let mut out = [0u8; 64];
+        out[0..8].copy_from_slice(&FILE_CACHE_MAGIC);
+        out[8..12].copy_from_slice(&FILE_CACHE_VERSION.to_le_bytes());
+        out[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+        out[16..24].copy_from_slice(&self.capacity.to_le_bytes());
+        out[24..32].copy_from_slice(&self.group_id.to_le_bytes());
+        out[32..40].copy_from_slice(&ring.tail.to_le_bytes());
+        out[40..48].copy_from_slice(&ring.released_seq.to_le_bytes());
+        let crc = crc32c::crc32c(&out[0..60]);
+        out[60..64].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    fn write_header(&self) {
+        let header = self.header();
+        self.write_bytes(0, &header);
+    }
+
+    /// Finds the entries after the persisted tail, rebuilding the ring.
+    fn recover(&self, journalled: Seq) -> Result<Vec<Pending>> {
+        let header = self.bytes(0, 64).to_vec();
+        if header[0..8] != FILE_CACHE_MAGIC || crc32c::crc32c(&header[0..60]) != le_u32(&header, 60)
+        {
+            return Err(Error::corruption(
+                &self.path,
+                0,
+                "file cache header is damaged (bad magic or CRC)",
+            ));
+        }
+        let version = le_u32(&header, 8);
+        if version != FILE_CACHE_VERSION {
+            return Err(Error::corruption(
+                &self.path,
+                8,
+                format!(
+                    "file cache version {version}; this build reads version {FILE_CACHE_VERSION}"
+                ),
+            ));
+        }
+        if le_u64(&header, 24) != self.group_id {
+            return Err(Error::corruption(
+                &self.path,
+                24,
+                "file cache belongs to another consistency group",
+            ));
+        }
+        let tail = le_u64(&header, 32) % self.capacity;
+        let mut at = tail;
+        let mut walked = 0u64;
+        let mut prev = 0;
+        let mut pending = Vec::new();
+        let mut live = VecDeque::new();
+        let mut writes = 0;
+        while walked < self.capacity {
+            if self.capacity - at < ENTRY_HEADER as u64 {
+                walked += self.capacity - at;
+                at = 0;
+                continue;
+            }
+            let frame = self.bytes(HEADER_LEN + at, ENTRY_HEADER);
+            let magic = le_u32(frame, 0);
+            if magic == WRAP_MAGIC && crc32c::crc32c(&frame[0..20]) == le_u32(frame, 20) {
+                walked += self.capacity - at;
+                at = 0;
+                continue;
+            }
+            if magic != ENTRY_MAGIC || crc32c::crc32c(&frame[0..20]) != le_u32(frame, 20) {
+                break;
+            }
+            let len = le_u32(frame, 4) as u64;
+            let seq = le_u64(frame, 8);
+            let record_at = at + ENTRY_HEADER as u64;
+            if seq <= prev || record_at + len > self.capacity {
+                break;
+            }
+            let record = self.bytes(HEADER_LEN + record_at, len as usize);
+            if crc32c::crc32c(record) != le_u32(frame, 16) {
+                break;
+            }
+            let Ok((header, _)) = decode_record(record, &self.path, HEADER_LEN + record_at) else {
+                break;
+            };
+            if header.seq != seq || header.encoded_len() as u64 != len {
+                break;
+            }
+            let end = align8(record_at + len);
+            writes += 1;
+            let entry = FileEntry {
+                record_at,
+                len: len as u32,
+                end,
+                seq,
+                write_no: writes,
+            };
+            if seq > journalled {
+                live.push_back((seq, at, end));
+                pending.push(Pending { entry, header });
+            }
+            walked += end - at;
+            prev = seq;
+            at = end % self.capacity;
+        }
+        let mut ring = self.ring.lock();
+        ring.head = at;
+        ring.tail = live.front().map_or(at, |&(_, start, _)| start);
+        ring.used = if live.is_empty() {
+            0
+        } else {
+            (ring.head + self.capacity - ring.tail) % self.capacity
+        };
+        ring.live = live;
+        ring.writes = writes;
+        *self.synced.lock() = writes;
+        Ok(pending)
+    }
+
+    /// Waits, until `deadline` (`None`: no waiting), for `len` bytes of
+    /// record to fit. True if they fit now.
+    pub fn wait_for_room(&self, len: usize, deadline: Option<Instant>) -> bool {
+        let need = align8(ENTRY_HEADER as u64 + len as u64) * 2;
+        let mut ring = self.ring.lock();
+        loop {
+            if ring.used + need <= self.capacity {
+                return true;
+            }
+            match deadline {
+                None => return false,
+                Some(at) => {
+                    if self.freed.wait_until(&mut ring, at).timed_out() {
+                        return ring.used + need <= self.capacity;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes an entry of `len` record bytes for `seq`, filled in by
+    /// `encode`; `None` if the ring has no room. Entries must be written in
+    /// seq order.
+    pub fn append(
+        &self,
+        seq: Seq,
+        len: usize,
+        encode: impl FnOnce(&mut [u8]),
+    ) -> Option<FileEntry> {
+        let mut ring = self.ring.lock();
+        let size = align8(ENTRY_HEADER as u64 + len as u64);
+        let mut start = ring.head;
+        let mut waste = 0;
+        if self.capacity - start < size {
+            waste = self.capacity - start;
+            start = 0;
+        }
+        if ring.used + waste + size > self.capacity {
+            return None;
+        }
+        if waste >= ENTRY_HEADER as u64 {
+            let mut wrap = [0u8; ENTRY_HEADER];
+            wrap[0..4].copy_from_slice(&WRAP_MAGIC.to_le_bytes());
+            let crc = crc32c::crc32c(&wrap[0..20]);
+            wrap[20..24].copy_from_slice(&crc.to_le_bytes());
+            let at = ring.head;
+            self.write_bytes(HEADER_LEN + at, &wrap);
+            ring.unsynced.push((at, at + ENTRY_HEADER as u64));
+        }
+        let record_at = start + ENTRY_HEADER as u64;
+        let mut record = vec![0u8; len];
+        encode(&mut record);
+        let mut frame = [0u8; ENTRY_HEADER];
+        frame[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
+        frame[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+        frame[8..16].copy_from_slice(&seq.to_le_bytes());
+        frame[16..20].copy_from_slice(&crc32c::crc32c(&record).to_le_bytes());
+        let crc = crc32c::crc32c(&frame[0..20]);
+        frame[20..24].copy_from_slice(&crc.to_le_bytes());
+        self.write_bytes(HEADER_LEN + start, &frame);
+        self.write_bytes(HEADER_LEN + record_at, &record);
+        let end = start + size;
+        // A stale entry right after this one must not look like its
+        // successor after a crash: clear the next frame's magic.
+        if self.capacity - end >= ENTRY_HEADER as u64 {
+            self.write_bytes(HEADER_LEN + end, &[0u8; 4]);
+        }
+        ring.unsynced.push((start, (end + 4).min(self.capacity)));
+        ring.used += waste + size;
+        ring.head = end % self.capacity;
+        ring.writes += 1;
+        ring.live.push_back((seq, start, end));
+        // The entry's whole pages need not stay mapped: the page cache
+        // holds them (and a flush writes them) until the journal reads them.
+        self.drop_pages(start, end);
+        Some(FileEntry {
+            record_at,
+            len: len as u32,
+            end,
+            seq,
+            write_no: ring.writes,
+        })
+    }
+
+    /// Makes every entry up to write `write_no` durable, with one flush for
+    /// all writers waiting at the same time.
+    pub fn sync_through(&self, write_no: u64) -> Result<()> {
+        let mut synced = self.synced.lock();
+        if *synced >= write_no {
+            return Ok(());
+        }
+        let (ranges, writes, header) = {
+            let mut ring = self.ring.lock();
+            let header = std::mem::take(&mut ring.header_dirty);
+            (std::mem::take(&mut ring.unsynced), ring.writes, header)
+        };
+        if header {
+            self.write_header();
+        }
+        let flushed = ranges
+            .iter()
+            .try_for_each(|&(a, b)| {
+                self.map
+                    .flush_range((HEADER_LEN + a) as usize, (b - a) as usize)
+            })
+            .and_then(|()| {
+                if header {
+                    self.map.flush_range(0, 64)
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = flushed {
+            // Put the ranges back: a later flush must still cover them.
+            self.ring.lock().unsynced.extend(ranges);
+            return Err(Error::io("flush file cache", &self.path, e));
+        }
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *synced = writes;
+        Ok(())
+    }
+
+    fn flush_all(&self) -> Result<()> {
+        self.map
+            .flush()
+            .map_err(|e| Error::io("flush file cache", &self.path, e))
+    }
+
+    /// Copies the record of `entry` into `out`.
+    pub fn read(&self, entry: &FileEntry, out: &mut [u8]) {
+        out[..entry.len as usize]
+            .copy_from_slice(self.bytes(HEADER_LEN + entry.record_at, entry.len as usize));
+    }
+
+    /// Gives back the space of every entry with seq up to `seq`, now durable
+    /// in the journal.
+    pub fn release_through(&self, seq: Seq) {
+        let mut ring = self.ring.lock();
+        let old_tail = ring.tail;
+        while let Some(&(s, _, end)) = ring.live.front() {
+            if s > seq {
+                break;
+            }
+            ring.live.pop_front();
+            ring.tail = end % self.capacity;
+        }
+        if ring.live.is_empty() {
+            ring.tail = ring.head;
+            ring.used = 0;
+        } else {
+            ring.used = (ring.head + self.capacity - ring.tail) % self.capacity;
+            if ring.used == 0 {
+                ring.used = self.capacity;
+            }
+        }
+        ring.released_seq = ring.released_seq.max(seq);
+        ring.header_dirty = true;
+        let new_tail = ring.tail;
+        drop(ring);
+        self.freed.notify_all();
+        self.drop_pages(old_tail, new_tail);
+    }
+
+    /// Takes the whole pages of ring range `from..to` (wrapping) out of this
+    /// process's resident set; the page cache keeps (and writes back) their
+    /// contents. Without this a busy file cache would count gigabytes of
+    /// page cache as the daemon's resident memory.
+    fn drop_pages(&self, from: u64, to: u64) {
+        let ranges = if from <= to {
+            [(from, to), (0, 0)]
+        } else {
+            [(from, self.capacity), (0, to)]
+        };
+        for (a, b) in ranges {
+            let start = (HEADER_LEN + a).div_ceil(4096) * 4096;
+            let end = (HEADER_LEN + b) / 4096 * 4096;
+            if end > start {
+                // SAFETY: no reference into the range is held: entries are
+                // copied in and out under their reservation. On a shared
+                // file mapping MADV_DONTNEED only unmaps pages; their
+                // contents, written back or not, stay in the page cache and
+                // are mapped again on the next access.
+                let dropped = unsafe {
+                    self.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start as usize,
+                        (end - start) as usize,
+                    )
+                };
+                if let Err(e) = dropped {
+                    tracing::debug!(cache = %self.path.display(), error = %e, "could not drop released file-cache pages");
+                }
+            }
+        }
+    }
+
+    /// True when no entry waits to be journalled.
+    pub fn is_empty(&self) -> bool {
+        self.ring.lock().live.is_empty()
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> FileCacheStats {
+        let ring = self.ring.lock();
+        FileCacheStats {
+            used_bytes: ring.used,
+            capacity_bytes: self.capacity,
+            entries: ring.live.len() as u64,
+            flushes: self.flushes.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The two tiers of the monitoring cache: records spill from memory to the
+//! file cache above the high-water mark and come back once it drains, with
+//! contents intact and order preserved; what waits in the file cache
+//! survives a restart and is journalled before anything new.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tidemark_journal::file_cache::FileCache;
+use tidemark_journal::io_hooks::FaultyIo;
+use tidemark_journal::record::{decode_record, PreparedRecord, RecordKind};
+use tidemark_journal::{
+    CacheTiers, Change, Journal, JournalOptions, ManualClock, RecoveryMode, Timestamp,
+};
+
+const START: i64 = 1_800_000_000_000_000_000;
+const EIO: i32 = 5;
+
+fn options(tiers: CacheTiers, faults: &Arc<FaultyIo>, memory: u64) -> JournalOptions {
+    JournalOptions {
+        cache_tiers: tiers,
+        memory_cache_bytes: memory,
+        file_cache_bytes: 2 << 20,
+        spill_above: 0.5,
+        return_below: 0.25,
+        io_hooks: faults.clone(),
+        ..small_options(
+            Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+            RecoveryMode::Strict,
+        )
+    }
+}
+
+#[test]
+fn the_ring_wraps_and_gives_back_exactly_what_the_journal_lacks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ring");
+    let mut rng = rng(7);
+    let (cache, pending) = FileCache::open(&path, 1 << 20, 42, 0).expect("open");
+    assert!(pending.is_empty());
+    let mut live = std::collections::VecDeque::new();
+    for seq in 1..=400u64 {
+        let data = payload(&mut rng, 1000 + (seq as usize * 37) % 9000);
+        let record = PreparedRecord::new(RecordKind::Write, 1, seq * 512, data.len() as u64, &data);
+        let len = record.encoded_len();
+        let entry = loop {
+            match cache.append(seq, len, |buf| {
+                record.encode_to(seq, Timestamp::from_nanos(seq as i64), buf);
+            }) {
+                Some(entry) => break entry,
+                None => {
+                    // Full: the journal takes the oldest half.
+                    let (oldest, _) = live[live.len() / 2];
+                    cache.release_through(oldest);
+                    while live.front().is_some_and(|&(s, _)| s <= oldest) {
+                        live.pop_front();
+                    }
+                }
+            }
+        };
+        cache.sync_through(entry.write_no).expect("flush");
+        live.push_back((seq, data));
+    }
+    assert!(cache.stats().flushes > 0);
+    let journalled = live.front().map_or(0, |&(s, _)| s) + 3;
+    drop(cache);
+
+    let (cache, pending) = FileCache::open(&path, 1 << 20, 42, journalled).expect("reopen");
+    let expected: Vec<_> = live.iter().filter(|(s, _)| *s > journalled).collect();
+    assert_eq!(pending.len(), expected.len(), "entries the journal lacks");
+    for (p, (seq, data)) in pending.iter().zip(expected) {
+        assert_eq!(p.header.seq, *seq);
+        let mut bytes = vec![0u8; p.entry.len as usize];
+        cache.read(&p.entry, &mut bytes);
+        let (header, stored) = decode_record(&bytes, &path, 0).expect("decodes");
+        let back =
+            tidemark_journal::record::payload_bytes(&header, stored, &path, 0).expect("payload");
+        assert_eq!(&back, data, "entry seq {seq} came back changed");
+    }
+    drop(cache);
+    assert!(
+        FileCache::open(&path, 2 << 20, 42, 0).is_err(),
+        "a cache of another size is refused"
+    );
+    assert!(
+        FileCache::open(&path, 1 << 20, 43, 0).is_err(),
+        "a cache of another group is refused"
+    );
+}
+
+#[test]
+fn both_tiers_spill_to_the_file_cache_and_return_with_order_preserved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let (journal, _) =
+        Journal::open(dir.path(), options(CacheTiers::Both, &faults, 64 << 10)).expect("open");
+    let volume = journal.create_volume("vol", 1 << 20).expect("volume").id;
+    let mut rng = rng(8);
+    let mut model = Model::default();
+    model.sizes.insert(volume, 1 << 20);
+
+    // A slow journal: the memory cache passes its mark and records spill.
+    faults.set_write_delay(Duration::from_millis(60));
+    let mut handles = Vec::new();
+    for _ in 0..60 {
+        // Overlapping writes, so order matters to the result.
+        let offset = 4096 * (rand::Rng::random_range(&mut rng, 0..8u64));
+        let data = payload(&mut rng, 6000);
+        let handle = journal
+            .append(
+                volume,
+                Change::Write {
+                    offset,
+                    data: &data,
+                },
+            )
+            .expect("append");
+        handles.push((handle, offset, data));
+    }
+    let stats = journal.cache_stats();
+    assert!(stats.spilled_records > 0, "nothing spilled: {stats:?}");
+    assert!(stats.spilling && stats.tier_switches >= 1, "{stats:?}");
+    assert!(
+        stats.file.is_some_and(|f| f.entries > 0 || f.flushes > 0),
+        "{stats:?}"
+    );
+
+    faults.set_write_delay(Duration::ZERO);
+    for (handle, offset, data) in handles {
+        let done = handle.wait().expect("durable");
+        model
+            .records
+            .insert(done.seq, (volume, Op::Write { offset, data }, done.time));
+    }
+    journal.sync().expect("sync");
+    assert!(
+        journal.cache_stats().file.is_some_and(|f| f.entries == 0),
+        "the file cache drains"
+    );
+    // The next append finds memory empty and the file cache drained.
+    let data = payload(&mut rng, 3000);
+    let done = journal
+        .append(
+            volume,
+            Change::Write {
+                offset: 100,
+                data: &data,
+            },
+        )
+        .and_then(|h| h.wait())
+        .expect("append");
+    model.records.insert(
+        done.seq,
+        (volume, Op::Write { offset: 100, data }, done.time),
+    );
+    let stats = journal.cache_stats();
+    assert!(!stats.spilling, "did not return to memory: {stats:?}");
+    assert_eq!(stats.tier_switches, 2, "{stats:?}");
+    check_reads(&journal, &model, &mut rng, 20);
+}
+
+#[test]
+fn records_in_the_file_cache_survive_and_are_journalled_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let (journal, _) =
+        Journal::open(dir.path(), options(CacheTiers::File, &faults, 1 << 20)).expect("open");
+    let volume = journal.create_volume("vol", 1 << 20).expect("volume").id;
+    let mut rng = rng(9);
+    let mut model = Model::default();
+    model.sizes.insert(volume, 1 << 20);
+    let write = |journal: &Journal, model: &mut Model, rng: &mut rand::rngs::SmallRng| {
+        let offset = rand::Rng::random_range(rng, 0..200_000u64);
+        let data = payload(rng, 5000);
+        let done = journal
+            .append(
+                volume,
+                Change::Write {
+                    offset,
+                    data: &data,
+                },
+            )
+            .and_then(|h| h.wait())
+            .expect("acknowledged from the file cache");
+        model
+            .records
+            .insert(done.seq, (volume, Op::Write { offset, data }, done.time));
+    };
+    for _ in 0..5 {
+        write(&journal, &mut model, &mut rng);
+    }
+    journal.sync().expect("sync");
+    // The journal's disk breaks: records are still acknowledged, from the
+    // file cache, though the journal cannot take them.
+    faults.fail_writes(EIO);
+    for _ in 0..20 {
+        write(&journal, &mut model, &mut rng);
+    }
+    assert!(journal.sync().is_err(), "the journal is broken");
+    journal.close().expect("close");
+
+    faults.fail_writes(0);
+    let (journal, report) =
+        Journal::open(dir.path(), options(CacheTiers::File, &faults, 1 << 20)).expect("reopen");
+    assert_eq!(report.replayed_from_file_cache, 20, "{report:?}");
+    journal.sync().expect("sync");
+    assert_eq!(journal.history().newest_seq, model.newest());
+    check_reads(&journal, &model, &mut rng, 20);
+    // New records follow the replayed ones.
+    write(&journal, &mut model, &mut rng);
+    assert_eq!(journal.history().newest_seq, model.newest());
+    journal.close().expect("close");
+
+    // Opened with the memory tier alone, a drained file cache goes away.
+    let (journal, report) =
+        Journal::open(dir.path(), options(CacheTiers::Memory, &faults, 1 << 20)).expect("reopen");
+    assert_eq!(report.replayed_from_file_cache, 0);
+    assert!(journal.cache_stats().file.is_none());
+    assert!(!dir.path().join("cache").join("file-cache.ring").exists());
+    check_reads(&journal, &model, &mut rng, 10);
+}
