@@ -1,29 +1,43 @@
 //! Criterion benches of the write path: latency and throughput of writes
 //! acknowledged in sync and async mode (and adaptive, which starts sync),
-//! at queue depth 1 and 16, for 4 KiB and 1 MiB writes, against a
-//! production volume in a file on the same disk as the journal.
+//! at queue depth 1 and 16, for 4 KiB and 1 MiB writes, with the memory,
+//! file and both tiers of the monitoring cache, against a production
+//! volume in a file on the same disk as the journal.
 //!
 //! Run with `cargo bench -p tidemark-bench --profile dev --bench write_path`.
-//! Only the memory tier of the monitoring cache exists so far.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tidemark_bench::{payload, Content};
-use tidemark_journal::{FileDevice, IoMode, Journal, JournalOptions, WritePath, WritePathOptions};
+use tidemark_journal::{
+    CacheTiers, FileDevice, IoMode, Journal, JournalOptions, WritePath, WritePathOptions,
+};
 
 const VOLUME: u64 = 4 << 30;
 
 fn write_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("write_path");
-    group.measurement_time(Duration::from_secs(6));
+    group.measurement_time(Duration::from_secs(5));
     group.sample_size(10);
-    for mode in [IoMode::Sync, IoMode::Async, IoMode::Adaptive] {
+    let cases = [
+        (IoMode::Sync, CacheTiers::Memory),
+        (IoMode::Sync, CacheTiers::File),
+        (IoMode::Sync, CacheTiers::Both),
+        (IoMode::Async, CacheTiers::Memory),
+        (IoMode::Async, CacheTiers::File),
+        (IoMode::Async, CacheTiers::Both),
+        (IoMode::Adaptive, CacheTiers::Both),
+    ];
+    for (mode, tiers) in cases {
         for len in [4usize << 10, 1 << 20] {
             for depth in [1usize, 16] {
                 group.throughput(Throughput::Bytes(len as u64));
-                let id = BenchmarkId::new(mode.to_string(), format!("{}KiB/qd{depth}", len >> 10));
+                let id = BenchmarkId::new(
+                    format!("{mode}/{tiers:?}"),
+                    format!("{}KiB/qd{depth}", len >> 10),
+                );
                 let data = payload(Content::Compressible, len, 3);
                 group.bench_function(id, |b| {
                     b.iter_custom(|iters| {

@@ -12,8 +12,8 @@
 //!
 //! Format (little-endian), header in the first 4 KiB:
 //! `{ [u8;8] magic "TDMKFCAC" | u32 version | u32 header_len (4096) |
-//!    u64 capacity | u64 group_id | u64 tail | u64 tail_seq |
-//!    [u8;12] reserved | u32 crc32c(bytes 0..60) }`;
+//!    u64 capacity | u64 group_id | u64 tail | u64 tail_seq | u64 head |
+//!    u32 reserved | u32 crc32c(bytes 0..60) }`;
 //! then the ring of `capacity` bytes. Entry at ring offset `p`:
 //! `{ u32 magic "TDFC" | u32 len | u64 seq | u32 crc32c(record) |
 //!    u32 crc32c(bytes 0..20) }` then `len` bytes of record; the next entry
@@ -134,11 +134,15 @@ impl FileCache {
     /// must be journalled before anything new. A cache of another size or
     /// group, or with a damaged header, is reported as corruption: it may
     /// hold acknowledged writes, so it is never discarded silently.
+    /// A new cache is allocated in full (where the filesystem can), so a
+    /// full disk shows here, as an error, and never later as a fault on a
+    /// write into the mapping.
     pub fn open(
         path: &Path,
         capacity: u64,
         group_id: u64,
         journalled: Seq,
+        hooks: &dyn crate::io_hooks::IoHooks,
     ) -> Result<(Self, Vec<Pending>)> {
         if capacity < 1 << 20 || capacity % 4096 != 0 {
             return Err(Error::Invalid(format!(
@@ -158,8 +162,25 @@ impl FileCache {
             .len();
         let fresh = len == 0;
         if fresh {
-            file.set_len(HEADER_LEN + capacity)
-                .map_err(|e| Error::io("size file cache", path, e))?;
+            let allocated = hooks.before_cache_create(path).and_then(|()| {
+                match rustix::fs::fallocate(
+                    &file,
+                    rustix::fs::FallocateFlags::empty(),
+                    0,
+                    HEADER_LEN + capacity,
+                ) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e == rustix::io::Errno::NOSPC => Err(e.into()),
+                    // No fallocate here: a sparse file, and a full disk can
+                    // then only be found by writing.
+                    Err(_) => file.set_len(HEADER_LEN + capacity),
+                }
+            });
+            if let Err(e) = allocated {
+                drop(file);
+                let _ = std::fs::remove_file(path);
+                return Err(Error::io("allocate file cache", path, e));
+            }
         } else if len != HEADER_LEN + capacity {
             return Err(Error::corruption(
                 path,
@@ -233,6 +254,7 @@ impl FileCache {
         out[24..32].copy_from_slice(&self.group_id.to_le_bytes());
         out[32..40].copy_from_slice(&ring.tail.to_le_bytes());
         out[40..48].copy_from_slice(&ring.released_seq.to_le_bytes());
+        out[48..56].copy_from_slice(&ring.head.to_le_bytes());
         let crc = crc32c::crc32c(&out[0..60]);
         out[60..64].copy_from_slice(&crc.to_le_bytes());
         out

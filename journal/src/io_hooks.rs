@@ -29,6 +29,11 @@ pub trait IoHooks: Send + Sync + Debug {
     fn before_create(&self, _file: &Path) -> io::Result<()> {
         Ok(())
     }
+
+    /// Before the file cache `file` is created (and allocated).
+    fn before_cache_create(&self, _file: &Path) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The real disk, untouched.
@@ -45,6 +50,7 @@ pub struct FaultyIo {
     write_errno: AtomicI32,
     sync_errno: AtomicI32,
     create_errno: AtomicI32,
+    cache_create_errno: AtomicI32,
     writes: AtomicU64,
     syncs: AtomicU64,
 }
@@ -96,6 +102,12 @@ impl FaultyIo {
         self.create_errno.store(code, Ordering::SeqCst);
     }
 
+    /// Creating the file cache fails with OS error `code` (0: it succeeds
+    /// again).
+    pub fn fail_cache_creates(&self, code: i32) {
+        self.cache_create_errno.store(code, Ordering::SeqCst);
+    }
+
     /// Segment writes attempted so far.
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::SeqCst)
@@ -122,5 +134,9 @@ impl IoHooks for FaultyIo {
 
     fn before_create(&self, _file: &Path) -> io::Result<()> {
         errno(&self.create_errno)
+    }
+
+    fn before_cache_create(&self, _file: &Path) -> io::Result<()> {
+        errno(&self.cache_create_errno)
     }
 }

@@ -117,6 +117,10 @@ impl JournalOptions {
     }
 }
 
+/// How long after failing to make the file cache (a full disk) it is tried
+/// again.
+pub const FILE_CACHE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Which tiers of the monitoring cache records wait in between capture and
 /// the journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,8 +244,11 @@ pub(crate) struct Shared {
     pub closing: std::sync::atomic::AtomicBool,
     /// Batch writes that found the disk full and waited.
     pub disk_full_waits: AtomicU64,
-    /// The file tier of the monitoring cache.
-    pub file_cache: Option<Arc<FileCache>>,
+    /// The file tier of the monitoring cache, when it could be made.
+    file_cache: RwLock<Option<Arc<FileCache>>>,
+    /// When making the file cache last failed (disk full): it is tried
+    /// again now and then, so the tier comes back when space does.
+    file_cache_failed: Mutex<Option<std::time::Instant>>,
     /// Whether records go to the file tier now (with both tiers).
     pub spilling: std::sync::atomic::AtomicBool,
     /// Switches between the tiers.
@@ -297,7 +304,7 @@ impl Shared {
     /// Whether a record of `bytes` goes to the file tier now, switching
     /// tiers (with hysteresis) as the memory cache fills and drains.
     pub fn goes_to_file_tier(&self, bytes: u64) -> bool {
-        let Some(file) = self.file_cache.as_ref() else {
+        let Some(file) = self.file_cache() else {
             return false;
         };
         match self.options.cache_tiers {
@@ -323,6 +330,52 @@ impl Shared {
                     tracing::debug!(to_file = !spilling, "monitoring cache switched tiers");
                 }
                 self.spilling.load(Ordering::SeqCst)
+            }
+        }
+    }
+
+    /// The file cache as it is now (the writer's view: it never waits on
+    /// making one).
+    pub fn file_cache_now(&self) -> Option<Arc<FileCache>> {
+        self.file_cache.read().clone()
+    }
+
+    /// The file cache, if the tiers use one and it could be made. After a
+    /// failure (a full disk) it is tried again at most every
+    /// [`FILE_CACHE_RETRY`].
+    pub fn file_cache(&self) -> Option<Arc<FileCache>> {
+        if let Some(cache) = self.file_cache_now() {
+            return Some(cache);
+        }
+        let mut failed = self.file_cache_failed.lock();
+        match *failed {
+            Some(at) if at.elapsed() >= FILE_CACHE_RETRY => {}
+            _ => return None,
+        }
+        let path = self.dir.join("cache").join("file-cache.ring");
+        let made = std::fs::create_dir_all(self.dir.join("cache"))
+            .map_err(|e| Error::io("create directory", self.dir.join("cache"), e))
+            .and_then(|()| {
+                FileCache::open(
+                    &path,
+                    self.options.file_cache_bytes,
+                    self.group_id,
+                    self.durable().0,
+                    self.options.io_hooks.as_ref(),
+                )
+            });
+        match made {
+            Ok((cache, _)) => {
+                tracing::info!(cache = %path.display(), "the file cache is back");
+                let cache = Arc::new(cache);
+                *self.file_cache.write() = Some(cache.clone());
+                *failed = None;
+                Some(cache)
+            }
+            Err(e) => {
+                tracing::warn!(cache = %path.display(), error = %e, "the file cache still cannot be made");
+                *failed = Some(std::time::Instant::now());
+                None
             }
         }
     }
@@ -476,15 +529,30 @@ fn open_file_cache(
     }
     fs::create_dir_all(&cache_dir).map_err(|e| Error::io("create directory", &cache_dir, e))?;
     let capacity = existing.unwrap_or(options.file_cache_bytes);
-    let (cache, pending) = FileCache::open(&path, capacity, group_id, journalled)?;
+    let hooks = options.io_hooks.as_ref();
+    let (cache, pending) = match FileCache::open(&path, capacity, group_id, journalled, hooks) {
+        Ok(opened) => opened,
+        // A new file cache on a full disk: run on memory alone for now.
+        Err(e) if existing.is_none() && e.is_disk_full() => {
+            tracing::warn!(cache = %path.display(), error = %e, "no room for the file cache; records wait in memory until there is");
+            return Ok((None, Vec::new()));
+        }
+        Err(e) => return Err(e),
+    };
     if pending.is_empty() && (!wanted || capacity != options.file_cache_bytes) {
         drop(cache);
         fs::remove_file(&path).map_err(|e| Error::io("remove file cache", &path, e))?;
         if !wanted {
             return Ok((None, Vec::new()));
         }
-        let (cache, _) = FileCache::open(&path, options.file_cache_bytes, group_id, journalled)?;
-        return Ok((Some(Arc::new(cache)), Vec::new()));
+        return match FileCache::open(&path, options.file_cache_bytes, group_id, journalled, hooks) {
+            Ok((cache, _)) => Ok((Some(Arc::new(cache)), Vec::new())),
+            Err(e) if e.is_disk_full() => {
+                tracing::warn!(cache = %path.display(), error = %e, "no room for the file cache; records wait in memory until there is");
+                Ok((None, Vec::new()))
+            }
+            Err(e) => Err(e),
+        };
     }
     Ok((Some(Arc::new(cache)), pending))
 }
@@ -599,7 +667,11 @@ impl Journal {
             memory: MemoryCache::new(options.memory_cache_bytes),
             closing: std::sync::atomic::AtomicBool::new(false),
             disk_full_waits: AtomicU64::new(0),
-            file_cache,
+            file_cache_failed: Mutex::new(
+                (file_cache.is_none() && options.cache_tiers != CacheTiers::Memory)
+                    .then(std::time::Instant::now),
+            ),
+            file_cache: RwLock::new(file_cache),
             spilling: std::sync::atomic::AtomicBool::new(false),
             tier_switches: AtomicU64::new(0),
             spilled_records: AtomicU64::new(0),
@@ -734,17 +806,7 @@ impl Journal {
     ) -> Result<AppendHandle> {
         let shared = self.shared();
         let info = shared.volume_by_id(volume)?;
-        let in_volume = |offset: u64, len: u64| -> Result<()> {
-            if len == 0 || offset.checked_add(len).is_none_or(|end| end > info.size) {
-                return Err(Error::OutOfBounds {
-                    volume: info.name.clone(),
-                    offset,
-                    len,
-                    size: info.size,
-                });
-            }
-            Ok(())
-        };
+        let in_volume = |offset: u64, len: u64| info.check_range(offset, len);
         let record = match change {
             Change::Write { offset, data } | Change::Resync { offset, data } => {
                 in_volume(offset, data.len() as u64)?;
@@ -794,7 +856,7 @@ impl Journal {
                 }
                 Err(record) => {
                     let limit = shared
-                        .file_cache
+                        .file_cache()
                         .as_ref()
                         .map_or(0, |c| c.stats().capacity_bytes);
                     return Err(Error::CacheFull {
@@ -884,7 +946,7 @@ impl Journal {
         admission: Admission,
     ) -> Result<std::result::Result<AppendHandle, PreparedRecord>> {
         let shared = self.shared();
-        let Some(cache) = shared.file_cache.clone() else {
+        let Some(cache) = shared.file_cache() else {
             return Ok(Err(record));
         };
         let len = record.encoded_len();
@@ -904,18 +966,7 @@ impl Journal {
                     let entry = cache.append(seq, len, |buf| {
                         record.encode_to(seq, time, buf);
                     })?;
-                    let header = crate::record::RecordHeader {
-                        kind: record.kind,
-                        compressed: record.compressed,
-                        resync: record.resync,
-                        volume: record.volume,
-                        stored_len: record.stored.len() as u32,
-                        seq,
-                        timestamp: time,
-                        offset: record.offset,
-                        length: record.length,
-                        crc: 0,
-                    };
+                    let header = record.header(seq, time);
                     Some((Payload::File { entry, header }, entry.write_no))
                 },
                 None,
@@ -1092,7 +1143,7 @@ impl Journal {
         let shared = self.shared();
         CacheStats {
             memory: shared.memory.stats(),
-            file: shared.file_cache.as_ref().map(|c| c.stats()),
+            file: shared.file_cache.read().as_ref().map(|c| c.stats()),
             spilling: shared.spilling.load(Ordering::SeqCst),
             tier_switches: shared.tier_switches.load(Ordering::Relaxed),
             spilled_records: shared.spilled_records.load(Ordering::Relaxed),

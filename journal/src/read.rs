@@ -62,14 +62,8 @@ impl Shared {
     /// Reads `buf.len()` bytes of `volume` at `offset` as of `point`.
     pub fn read(&self, volume: &str, offset: u64, buf: &mut [u8], point: Point) -> Result<Seq> {
         let info = self.volume(volume)?;
-        let len = buf.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > info.size) {
-            return Err(Error::OutOfBounds {
-                volume: info.name,
-                offset,
-                len,
-                size: info.size,
-            });
+        if !buf.is_empty() {
+            info.check_range(offset, buf.len() as u64)?;
         }
         // Held for the whole read: a retention fold changes the base image
         // and the horizon together, and neither may move under us.

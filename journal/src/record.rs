@@ -197,6 +197,23 @@ impl PreparedRecord {
         }
     }
 
+    /// The header the record gets when stamped with `seq` and `timestamp`
+    /// (without its CRC, which only the encoding computes).
+    pub fn header(&self, seq: Seq, timestamp: Timestamp) -> RecordHeader {
+        RecordHeader {
+            kind: self.kind,
+            compressed: self.compressed,
+            resync: self.resync,
+            volume: self.volume,
+            stored_len: self.stored.len() as u32,
+            seq,
+            timestamp,
+            offset: self.offset,
+            length: self.length,
+            crc: 0,
+        }
+    }
+
     /// Bytes the record will occupy in a segment.
     pub fn encoded_len(&self) -> usize {
         RECORD_HEADER_LEN + self.stored.len()

@@ -17,6 +17,22 @@ pub struct VolumeInfo {
     pub size: u64,
 }
 
+impl VolumeInfo {
+    /// Checks that `offset..offset+len` is a non-empty range inside the
+    /// volume.
+    pub fn check_range(&self, offset: u64, len: u64) -> crate::error::Result<()> {
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(crate::error::Error::OutOfBounds {
+                volume: self.name.clone(),
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Checks that a volume name can be used in export names and file paths:
 /// `NAME@POINT` exports reserve `@`, and paths reserve `/`.
 pub fn validate_volume_name(name: &str) -> Result<(), String> {

@@ -340,7 +340,7 @@ impl WritePath {
     /// Reads the live volume (the production volume).
     pub fn read(&self, volume: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
         let v = self.volume(volume)?;
-        check_bounds(&v.info, offset, buf.len() as u64)?;
+        v.info.check_range(offset, buf.len() as u64)?;
         v.device
             .read_at(buf, offset)
             .map_err(|e| Error::io_at("read production volume", v.device.path(), offset, e))
@@ -442,7 +442,7 @@ impl WritePath {
     fn apply(&self, volume: &str, offset: u64, op: Op<'_>, fua: bool) -> Result<Acknowledged> {
         let v = self.volume(volume)?;
         let len = op.len();
-        check_bounds(&v.info, offset, len)?;
+        v.info.check_range(offset, len)?;
         let inner = &self.inner;
         let (mode, switch) = v.effective_mode(inner.backlog());
         inner.record_switch(&v, switch);
@@ -471,18 +471,6 @@ impl Drop for WritePath {
             }
         }
     }
-}
-
-fn check_bounds(info: &VolumeInfo, offset: u64, len: u64) -> Result<()> {
-    if len == 0 || offset.checked_add(len).is_none_or(|end| end > info.size) {
-        return Err(Error::OutOfBounds {
-            volume: info.name.clone(),
-            offset,
-            len,
-            size: info.size,
-        });
-    }
-    Ok(())
 }
 
 impl Inner {

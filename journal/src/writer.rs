@@ -104,18 +104,7 @@ impl Payload {
     /// The record's header as the index needs it.
     fn header(&self, seq: Seq, time: Timestamp) -> RecordHeader {
         match self {
-            Payload::Memory(record) => RecordHeader {
-                kind: record.kind,
-                compressed: record.compressed,
-                resync: record.resync,
-                volume: record.volume,
-                stored_len: record.stored.len() as u32,
-                seq,
-                timestamp: time,
-                offset: record.offset,
-                length: record.length,
-                crc: 0,
-            },
+            Payload::Memory(record) => record.header(seq, time),
             Payload::File { header, .. } => *header,
         }
     }
@@ -567,18 +556,16 @@ impl Writer {
             durable_end,
         };
         let at = self.active.appender.write_offset();
+        let file_cache = self.shared.file_cache_now();
         let buf = self.active.appender.batch_buffer(&self.pool, len)?;
         buf[..BATCH_HEADER_LEN].copy_from_slice(&frame.encode());
         let mut offsets = Vec::with_capacity(batch.len());
         let mut pos = BATCH_HEADER_LEN;
         for p in batch {
             offsets.push(pos as u64);
-            pos += p.record.encode_to(
-                p.seq,
-                p.time,
-                &mut buf[pos..],
-                self.shared.file_cache.as_deref(),
-            )?;
+            pos += p
+                .record
+                .encode_to(p.seq, p.time, &mut buf[pos..], file_cache.as_deref())?;
         }
         let write = self.active.appender.finish(len)?;
         let end = self.active.appender.write_offset();
@@ -784,8 +771,7 @@ fn sync_stage(shared: &Shared, from_io: &Receiver<ToSync>, synced_to: &Mutex<(u6
                         continue;
                     }
                     index_batch(shared, batch.segment, &batch.records, &batch.entry);
-                    if let (Some(seq), Some(cache)) =
-                        (batch.file_release, shared.file_cache.as_deref())
+                    if let (Some(seq), Some(cache)) = (batch.file_release, shared.file_cache_now())
                     {
                         cache.release_through(seq);
                     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use tidemark_journal::file_cache::FileCache;
-use tidemark_journal::io_hooks::FaultyIo;
+use tidemark_journal::io_hooks::{FaultyIo, RealIo};
 use tidemark_journal::record::{decode_record, PreparedRecord, RecordKind};
 use tidemark_journal::{
     CacheTiers, Change, Journal, JournalOptions, ManualClock, RecoveryMode, Timestamp,
@@ -18,6 +18,7 @@ use tidemark_journal::{
 
 const START: i64 = 1_800_000_000_000_000_000;
 const EIO: i32 = 5;
+const ENOSPC: i32 = 28;
 
 fn options(tiers: CacheTiers, faults: &Arc<FaultyIo>, memory: u64) -> JournalOptions {
     JournalOptions {
@@ -39,7 +40,7 @@ fn the_ring_wraps_and_gives_back_exactly_what_the_journal_lacks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ring");
     let mut rng = rng(7);
-    let (cache, pending) = FileCache::open(&path, 1 << 20, 42, 0).expect("open");
+    let (cache, pending) = FileCache::open(&path, 1 << 20, 42, 0, &RealIo).expect("open");
     assert!(pending.is_empty());
     let mut live = std::collections::VecDeque::new();
     for seq in 1..=400u64 {
@@ -68,7 +69,8 @@ fn the_ring_wraps_and_gives_back_exactly_what_the_journal_lacks() {
     let journalled = live.front().map_or(0, |&(s, _)| s) + 3;
     drop(cache);
 
-    let (cache, pending) = FileCache::open(&path, 1 << 20, 42, journalled).expect("reopen");
+    let (cache, pending) =
+        FileCache::open(&path, 1 << 20, 42, journalled, &RealIo).expect("reopen");
     let expected: Vec<_> = live.iter().filter(|(s, _)| *s > journalled).collect();
     assert_eq!(pending.len(), expected.len(), "entries the journal lacks");
     for (p, (seq, data)) in pending.iter().zip(expected) {
@@ -82,11 +84,11 @@ fn the_ring_wraps_and_gives_back_exactly_what_the_journal_lacks() {
     }
     drop(cache);
     assert!(
-        FileCache::open(&path, 2 << 20, 42, 0).is_err(),
+        FileCache::open(&path, 2 << 20, 42, 0, &RealIo).is_err(),
         "a cache of another size is refused"
     );
     assert!(
-        FileCache::open(&path, 1 << 20, 43, 0).is_err(),
+        FileCache::open(&path, 1 << 20, 43, 0, &RealIo).is_err(),
         "a cache of another group is refused"
     );
 }
@@ -211,7 +213,7 @@ fn records_in_the_file_cache_survive_and_are_journalled_first() {
     check_reads(&journal, &model, &mut rng, 20);
     // New records follow the replayed ones.
     write(&journal, &mut model, &mut rng);
-    assert_eq!(journal.history().newest_seq, model.newest());
+    assert_eq!(journal.sync().expect("sync"), model.newest());
     journal.close().expect("close");
 
     // Opened with the memory tier alone, a drained file cache goes away.
@@ -221,4 +223,50 @@ fn records_in_the_file_cache_survive_and_are_journalled_first() {
     assert!(journal.cache_stats().file.is_none());
     assert!(!dir.path().join("cache").join("file-cache.ring").exists());
     check_reads(&journal, &model, &mut rng, 10);
+}
+
+#[test]
+fn no_room_for_the_file_cache_means_memory_until_there_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    faults.fail_cache_creates(ENOSPC);
+    let (journal, _) = Journal::open(dir.path(), options(CacheTiers::File, &faults, 1 << 20))
+        .expect("a full disk for the file cache does not stop the journal");
+    assert!(journal.cache_stats().file.is_none());
+    let volume = journal.create_volume("vol", 1 << 20).expect("volume").id;
+    let mut rng = rng(10);
+    let mut model = Model::default();
+    model.sizes.insert(volume, 1 << 20);
+    let mut write = |journal: &Journal, model: &mut Model| {
+        let data = payload(&mut rng, 4000);
+        let done = journal
+            .append(
+                volume,
+                Change::Write {
+                    offset: 0,
+                    data: &data,
+                },
+            )
+            .and_then(|h| h.wait())
+            .expect("append");
+        model
+            .records
+            .insert(done.seq, (volume, Op::Write { offset: 0, data }, done.time));
+    };
+    write(&journal, &mut model);
+    assert_eq!(
+        journal.cache_stats().spilled_records,
+        0,
+        "records waited in memory"
+    );
+
+    // Space returns; the file cache is made at the next try.
+    faults.fail_cache_creates(0);
+    std::thread::sleep(tidemark_journal::journal::FILE_CACHE_RETRY + Duration::from_millis(100));
+    write(&journal, &mut model);
+    let stats = journal.cache_stats();
+    assert!(stats.file.is_some(), "the file cache came back");
+    assert_eq!(stats.spilled_records, 1, "{stats:?}");
+    journal.sync().expect("sync");
+    check_reads(&journal, &model, &mut common::rng(11), 10);
 }
