@@ -68,7 +68,15 @@ pub fn payload(content: Content, len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Opens a journal for benchmarking in `dir` with default (production)
-/// options.
+/// options, but for the cache tiers, which `TIDEMARK_CACHE_TIERS`
+/// (`memory`, `file`, `both`) may set.
 pub fn open_journal(dir: &Path) -> Result<Journal> {
-    Journal::open(dir, JournalOptions::default()).map(|(journal, _)| journal)
+    let mut options = JournalOptions::default();
+    if let Some(tiers) = std::env::var("TIDEMARK_CACHE_TIERS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+    {
+        options.cache_tiers = tiers;
+    }
+    Journal::open(dir, options).map(|(journal, _)| journal)
 }

@@ -81,7 +81,7 @@ impl Default for JournalOptions {
             group: "default".into(),
             segment_size: 64 << 20,
             max_record_len: 32 << 20,
-            max_batch_bytes: 4 << 20,
+            max_batch_bytes: 8 << 20,
             recovery: RecoveryMode::Strict,
             large_range_blocks: 256,
             direct_io: true,
