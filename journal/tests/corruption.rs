@@ -21,8 +21,7 @@ fn build(dir: &Path, clock: &Arc<ManualClock>, seed: u64, batches: usize) -> (Mo
     let (journal, _) = open(dir, clock, RecoveryMode::Strict);
     let size = 96 * 1024;
     let volume = journal.create_volume("vol0", size).expect("create").id;
-    let mut model = Model::default();
-    model.sizes.insert(volume, size);
+    let mut model = Model::with_volume(volume, size);
     for _ in 0..batches {
         clock.advance(1_000_000);
         let ops = (0..rng.random_range(1..=4))

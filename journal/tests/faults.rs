@@ -112,8 +112,7 @@ fn a_full_disk_stalls_appends_until_space_returns() {
     let (journal, _) = Journal::open(dir.path(), faulty_options(&faults, 1 << 20)).expect("open");
     let volume = journal.create_volume("vol0", 1 << 20).expect("volume").id;
     let mut rng = rng(5);
-    let mut model = Model::default();
-    model.sizes.insert(volume, 1 << 20);
+    let mut model = Model::with_volume(volume, 1 << 20);
     apply(
         &journal,
         &mut model,
@@ -173,8 +172,7 @@ fn a_full_disk_when_a_segment_is_made_fails_appends_cleanly_and_recovers() {
     let (journal, _) = Journal::open(dir.path(), faulty_options(&faults, 1 << 20)).expect("open");
     let volume = journal.create_volume("vol0", 1 << 20).expect("volume").id;
     let mut rng = rng(9);
-    let mut model = Model::default();
-    model.sizes.insert(volume, 1 << 20);
+    let mut model = Model::with_volume(volume, 1 << 20);
     // No segment can be made: once the current one (and the spare made at
     // start) fill up, appends fail, cleanly.
     faults.fail_creates(ENOSPC);
@@ -208,20 +206,13 @@ fn a_full_disk_when_a_segment_is_made_fails_appends_cleanly_and_recovers() {
     check_reads(&journal, &model, &mut rng, 10);
 
     faults.fail_creates(0);
+    // Appends work again once space returns.
     let data = payload(&mut rng, 20_000);
-    let done = journal
-        .append(
-            volume,
-            Change::Write {
-                offset: 0,
-                data: &data,
-            },
-        )
-        .and_then(|h| h.wait())
-        .expect("appends work again once space returns");
-    model
-        .records
-        .insert(done.seq, (volume, Op::Write { offset: 0, data }, done.time));
+    apply(
+        &journal,
+        &mut model,
+        vec![(volume, Op::Write { offset: 0, data })],
+    );
     journal.close().expect("close");
     let (journal, _) = open(
         dir.path(),
@@ -238,8 +229,7 @@ fn a_failed_fsync_stops_appends_until_reopen_and_loses_nothing_acknowledged() {
     let (journal, _) = Journal::open(dir.path(), faulty_options(&faults, 1 << 20)).expect("open");
     let volume = journal.create_volume("vol0", 1 << 20).expect("volume").id;
     let mut rng = rng(13);
-    let mut model = Model::default();
-    model.sizes.insert(volume, 1 << 20);
+    let mut model = Model::with_volume(volume, 1 << 20);
     for _ in 0..5 {
         let op = random_op(&mut rng, 1 << 20, 16_000);
         if matches!(op, Op::TagDelete(_)) {

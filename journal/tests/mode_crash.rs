@@ -195,19 +195,7 @@ fn run(mode: IoMode, seed: u64) {
             "{mode} write #{index} acknowledged at seq {seq} is not in the journal (resync {report:?})"
         );
     }
-    let mut production = vec![0u8; SIZE as usize];
-    let mut journalled = vec![0u8; SIZE as usize];
-    path.read("vol", 0, &mut production)
-        .expect("read production");
-    journal
-        .read("vol", 0, &mut journalled, Point::Latest)
-        .expect("read journal");
-    if production != journalled {
-        let at = production
-            .iter()
-            .zip(&journalled)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
+    if let Some(at) = production_differs_from_journal(&path, "vol", SIZE) {
         panic!("{mode}: after recovery the production volume and the journal differ at byte {at} (resync {report:?})");
     }
 }

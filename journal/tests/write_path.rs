@@ -64,33 +64,12 @@ fn small_regions() -> WritePathOptions {
 /// Whether the production volume and the journal's newest point are
 /// identical.
 fn production_equals_journal(path: &WritePath) -> bool {
-    path.journal().sync().expect("sync");
-    let mut production = vec![0u8; SIZE as usize];
-    let mut journalled = vec![0u8; SIZE as usize];
-    path.read("vol", 0, &mut production)
-        .expect("read production");
-    path.journal()
-        .read("vol", 0, &mut journalled, Point::Latest)
-        .expect("read journal");
-    production == journalled
+    production_differs_from_journal(path, "vol", SIZE).is_none()
 }
 
 /// The production volume and the journal's newest point are identical.
 fn assert_production_equals_journal(path: &WritePath) {
-    path.journal().sync().expect("sync");
-    let mut production = vec![0u8; SIZE as usize];
-    let mut journalled = vec![0u8; SIZE as usize];
-    path.read("vol", 0, &mut production)
-        .expect("read production");
-    path.journal()
-        .read("vol", 0, &mut journalled, Point::Latest)
-        .expect("read journal");
-    if production != journalled {
-        let at = production
-            .iter()
-            .zip(&journalled)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
+    if let Some(at) = production_differs_from_journal(path, "vol", SIZE) {
         panic!("production and journal differ first at byte {at}");
     }
 }

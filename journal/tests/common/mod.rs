@@ -65,6 +65,13 @@ pub struct Model {
 }
 
 impl Model {
+    /// A model of one volume of `size` bytes with no records yet.
+    pub fn with_volume(volume: VolumeId, size: u64) -> Self {
+        let mut model = Model::default();
+        model.sizes.insert(volume, size);
+        model
+    }
+
     /// The bytes of `volume` at `seq`.
     pub fn state_at(&self, volume: VolumeId, seq: Seq) -> Vec<u8> {
         let mut state = vec![0u8; self.sizes[&volume] as usize];
@@ -318,4 +325,22 @@ pub fn check_reads(journal: &Journal, model: &Model, rng: &mut SmallRng, reads: 
             );
         }
     }
+}
+
+/// The first byte (if any) at which volume `name`'s production volume
+/// differs from the journal's newest point, after a journal sync.
+pub fn production_differs_from_journal(
+    path: &tidemark_journal::WritePath,
+    name: &str,
+    size: u64,
+) -> Option<usize> {
+    path.journal().sync().expect("sync");
+    let mut production = vec![0u8; size as usize];
+    let mut journalled = vec![0u8; size as usize];
+    path.read(name, 0, &mut production)
+        .expect("read production");
+    path.journal()
+        .read(name, 0, &mut journalled, tidemark_journal::Point::Latest)
+        .expect("read journal");
+    production.iter().zip(&journalled).position(|(a, b)| a != b)
 }
