@@ -137,7 +137,7 @@ fn a_full_disk_stalls_appends_until_space_returns() {
         )
         .expect("append is accepted");
     let seq = stalled.seq();
-    std::thread::sleep(Duration::from_millis(350));
+    std::thread::sleep(Duration::from_millis(600));
     assert_eq!(
         journal.history().newest_seq,
         seq - 1,
