@@ -217,10 +217,16 @@ fn adaptive_goes_async_while_the_journal_is_slow_and_back_once_it_recovers() {
     );
 
     // The journal recovers; writes keep coming. Hysteresis: no switch back
-    // before the dwell time, and then exactly one.
+    // before the dwell time, then one switch back (within a generous
+    // bound, for a loaded machine), then no more while writes go on.
     s.faults.set_write_delay(Duration::ZERO);
     let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_millis(900) {
+    let mut back_at = None;
+    while back_at.is_none_or(|t: std::time::Instant| t.elapsed() < Duration::from_millis(300)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never went back to sync"
+        );
         let (offset, data) = random_write(&mut rng);
         let ack = s.path.write("vol", offset, &data, false).expect("write");
         if started.elapsed() < Duration::from_millis(250) {
@@ -230,13 +236,16 @@ fn adaptive_goes_async_while_the_journal_is_slow_and_back_once_it_recovers() {
                 "switched back before the dwell time"
             );
         }
+        if back_at.is_none() && ack.mode == IoMode::Sync {
+            back_at = Some(std::time::Instant::now());
+        }
         s.path.maintain_now().expect("probe");
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(
         s.path.mode("vol").expect("mode").1,
         IoMode::Sync,
-        "never went back to sync"
+        "went async again"
     );
     let stats = s.path.stats("vol").expect("stats");
     assert_eq!(stats.mode_switches, 2, "flapped: {stats:?}");
