@@ -319,7 +319,10 @@ struct WrittenBatch {
 
 impl WrittenBatch {
     /// Answers every appender of the batch with a failure.
-    fn fail(self, reason: &str) {
+    fn fail(mut self, reason: &str) {
+        // Room is given back before anyone hears the outcome, so an
+        // appender that was answered never finds its bytes still charged.
+        drop(self.charge.take());
         for reply in self.replies {
             let _ = reply.send(Err(Error::AppendFailed {
                 path: self.path.clone(),
@@ -765,7 +768,7 @@ fn sync_stage(shared: &Shared, from_io: &Receiver<ToSync>, synced_to: &Mutex<(u6
         }
         for item in items {
             match item {
-                ToSync::Batch(batch) => {
+                ToSync::Batch(mut batch) => {
                     if let Some(e) = &failure {
                         batch.fail(&e.to_string());
                         continue;
@@ -776,6 +779,7 @@ fn sync_stage(shared: &Shared, from_io: &Receiver<ToSync>, synced_to: &Mutex<(u6
                         cache.release_through(seq);
                     }
                     *synced_to.lock() = (batch.segment, batch.end);
+                    drop(batch.charge.take());
                     for reply in batch.replies {
                         let _ = reply.send(Ok(()));
                     }
