@@ -230,8 +230,11 @@ pub(crate) struct Shared {
     pub bases: RwLock<HashMap<VolumeId, Arc<BaseImage>>>,
     /// Newest durable and indexed record: reads never go past it.
     durable: RwLock<(Seq, Timestamp)>,
-    /// The segment the writer appends to; retention never removes it.
-    pub active_segment: AtomicU64,
+    /// The segment holding the newest durable batch. Every segment before
+    /// it is wholly durable and its catalogue line final, so retention may
+    /// remove those and no other (the catalogue of a newer segment may
+    /// still be catching up with batches on their way to the disk).
+    pub durable_segment: AtomicU64,
     /// Set after a failed fsync; see [`Error::Poisoned`].
     poisoned: Mutex<Option<String>>,
     /// Readers hold it shared; a retention fold holds it exclusively while
@@ -294,7 +297,6 @@ impl Shared {
     pub fn add_segment(&self, segment: Arc<Segment>) {
         let id = segment.id();
         self.segments.write().insert(id, segment);
-        self.active_segment.store(id, Ordering::SeqCst);
     }
 
     pub fn set_catalogue(&self, entry: SegmentEntry) {
@@ -661,7 +663,7 @@ impl Journal {
             catalogue: Mutex::new(recovered.catalogue.iter().map(|e| (e.id, *e)).collect()),
             bases: RwLock::new(bases),
             durable: RwLock::new((newest_seq.max(horizon.0), newest_time.max(horizon.1))),
-            active_segment: AtomicU64::new(0),
+            durable_segment: AtomicU64::new(recovered.active.map_or(0, |(id, _)| id)),
             poisoned: Mutex::new(None),
             fold: RwLock::new(()),
             memory: MemoryCache::new(options.memory_cache_bytes),

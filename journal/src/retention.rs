@@ -27,7 +27,7 @@ pub struct RetentionPolicy {
     /// Fold records older than this.
     pub max_age: Option<Duration>,
     /// Fold whole segments, oldest first, until the journal is at most
-    /// this many bytes (the segment being written is never folded).
+    /// this many bytes (segments not yet wholly durable are never removed).
     pub max_bytes: Option<u64>,
 }
 
@@ -120,12 +120,12 @@ impl Shared {
                 base.sync()?;
             }
         }
-        let active = self
-            .active_segment
+        let durable_segment = self
+            .durable_segment
             .load(std::sync::atomic::Ordering::SeqCst);
         let removed: Vec<u64> = catalogue
             .values()
-            .filter(|e| e.id != active && e.last_seq <= target)
+            .filter(|e| e.id < durable_segment && e.last_seq <= target)
             .map(|e| e.id)
             .collect();
 
@@ -220,13 +220,13 @@ impl Journal {
             }
         }
         if let Some(max_bytes) = policy.max_bytes {
-            let active = shared
-                .active_segment
+            let durable_segment = shared
+                .durable_segment
                 .load(std::sync::atomic::Ordering::SeqCst);
             let catalogue = shared.catalogue.lock().clone();
             let mut total: u64 = catalogue.values().map(|e| e.used_bytes).sum();
             for entry in catalogue.values() {
-                if total <= max_bytes || entry.id == active {
+                if total <= max_bytes || entry.id >= durable_segment {
                     break;
                 }
                 target = target.max(entry.last_seq);

@@ -817,5 +817,8 @@ fn index_batch(shared: &Shared, segment: u64, records: &[Written], entry: &Segme
         ));
     }
     shared.set_catalogue(*entry);
+    shared
+        .durable_segment
+        .fetch_max(segment, std::sync::atomic::Ordering::SeqCst);
     shared.set_durable(last.header.seq, last.header.timestamp);
 }

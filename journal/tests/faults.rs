@@ -280,3 +280,66 @@ fn a_failed_fsync_stops_appends_until_reopen_and_loses_nothing_acknowledged() {
     }
     check_reads(&journal, &prefix, &mut rng, 10);
 }
+
+#[test]
+fn retention_never_removes_a_segment_whose_last_batches_are_still_syncing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let (journal, _) = Journal::open(dir.path(), faulty_options(&faults, 8 << 20)).expect("open");
+    let volume = journal.create_volume("vol0", 1 << 20).expect("volume").id;
+    let mut rng = rng(17);
+    let mut model = Model::with_volume(volume, 1 << 20);
+    // Slow syncs: the writer moves on to new segments while the batches of
+    // the old ones still wait to be durable (and catalogued).
+    faults.set_sync_delay(Duration::from_millis(100));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        // Retention to the newest durable point, again and again, while
+        // segments roll under it.
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                journal
+                    .retain_from(journal.history().newest_seq, false)
+                    .expect("retention");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let mut pending = Vec::new();
+        for i in 0..60u64 {
+            let mut data = vec![0u8; 20_000];
+            rand::RngCore::fill_bytes(&mut rng, &mut data);
+            let offset = (i * 20_000) % ((1 << 20) - 20_000);
+            let handle = journal
+                .append(
+                    volume,
+                    Change::Write {
+                        offset,
+                        data: &data,
+                    },
+                )
+                .expect("append");
+            pending.push((handle, offset, data));
+            if i % 10 == 9 {
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        }
+        for (handle, offset, data) in pending {
+            let appended = handle.wait().expect("durable");
+            model.records.insert(
+                appended.seq,
+                (volume, Op::Write { offset, data }, appended.time),
+            );
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    faults.set_sync_delay(Duration::ZERO);
+    model.horizon = journal.history().horizon_seq;
+    check_reads(&journal, &model, &mut rng, 20);
+    journal.close().expect("close");
+    let (journal, _) = open(
+        dir.path(),
+        &Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+        RecoveryMode::Strict,
+    );
+    check_reads(&journal, &model, &mut rng, 20);
+}
