@@ -44,6 +44,11 @@ const ENTRY_HEADER: usize = 24;
 const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"TDFC");
 const WRAP_MAGIC: u32 = u32::from_le_bytes(*b"TDFW");
 
+/// Where a journal keeps its file cache.
+pub fn file_cache_path(journal_dir: &Path) -> PathBuf {
+    journal_dir.join("cache").join("file-cache.ring")
+}
+
 fn align8(n: u64) -> u64 {
     n.div_ceil(8) * 8
 }

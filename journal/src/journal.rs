@@ -354,28 +354,20 @@ impl Shared {
             Some(at) if at.elapsed() >= FILE_CACHE_RETRY => {}
             _ => return None,
         }
-        let path = self.dir.join("cache").join("file-cache.ring");
-        let made = std::fs::create_dir_all(self.dir.join("cache"))
-            .map_err(|e| Error::io("create directory", self.dir.join("cache"), e))
-            .and_then(|()| {
-                FileCache::open(
-                    &path,
-                    self.options.file_cache_bytes,
-                    self.group_id,
-                    self.durable().0,
-                    self.options.io_hooks.as_ref(),
-                )
-            });
-        match made {
-            Ok((cache, _)) => {
-                tracing::info!(cache = %path.display(), "the file cache is back");
+        match new_file_cache(&self.dir, &self.options, self.group_id, self.durable().0) {
+            Ok(Some(cache)) => {
+                tracing::info!(journal = %self.dir.display(), "the file cache is back");
                 let cache = Arc::new(cache);
                 *self.file_cache.write() = Some(cache.clone());
                 *failed = None;
                 Some(cache)
             }
+            Ok(None) => {
+                *failed = Some(std::time::Instant::now());
+                None
+            }
             Err(e) => {
-                tracing::warn!(cache = %path.display(), error = %e, "the file cache still cannot be made");
+                tracing::warn!(journal = %self.dir.display(), error = %e, "the file cache still cannot be made");
                 *failed = Some(std::time::Instant::now());
                 None
             }
@@ -435,7 +427,7 @@ impl Shared {
     pub fn segment(&self, id: u64) -> Result<Arc<Segment>> {
         self.segments.read().get(&id).cloned().ok_or_else(|| {
             Error::corruption(
-                self.segments_dir.join(format!("{id:020}.seg")),
+                crate::segment::segment_path(&self.segments_dir, id),
                 0,
                 "the index refers to a segment that does not exist",
             )
@@ -520,43 +512,68 @@ fn open_file_cache(
     group_id: u64,
     journalled: Seq,
 ) -> Result<(Option<Arc<FileCache>>, Vec<file_cache::Pending>)> {
-    let cache_dir = dir.join("cache");
-    let path = cache_dir.join("file-cache.ring");
+    let path = file_cache::file_cache_path(dir);
     let wanted = options.cache_tiers != CacheTiers::Memory;
-    let existing = std::fs::metadata(&path)
+    let existing = fs::metadata(&path)
         .ok()
         .map(|m| m.len().saturating_sub(4096));
-    if !wanted && existing.is_none() {
-        return Ok((None, Vec::new()));
-    }
-    fs::create_dir_all(&cache_dir).map_err(|e| Error::io("create directory", &cache_dir, e))?;
-    let capacity = existing.unwrap_or(options.file_cache_bytes);
-    let hooks = options.io_hooks.as_ref();
-    let (cache, pending) = match FileCache::open(&path, capacity, group_id, journalled, hooks) {
-        Ok(opened) => opened,
-        // A new file cache on a full disk: run on memory alone for now.
-        Err(e) if existing.is_none() && e.is_disk_full() => {
-            tracing::warn!(cache = %path.display(), error = %e, "no room for the file cache; records wait in memory until there is");
-            return Ok((None, Vec::new()));
-        }
-        Err(e) => return Err(e),
-    };
-    if pending.is_empty() && (!wanted || capacity != options.file_cache_bytes) {
-        drop(cache);
-        fs::remove_file(&path).map_err(|e| Error::io("remove file cache", &path, e))?;
-        if !wanted {
-            return Ok((None, Vec::new()));
-        }
-        return match FileCache::open(&path, options.file_cache_bytes, group_id, journalled, hooks) {
-            Ok((cache, _)) => Ok((Some(Arc::new(cache)), Vec::new())),
-            Err(e) if e.is_disk_full() => {
-                tracing::warn!(cache = %path.display(), error = %e, "no room for the file cache; records wait in memory until there is");
-                Ok((None, Vec::new()))
-            }
-            Err(e) => Err(e),
+    let Some(capacity) = existing else {
+        let made = if wanted {
+            new_file_cache(dir, options, group_id, journalled)?
+        } else {
+            None
         };
+        return Ok((made.map(Arc::new), Vec::new()));
+    };
+    // A cache left from an earlier run may hold acknowledged writes: any
+    // failure to open it stops the journal.
+    let (cache, pending) = FileCache::open(
+        &path,
+        capacity,
+        group_id,
+        journalled,
+        options.io_hooks.as_ref(),
+    )?;
+    if !pending.is_empty() || (wanted && capacity == options.file_cache_bytes) {
+        return Ok((Some(Arc::new(cache)), pending));
     }
-    Ok((Some(Arc::new(cache)), pending))
+    drop(cache);
+    fs::remove_file(&path).map_err(|e| Error::io("remove file cache", &path, e))?;
+    let made = if wanted {
+        new_file_cache(dir, options, group_id, journalled)?
+    } else {
+        None
+    };
+    Ok((made.map(Arc::new), Vec::new()))
+}
+
+/// Makes a new, empty file cache of the configured size in `DIR/cache`;
+/// `None` when the disk has no room for it (records then wait in memory
+/// until it can be made).
+fn new_file_cache(
+    dir: &Path,
+    options: &JournalOptions,
+    group_id: u64,
+    journalled: Seq,
+) -> Result<Option<FileCache>> {
+    let path = file_cache::file_cache_path(dir);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
+    }
+    match FileCache::open(
+        &path,
+        options.file_cache_bytes,
+        group_id,
+        journalled,
+        options.io_hooks.as_ref(),
+    ) {
+        Ok((cache, _)) => Ok(Some(cache)),
+        Err(e) if e.is_disk_full() => {
+            tracing::warn!(cache = %path.display(), error = %e, "no room for the file cache; records wait in memory until there is");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn lock_dir(dir: &Path) -> Result<File> {

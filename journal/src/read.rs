@@ -146,7 +146,7 @@ impl Shared {
                             let src = (at - record_offset) as usize;
                             let piece = data.get(src..src + dst.len()).ok_or_else(|| {
                                 Error::corruption(
-                                    self.segments_dir.join(format!("{:020}.seg", entry.segment)),
+                                    crate::segment::segment_path(&self.segments_dir, entry.segment),
                                     entry.offset,
                                     format!(
                                         "record seq {} does not cover volume {} byte {at} as the index says",

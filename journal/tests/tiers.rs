@@ -208,7 +208,7 @@ fn records_in_the_file_cache_survive_and_are_journalled_first() {
         Journal::open(dir.path(), options(CacheTiers::Memory, &faults, 1 << 20)).expect("reopen");
     assert_eq!(report.replayed_from_file_cache, 0);
     assert!(journal.cache_stats().file.is_none());
-    assert!(!dir.path().join("cache").join("file-cache.ring").exists());
+    assert!(!tidemark_journal::file_cache::file_cache_path(dir.path()).exists());
     check_reads(&journal, &model, &mut rng, 10);
 }
 
