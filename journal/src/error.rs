@@ -100,6 +100,8 @@ pub enum Error {
         offset: u64,
         /// The underlying error.
         reason: String,
+        /// Whether it was the disk running out of space.
+        disk_full: bool,
     },
 
     /// The journal has been closed, or its writer stopped.
@@ -185,7 +187,7 @@ impl Error {
             Error::Io { source, .. } => {
                 source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
             }
-            Error::AppendFailed { reason, .. } => reason.contains("No space left"),
+            Error::AppendFailed { disk_full, .. } => *disk_full,
             _ => false,
         }
     }

@@ -318,8 +318,8 @@ struct WrittenBatch {
 }
 
 impl WrittenBatch {
-    /// Answers every appender of the batch with a failure.
-    fn fail(mut self, reason: &str) {
+    /// Answers every appender of the batch with a failure caused by `cause`.
+    fn fail(mut self, cause: &Error) {
         // Room is given back before anyone hears the outcome, so an
         // appender that was answered never finds its bytes still charged.
         drop(self.charge.take());
@@ -327,7 +327,8 @@ impl WrittenBatch {
             let _ = reply.send(Err(Error::AppendFailed {
                 path: self.path.clone(),
                 offset: self.end,
-                reason: reason.to_string(),
+                reason: cause.to_string(),
+                disk_full: cause.is_disk_full(),
             }));
         }
     }
@@ -513,6 +514,7 @@ impl Writer {
             }
             Err(e) => {
                 let reason = e.to_string();
+                let disk_full = e.is_disk_full();
                 if batch
                     .iter()
                     .any(|p| matches!(p.record, Payload::File { .. }))
@@ -530,6 +532,7 @@ impl Writer {
                         path: replies_path.clone(),
                         offset: at,
                         reason: reason.clone(),
+                        disk_full,
                     }));
                 }
             }
@@ -684,7 +687,7 @@ fn io_stage(
             ToIo::Batch(mut write, batch) => {
                 if let Some(e) = shared.poisoned() {
                     pool.give(write.into_buf());
-                    batch.fail(&e.to_string());
+                    batch.fail(&e);
                     continue;
                 }
                 match write_waiting_out_full_disk(shared, &mut write) {
@@ -698,7 +701,7 @@ fn io_stage(
                         let err = write.error(e);
                         pool.give(write.into_buf());
                         shared.poison(err.to_string());
-                        batch.fail(&err.to_string());
+                        batch.fail(&err);
                         continue;
                     }
                 }
@@ -770,7 +773,7 @@ fn sync_stage(shared: &Shared, from_io: &Receiver<ToSync>, synced_to: &Mutex<(u6
             match item {
                 ToSync::Batch(mut batch) => {
                     if let Some(e) = &failure {
-                        batch.fail(&e.to_string());
+                        batch.fail(e);
                         continue;
                     }
                     index_batch(shared, batch.segment, &batch.records, &batch.entry);
