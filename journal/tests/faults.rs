@@ -18,6 +18,15 @@ const START: i64 = 1_800_000_000_000_000_000;
 const ENOSPC: i32 = 28;
 const EIO: i32 = 5;
 
+/// Opens the journal again after the faults, with no faults.
+fn reopen(dir: &std::path::Path) -> (Journal, tidemark_journal::RecoveryReport) {
+    open(
+        dir,
+        &Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+        RecoveryMode::Strict,
+    )
+}
+
 fn faulty_options(faults: &Arc<FaultyIo>, cache: u64) -> JournalOptions {
     JournalOptions {
         io_hooks: faults.clone(),
@@ -155,11 +164,7 @@ fn a_full_disk_stalls_appends_until_space_returns() {
     check_reads(&journal, &model, &mut rng, 10);
     journal.close().expect("close");
 
-    let (journal, report) = open(
-        dir.path(),
-        &Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
-        RecoveryMode::Strict,
-    );
+    let (journal, report) = reopen(dir.path());
     assert_eq!(report.newest_seq, seq);
     assert!(report.torn_tail.is_none(), "{report:?}");
     check_reads(&journal, &model, &mut rng, 10);
@@ -214,11 +219,7 @@ fn a_full_disk_when_a_segment_is_made_fails_appends_cleanly_and_recovers() {
         vec![(volume, Op::Write { offset: 0, data })],
     );
     journal.close().expect("close");
-    let (journal, _) = open(
-        dir.path(),
-        &Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
-        RecoveryMode::Strict,
-    );
+    let (journal, _) = reopen(dir.path());
     check_reads(&journal, &model, &mut rng, 10);
 }
 
@@ -264,11 +265,7 @@ fn a_failed_fsync_stops_appends_until_reopen_and_loses_nothing_acknowledged() {
         other => panic!("appends after a failed fsync gave {other:?}"),
     }
     journal.close().expect("close");
-    let (journal, report) = open(
-        dir.path(),
-        &Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
-        RecoveryMode::Strict,
-    );
+    let (journal, report) = reopen(dir.path());
     assert!(report.newest_seq >= model.newest());
     // The unacknowledged write may or may not have reached the disk.
     let mut prefix = model.clone();
@@ -336,10 +333,6 @@ fn retention_never_removes_a_segment_whose_last_batches_are_still_syncing() {
     model.horizon = journal.history().horizon_seq;
     check_reads(&journal, &model, &mut rng, 20);
     journal.close().expect("close");
-    let (journal, _) = open(
-        dir.path(),
-        &Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
-        RecoveryMode::Strict,
-    );
+    let (journal, _) = reopen(dir.path());
     check_reads(&journal, &model, &mut rng, 20);
 }
