@@ -438,6 +438,35 @@ impl Index {
         Ok(out)
     }
 
+    /// Every 4 KiB block of `volume` written (or zeroed, or trimmed) by a
+    /// record with seq > `after`, ascending, and the large zero/trim ranges
+    /// with seq > `after`. One pass over the volume's block keys: what a
+    /// rollback must rewrite.
+    pub fn changed_since(
+        &self,
+        volume: VolumeId,
+        after: Seq,
+    ) -> Result<(Vec<u64>, Vec<RangeEntry>)> {
+        let mut opts = ReadOptions::default();
+        opts.set_total_order_seek(true);
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_BLOCKS)?, opts);
+        iter.seek(block_key(volume, 0, 0));
+        let mut blocks: Vec<u64> = Vec::new();
+        while let Some(key) = iter.key() {
+            if key.len() != 20 || be_u32(key, 0) != volume {
+                break;
+            }
+            let block = be_u64(key, 4);
+            if be_u64(key, 12) > after && blocks.last() != Some(&block) {
+                blocks.push(block);
+            }
+            iter.next();
+        }
+        iter.status().map_err(|e| self.err(e))?;
+        let ranges = self.ranges(volume, after, Seq::MAX, 0, u64::MAX)?;
+        Ok((blocks, ranges))
+    }
+
     /// A raw iterator over the block family, for [`Index::block_versions`].
     pub fn block_iter(&self) -> Result<rocksdb::DBRawIterator<'_>> {
         let mut opts = ReadOptions::default();

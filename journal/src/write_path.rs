@@ -305,6 +305,20 @@ impl WritePath {
         Ok(report)
     }
 
+    /// Detaches `volume`: flushes its production volume, journals what
+    /// its dirty map still marks, and forgets it. Its journal history stays.
+    pub fn detach(&self, volume: &str) -> Result<()> {
+        let v = self.volume(volume)?;
+        self.inner.journal.sync()?;
+        v.device
+            .flush()
+            .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
+        let marked = v.dirty.marked();
+        self.inner.resync(&v, &marked, "detach")?;
+        self.inner.volumes.write().remove(volume);
+        Ok(())
+    }
+
     fn volume(&self, name: &str) -> Result<Arc<Protected>> {
         self.inner
             .volumes
