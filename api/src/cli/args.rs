@@ -1,0 +1,214 @@
+//! Commands and flags, as interface.md gives them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::point_spec::PointSpec;
+use crate::size::parse_size;
+
+/// tidemark — continuous data protection for block volumes.
+#[derive(Debug, Parser)]
+#[command(name = "tidemark", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Address of the daemon's gRPC API.
+    #[arg(
+        long,
+        global = true,
+        env = "TIDEMARK_SERVER",
+        default_value = "127.0.0.1:7700"
+    )]
+    pub server: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// A point, checked when the command line is parsed.
+fn point(text: &str) -> Result<String, String> {
+    PointSpec::parse(text).map(|_| text.to_string())
+}
+
+fn size(text: &str) -> Result<u64, String> {
+    parse_size(text)
+}
+
+fn mode(text: &str) -> Result<String, String> {
+    crate::config::parse_mode(text).map(|m| m.to_string())
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    /// Create, list, inspect, re-mode and delete protected volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Name points on a volume's timeline.
+    #[command(subcommand)]
+    Tag(TagCommand),
+    /// Show a volume's tags, flush points, events and gaps.
+    Timeline {
+        /// The volume.
+        volume: String,
+        /// Start at this point (default: the oldest retained).
+        #[arg(long, value_parser = point)]
+        from: Option<String>,
+        /// End at this point (default: latest).
+        #[arg(long, value_parser = point)]
+        to: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export a point as an NBD device and print its URI.
+    Export {
+        /// The volume.
+        volume: String,
+        /// The point.
+        #[arg(long, value_parser = point)]
+        at: String,
+        /// Accept writes into a throw-away overlay.
+        #[arg(long)]
+        writable: bool,
+    },
+    /// Remove an export made with `export`.
+    Unexport {
+        /// The export's name.
+        export: String,
+    },
+    /// Materialise a point into a file or device on the daemon's host.
+    Restore {
+        /// The volume.
+        volume: String,
+        /// The point.
+        #[arg(long, value_parser = point)]
+        at: String,
+        /// Target file or block device.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Rewind the live volume to a point (journalled, so it can be undone).
+    Rollback {
+        /// The volume.
+        volume: String,
+        /// The point.
+        #[arg(long, value_parser = point)]
+        to: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Show the daemon's role, epoch, volumes and exports.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `tidemark serve` flags.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Data directory (default ./tidemark-data).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// NBD listen address (default 127.0.0.1:10809).
+    #[arg(long)]
+    pub nbd: Option<String>,
+    /// gRPC listen address (default 127.0.0.1:7700).
+    #[arg(long)]
+    pub grpc: Option<String>,
+    /// HTTP listen address (default 127.0.0.1:7701).
+    #[arg(long)]
+    pub http: Option<String>,
+}
+
+/// `tidemark volume …`.
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create and protect a volume.
+    Create {
+        /// Its name (letters, digits, '-', '_', '.').
+        name: String,
+        /// Its size: 512, 64K, 10G, 1T (powers of 1024).
+        #[arg(long, value_parser = size)]
+        size: u64,
+        /// The production volume (file or block device); default: a
+        /// sparse file in the data directory.
+        #[arg(long)]
+        backing: Option<PathBuf>,
+        /// IO mode.
+        #[arg(long, value_parser = mode)]
+        mode: Option<String>,
+        /// Consistency group (default: its own).
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// List volumes.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one volume: mode, cache use, newest seq, horizon.
+    Show {
+        /// The volume.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a volume's IO mode.
+    SetMode {
+        /// The volume.
+        name: String,
+        /// sync, async or adaptive.
+        #[arg(value_parser = mode)]
+        mode: String,
+    },
+    /// Stop protecting a volume and delete its journal.
+    Delete {
+        /// The volume.
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// `tidemark tag …`.
+#[derive(Debug, Subcommand)]
+pub enum TagCommand {
+    /// Tag the current point (after a flush).
+    Create {
+        /// The volume.
+        volume: String,
+        /// The tag's name, unique per volume.
+        name: String,
+        /// A note.
+        #[arg(long)]
+        note: Option<String>,
+        /// Freeze the application first (needs a [[tagging.hook]]).
+        #[arg(long)]
+        app_consistent: bool,
+    },
+    /// List a volume's tags.
+    List {
+        /// The volume.
+        volume: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a tag.
+    Delete {
+        /// The volume.
+        volume: String,
+        /// The tag.
+        name: String,
+    },
+}

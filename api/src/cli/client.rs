@@ -1,0 +1,500 @@
+//! Client commands: each is one gRPC call (or stream) to the daemon.
+
+use std::io::{IsTerminal, Write};
+
+use serde_json::json;
+use tidemark_proto::v1 as pb;
+use tidemark_proto::v1::tidemark_client::TidemarkClient;
+use tonic::transport::Channel;
+
+use super::args::{Command, TagCommand, VolumeCommand};
+use super::output::{self, tag_json, timeline_json, volume_json};
+use crate::size::format_size;
+
+/// How a client command failed: exit status 1 (the operation failed) or
+/// 2 (bad usage), with one sentence for stderr.
+#[derive(Debug)]
+pub struct Failure {
+    /// Exit status.
+    pub code: i32,
+    /// What was wrong.
+    pub message: String,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        Failure {
+            code: 1,
+            message: status.message().to_string(),
+        }
+    }
+}
+
+fn usage(message: String) -> Failure {
+    Failure { code: 2, message }
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+/// Asks on the terminal; without one, `--yes` is required.
+fn confirm(question: &str, what: &str) -> Result<(), Failure> {
+    if !std::io::stdin().is_terminal() {
+        return Err(usage(format!(
+            "refusing to {what} without --yes (no terminal to ask on)"
+        )));
+    }
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().read_line(&mut answer);
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: 1,
+            message: format!("did not {what}"),
+        })
+    }
+}
+
+async fn connect(server: &str) -> Result<TidemarkClient<Channel>, Failure> {
+    let uri = if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    };
+    let endpoint = Channel::from_shared(uri)
+        .map_err(|e| usage(format!("--server {server:?} is not an address: {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| Failure {
+        code: 1,
+        message: format!(
+            "cannot reach the tidemark daemon at {server} ({e}); is `tidemark serve` running?"
+        ),
+    })?;
+    Ok(TidemarkClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
+/// Runs one client command against the daemon at `server`.
+pub fn run_client(server: &str, command: Command) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot start the runtime: {e}"),
+        })?;
+    runtime.block_on(async move {
+        let mut client = connect(server).await?;
+        run(&mut client, command).await
+    })
+}
+
+async fn run(client: &mut TidemarkClient<Channel>, command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Serve(_) => unreachable!("serve is not a client command"),
+        Command::Volume(v) => volume(client, v).await,
+        Command::Tag(t) => tag(client, t).await,
+        Command::Timeline {
+            volume,
+            from,
+            to,
+            json,
+        } => {
+            let t = client
+                .timeline(pb::TimelineRequest {
+                    volume,
+                    from: from.unwrap_or_default(),
+                    to: to.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&timeline_json(&t));
+            } else {
+                println!(
+                    "volume {}: history seq {}..={}",
+                    t.volume, t.horizon_seq, t.newest_seq
+                );
+                let rows: Vec<Vec<String>> = t
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        let seq = if e.count > 1 && e.kind == "flush" {
+                            format!("{}..{}", e.first_seq, e.seq)
+                        } else {
+                            e.seq.to_string()
+                        };
+                        vec![
+                            seq,
+                            e.time.clone(),
+                            e.kind.clone(),
+                            e.name.clone(),
+                            e.detail.clone(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["SEQ", "TIME", "KIND", "NAME", "DETAIL"], &rows);
+            }
+            Ok(())
+        }
+        Command::Export {
+            volume,
+            at,
+            writable,
+        } => {
+            let e = client
+                .export(pb::ExportRequest {
+                    volume,
+                    at,
+                    writable,
+                })
+                .await?
+                .into_inner();
+            println!("{}", e.uri);
+            Ok(())
+        }
+        Command::Unexport { export } => {
+            client
+                .unexport(pb::UnexportRequest {
+                    name: export.clone(),
+                })
+                .await?;
+            println!("unexported {export}");
+            Ok(())
+        }
+        Command::Restore { volume, at, to } => restore(client, volume, at, to).await,
+        Command::Rollback { volume, to, yes } => {
+            if !yes {
+                confirm(
+                    &format!("Roll volume {volume} back to {to}? Its live contents change (the rollback can be undone)."),
+                    &format!("roll back volume {volume}"),
+                )?;
+            }
+            let r = client
+                .rollback(pb::RollbackRequest {
+                    volume: volume.clone(),
+                    to,
+                })
+                .await?
+                .into_inner();
+            println!(
+                "rolled volume {volume} back to seq {}: {} rewritten; undo with: tidemark rollback {volume} --to {}",
+                r.to_seq,
+                format_size(r.bytes),
+                r.undo_seq
+            );
+            Ok(())
+        }
+        Command::Status { json } => {
+            let s = client.status(pb::StatusRequest {}).await?.into_inner();
+            if json {
+                print_json(&json!({
+                    "volumes": s.volumes.iter().map(volume_json).collect::<Vec<_>>(),
+                    "role": s.role,
+                    "epoch": s.epoch,
+                    "version": s.version,
+                    "nbd": s.nbd,
+                    "data_dir": s.data_dir,
+                    "exports": s.exports.iter().map(|e| json!({"name": e.name, "uri": e.uri, "seq": e.seq, "writable": e.writable})).collect::<Vec<_>>(),
+                }));
+            } else {
+                println!(
+                    "tidemark {}: role {}, epoch {}, NBD on {}, data in {}",
+                    s.version, s.role, s.epoch, s.nbd, s.data_dir
+                );
+                output::volumes_table(&s.volumes);
+                for e in &s.exports {
+                    println!(
+                        "export {} (seq {}{}): {}",
+                        e.name,
+                        e.seq,
+                        if e.writable { ", writable" } else { "" },
+                        e.uri
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn volume(
+    client: &mut TidemarkClient<Channel>,
+    command: VolumeCommand,
+) -> Result<(), Failure> {
+    match command {
+        VolumeCommand::Create {
+            name,
+            size,
+            backing,
+            mode,
+            group,
+        } => {
+            let backing = match backing {
+                Some(path) => std::path::absolute(&path)
+                    .map_err(|e| usage(format!("--backing {}: {e}", path.display())))?
+                    .display()
+                    .to_string(),
+                None => String::new(),
+            };
+            let v = client
+                .create_volume(pb::CreateVolumeRequest {
+                    name,
+                    size,
+                    backing,
+                    mode: mode.unwrap_or_default(),
+                    group: group.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "created volume {} ({}, {} mode, group {})",
+                v.name,
+                format_size(v.size),
+                v.mode,
+                v.group
+            );
+            Ok(())
+        }
+        VolumeCommand::List { json } => {
+            let list = client
+                .list_volumes(pb::ListVolumesRequest {})
+                .await?
+                .into_inner();
+            if json {
+                print_json(&serde_json::Value::Array(
+                    list.volumes.iter().map(volume_json).collect(),
+                ));
+            } else {
+                output::volumes_table(&list.volumes);
+            }
+            Ok(())
+        }
+        VolumeCommand::Show { name, json } => {
+            let d = client
+                .show_volume(pb::VolumeRef { name })
+                .await?
+                .into_inner();
+            let v = d.volume.unwrap_or_default();
+            let cache = d.cache.unwrap_or_default();
+            let stats = d.stats.unwrap_or_default();
+            if json {
+                let mut value = volume_json(&v);
+                value["cache"] = json!({
+                    "memory_bytes": cache.memory_bytes,
+                    "file_bytes": cache.file_bytes,
+                    "memory_limit": cache.memory_limit,
+                    "file_limit": cache.file_limit,
+                });
+                value["stats"] = json!({
+                    "writes": stats.writes,
+                    "bytes": stats.bytes,
+                    "sync_writes": stats.sync_writes,
+                    "async_writes": stats.async_writes,
+                    "mode_switches": stats.mode_switches,
+                    "resynced_regions": stats.resynced_regions,
+                    "dirty_regions": stats.dirty_regions,
+                    "cache_fallbacks": stats.cache_fallbacks,
+                });
+                value["journal_bytes"] = json!(d.journal_bytes);
+                value["nbd_clients"] = json!(d.nbd_clients);
+                value["tags"] = json!(d.tags);
+                print_json(&value);
+            } else {
+                println!("volume      {}", v.name);
+                println!("size        {}", format_size(v.size));
+                println!(
+                    "mode        {} (writes go {} now)",
+                    v.mode, v.effective_mode
+                );
+                println!("group       {}", v.group);
+                println!("backing     {}", v.backing);
+                println!("newest      seq {} at {}", v.newest_seq, v.newest_time);
+                println!("horizon     seq {} at {}", v.horizon_seq, v.horizon_time);
+                println!("journal     {}", format_size(d.journal_bytes));
+                println!(
+                    "cache       memory {} of {}, file {} of {}",
+                    format_size(cache.memory_bytes),
+                    format_size(cache.memory_limit),
+                    format_size(cache.file_bytes),
+                    format_size(cache.file_limit)
+                );
+                println!(
+                    "writes      {} ({}; {} sync, {} async), {} mode switches, {} regions resynced",
+                    stats.writes,
+                    format_size(stats.bytes),
+                    stats.sync_writes,
+                    stats.async_writes,
+                    stats.mode_switches,
+                    stats.resynced_regions
+                );
+                println!("clients     {}", d.nbd_clients);
+                println!("tags        {}", d.tags);
+            }
+            Ok(())
+        }
+        VolumeCommand::SetMode { name, mode } => {
+            let v = client
+                .set_mode(pb::SetModeRequest { name, mode })
+                .await?
+                .into_inner();
+            println!("volume {} is now in {} mode", v.name, v.mode);
+            Ok(())
+        }
+        VolumeCommand::Delete { name, yes } => {
+            if !yes {
+                confirm(
+                    &format!("Delete volume {name} and its whole history?"),
+                    &format!("delete volume {name}"),
+                )?;
+            }
+            client
+                .delete_volume(pb::VolumeRef { name: name.clone() })
+                .await?;
+            println!("deleted volume {name}");
+            Ok(())
+        }
+    }
+}
+
+async fn tag(client: &mut TidemarkClient<Channel>, command: TagCommand) -> Result<(), Failure> {
+    match command {
+        TagCommand::Create {
+            volume,
+            name,
+            note,
+            app_consistent,
+        } => {
+            let t = client
+                .create_tag(pb::CreateTagRequest {
+                    volume: volume.clone(),
+                    name,
+                    note: note.unwrap_or_default(),
+                    app_consistent,
+                })
+                .await?
+                .into_inner();
+            println!(
+                "tagged volume {volume} at seq {} as {} ({} consistent)",
+                t.seq, t.name, t.consistency
+            );
+            Ok(())
+        }
+        TagCommand::List { volume, json } => {
+            let list = client
+                .list_tags(pb::VolumeRef { name: volume })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&serde_json::Value::Array(
+                    list.tags.iter().map(tag_json).collect(),
+                ));
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .tags
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            t.seq.to_string(),
+                            t.time.clone(),
+                            t.source.clone(),
+                            t.consistency.clone(),
+                            t.verified.clone(),
+                            t.note.clone(),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    &[
+                        "NAME",
+                        "SEQ",
+                        "TIME",
+                        "SOURCE",
+                        "CONSISTENCY",
+                        "VERIFIED",
+                        "NOTE",
+                    ],
+                    &rows,
+                );
+            }
+            Ok(())
+        }
+        TagCommand::Delete { volume, name } => {
+            client
+                .delete_tag(pb::DeleteTagRequest {
+                    volume: volume.clone(),
+                    name: name.clone(),
+                })
+                .await?;
+            println!("deleted tag {name} of volume {volume}");
+            Ok(())
+        }
+    }
+}
+
+async fn restore(
+    client: &mut TidemarkClient<Channel>,
+    volume: String,
+    at: String,
+    to: std::path::PathBuf,
+) -> Result<(), Failure> {
+    let target =
+        std::path::absolute(&to).map_err(|e| usage(format!("--to {}: {e}", to.display())))?;
+    let mut stream = client
+        .restore(pb::RestoreRequest {
+            volume: volume.clone(),
+            at,
+            to: target.display().to_string(),
+        })
+        .await?
+        .into_inner();
+    let terminal = std::io::stderr().is_terminal();
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    while let Some(progress) = stream.message().await? {
+        if progress.done {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            println!(
+                "restored volume {volume} at seq {} to {} ({})",
+                progress.seq,
+                target.display(),
+                format_size(progress.total_bytes)
+            );
+            return Ok(());
+        }
+        if terminal {
+            let bar = bar.get_or_insert_with(|| {
+                let bar = indicatif::ProgressBar::new(progress.total_bytes);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar
+            });
+            bar.set_position(progress.done_bytes);
+        } else {
+            eprintln!(
+                "restoring: {} of {} ({}%)",
+                format_size(progress.done_bytes),
+                format_size(progress.total_bytes),
+                progress.done_bytes * 100 / progress.total_bytes.max(1)
+            );
+        }
+    }
+    Err(Failure {
+        code: 1,
+        message: format!("restore of volume {volume} ended without completing"),
+    })
+}

@@ -1,0 +1,12 @@
+//! The command line: `tidemark serve` runs the daemon; every other
+//! subcommand is a gRPC client of a running daemon.
+//!
+//! - `args` — the commands and flags (clap).
+//! - `client` — what each client command does.
+//! - `output` — tables for people, JSON for scripts.
+
+pub mod args;
+mod client;
+mod output;
+
+pub use client::run_client;

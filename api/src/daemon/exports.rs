@@ -1,0 +1,439 @@
+//! Exports: what an NBD client (or `restore`) reads. `NAME` is the live
+//! volume; `NAME@POINT` an instant read-only view of a point, read straight
+//! from base image + journal; `tidemark export --writable` a view whose
+//! writes go to a throw-away overlay.
+//!
+//! A view holds the journal's retention back at its point (a manifest
+//! hold) for as long as it exists, so its history cannot be folded away
+//! under a reader.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tidemark_journal::{Point, Seq};
+
+use super::error::{ApiError, ApiResult};
+use super::registry::{Volume, WriterGuard};
+
+/// Prefix of the journal holds that exports place.
+pub const HOLD_PREFIX: &str = "export:";
+
+const BLOCK: u64 = 4096;
+
+/// What an export reads and writes.
+#[derive(Debug)]
+enum Target {
+    /// The live volume, through the write path; counted as a writer of
+    /// the volume while the export lives.
+    Live { _writer: WriterGuard },
+    /// The volume at `seq`, read-only.
+    Point { seq: Seq },
+    /// The volume at `seq` plus an overlay of writes.
+    Overlay { seq: Seq, overlay: Overlay },
+}
+
+/// One export.
+#[derive(Debug)]
+pub struct Export {
+    /// Its name, as NBD clients give it.
+    pub name: String,
+    /// The volume it shows.
+    pub volume: Arc<Volume>,
+    target: Target,
+    hold: Option<String>,
+}
+
+impl Export {
+    /// The live volume `volume`, counted as a writer while this lives.
+    pub fn live(volume: Arc<Volume>) -> Arc<Export> {
+        Arc::new(Export {
+            name: volume.name.clone(),
+            target: Target::Live {
+                _writer: WriterGuard::new(volume.clone()),
+            },
+            volume,
+            hold: None,
+        })
+    }
+
+    /// A view of `volume` at `seq`, holding retention there.
+    fn view(
+        name: String,
+        volume: Arc<Volume>,
+        seq: Seq,
+        overlay: Option<Overlay>,
+        hold: String,
+    ) -> ApiResult<Arc<Export>> {
+        volume.journal().set_hold(&hold, seq)?;
+        let target = match overlay {
+            Some(overlay) => Target::Overlay { seq, overlay },
+            None => Target::Point { seq },
+        };
+        Ok(Arc::new(Export {
+            name,
+            volume,
+            target,
+            hold: Some(hold),
+        }))
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.volume.size
+    }
+
+    /// True unless writes are accepted.
+    pub fn read_only(&self) -> bool {
+        matches!(self.target, Target::Point { .. })
+    }
+
+    /// True for the live volume.
+    pub fn is_live(&self) -> bool {
+        matches!(self.target, Target::Live { .. })
+    }
+
+    /// The point a view shows.
+    pub fn seq(&self) -> Option<Seq> {
+        match &self.target {
+            Target::Live { .. } => None,
+            Target::Point { seq } | Target::Overlay { seq, .. } => Some(*seq),
+        }
+    }
+
+    fn check(&self, offset: u64, len: u64) -> ApiResult<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            return Err(ApiError::Invalid(format!(
+                "export {}: range offset {offset} length {len} is outside the volume (size {})",
+                self.name,
+                self.size()
+            )));
+        }
+        Ok(())
+    }
+
+    fn read_point(&self, seq: Seq, offset: u64, buf: &mut [u8]) -> ApiResult<()> {
+        self.volume
+            .journal()
+            .read(&self.volume.name, offset, buf, Point::Seq(seq))?;
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> ApiResult<()> {
+        self.check(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match &self.target {
+            Target::Live { .. } => {
+                Ok(self
+                    .volume
+                    .group
+                    .write_path
+                    .read(&self.volume.name, offset, buf)?)
+            }
+            Target::Point { seq } => self.read_point(*seq, offset, buf),
+            Target::Overlay { seq, overlay } => {
+                overlay.read(offset, buf, |at, part| self.read_point(*seq, at, part))
+            }
+        }
+    }
+
+    fn refuse_read_only(&self) -> ApiResult<()> {
+        Err(ApiError::Invalid(format!(
+            "export {} is a read-only point-in-time view",
+            self.name
+        )))
+    }
+
+    /// Writes `data` at `offset`.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> ApiResult<()> {
+        self.check(offset, data.len() as u64)?;
+        match &self.target {
+            Target::Live { .. } => {
+                self.volume
+                    .group
+                    .write_path
+                    .write(&self.volume.name, offset, data, fua)?;
+                Ok(())
+            }
+            Target::Point { .. } => self.refuse_read_only(),
+            Target::Overlay { seq, overlay } => {
+                overlay.write(offset, data, |at, part| self.read_point(*seq, at, part))
+            }
+        }
+    }
+
+    /// Sets `len` bytes at `offset` to zero (`trim` only drops them).
+    pub fn zero(&self, offset: u64, len: u64, fua: bool, trim: bool) -> ApiResult<()> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        match &self.target {
+            Target::Live { .. } => {
+                let wp = &self.volume.group.write_path;
+                if trim {
+                    wp.trim(&self.volume.name, offset, len)?;
+                } else {
+                    wp.write_zeroes(&self.volume.name, offset, len, fua)?;
+                }
+                Ok(())
+            }
+            Target::Point { .. } => self.refuse_read_only(),
+            Target::Overlay { .. } => {
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut at = offset;
+                while at < offset + len {
+                    let n = (offset + len - at).min(zeros.len() as u64) as usize;
+                    self.write(at, &zeros[..n], false)?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes acknowledged writes durable; on the live volume also records
+    /// a flush point.
+    pub fn flush(&self) -> ApiResult<()> {
+        if let Target::Live { .. } = self.target {
+            self.volume.group.write_path.flush(&self.volume.name)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        if let Some(hold) = &self.hold {
+            if let Err(e) = self.volume.journal().release_hold(hold) {
+                tracing::warn!(export = %self.name, error = %e, "could not release the export's retention hold");
+            }
+        }
+    }
+}
+
+/// Writes to a writable view: a sparse file the size of the volume and a
+/// bitmap of the 4 KiB blocks written. Deleted with the export.
+#[derive(Debug)]
+struct Overlay {
+    path: PathBuf,
+    file: File,
+    written: Mutex<Vec<u64>>,
+}
+
+impl Overlay {
+    fn create(path: PathBuf, size: u64) -> ApiResult<Overlay> {
+        let failed = |e: std::io::Error| {
+            ApiError::Failed(format!("cannot create overlay {}: {e}", path.display()))
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(failed)?;
+        file.set_len(size).map_err(failed)?;
+        let blocks = size.div_ceil(BLOCK);
+        Ok(Overlay {
+            written: Mutex::new(vec![0; blocks.div_ceil(64) as usize]),
+            path,
+            file,
+        })
+    }
+
+    fn is_set(bits: &[u64], block: u64) -> bool {
+        bits[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+
+    fn io_error(&self, what: &str, offset: u64, e: std::io::Error) -> ApiError {
+        ApiError::Failed(format!(
+            "cannot {what} overlay {} at offset {offset}: {e}",
+            self.path.display()
+        ))
+    }
+
+    /// Reads from the overlay where it was written and from `base`
+    /// elsewhere, run by run.
+    fn read(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        mut base: impl FnMut(u64, &mut [u8]) -> ApiResult<()>,
+    ) -> ApiResult<()> {
+        let bits = self.written.lock();
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let block = at / BLOCK;
+            let in_overlay = Self::is_set(&bits, block);
+            let mut run_end = ((block + 1) * BLOCK).min(end);
+            while run_end < end && Self::is_set(&bits, run_end / BLOCK) == in_overlay {
+                run_end = (run_end + BLOCK).min(end);
+            }
+            let part = &mut buf[(at - offset) as usize..(run_end - offset) as usize];
+            if in_overlay {
+                self.file
+                    .read_exact_at(part, at)
+                    .map_err(|e| self.io_error("read", at, e))?;
+            } else {
+                base(at, part)?;
+            }
+            at = run_end;
+        }
+        Ok(())
+    }
+
+    /// Writes into the overlay; partly written blocks are first filled
+    /// from `base` so the overlay always holds whole blocks.
+    fn write(
+        &self,
+        offset: u64,
+        data: &[u8],
+        mut base: impl FnMut(u64, &mut [u8]) -> ApiResult<()>,
+    ) -> ApiResult<()> {
+        let mut bits = self.written.lock();
+        let end = offset + data.len() as u64;
+        let first = offset / BLOCK;
+        let last = end.div_ceil(BLOCK);
+        let size = self.file.metadata().map(|m| m.len()).unwrap_or(end);
+        for block in [first, last.saturating_sub(1)] {
+            let start = block * BLOCK;
+            let block_end = (start + BLOCK).min(size);
+            let partial = offset > start || end < block_end;
+            if partial && !Self::is_set(&bits, block) {
+                let mut fill = vec![0u8; (block_end - start) as usize];
+                base(start, &mut fill)?;
+                self.file
+                    .write_all_at(&fill, start)
+                    .map_err(|e| self.io_error("write", start, e))?;
+                bits[(block / 64) as usize] |= 1 << (block % 64);
+            }
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| self.io_error("write", offset, e))?;
+        for block in first..last {
+            bits[(block / 64) as usize] |= 1 << (block % 64);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The exports made with `tidemark export`, by name.
+#[derive(Debug)]
+pub struct Exports {
+    dir: PathBuf,
+    table: Mutex<BTreeMap<String, Arc<Export>>>,
+    counter: AtomicU64,
+}
+
+impl Exports {
+    /// An empty table whose overlays live in `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        // Overlays of an earlier run are throw-away by definition.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Exports {
+            dir,
+            table: Mutex::new(BTreeMap::new()),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A view of `volume` at `seq` made for one NBD connection (not in the
+    /// table; gone when the client disconnects).
+    pub fn transient(&self, name: &str, volume: Arc<Volume>, seq: Seq) -> ApiResult<Arc<Export>> {
+        let hold = format!("{HOLD_PREFIX}{name}#{}", self.next());
+        Export::view(name.to_string(), volume, seq, None, hold)
+    }
+
+    /// Makes (or finds) a named export of `volume` at `seq`.
+    pub fn create(&self, volume: Arc<Volume>, seq: Seq, writable: bool) -> ApiResult<Arc<Export>> {
+        let mut table = self.table.lock();
+        if !writable {
+            let name = format!("{}@{seq}", volume.name);
+            if let Some(existing) = table.get(&name) {
+                return Ok(existing.clone());
+            }
+            let hold = format!("{HOLD_PREFIX}{name}");
+            let export = Export::view(name.clone(), volume, seq, None, hold)?;
+            table.insert(name, export.clone());
+            return Ok(export);
+        }
+        let n = self.next();
+        let name = format!("{}@{seq}.overlay-{n}", volume.name);
+        let overlay = Overlay::create(self.dir.join(format!("{n}.overlay")), volume.size)?;
+        let hold = format!("{HOLD_PREFIX}{name}");
+        let export = Export::view(name.clone(), volume, seq, Some(overlay), hold)?;
+        table.insert(name, export.clone());
+        Ok(export)
+    }
+
+    /// The named export `name`, if there is one.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.table.lock().get(name).cloned()
+    }
+
+    /// Removes export `name`; clients still connected keep it until they
+    /// disconnect.
+    pub fn remove(&self, name: &str) -> ApiResult<()> {
+        let mut table = self.table.lock();
+        if table.remove(name).is_some() {
+            return Ok(());
+        }
+        let known: Vec<&String> = table.keys().collect();
+        Err(ApiError::NotFound(if known.is_empty() {
+            format!("no export named {name:?} (there are no exports)")
+        } else {
+            format!(
+                "no export named {name:?}; exports: {}",
+                known
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }))
+    }
+
+    /// Every named export.
+    pub fn list(&self) -> Vec<Arc<Export>> {
+        self.table.lock().values().cloned().collect()
+    }
+
+    /// Names of the exports of `volume`.
+    pub fn of_volume(&self, volume: &str) -> Vec<String> {
+        self.table
+            .lock()
+            .values()
+            .filter(|e| e.volume.name == volume)
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// Drops every named export.
+    pub fn clear(&self) {
+        self.table.lock().clear();
+    }
+}

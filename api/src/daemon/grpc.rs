@@ -1,0 +1,501 @@
+//! The gRPC service: every operation of the CLI, and Ingest for capture
+//! agents. Each call runs its journal work on the blocking pool.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tidemark_proto::v1 as pb;
+use tidemark_proto::v1::tidemark_server::Tidemark;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::error::{ApiError, ApiResult};
+use super::registry::{Volume, WriterGuard};
+use super::tags::TagBody;
+use super::{restore, rollback, timeline, Daemon};
+use crate::point_spec::PointSpec;
+
+/// The service over one daemon.
+#[derive(Debug, Clone)]
+pub struct Service {
+    daemon: Arc<Daemon>,
+}
+
+impl Service {
+    /// The service of `daemon`.
+    pub fn new(daemon: Arc<Daemon>) -> Self {
+        Service { daemon }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Daemon) -> ApiResult<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let daemon = self.daemon.clone();
+        tokio::task::spawn_blocking(move || f(&daemon))
+            .await
+            .map_err(|e| Status::internal(format!("request failed: {e}")))?
+            .map_err(Status::from)
+    }
+}
+
+fn point(text: &str, what: &str) -> ApiResult<Option<PointSpec>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    PointSpec::parse(text)
+        .map(Some)
+        .map_err(|e| ApiError::Invalid(format!("{what}: {e}")))
+}
+
+fn required_point(text: &str, what: &str) -> ApiResult<PointSpec> {
+    point(text, what)?.ok_or_else(|| ApiError::Invalid(format!("{what}: a point is required")))
+}
+
+/// The API's view of a volume.
+pub fn volume_proto(daemon: &Daemon, v: &Volume) -> pb::Volume {
+    let history = v.history();
+    let (mode, now) = daemon.registry.mode(v);
+    let spec = v.spec.lock().clone();
+    pb::Volume {
+        name: v.name.clone(),
+        size: v.size,
+        mode: mode.to_string(),
+        group: v.group.name.clone(),
+        newest_seq: history.newest_seq,
+        horizon_seq: history.horizon_seq,
+        backing: spec.backing.display().to_string(),
+        effective_mode: now.to_string(),
+        newest_time: history.newest_time.to_string(),
+        horizon_time: history.horizon_time.to_string(),
+    }
+}
+
+fn export_proto(daemon: &Daemon, e: &super::exports::Export) -> pb::ExportResponse {
+    pb::ExportResponse {
+        name: e.name.clone(),
+        uri: format!("nbd://{}/{}", daemon.nbd_addr, e.name),
+        seq: e.seq().unwrap_or(0),
+        time: String::new(),
+        writable: !e.read_only(),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Tidemark for Service {
+    async fn create_volume(
+        &self,
+        request: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = request.into_inner();
+        self.blocking(move |d| {
+            let backing = (!r.backing.is_empty()).then(|| PathBuf::from(&r.backing));
+            let v = d.registry.create_volume(
+                &r.name,
+                r.size,
+                backing.as_deref(),
+                Some(&r.mode),
+                Some(&r.group),
+            )?;
+            Ok(volume_proto(d, &v))
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn list_volumes(
+        &self,
+        _: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        self.blocking(|d| {
+            Ok(pb::ListVolumesResponse {
+                volumes: d
+                    .registry
+                    .volumes()
+                    .iter()
+                    .map(|v| volume_proto(d, v))
+                    .collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn show_volume(
+        &self,
+        request: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::VolumeDetail>, Status> {
+        let name = request.into_inner().name;
+        self.blocking(move |d| {
+            let v = d.registry.volume(&name)?;
+            let cache = v.journal().cache_stats();
+            let stats = v.group.write_path.stats(&name)?;
+            Ok(pb::VolumeDetail {
+                volume: Some(volume_proto(d, &v)),
+                cache: Some(pb::CacheUse {
+                    memory_bytes: cache.memory.used_bytes,
+                    file_bytes: cache.file.map_or(0, |f| f.used_bytes),
+                    memory_limit: cache.memory.limit_bytes,
+                    file_limit: cache.file.map_or(0, |f| f.capacity_bytes),
+                }),
+                stats: Some(pb::VolumeStats {
+                    writes: stats.writes,
+                    bytes: stats.bytes,
+                    sync_writes: stats.sync_writes,
+                    async_writes: stats.async_writes,
+                    mode_switches: stats.mode_switches,
+                    resynced_regions: stats.resynced_regions,
+                    dirty_regions: stats.dirty_regions,
+                    cache_fallbacks: stats.cache_fallbacks,
+                }),
+                journal_bytes: v.journal().journal_bytes(),
+                nbd_clients: v.writers.load(std::sync::atomic::Ordering::Relaxed),
+                tags: d.registry.tags(&v)?.len() as u32,
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn set_mode(
+        &self,
+        request: Request<pb::SetModeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = request.into_inner();
+        self.blocking(move |d| {
+            let v = d.registry.set_mode(&r.name, &r.mode)?;
+            Ok(volume_proto(d, &v))
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let name = request.into_inner().name;
+        self.blocking(move |d| d.registry.delete_volume(&name))
+            .await
+            .map(|()| Response::new(pb::Empty {}))
+    }
+
+    async fn create_tag(
+        &self,
+        request: Request<pb::CreateTagRequest>,
+    ) -> Result<Response<pb::Tag>, Status> {
+        let r = request.into_inner();
+        self.blocking(move |d| {
+            let v = d.registry.volume(&r.volume)?;
+            if r.app_consistent {
+                return Err(ApiError::Invalid(format!(
+                    "volume {}: --app-consistent needs a [[tagging.hook]] with freeze and thaw commands for it, and none is configured",
+                    r.volume
+                )));
+            }
+            let tag = d
+                .registry
+                .create_tag(&v, &r.name, TagBody::manual(&r.note))?;
+            Ok(tag.to_proto())
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn list_tags(
+        &self,
+        request: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::ListTagsResponse>, Status> {
+        let name = request.into_inner().name;
+        self.blocking(move |d| {
+            let v = d.registry.volume(&name)?;
+            Ok(pb::ListTagsResponse {
+                tags: d.registry.tags(&v)?.iter().map(|t| t.to_proto()).collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn delete_tag(
+        &self,
+        request: Request<pb::DeleteTagRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        self.blocking(move |d| {
+            let v = d.registry.volume(&r.volume)?;
+            d.registry.delete_tag(&v, &r.name)
+        })
+        .await
+        .map(|()| Response::new(pb::Empty {}))
+    }
+
+    async fn timeline(
+        &self,
+        request: Request<pb::TimelineRequest>,
+    ) -> Result<Response<pb::TimelineResponse>, Status> {
+        let r = request.into_inner();
+        self.blocking(move |d| {
+            let v = d.registry.volume(&r.volume)?;
+            let from = point(&r.from, "--from")?;
+            let to = point(&r.to, "--to")?;
+            let (horizon_seq, newest_seq, entries) =
+                timeline::timeline(&d.registry, &v, from.as_ref(), to.as_ref())?;
+            Ok(pb::TimelineResponse {
+                volume: v.name.clone(),
+                horizon_seq,
+                newest_seq,
+                entries: entries
+                    .into_iter()
+                    .map(|e| pb::TimelineEntry {
+                        seq: e.seq,
+                        time: e.time.to_string(),
+                        kind: e.kind.to_string(),
+                        name: e.name,
+                        count: e.count,
+                        first_seq: e.first_seq,
+                        detail: e.detail,
+                    })
+                    .collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn export(
+        &self,
+        request: Request<pb::ExportRequest>,
+    ) -> Result<Response<pb::ExportResponse>, Status> {
+        let r = request.into_inner();
+        self.blocking(move |d| {
+            let v = d.registry.volume(&r.volume)?;
+            let at = required_point(&r.at, "--at")?;
+            let seq = d.registry.resolve(&v, &at)?;
+            let export = d.registry.exports.create(v, seq, r.writable)?;
+            Ok(export_proto(d, &export))
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn unexport(
+        &self,
+        request: Request<pb::UnexportRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let name = request.into_inner().name;
+        self.blocking(move |d| d.registry.exports.remove(&name))
+            .await
+            .map(|()| Response::new(pb::Empty {}))
+    }
+
+    type RestoreStream = BoxStream<pb::RestoreProgress>;
+
+    async fn restore(
+        &self,
+        request: Request<pb::RestoreRequest>,
+    ) -> Result<Response<Self::RestoreStream>, Status> {
+        let r = request.into_inner();
+        if r.to.is_empty() {
+            return Err(Status::invalid_argument(
+                "restore needs a target path (--to)",
+            ));
+        }
+        let (v, seq) = self
+            .blocking({
+                let r = r.clone();
+                move |d| {
+                    let v = d.registry.volume(&r.volume)?;
+                    let at = required_point(&r.at, "--at")?;
+                    let seq = d.registry.resolve(&v, &at)?;
+                    Ok((v, seq))
+                }
+            })
+            .await?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::task::spawn_blocking(move || {
+            let path = PathBuf::from(&r.to);
+            let mut last_sent = 0u64;
+            let result = restore::restore(&v, seq, &path, |done, total| {
+                if done - last_sent >= 64 << 20 || done == total {
+                    last_sent = done;
+                    let _ = tx.blocking_send(Ok(pb::RestoreProgress {
+                        done_bytes: done,
+                        total_bytes: total,
+                        done: false,
+                        seq,
+                    }));
+                }
+            });
+            let last = match result {
+                Ok(()) => Ok(pb::RestoreProgress {
+                    done_bytes: v.size,
+                    total_bytes: v.size,
+                    done: true,
+                    seq,
+                }),
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = tx.blocking_send(last);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RollbackResponse>, Status> {
+        let r = request.into_inner();
+        self.blocking(move |d| {
+            let v = d.registry.volume(&r.volume)?;
+            let to = required_point(&r.to, "--to")?;
+            let report = rollback::rollback(&d.registry, &v, &to)?;
+            Ok(pb::RollbackResponse {
+                to_seq: report.to_seq,
+                undo_seq: report.undo_seq,
+                blocks: report.blocks,
+                bytes: report.bytes,
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.blocking(|d| {
+            let volumes: Vec<pb::Volume> = d
+                .registry
+                .volumes()
+                .iter()
+                .map(|v| volume_proto(d, v))
+                .collect();
+            let epoch = d
+                .registry
+                .groups()
+                .iter()
+                .map(|g| g.journal().epoch())
+                .max()
+                .unwrap_or(0);
+            Ok(pb::StatusResponse {
+                volumes,
+                role: "primary".into(),
+                epoch,
+                version: env!("CARGO_PKG_VERSION").into(),
+                nbd: d.nbd_addr.to_string(),
+                data_dir: d.registry.config().data_dir.display().to_string(),
+                exports: d
+                    .registry
+                    .exports
+                    .list()
+                    .iter()
+                    .map(|e| export_proto(d, e))
+                    .collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    type IngestStream = BoxStream<pb::IngestReply>;
+
+    async fn ingest(
+        &self,
+        request: Request<Streaming<pb::IngestRequest>>,
+    ) -> Result<Response<Self::IngestStream>, Status> {
+        let mut incoming = request.into_inner();
+        let first = incoming.next().await.ok_or_else(|| {
+            Status::invalid_argument("ingest stream ended before opening a volume")
+        })??;
+        let Some(pb::ingest_request::Op::Open(open)) = first.op else {
+            return Err(Status::invalid_argument(
+                "the first ingest message must open a volume",
+            ));
+        };
+        let guard = self
+            .blocking(move |d| Ok(WriterGuard::new(d.registry.volume(&open.volume)?)))
+            .await?;
+        let guard = Arc::new(guard);
+        let (tx, rx) = mpsc::channel(64);
+        let _ = tx
+            .send(Ok(pb::IngestReply {
+                id: first.id,
+                seq: 0,
+                mode: String::new(),
+                error: String::new(),
+            }))
+            .await;
+        let daemon = self.daemon.clone();
+        tokio::spawn(async move {
+            while let Some(message) = incoming.next().await {
+                let message = match message {
+                    Ok(m) => m,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let guard = guard.clone();
+                let daemon = daemon.clone();
+                let id = message.id;
+                let reply = tokio::task::spawn_blocking(move || {
+                    ingest_one(&daemon, guard.volume(), message)
+                })
+                .await
+                .unwrap_or_else(|e| Err(ApiError::Failed(e.to_string())));
+                let reply = match reply {
+                    Ok((seq, mode)) => pb::IngestReply {
+                        id,
+                        seq,
+                        mode,
+                        error: String::new(),
+                    },
+                    Err(e) => pb::IngestReply {
+                        id,
+                        seq: 0,
+                        mode: String::new(),
+                        error: e.to_string(),
+                    },
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Applies one ingest message to `volume`; returns the seq and mode.
+fn ingest_one(
+    _daemon: &Daemon,
+    volume: &Volume,
+    message: pb::IngestRequest,
+) -> ApiResult<(u64, String)> {
+    use pb::ingest_request::Op;
+    let wp = &volume.group.write_path;
+    let name = &volume.name;
+    let ack = match message.op {
+        Some(Op::Write(w)) => wp.write(name, w.offset, &w.data, w.fua)?,
+        Some(Op::Zero(z)) => wp.write_zeroes(name, z.offset, z.length, false)?,
+        Some(Op::Trim(t)) => wp.trim(name, t.offset, t.length)?,
+        Some(Op::Flush(_)) => {
+            let seq = wp.flush(name)?;
+            return Ok((seq.unwrap_or(0), wp.mode(name)?.1.to_string()));
+        }
+        Some(Op::Open(_)) => {
+            return Err(ApiError::Invalid(format!(
+                "this ingest stream already writes volume {name}; open another stream for another volume"
+            )))
+        }
+        None => return Err(ApiError::Invalid("ingest message without an operation".into())),
+    };
+    Ok((ack.seq.unwrap_or(0), ack.mode.to_string()))
+}

@@ -1,0 +1,189 @@
+//! `tidemark serve`: the daemon. It opens the data directory, serves NBD,
+//! gRPC and HTTP, runs retention, and on SIGTERM/SIGINT stops taking
+//! requests, lets those in flight finish and closes every journal, so
+//! everything acknowledged is durable.
+//!
+//! - [`registry`] — groups, volumes and the operations on them.
+//! - [`catalog`] — the persistent list of volumes.
+//! - [`exports`] — live, point-in-time and overlay exports.
+//! - [`tags`], [`timeline`] — tags and the timeline.
+//! - [`rollback`], [`restore`], [`initial_sync`] — recovery operations.
+//! - [`grpc`], [`http`], [`metrics`] — the API surfaces.
+//! - [`error`] — errors as clients see them.
+
+pub mod catalog;
+pub mod error;
+pub mod exports;
+pub mod grpc;
+pub mod http;
+pub mod initial_sync;
+pub mod metrics;
+pub mod registry;
+pub mod restore;
+pub mod rollback;
+pub mod tags;
+pub mod timeline;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use metrics::Metrics;
+use registry::Registry;
+
+/// What every surface of the daemon shares.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Groups, volumes, exports.
+    pub registry: Arc<Registry>,
+    /// The daemon's counters.
+    pub metrics: Metrics,
+    /// Where NBD clients reach us (for URIs).
+    pub nbd_addr: SocketAddr,
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn serve(config: Config) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(256)
+        .thread_name("tidemark")
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    // Bind first: a port in use is reported before any journal is opened.
+    let nbd = bind("NBD", config.nbd).await?;
+    let grpc = bind("gRPC", config.grpc).await?;
+    let http = bind("HTTP", config.http).await?;
+    let nbd_addr = nbd.local_addr().map_err(|e| e.to_string())?;
+    let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
+    let http_addr = http.local_addr().map_err(|e| e.to_string())?;
+
+    let registry = {
+        let owned = config.clone();
+        tokio::task::spawn_blocking(move || Registry::open(owned))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| {
+                format!(
+                    "cannot open data directory {}: {e}",
+                    config.data_dir.display()
+                )
+            })?
+    };
+    let daemon = Arc::new(Daemon {
+        registry: registry.clone(),
+        metrics: Metrics::default(),
+        nbd_addr,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let nbd_task = tokio::spawn(crate::nbd::serve(nbd, daemon.clone(), stop_rx.clone()));
+    let grpc_task = {
+        let service = tidemark_proto::v1::tidemark_server::TidemarkServer::new(grpc::Service::new(
+            daemon.clone(),
+        ))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+        let mut stop = stop_rx.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        })
+    };
+    let http_task = {
+        let mut stop = stop_rx.clone();
+        let router = http::router(daemon.clone());
+        tokio::spawn(async move {
+            let result = axum::serve(http, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        })
+    };
+    let retention_task = {
+        let registry = registry.clone();
+        let interval = config.retention_interval;
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = stop.changed() => break,
+                }
+                let registry = registry.clone();
+                let _ = tokio::task::spawn_blocking(move || registry.apply_retention()).await;
+            }
+        })
+    };
+
+    tracing::info!(nbd = %nbd_addr, grpc = %grpc_addr, http = %http_addr, data_dir = %config.data_dir.display(), "tidemark serving");
+    // One line on stdout for people and scripts, whatever the log level.
+    println!(
+        "tidemark serving: nbd://{nbd_addr} grpc={grpc_addr} http=http://{http_addr} data={}",
+        config.data_dir.display()
+    );
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing requests in flight");
+    let _ = stop_tx.send(true);
+    let _ = nbd_task.await;
+    let _ = grpc_task.await;
+    let _ = http_task.await;
+    let _ = retention_task.await;
+    // NBD connections answer what they have read, then close.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while daemon
+        .metrics
+        .nbd_open
+        .load(std::sync::atomic::Ordering::SeqCst)
+        > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::task::spawn_blocking(move || registry.shutdown())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("stopped; every acknowledged write is durable");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

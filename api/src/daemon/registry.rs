@@ -1,0 +1,628 @@
+//! The registry: every consistency group (one journal and write path
+//! each), every volume, and the operations the API offers on them.
+//!
+//! Locking: `state` is held only to look things up or to change the set
+//! of volumes; journal work happens on `Arc`s taken out of it, so one slow
+//! operation never blocks the others.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tidemark_journal::{
+    Change, FileDevice, History, IoMode, Journal, JournalOptions, Point, RetentionPolicy, Seq,
+    Timestamp, WritePath, WritePathOptions,
+};
+
+use super::catalog::{self, VolumeSpec};
+use super::error::{ApiError, ApiResult};
+use super::exports::{Export, Exports};
+use super::tags::{Tag, TagBody};
+use crate::config::{parse_mode, Config};
+use crate::point_spec::PointSpec;
+
+/// One consistency group: its journal and write path.
+pub struct Group {
+    /// The group's name.
+    pub name: String,
+    /// The write path (which owns the journal).
+    pub write_path: WritePath,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group").field("name", &self.name).finish()
+    }
+}
+
+impl Group {
+    /// The group's journal.
+    pub fn journal(&self) -> &Journal {
+        self.write_path.journal()
+    }
+}
+
+/// One protected volume.
+#[derive(Debug)]
+pub struct Volume {
+    /// As created (mode as last set).
+    pub spec: Mutex<VolumeSpec>,
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its group.
+    pub group: Arc<Group>,
+    /// Clients connected to the live export (NBD or Ingest).
+    pub writers: AtomicU32,
+}
+
+impl Volume {
+    /// The journal holding its history.
+    pub fn journal(&self) -> &Journal {
+        self.group.journal()
+    }
+
+    /// Its journal volume id.
+    pub fn id(&self) -> ApiResult<u32> {
+        Ok(self.journal().volume(&self.name)?.id)
+    }
+
+    /// The retained history of its group.
+    pub fn history(&self) -> History {
+        self.journal().history()
+    }
+}
+
+/// Counts a writer (NBD client of the live export, Ingest stream) for as
+/// long as it lives.
+#[derive(Debug)]
+pub struct WriterGuard(Arc<Volume>);
+
+impl WriterGuard {
+    /// Counts a writer of `volume`.
+    pub fn new(volume: Arc<Volume>) -> Self {
+        volume.writers.fetch_add(1, Ordering::SeqCst);
+        WriterGuard(volume)
+    }
+
+    /// The volume.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.0
+    }
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        self.0.writers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    groups: BTreeMap<String, Arc<Group>>,
+    volumes: BTreeMap<String, Arc<Volume>>,
+}
+
+/// Every group and volume of one daemon.
+#[derive(Debug)]
+pub struct Registry {
+    config: Config,
+    catalog_path: PathBuf,
+    state: RwLock<State>,
+    /// Serialises changes to the set of volumes (create, delete) and to
+    /// the catalogue.
+    changes: Mutex<()>,
+    /// Point-in-time and overlay exports.
+    pub exports: Exports,
+}
+
+impl Registry {
+    /// Opens the data directory: every group in the catalogue is recovered
+    /// and every volume attached again (resyncing what a crash left dirty).
+    pub fn open(config: Config) -> ApiResult<Arc<Registry>> {
+        let dir = &config.data_dir;
+        for sub in ["groups", "volumes", "overlays"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(|e| {
+                ApiError::Failed(format!("cannot create directory {}: {e}", path.display()))
+            })?;
+        }
+        let catalog_path = dir.join("volumes.json");
+        let specs = catalog::load(&catalog_path)?;
+        let registry = Arc::new(Registry {
+            exports: Exports::new(dir.join("overlays")),
+            catalog_path,
+            state: RwLock::new(State::default()),
+            changes: Mutex::new(()),
+            config,
+        });
+        for spec in specs {
+            let group = registry.group(&spec.group)?;
+            let volume = registry.attach(&group, spec)?;
+            registry
+                .state
+                .write()
+                .volumes
+                .insert(volume.name.clone(), volume);
+        }
+        Ok(registry)
+    }
+
+    /// The configuration the daemon runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn group_dir(&self, group: &str) -> PathBuf {
+        self.config.data_dir.join("groups").join(group)
+    }
+
+    /// The group `name`, opening (or creating) its journal if needed.
+    fn group(&self, name: &str) -> ApiResult<Arc<Group>> {
+        if let Some(group) = self.state.read().groups.get(name) {
+            return Ok(group.clone());
+        }
+        tidemark_journal::volume::validate_volume_name(name)
+            .map_err(|e| ApiError::Invalid(e.replace("volume name", "group name")))?;
+        let c = &self.config;
+        let options = JournalOptions {
+            group: name.to_string(),
+            segment_size: c.segment_size,
+            max_record_len: c.max_record,
+            memory_cache_bytes: c.memory_cache,
+            file_cache_bytes: c.file_cache,
+            cache_tiers: c.cache_tiers,
+            ..JournalOptions::default()
+        };
+        let dir = self.group_dir(name);
+        let (journal, report) = Journal::open(&dir, options)?;
+        tracing::info!(group = name, dir = %dir.display(), ?report, "journal open");
+        // Views of an earlier run are gone; so must be their holds.
+        for hold in journal.holds().into_keys() {
+            if hold.starts_with(super::exports::HOLD_PREFIX) {
+                journal.release_hold(&hold)?;
+            }
+        }
+        let write_path = WritePath::new(
+            journal,
+            WritePathOptions {
+                sync_timeout: c.sync_timeout,
+                ..WritePathOptions::default()
+            },
+        )?;
+        let group = Arc::new(Group {
+            name: name.to_string(),
+            write_path,
+        });
+        self.state
+            .write()
+            .groups
+            .insert(name.to_string(), group.clone());
+        Ok(group)
+    }
+
+    /// Attaches the production volume of `spec` to its group.
+    fn attach(&self, group: &Arc<Group>, spec: VolumeSpec) -> ApiResult<Arc<Volume>> {
+        let mode = parse_mode(&spec.mode).map_err(ApiError::Invalid)?;
+        let device = FileDevice::open(&spec.backing, spec.size).map_err(|e| {
+            ApiError::Failed(format!(
+                "volume {}: cannot open production volume {}: {e}",
+                spec.name,
+                spec.backing.display()
+            ))
+        })?;
+        let report = group
+            .write_path
+            .attach(&spec.name, Arc::new(device), mode)?;
+        if !report.regions.is_empty() {
+            tracing::warn!(volume = %spec.name, regions = report.regions.len(), bytes = report.bytes, "resynced regions a crash left unjournalled");
+        }
+        Ok(Arc::new(Volume {
+            name: spec.name.clone(),
+            size: spec.size,
+            group: group.clone(),
+            spec: Mutex::new(spec),
+            writers: AtomicU32::new(0),
+        }))
+    }
+
+    fn store_catalog(&self) -> ApiResult<()> {
+        let specs: Vec<VolumeSpec> = self
+            .state
+            .read()
+            .volumes
+            .values()
+            .map(|v| v.spec.lock().clone())
+            .collect();
+        catalog::store(&self.catalog_path, &specs)
+    }
+
+    /// The volume `name`.
+    pub fn volume(&self, name: &str) -> ApiResult<Arc<Volume>> {
+        self.state.read().volumes.get(name).cloned().ok_or_else(|| {
+            let known: Vec<String> = self.state.read().volumes.keys().cloned().collect();
+            ApiError::NotFound(if known.is_empty() {
+                format!("unknown volume {name:?}: no volumes exist yet")
+            } else {
+                format!("unknown volume {name:?}; volumes: {}", known.join(", "))
+            })
+        })
+    }
+
+    /// Every volume, by name.
+    pub fn volumes(&self) -> Vec<Arc<Volume>> {
+        self.state.read().volumes.values().cloned().collect()
+    }
+
+    /// Every group, by name.
+    pub fn groups(&self) -> Vec<Arc<Group>> {
+        self.state.read().groups.values().cloned().collect()
+    }
+
+    /// Creates and protects a volume. Without `backing` the production
+    /// volume is a sparse file in the data directory; with one that
+    /// already holds data, that data is journalled first (the initial
+    /// sync) so every point reads what the volume really held.
+    pub fn create_volume(
+        &self,
+        name: &str,
+        size: u64,
+        backing: Option<&Path>,
+        mode: Option<&str>,
+        group: Option<&str>,
+    ) -> ApiResult<Arc<Volume>> {
+        tidemark_journal::volume::validate_volume_name(name).map_err(ApiError::Invalid)?;
+        if size == 0 || size % 512 != 0 {
+            return Err(ApiError::Invalid(format!(
+                "volume {name}: size {size} must be a non-zero multiple of 512 bytes"
+            )));
+        }
+        let mode = match mode {
+            Some(m) if !m.is_empty() => parse_mode(m).map_err(ApiError::Invalid)?,
+            _ => self.config.default_mode,
+        };
+        let _changes = self.changes.lock();
+        if self.state.read().volumes.contains_key(name) {
+            return Err(ApiError::Exists(format!("volume {name:?} already exists")));
+        }
+        let group_name = group.filter(|g| !g.is_empty()).unwrap_or(name);
+        let (backing, owns_backing) = match backing {
+            Some(path) => {
+                let path = std::path::absolute(path).map_err(|e| {
+                    ApiError::Invalid(format!("backing path {}: {e}", path.display()))
+                })?;
+                (path, false)
+            }
+            None => (
+                self.config
+                    .data_dir
+                    .join("volumes")
+                    .join(format!("{name}.img")),
+                true,
+            ),
+        };
+        if owns_backing && backing.exists() {
+            std::fs::remove_file(&backing).map_err(|e| {
+                ApiError::Failed(format!(
+                    "cannot remove stale production volume {}: {e}",
+                    backing.display()
+                ))
+            })?;
+        }
+        let holds_data =
+            !owns_backing && std::fs::metadata(&backing).is_ok_and(|m| m.len() > 0 || !m.is_file());
+        let group = self.group(group_name)?;
+        let journal = group.journal();
+        match journal.volume(name) {
+            Ok(existing) if existing.size == size => {}
+            Ok(existing) => {
+                return Err(ApiError::Exists(format!(
+                    "group {group_name} already journals a volume {name:?} of {} bytes (deleted, history kept); \
+                     choose another name or the same size",
+                    existing.size
+                )))
+            }
+            Err(_) => {
+                journal.create_volume(name, size)?;
+            }
+        }
+        let spec = VolumeSpec {
+            name: name.to_string(),
+            size,
+            group: group_name.to_string(),
+            backing,
+            owns_backing,
+            mode: mode.to_string(),
+        };
+        let volume = self.attach(&group, spec)?;
+        if holds_data {
+            super::initial_sync::run(&volume)?;
+        }
+        self.state
+            .write()
+            .volumes
+            .insert(name.to_string(), volume.clone());
+        if let Err(e) = self.store_catalog() {
+            self.state.write().volumes.remove(name);
+            let _ = group.write_path.detach(name);
+            return Err(e);
+        }
+        tracing::info!(volume = name, size, group = group_name, %mode, "volume created");
+        Ok(volume)
+    }
+
+    /// Changes a volume's IO mode (persistently).
+    pub fn set_mode(&self, name: &str, mode: &str) -> ApiResult<Arc<Volume>> {
+        let mode = parse_mode(mode).map_err(ApiError::Invalid)?;
+        let _changes = self.changes.lock();
+        let volume = self.volume(name)?;
+        volume.group.write_path.set_mode(name, mode)?;
+        volume.spec.lock().mode = mode.to_string();
+        self.store_catalog()?;
+        tracing::info!(volume = name, %mode, "mode set");
+        Ok(volume)
+    }
+
+    /// The configured and the current mode of a volume.
+    pub fn mode(&self, volume: &Volume) -> (IoMode, IoMode) {
+        volume
+            .group
+            .write_path
+            .mode(&volume.name)
+            .unwrap_or((IoMode::Sync, IoMode::Sync))
+    }
+
+    /// Deletes a volume: it stops being served and protected; a group left
+    /// without volumes is deleted with its journal.
+    pub fn delete_volume(&self, name: &str) -> ApiResult<()> {
+        let _changes = self.changes.lock();
+        let volume = self.volume(name)?;
+        let writers = volume.writers.load(Ordering::SeqCst);
+        if writers > 0 {
+            return Err(ApiError::Busy(format!(
+                "volume {name} has {writers} client(s) writing to it; disconnect them first"
+            )));
+        }
+        let exports = self.exports.of_volume(name);
+        if !exports.is_empty() {
+            return Err(ApiError::Busy(format!(
+                "volume {name} is exported as {}; unexport first",
+                exports.join(", ")
+            )));
+        }
+        volume.group.write_path.detach(name)?;
+        self.state.write().volumes.remove(name);
+        self.store_catalog()?;
+        let spec = volume.spec.lock().clone();
+        if spec.owns_backing {
+            let _ = std::fs::remove_file(&spec.backing);
+        }
+        let group_empty = !self
+            .state
+            .read()
+            .volumes
+            .values()
+            .any(|v| Arc::ptr_eq(&v.group, &volume.group));
+        if group_empty {
+            let group = self.state.write().groups.remove(&spec.group);
+            drop(volume);
+            if let Some(group) = group {
+                group.write_path.close()?;
+                match Arc::try_unwrap(group) {
+                    Ok(group) => {
+                        drop(group);
+                        let dir = self.group_dir(&spec.group);
+                        std::fs::remove_dir_all(&dir).map_err(|e| {
+                            ApiError::Failed(format!(
+                                "volume {name} deleted, but its journal {} could not be removed: {e}",
+                                dir.display()
+                            ))
+                        })?;
+                    }
+                    Err(_) => {
+                        tracing::warn!(group = %spec.group, "group still in use; its journal is kept")
+                    }
+                }
+            }
+        }
+        tracing::info!(volume = name, "volume deleted");
+        Ok(())
+    }
+
+    /// Resolves a point of `volume` to a seq within the retained history.
+    pub fn resolve(&self, volume: &Volume, spec: &PointSpec) -> ApiResult<Seq> {
+        let journal = volume.journal();
+        let name = &volume.name;
+        let history = journal.history();
+        let in_history = |seq: Seq, what: &str| {
+            if seq < history.horizon_seq || seq > history.newest_seq {
+                Err(ApiError::OutOfRange(format!(
+                    "volume {name}: {what} (seq {seq}) is outside the retained history; available: {history}"
+                )))
+            } else {
+                Ok(seq)
+            }
+        };
+        match spec {
+            PointSpec::Latest => Ok(journal.resolve(name, Point::Latest)?),
+            PointSpec::Seq(seq) => Ok(journal.resolve(name, Point::Seq(*seq))?),
+            PointSpec::Time(at) => Ok(journal.resolve(name, Point::Time(*at))?),
+            PointSpec::Ago(ago) => {
+                let ago = i64::try_from(ago.as_nanos()).unwrap_or(i64::MAX);
+                let at = Timestamp::from_nanos(Timestamp::now().as_nanos().saturating_sub(ago));
+                Ok(journal.resolve(name, Point::Time(at))?)
+            }
+            PointSpec::Tag(tag) => {
+                let tag = self.tag(volume, tag)?;
+                in_history(tag.stored.seq, &format!("tag {}", tag.stored.name))
+            }
+            PointSpec::Before(tag) => {
+                let tag = self.tag(volume, tag)?;
+                in_history(
+                    tag.stored.seq.saturating_sub(1),
+                    &format!("the point before tag {}", tag.stored.name),
+                )
+            }
+            PointSpec::LastVerified => {
+                let tag = self
+                    .tags(volume)?
+                    .into_iter()
+                    .rev()
+                    .find(|t| t.body.verified == "passed")
+                    .ok_or_else(|| {
+                        ApiError::NotFound(format!(
+                            "volume {name} has no tag whose verification passed"
+                        ))
+                    })?;
+                in_history(tag.stored.seq, &format!("tag {}", tag.stored.name))
+            }
+        }
+    }
+
+    /// Every tag of `volume`, oldest first.
+    pub fn tags(&self, volume: &Volume) -> ApiResult<Vec<Tag>> {
+        let mut tags: Vec<Tag> = volume
+            .journal()
+            .tags(volume.id()?)?
+            .into_iter()
+            .map(Tag::from)
+            .collect();
+        tags.sort_by_key(|t| t.stored.seq);
+        Ok(tags)
+    }
+
+    /// Tag `name` of `volume`.
+    pub fn tag(&self, volume: &Volume, name: &str) -> ApiResult<Tag> {
+        match volume.journal().tag(volume.id()?, name)? {
+            Some(tag) => Ok(Tag::from(tag)),
+            None => {
+                let known: Vec<String> = self
+                    .tags(volume)?
+                    .into_iter()
+                    .map(|t| t.stored.name)
+                    .collect();
+                Err(ApiError::NotFound(if known.is_empty() {
+                    format!(
+                        "volume {} has no tag named {name:?} (it has no tags)",
+                        volume.name
+                    )
+                } else {
+                    format!(
+                        "volume {} has no tag named {name:?}; tags: {}",
+                        volume.name,
+                        known.join(", ")
+                    )
+                }))
+            }
+        }
+    }
+
+    /// Sets a tag after a flush, so it marks a crash-consistent point.
+    pub fn create_tag(&self, volume: &Volume, name: &str, body: TagBody) -> ApiResult<Tag> {
+        if name.is_empty() || name.len() > 256 || name.chars().any(|c| c.is_control()) {
+            return Err(ApiError::Invalid(format!(
+                "tag name {name:?} must be 1 to 256 printable characters"
+            )));
+        }
+        if let Some(existing) = volume.journal().tag(volume.id()?, name)? {
+            return Err(ApiError::Exists(format!(
+                "volume {} already has a tag named {name:?} (seq {}); delete it first",
+                volume.name, existing.seq
+            )));
+        }
+        volume.group.write_path.flush(&volume.name)?;
+        let handle = volume
+            .journal()
+            .set_tag(volume.id()?, name, &body.encode())?;
+        let appended = handle.wait_timeout(self.config.sync_timeout)?;
+        tracing::info!(volume = %volume.name, tag = name, seq = appended.seq, "tag created");
+        self.tag(volume, name)
+    }
+
+    /// Deletes a tag.
+    pub fn delete_tag(&self, volume: &Volume, name: &str) -> ApiResult<()> {
+        self.tag(volume, name)?;
+        let handle = volume.journal().delete_tag(volume.id()?, name)?;
+        handle.wait_timeout(self.config.sync_timeout)?;
+        Ok(())
+    }
+
+    /// Records a timeline event on `volume` and waits until it is durable.
+    pub fn event(&self, volume: &Volume, name: &str, body: &str) -> ApiResult<Seq> {
+        let mark = tidemark_journal::Mark::Event {
+            name,
+            body: body.as_bytes(),
+        };
+        let handle = volume.journal().append(volume.id()?, Change::Mark(mark))?;
+        Ok(handle.wait_timeout(self.config.sync_timeout)?.seq)
+    }
+
+    /// One retention round over every group.
+    pub fn apply_retention(&self) {
+        let policy = RetentionPolicy {
+            max_age: self.config.retention_max_age,
+            max_bytes: self.config.retention_max_bytes,
+        };
+        if policy.max_age.is_none() && policy.max_bytes.is_none() {
+            return;
+        }
+        for group in self.groups() {
+            match group.journal().apply_retention(&policy, false) {
+                Ok(report) if report.new_horizon != report.old_horizon => {
+                    tracing::info!(group = %group.name, from = report.old_horizon, to = report.new_horizon, "retention moved the horizon")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(group = %group.name, error = %e, "retention failed"),
+            }
+        }
+    }
+
+    /// Flushes and closes every group: everything acknowledged is durable
+    /// in the journal afterwards.
+    pub fn shutdown(&self) {
+        self.exports.clear();
+        let groups: Vec<Arc<Group>> = {
+            let mut state = self.state.write();
+            state.volumes.clear();
+            std::mem::take(&mut state.groups).into_values().collect()
+        };
+        for group in groups {
+            if let Err(e) = group.write_path.close() {
+                tracing::warn!(group = %group.name, error = %e, "group did not close cleanly");
+            }
+        }
+    }
+
+    /// The export an NBD client asks for: a named export, `NAME@POINT`
+    /// (a view made for this client), or the live volume `NAME`.
+    pub fn open_export(&self, name: &str) -> ApiResult<Arc<Export>> {
+        if let Some(export) = self.exports.get(name) {
+            return Ok(export);
+        }
+        match name.split_once('@') {
+            Some((volume, point)) => {
+                let volume = self.volume(volume)?;
+                let spec = PointSpec::parse(point).map_err(ApiError::Invalid)?;
+                let seq = self.resolve(&volume, &spec)?;
+                self.exports.transient(name, volume, seq)
+            }
+            None => Ok(Export::live(self.volume(name)?)),
+        }
+    }
+
+    /// Every export name a client may list: live volumes and named exports.
+    pub fn export_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.volumes().iter().map(|v| v.name.clone()).collect();
+        names.extend(self.exports.list().iter().map(|e| e.name.clone()));
+        names
+    }
+
+    /// How long the daemon waits for a sync write.
+    pub fn sync_timeout(&self) -> Duration {
+        self.config.sync_timeout
+    }
+}

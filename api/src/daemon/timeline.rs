@@ -1,0 +1,139 @@
+//! A volume's timeline: its tags, its flush points (runs of them
+//! summarised), system events (mode switches, resync windows, rollbacks,
+//! the initial sync) and gaps retention left.
+
+use tidemark_journal::{Mark, RecordKind, Seq, Timestamp};
+
+use super::error::ApiResult;
+use super::registry::{Registry, Volume};
+use super::tags::Tag;
+use crate::point_spec::PointSpec;
+
+/// One line of the timeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The point it names (for a run of flushes: the newest of them).
+    pub seq: Seq,
+    /// When.
+    pub time: Timestamp,
+    /// `tag`, `flush`, `event` or `gap`.
+    pub kind: &'static str,
+    /// Tag name, event name, or a summary of flushes.
+    pub name: String,
+    /// For a run of flushes: how many, and the first one's seq.
+    pub count: u64,
+    /// See `count`.
+    pub first_seq: Seq,
+    /// Tag source and consistency, or an event's body.
+    pub detail: String,
+}
+
+/// The timeline of `volume` between two points (default: all history).
+pub fn timeline(
+    registry: &Registry,
+    volume: &Volume,
+    from: Option<&PointSpec>,
+    to: Option<&PointSpec>,
+) -> ApiResult<(Seq, Seq, Vec<Entry>)> {
+    let history = volume.history();
+    let from = match from {
+        Some(spec) => registry.resolve(volume, spec)?,
+        None => history.horizon_seq,
+    };
+    let to = match to {
+        Some(spec) => registry.resolve(volume, spec)?,
+        None => history.newest_seq,
+    };
+    let tags: Vec<Tag> = registry.tags(volume)?;
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut flushes: Option<Entry> = None;
+    let close_run = |run: &mut Option<Entry>, entries: &mut Vec<Entry>| {
+        if let Some(mut run) = run.take() {
+            run.name = if run.count == 1 {
+                "flush".into()
+            } else {
+                format!("{} flush points", run.count)
+            };
+            entries.push(run);
+        }
+    };
+    for event in volume.journal().events(volume.id()?, from, to)? {
+        match event.kind {
+            RecordKind::Flush => {
+                let run = flushes.get_or_insert(Entry {
+                    seq: event.seq,
+                    time: event.time,
+                    kind: "flush",
+                    name: String::new(),
+                    count: 0,
+                    first_seq: event.seq,
+                    detail: String::new(),
+                });
+                run.seq = event.seq;
+                run.time = event.time;
+                run.count += 1;
+            }
+            RecordKind::Mark => {
+                let entry = match Mark::decode(&event.body) {
+                    Some(Mark::TagSet { name, .. }) => tags
+                        .iter()
+                        .find(|t| t.stored.name == name && t.stored.seq == event.seq)
+                        .map(|t| Entry {
+                            seq: event.seq,
+                            time: event.time,
+                            kind: "tag",
+                            name: name.to_string(),
+                            count: 1,
+                            first_seq: event.seq,
+                            detail: format!(
+                                "source={} consistency={} verified={}{}",
+                                t.body.source,
+                                t.body.consistency,
+                                t.body.verified,
+                                if t.body.note.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" note={:?}", t.body.note)
+                                }
+                            ),
+                        }),
+                    Some(Mark::Event { name, body }) => Some(Entry {
+                        seq: event.seq,
+                        time: event.time,
+                        kind: "event",
+                        name: name.to_string(),
+                        count: 1,
+                        first_seq: event.seq,
+                        detail: String::from_utf8_lossy(body).into_owned(),
+                    }),
+                    Some(Mark::TagDelete { .. }) | None => None,
+                };
+                if let Some(entry) = entry {
+                    close_run(&mut flushes, &mut entries);
+                    entries.push(entry);
+                }
+            }
+            _ => {}
+        }
+    }
+    close_run(&mut flushes, &mut entries);
+    for gap in volume.journal().gaps() {
+        if gap.horizon_seq >= from && gap.hold_seq <= to {
+            entries.push(Entry {
+                seq: gap.hold_seq,
+                time: Timestamp::from_nanos(gap.at_ns),
+                kind: "gap",
+                name: format!(
+                    "history {}..={} lost to retention",
+                    gap.hold_seq + 1,
+                    gap.horizon_seq
+                ),
+                count: gap.horizon_seq - gap.hold_seq,
+                first_seq: gap.hold_seq + 1,
+                detail: format!("hold {} was passed", gap.hold),
+            });
+        }
+    }
+    entries.sort_by_key(|e| e.seq);
+    Ok((history.horizon_seq, history.newest_seq, entries))
+}

@@ -1,0 +1,53 @@
+//! The `tidemark` binary.
+
+use clap::Parser;
+use tidemark::cli::args::{Cli, Command};
+use tidemark::config::{Config, Overrides};
+
+fn main() {
+    // Before any thread allocates: freed record buffers go back to the
+    // system instead of piling up in per-thread arenas (see M1).
+    tidemark_journal::return_freed_buffers_to_the_system();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Serve(args) => serve(args),
+        command => match tidemark::cli::run_client(&cli.server, command) {
+            Ok(()) => 0,
+            Err(failure) => {
+                eprintln!("tidemark: {}", failure.message);
+                failure.code
+            }
+        },
+    };
+    std::process::exit(code);
+}
+
+fn serve(args: tidemark::cli::args::ServeArgs) -> i32 {
+    let overrides = Overrides {
+        data_dir: args.data_dir,
+        nbd: args.nbd,
+        grpc: args.grpc,
+        http: args.http,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("tidemark: {e}");
+            return 2;
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match tidemark::daemon::serve(config) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("tidemark: {e}");
+            1
+        }
+    }
+}
