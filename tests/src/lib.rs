@@ -1,3 +1,443 @@
-//! End-to-end tests for tidemark: real daemons, real NBD clients, real
-//! filesystems. They arrive with the daemon; until then the journal's own
-//! crash, corruption and model tests live in `journal/tests/`.
+//! End-to-end tests for tidemark: real daemons (the `tidemark` binary),
+//! real NBD clients (nbdinfo, nbdcopy, qemu-img, fio, nbdfuse), real
+//! filesystems.
+//!
+//! This library is the harness: [`Daemon`] starts `tidemark serve` on
+//! ephemeral loopback ports in a temporary data directory, runs CLI
+//! commands against it, and kills or restarts it. Tests that need a tool
+//! or kernel feature the machine lacks call [`require`] and skip with a
+//! printed reason.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `tidemark` binary built with the tests.
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let bin = dir.join("tidemark");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// True if `tool` runs here; otherwise prints why the test is skipped.
+pub fn require(tool: &str, test: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("SKIP {test}: {tool} is not installed");
+    }
+    found
+}
+
+/// Configuration used by every test daemon unless a test adds more: small
+/// caches, so tests do not allocate gigabytes.
+pub const TEST_CONFIG: &str = r#"
+log = "info"
+[journal]
+segment_size = "64M"
+memory_cache = "64M"
+file_cache = "64M"
+sync_timeout = "20s"
+"#;
+
+/// A running `tidemark serve`.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Its data directory (and scratch space for tests).
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// NBD address.
+    pub nbd: String,
+    /// gRPC address.
+    pub grpc: String,
+    /// HTTP address.
+    pub http: String,
+    config: String,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon with [`TEST_CONFIG`].
+    pub fn start() -> Daemon {
+        Self::with_config(TEST_CONFIG)
+    }
+
+    /// Starts a daemon with `config` as its TOML file.
+    pub fn with_config(config: &str) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-e2e-")
+            .tempdir()
+            .expect("temporary directory");
+        let mut daemon = Daemon {
+            log: dir.path().join("daemon.log"),
+            dir,
+            child: None,
+            nbd: String::new(),
+            grpc: String::new(),
+            http: String::new(),
+            config: config.to_string(),
+        };
+        daemon.launch();
+        daemon
+    }
+
+    /// Scratch path inside the test's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn launch(&mut self) {
+        let config = self.path("tidemark.toml");
+        std::fs::write(&config, &self.config).expect("write config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("daemon log");
+        let mut child = Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(self.path("data"))
+            .args([
+                "--nbd",
+                "127.0.0.1:0",
+                "--grpc",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start tidemark serve");
+        let stdout = child.stdout.take().expect("daemon stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("daemon did not start; log:\n{}", self.log_text());
+            }
+        };
+        // "tidemark serving: nbd://A grpc=B http=http://C data=D"
+        let field = |prefix: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in {line:?}"))
+                .to_string()
+        };
+        self.nbd = field("nbd://");
+        self.grpc = field("grpc=");
+        self.http = field("http=http://");
+        self.child = Some(child);
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `nbd://HOST:PORT/EXPORT`.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.nbd)
+    }
+
+    /// Runs `tidemark ARGS` against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary())
+            .arg("--server")
+            .arg(&self.grpc)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tidemark")
+    }
+
+    /// Runs `tidemark ARGS`, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "tidemark {args:?} failed ({}): {}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log_text(), 40)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `tidemark ARGS --json` (ARGS must include `--json`) and parses it.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let text = self.ok(args);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    }
+
+    /// Creates a volume.
+    pub fn create_volume(&self, name: &str, size: &str, mode: &str) {
+        self.ok(&["volume", "create", name, "--size", size, "--mode", mode]);
+    }
+
+    /// `GET path` on the HTTP address: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u32, String) {
+        let mut stream = std::net::TcpStream::connect(&self.http).expect("connect http");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.http
+        )
+        .expect("send");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut text).expect("read");
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
+    }
+
+    /// True while the daemon answers `/healthz`.
+    pub fn healthy(&self) -> bool {
+        std::net::TcpStream::connect(&self.http).is_ok() && self.http_get("/healthz").0 == 200
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        sigterm(child.id());
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("daemon did not stop within 90 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the daemon again on the same data directory (new ports).
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.launch();
+    }
+}
+
+fn sigterm(pid: u32) {
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Runs a command, asserting success; returns stdout.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command; returns its output whatever the status.
+pub fn run_any(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// Copies an NBD export to a local file with nbdcopy.
+pub fn nbd_to_file(uri: &str, path: &Path) {
+    run("nbdcopy", &[uri, &path.display().to_string()]);
+}
+
+/// A deliberately small NBD client that speaks the wire protocol itself,
+/// so tests can send what real clients never would.
+pub mod raw_nbd {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    /// IHAVEOPT.
+    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    /// Option reply magic.
+    pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    /// Request magic.
+    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+
+    /// A connection past the server's greeting.
+    #[derive(Debug)]
+    pub struct Conn {
+        /// The socket.
+        pub stream: TcpStream,
+    }
+
+    impl Conn {
+        /// Connects and reads the greeting (NBDMAGIC, IHAVEOPT, flags).
+        pub fn open(addr: &str) -> Conn {
+            let mut stream = TcpStream::connect(addr).expect("connect nbd");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            let mut greeting = [0u8; 18];
+            stream.read_exact(&mut greeting).expect("greeting");
+            assert_eq!(&greeting[0..8], b"NBDMAGIC");
+            Conn { stream }
+        }
+
+        /// Sends the client flags (fixed newstyle, no zeroes).
+        pub fn flags(&mut self) {
+            self.stream.write_all(&3u32.to_be_bytes()).expect("flags");
+        }
+
+        /// Sends an option.
+        pub fn option(&mut self, option: u32, data: &[u8]) {
+            let mut msg = IHAVEOPT.to_be_bytes().to_vec();
+            msg.extend_from_slice(&option.to_be_bytes());
+            msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            msg.extend_from_slice(data);
+            self.stream.write_all(&msg).expect("option");
+        }
+
+        /// Reads one option reply: (type, data).
+        pub fn option_reply(&mut self) -> std::io::Result<(u32, Vec<u8>)> {
+            let mut header = [0u8; 20];
+            self.stream.read_exact(&mut header)?;
+            assert_eq!(
+                u64::from_be_bytes(header[0..8].try_into().unwrap()),
+                REPLY_MAGIC
+            );
+            let kind = u32::from_be_bytes(header[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(header[16..20].try_into().unwrap()) as usize;
+            let mut data = vec![0u8; len];
+            self.stream.read_exact(&mut data)?;
+            Ok((kind, data))
+        }
+
+        /// NBD_OPT_GO for `name`: Ok(size, flags) or Err(reply type, message).
+        pub fn go(&mut self, name: &str) -> Result<(u64, u16), (u32, String)> {
+            let mut data = (name.len() as u32).to_be_bytes().to_vec();
+            data.extend_from_slice(name.as_bytes());
+            data.extend_from_slice(&0u16.to_be_bytes());
+            self.option(7, &data);
+            let mut export = None;
+            loop {
+                let (kind, data) = self.option_reply().expect("option reply");
+                match kind {
+                    3 if data.len() >= 12 && data[0..2] == [0, 0] => {
+                        export = Some((
+                            u64::from_be_bytes(data[2..10].try_into().unwrap()),
+                            u16::from_be_bytes(data[10..12].try_into().unwrap()),
+                        ))
+                    }
+                    3 => {}
+                    1 => return Ok(export.expect("NBD_INFO_EXPORT before ACK")),
+                    err => return Err((err, String::from_utf8_lossy(&data).into_owned())),
+                }
+            }
+        }
+
+        /// Sends a request (a WRITE's payload follows separately or here).
+        pub fn request(
+            &mut self,
+            kind: u16,
+            handle: u64,
+            offset: u64,
+            length: u32,
+            payload: &[u8],
+        ) {
+            let mut msg = REQUEST_MAGIC.to_be_bytes().to_vec();
+            msg.extend_from_slice(&0u16.to_be_bytes());
+            msg.extend_from_slice(&kind.to_be_bytes());
+            msg.extend_from_slice(&handle.to_be_bytes());
+            msg.extend_from_slice(&offset.to_be_bytes());
+            msg.extend_from_slice(&length.to_be_bytes());
+            msg.extend_from_slice(payload);
+            self.stream.write_all(&msg).expect("request");
+        }
+
+        /// Reads a simple reply: (handle, error), plus `data_len` bytes of
+        /// data if the error is 0.
+        pub fn reply(&mut self, data_len: usize) -> std::io::Result<(u64, u32, Vec<u8>)> {
+            let mut header = [0u8; 16];
+            self.stream.read_exact(&mut header)?;
+            assert_eq!(
+                u32::from_be_bytes(header[0..4].try_into().unwrap()),
+                0x6744_6698
+            );
+            let error = u32::from_be_bytes(header[4..8].try_into().unwrap());
+            let handle = u64::from_be_bytes(header[8..16].try_into().unwrap());
+            let mut data = Vec::new();
+            if error == 0 && data_len > 0 {
+                data = vec![0u8; data_len];
+                self.stream.read_exact(&mut data)?;
+            }
+            Ok((handle, error, data))
+        }
+
+        /// True once the server has closed the connection.
+        pub fn closed(&mut self) -> bool {
+            let mut byte = [0u8; 1];
+            matches!(self.stream.read(&mut byte), Ok(0) | Err(_))
+        }
+    }
+}
