@@ -263,8 +263,9 @@ impl DirtyMap {
     /// Clears every marked region whose changes are all durable in the
     /// journal (`durable` is the journal's newest durable seq) and were
     /// flushed to the production volume (settled at or before
-    /// `flushed_generation`). Returns how many were cleared.
-    pub fn clean(&self, durable: Seq, flushed_generation: u64) -> Result<usize> {
+    /// `flushed_generation`), and that were not written during the last
+    /// `min_idle` generations before it. Returns how many were cleared.
+    pub fn clean(&self, durable: Seq, flushed_generation: u64, min_idle: u64) -> Result<usize> {
         let mut state = self.state.lock();
         let mut cleared = 0;
         for r in 0..state.regions.len() {
@@ -273,7 +274,7 @@ impl DirtyMap {
                 && region.inflight == 0
                 && !region.unjournaled
                 && region.newest_seq <= durable
-                && region.generation <= flushed_generation
+                && region.generation + min_idle <= flushed_generation
             {
                 state.regions[r].marked = false;
                 state.bitmap[r / 8] &= !(1 << (r % 8));
@@ -347,13 +348,33 @@ mod tests {
         map.settle(2 << 20, 100, Some(9), true);
         let generation = map.start_clean();
         assert_eq!(
-            map.clean(8, generation).expect("clean"),
+            map.clean(8, generation, 0).expect("clean"),
             8,
             "seq 9 not durable yet"
         );
         assert_eq!(map.marked(), vec![2]);
-        assert_eq!(map.clean(9, generation).expect("clean"), 1);
+        assert_eq!(map.clean(9, generation, 0).expect("clean"), 1);
         assert!(map.marked().is_empty());
+    }
+
+    #[test]
+    fn background_cleaning_leaves_regions_written_since_the_last_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let map = DirtyMap::open(&dir.path().join("m"), &volume(), 1 << 20).expect("open");
+        map.begin(0, 4096).expect("begin");
+        map.settle(0, 4096, Some(1), true);
+        let g = map.start_clean();
+        map.clean(10, g, 1).expect("clean");
+        assert!(
+            map.marked().contains(&0),
+            "written since the last cleaning: kept"
+        );
+        let g = map.start_clean();
+        map.clean(10, g, 1).expect("clean");
+        assert!(
+            !map.marked().contains(&0),
+            "quiet for a generation: cleaned"
+        );
     }
 
     #[test]
@@ -364,7 +385,7 @@ mod tests {
         map.settle(0, 4096, None, true);
         let g = map.start_clean();
         assert_eq!(
-            map.clean(100, g).expect("clean"),
+            map.clean(100, g, 0).expect("clean"),
             9,
             "only the marks made ahead"
         );
@@ -372,7 +393,7 @@ mod tests {
         assert_eq!(map.unjournaled(), vec![0]);
         map.resynced(0, 5);
         let g = map.start_clean();
-        assert_eq!(map.clean(5, g).expect("clean"), 1);
+        assert_eq!(map.clean(5, g, 0).expect("clean"), 1);
     }
 
     #[test]

@@ -175,7 +175,12 @@ struct Protected {
     mode: Mutex<IoMode>,
     adaptive: Mutex<AdaptiveController>,
     counters: Counters,
+    /// Background maintenance rounds so far.
+    rounds: AtomicU64,
 }
+
+/// Background rounds between two cleanings of a dirty map.
+const CLEAN_EVERY_ROUNDS: u64 = 5;
 
 impl Protected {
     /// Locks the regions `offset..offset+len` touches, in ascending order.
@@ -292,6 +297,7 @@ impl WritePath {
                 Instant::now(),
             )),
             counters: Counters::default(),
+            rounds: AtomicU64::new(0),
             info,
             device,
             dirty,
@@ -434,7 +440,7 @@ impl WritePath {
     /// unjournalled regions, dirty-map cleaning. (It also runs on its own
     /// every `maintenance_interval`.)
     pub fn maintain_now(&self) -> Result<()> {
-        self.inner.round()
+        self.inner.round(true)
     }
 
     /// Stops the background round, resyncs what is left unjournalled, and
@@ -450,7 +456,7 @@ impl WritePath {
             let _ = handle.join();
         }
         self.inner.journal.sync()?;
-        self.inner.round()
+        self.inner.round(true)
     }
 
     fn apply(&self, volume: &str, offset: u64, op: Op<'_>, fua: bool) -> Result<Acknowledged> {
@@ -717,11 +723,13 @@ impl Inner {
     }
 
     /// One background round over every attached volume.
-    fn round(&self) -> Result<()> {
+    /// One maintenance round; `forced` (on request and at close) cleans
+    /// every region it can, background rounds only regions gone quiet.
+    fn round(&self, forced: bool) -> Result<()> {
         let volumes: Vec<Arc<Protected>> = self.volumes.read().values().cloned().collect();
         let mut first_error = None;
         for v in volumes {
-            if let Err(e) = self.maintain_volume(&v) {
+            if let Err(e) = self.maintain_volume(&v, forced) {
                 tracing::warn!(volume = %v.info.name, error = %e, "write-path maintenance failed");
                 first_error.get_or_insert(e);
             }
@@ -729,7 +737,7 @@ impl Inner {
         first_error.map_or(Ok(()), Err)
     }
 
-    fn maintain_volume(&self, v: &Protected) -> Result<()> {
+    fn maintain_volume(&self, v: &Protected, forced: bool) -> Result<()> {
         if *v.mode.lock() == IoMode::Adaptive {
             // A probe: how long until everything captured so far is
             // durable. Async writes give the controller no latency of
@@ -746,12 +754,22 @@ impl Inner {
         if !unjournaled.is_empty() {
             self.resync(v, &unjournaled, "cache-full")?;
         }
+        // Cleaning costs a flush of the production volume, and a cleaned
+        // region costs an fsync of the map when it is written again. So
+        // background rounds clean only every CLEAN_EVERY_ROUNDS rounds and
+        // only regions not written since the previous cleaning: hot
+        // regions stay marked (a crash merely resyncs them).
+        let round = v.rounds.fetch_add(1, Ordering::Relaxed);
+        if !forced && round % CLEAN_EVERY_ROUNDS != 0 || v.dirty.marked_count() == 0 {
+            return Ok(());
+        }
         let generation = v.dirty.start_clean();
         v.device
             .flush()
             .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
         let durable = self.journal.history().newest_seq;
-        v.dirty.clean(durable, generation)?;
+        v.dirty
+            .clean(durable, generation, if forced { 0 } else { 1 })?;
         Ok(())
     }
 
@@ -767,7 +785,7 @@ impl Inner {
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }
-            let _ = self.round();
+            let _ = self.round(false);
         }
     }
 }

@@ -272,3 +272,62 @@ fn metrics_and_health_are_served() {
         .unwrap();
     assert!(writes >= (256 << 10) as f64, "written bytes {writes}");
 }
+
+#[test]
+fn protecting_a_volume_that_holds_data_starts_with_an_initial_sync() {
+    let d = Daemon::start();
+    let backing = d.path("existing.img");
+    let mut data = vec![0u8; 8 << 20];
+    for (i, chunk) in data
+        .chunks_mut(4096)
+        .enumerate()
+        .filter(|(i, _)| i % 5 == 0)
+    {
+        chunk.fill(i as u8 | 1);
+    }
+    std::fs::write(&backing, &data).unwrap();
+    d.ok(&[
+        "volume",
+        "create",
+        "old",
+        "--size",
+        "8M",
+        "--backing",
+        &backing.display().to_string(),
+    ]);
+    let timeline = d.json(&["timeline", "old", "--json"]);
+    assert!(
+        timeline["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "initial-sync"),
+        "{timeline}"
+    );
+    let first = d.path("first.img");
+    run(
+        "nbdcopy",
+        &[&d.uri("old@latest"), &first.display().to_string()],
+    );
+    assert!(
+        std::fs::read(&first).unwrap() == data,
+        "the first point is not what the volume held"
+    );
+    // The user's production volume is never restored over, nor deleted.
+    let out = d.cli(&[
+        "restore",
+        "old",
+        "--at",
+        "latest",
+        "--to",
+        &backing.display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is the production volume of old"),
+        "{}",
+        stderr(&out)
+    );
+    d.ok(&["volume", "delete", "old", "--yes"]);
+    assert!(std::fs::read(&backing).unwrap() == data);
+}

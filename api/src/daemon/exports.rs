@@ -97,6 +97,18 @@ impl Export {
         matches!(self.target, Target::Live { .. })
     }
 
+    /// True if a write to this export is acknowledged without waiting for
+    /// the journal's disk (async mode now), so it takes microseconds.
+    pub fn writes_without_waiting(&self) -> bool {
+        self.is_live()
+            && self
+                .volume
+                .group
+                .write_path
+                .mode(&self.volume.name)
+                .is_ok_and(|(_, now)| now == tidemark_journal::IoMode::Async)
+    }
+
     /// The point a view shows.
     pub fn seq(&self) -> Option<Seq> {
         match &self.target {

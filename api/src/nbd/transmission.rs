@@ -101,6 +101,19 @@ pub async fn run<R, W>(
                 break;
             }
         }
+        // Requests that finish in microseconds (small reads of the live
+        // volume, small async writes) run right here: handing each to a
+        // pool thread and back costs more than the request itself.
+        if runs_inline(&export, &request) {
+            let started = Instant::now();
+            let kind = request.kind;
+            let (reply, _) = execute(&export, request);
+            record(&daemon, kind, reply.error, started);
+            if tx.send(reply).await.is_err() {
+                break;
+            }
+            continue;
+        }
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
@@ -109,19 +122,38 @@ pub async fn run<R, W>(
         let tx = tx.clone();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let reply = execute(&export, request);
-            if reply.0.error != 0 {
-                daemon.metrics.nbd_errors.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Some(h) = reply_metric(&daemon, reply.1) {
-                h.observe(started.elapsed());
-            }
-            let _ = tx.blocking_send(reply.0);
+            let (reply, kind) = execute(&export, request);
+            record(&daemon, kind, reply.error, started);
+            let _ = tx.blocking_send(reply);
             drop(permit);
         });
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// Largest request run inline.
+const INLINE_MAX: u32 = 64 << 10;
+
+fn runs_inline(export: &Export, request: &Request) -> bool {
+    match request.kind {
+        CMD_READ => export.is_live() && request.length <= INLINE_MAX,
+        CMD_WRITE => {
+            request.length <= INLINE_MAX
+                && request.flags & CMD_FLAG_FUA == 0
+                && export.writes_without_waiting()
+        }
+        _ => false,
+    }
+}
+
+fn record(daemon: &Daemon, kind: u16, error: u32, started: Instant) {
+    if error != 0 {
+        daemon.metrics.nbd_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(h) = reply_metric(daemon, kind) {
+        h.observe(started.elapsed());
+    }
 }
 
 fn reply_metric(daemon: &Daemon, kind: u16) -> Option<&crate::daemon::metrics::Histogram> {
