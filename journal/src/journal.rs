@@ -240,6 +240,10 @@ pub(crate) struct Shared {
     /// Readers hold it shared; a retention fold holds it exclusively while
     /// base images and horizon change under them.
     pub fold: RwLock<()>,
+    /// Serialises read-modify-store cycles of the manifest (holds, epoch,
+    /// volumes, retention), so concurrent updates neither lose each other
+    /// nor race on its temporary file. Taken before `fold` where both are.
+    pub manifest_update: Mutex<()>,
     /// Records captured and not yet durable, bounded by bytes.
     pub memory: Arc<MemoryCache>,
     /// Set when the journal is closing, so a writer waiting out a full disk
@@ -448,6 +452,16 @@ impl Shared {
         manifest.store(&self.dir)?;
         *self.manifest.write() = manifest;
         Ok(())
+    }
+
+    /// Changes the manifest with `change` and stores it, as one step
+    /// against every other update.
+    pub fn update_manifest<R>(&self, change: impl FnOnce(&mut Manifest) -> Result<R>) -> Result<R> {
+        let _updates = self.manifest_update.lock();
+        let mut manifest = self.manifest.read().clone();
+        let out = change(&mut manifest)?;
+        self.store_manifest(manifest)?;
+        Ok(out)
     }
 }
 
@@ -683,6 +697,7 @@ impl Journal {
             durable_segment: AtomicU64::new(recovered.active.map_or(0, |(id, _)| id)),
             poisoned: Mutex::new(None),
             fold: RwLock::new(()),
+            manifest_update: Mutex::new(()),
             memory: MemoryCache::new(options.memory_cache_bytes),
             closing: std::sync::atomic::AtomicBool::new(false),
             disk_full_waits: AtomicU64::new(0),
@@ -779,6 +794,7 @@ impl Journal {
             )));
         }
         let shared = self.shared();
+        let _updates = shared.manifest_update.lock();
         let _fold = shared.fold.write();
         let mut manifest = shared.manifest.read().clone();
         if manifest.volume(name).is_some() {
@@ -1137,35 +1153,35 @@ impl Journal {
 
     /// Raises the fencing epoch; it may never go down.
     pub fn set_epoch(&self, epoch: u64) -> Result<()> {
-        let shared = self.shared();
-        let mut manifest = shared.manifest.read().clone();
-        if epoch < manifest.epoch {
-            return Err(Error::Invalid(format!(
-                "epoch {epoch} is below the current epoch {}",
-                manifest.epoch
-            )));
-        }
-        manifest.epoch = epoch;
-        shared.store_manifest(manifest)
+        self.shared().update_manifest(|manifest| {
+            if epoch < manifest.epoch {
+                return Err(Error::Invalid(format!(
+                    "epoch {epoch} is below the current epoch {}",
+                    manifest.epoch
+                )));
+            }
+            manifest.epoch = epoch;
+            Ok(())
+        })
     }
 
     /// Sets retention hold `name`: its consumer has taken everything up to
     /// `seq` and needs what follows, so retention will not fold past `seq`.
     pub fn set_hold(&self, name: &str, seq: Seq) -> Result<()> {
-        let shared = self.shared();
-        let mut manifest = shared.manifest.read().clone();
-        manifest.holds.insert(name.to_string(), seq);
-        shared.store_manifest(manifest)
+        self.shared().update_manifest(|manifest| {
+            manifest.holds.insert(name.to_string(), seq);
+            Ok(())
+        })
     }
 
     /// Removes retention hold `name`.
     pub fn release_hold(&self, name: &str) -> Result<()> {
-        let shared = self.shared();
-        let mut manifest = shared.manifest.read().clone();
-        if manifest.holds.remove(name).is_none() {
-            return Err(Error::Invalid(format!("no retention hold named {name:?}")));
-        }
-        shared.store_manifest(manifest)
+        self.shared().update_manifest(|manifest| {
+            if manifest.holds.remove(name).is_none() {
+                return Err(Error::Invalid(format!("no retention hold named {name:?}")));
+            }
+            Ok(())
+        })
     }
 
     /// The retention holds.

@@ -240,6 +240,9 @@ impl Journal {
     /// as the holds allow unless `force`.
     pub fn retain_from(&self, target: Seq, force: bool) -> Result<RetentionReport> {
         let shared = self.shared();
+        // Holds read here must still be the holds when the fold stores
+        // the new horizon: no hold may be set in between.
+        let _updates = shared.manifest_update.lock();
         let (target, held_back, gaps) = shared.honour_holds(target, force);
         let mut report = shared.fold_to(target, gaps)?;
         report.held_back = held_back;

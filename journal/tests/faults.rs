@@ -336,3 +336,37 @@ fn retention_never_removes_a_segment_whose_last_batches_are_still_syncing() {
     let (journal, _) = reopen(dir.path());
     check_reads(&journal, &model, &mut rng, 20);
 }
+
+#[test]
+fn holds_set_and_released_concurrently_are_neither_lost_nor_refused() {
+    // Exports set and release holds from many threads at once; every
+    // update must land (a lost hold lets retention fold a reader's point
+    // away) and none may fail on another's temporary manifest file.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+    let (journal, _) = open(dir.path(), &clock, RecoveryMode::Strict);
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let journal = journal.clone();
+            std::thread::spawn(move || {
+                for i in 0..40u64 {
+                    let name = format!("export:{t}:{i}");
+                    journal.set_hold(&name, i).expect("set hold");
+                    if i % 2 == 0 {
+                        journal.release_hold(&name).expect("release hold");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    let holds = journal.holds();
+    assert_eq!(holds.len(), 8 * 20, "holds lost: {holds:?}");
+    assert!(holds.keys().all(|name| name
+        .rsplit(':')
+        .next()
+        .and_then(|i| i.parse::<u64>().ok())
+        .is_some_and(|i| i % 2 == 1)));
+}
