@@ -24,12 +24,13 @@ pids+=($!)
 nbdkit_uri="nbd://127.0.0.1:$port/"
 for _ in $(seq 1 100); do nbdinfo --size "$nbdkit_uri" >/dev/null 2>&1 && break; sleep 0.1; done
 
-# fio prints IOPS and bandwidth as JSON; one number per run.
+# fio prints IOPS and bandwidth as JSON (after a "connected" line of the
+# nbd engine); two numbers per run.
 run_fio() { # uri rw bs -> "iops bw_bytes"
   fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth=16 \
       --size=2G --time_based --runtime="$runtime" --ramp_time=2 --randrepeat=0 \
       --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["write"]; print(round(j["iops"]), j["bw_bytes"])'
+    python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]["write"]; print(round(j["iops"]), j["bw_bytes"])'
 }
 
 declare -A w1 w2

@@ -203,32 +203,12 @@ pub fn parse_mode(text: &str) -> Result<IoMode, String> {
     }
 }
 
-/// `30s`, `5m`, `2h`, `7d`, `250ms`.
+/// `30s`, `5m`, `2h`, `7d`, `250ms`, `1h30m` (the syntax of relative
+/// points, without the minus).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("duration {text:?} must be a number and a unit (30s, 5m, 2h, 7d)"))?;
-    let secs = match unit.trim() {
-        "ms" => return Ok(Duration::from_millis(number)),
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => {
-            return Err(format!(
-                "duration {text:?} has an unknown unit; use ms, s, m, h or d"
-            ))
-        }
-    };
-    number
-        .checked_mul(secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("duration {text:?} is too large"))
+    crate::point_spec::parse_duration(text.trim()).ok_or_else(|| {
+        format!("duration {text:?} must be a number and a unit: ms, s, m, h or d (30s, 5m, 2h, 7d)")
+    })
 }
 
 /// " (line N, column M)" for a span of `text`.

@@ -59,7 +59,7 @@ impl PointSpec {
                 .map_err(|_| format!("invalid point {text:?}: seq is too large"));
         }
         if let Some(rel) = text.strip_prefix('-') {
-            return parse_relative(rel).map(PointSpec::Ago).ok_or_else(bad);
+            return parse_duration(rel).map(PointSpec::Ago).ok_or_else(bad);
         }
         DateTime::parse_from_rfc3339(text)
             .map(|at| PointSpec::Time(Timestamp::from_datetime(at.with_timezone(&Utc))))
@@ -76,7 +76,7 @@ fn non_empty(name: &str, text: &str) -> Result<String, String> {
 }
 
 /// `5m`, `2h`, `30s`, `1d`, `250ms`, or combinations like `1h30m`.
-fn parse_relative(text: &str) -> Option<Duration> {
+pub fn parse_duration(text: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
     let mut rest = text;
     if rest.is_empty() {
