@@ -16,8 +16,10 @@ declare -A median
 for size in 1G 16G; do
   vol="r1-$size"
   tm volume create "$vol" --size "$size" --mode async >/dev/null
+  # Exactly $records writes, blocks hit more than once where the volume
+  # has fewer blocks than that.
   fio --name=fill --ioengine=nbd --uri="nbd://$nbd/$vol" --rw=randwrite --bs=4k --iodepth=32 \
-      --number_ios="$records" --size="$size" --randrepeat=0 --output=/dev/null
+      --size="$size" --io_size=$((records * 4))k --norandommap --randrepeat=0 --output=/dev/null
   tm volume set-mode "$vol" sync >/dev/null
   seq=$(tm volume show "$vol" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["newest_seq"])')
   point=$((seq / 2))

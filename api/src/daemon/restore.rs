@@ -4,6 +4,9 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 
 use tidemark_journal::{Point, Seq};
 
@@ -52,22 +55,59 @@ pub fn restore(
     let hold = format!("restore:{}:{seq}:{}", volume.name, std::process::id());
     let journal = volume.journal();
     journal.set_hold(&hold, seq)?;
-    let result = (|| {
-        let mut buf = vec![0u8; CHUNK as usize];
-        let mut at = 0u64;
-        while at < volume.size {
-            let n = CHUNK.min(volume.size - at);
-            let part = &mut buf[..n as usize];
-            journal.read(&volume.name, at, part, Point::Seq(seq))?;
-            if is_device || part.iter().any(|&b| b != 0) {
-                file.write_all_at(part, at)
-                    .map_err(|e| failed("write", at, e))?;
-            }
-            at += n;
-            progress(at, volume.size);
+    // Reads are bound by index lookups (CPU), so chunks are read by one
+    // thread per core, each writing its own chunks in place.
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8) as u64;
+    let chunks = volume.size.div_ceil(CHUNK);
+    let done = AtomicU64::new(0);
+    let failed_at: Mutex<Option<ApiError>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let (file, done, failed_at) = (&file, &done, &failed_at);
+            scope.spawn(move || {
+                let mut buf = vec![0u8; CHUNK as usize];
+                for chunk in (t..chunks).step_by(threads as usize) {
+                    if failed_at.lock().is_some() {
+                        return;
+                    }
+                    let at = chunk * CHUNK;
+                    let n = CHUNK.min(volume.size - at);
+                    let part = &mut buf[..n as usize];
+                    let result = journal
+                        .read(&volume.name, at, part, Point::Seq(seq))
+                        .map_err(ApiError::from)
+                        .and_then(|_| {
+                            if is_device || part.iter().any(|&b| b != 0) {
+                                file.write_all_at(part, at)
+                                    .map_err(|e| failed("write", at, e))
+                            } else {
+                                Ok(())
+                            }
+                        });
+                    if let Err(e) = result {
+                        failed_at.lock().get_or_insert(e);
+                        return;
+                    }
+                    done.fetch_add(n, Ordering::Relaxed);
+                }
+            });
         }
-        file.sync_all().map_err(|e| failed("sync", at, e))
-    })();
+        let mut reported = 0;
+        while reported < volume.size && failed_at.lock().is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let now = done.load(Ordering::Relaxed);
+            if now != reported {
+                reported = now;
+                progress(now, volume.size);
+            }
+        }
+    });
+    let result = match failed_at.into_inner() {
+        Some(e) => Err(e),
+        None => file.sync_all().map_err(|e| failed("sync", volume.size, e)),
+    };
     let released = journal.release_hold(&hold);
     result?;
     released?;
