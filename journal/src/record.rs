@@ -29,6 +29,10 @@ const FLAG_LZ4: u8 = 1;
 /// coarse: the write says how the range ended up, not how it got there.
 const FLAG_RESYNC: u8 = 2;
 
+/// How much of a large payload is compressed first to decide whether the
+/// rest is worth compressing.
+const COMPRESS_SAMPLE: usize = 64 << 10;
+
 thread_local! {
     /// Per-thread lz4 output buffer; see [`PreparedRecord::new`].
     static COMPRESS_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -141,7 +145,8 @@ pub struct PreparedRecord {
 impl PreparedRecord {
     /// Prepares a record. The payload is lz4-compressed and kept compressed
     /// only if that makes it smaller, so incompressible data costs one
-    /// compression attempt and no extra space.
+    /// compression attempt (of its first 64 KiB, for large payloads) and
+    /// no extra space.
     pub fn new(
         kind: RecordKind,
         volume: VolumeId,
@@ -158,6 +163,21 @@ impl PreparedRecord {
             // worst-case-sized buffer is allocated and freed per write.
             COMPRESS_SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
+                // A large payload whose first 64 KiB shrink by less than
+                // an eighth is stored as it is: compressing a MiB of
+                // (nearly) incompressible data costs a millisecond on the
+                // writing thread for next to nothing.
+                if payload.len() >= 2 * COMPRESS_SAMPLE {
+                    let sample = &payload[..COMPRESS_SAMPLE];
+                    let bound = lz4_flex::block::get_maximum_output_size(sample.len());
+                    if scratch.len() < bound {
+                        scratch.resize(bound, 0);
+                    }
+                    match lz4_flex::block::compress_into(sample, &mut scratch[..]) {
+                        Ok(n) if n < sample.len() * 7 / 8 => {}
+                        _ => return (payload.to_vec(), false),
+                    }
+                }
                 let bound = lz4_flex::block::get_maximum_output_size(payload.len());
                 if scratch.len() < bound {
                     scratch.resize(bound, 0);
@@ -409,6 +429,26 @@ pub fn payload_bytes(
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn large_payloads_whose_start_does_not_shrink_are_stored_raw() {
+        let mut noisy = vec![0u8; 1 << 20];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for b in noisy.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let rec = PreparedRecord::new(RecordKind::Write, 1, 0, noisy.len() as u64, &noisy);
+        assert!(!rec.compressed);
+        assert_eq!(rec.stored, noisy);
+        let text = b"the quick brown fox jumps over the lazy dog. ".repeat(25_000);
+        let rec = PreparedRecord::new(RecordKind::Write, 1, 0, text.len() as u64, &text);
+        assert!(rec.compressed && rec.stored.len() < text.len() / 4);
+        let (_, data) = roundtrip(&noisy, RecordKind::Write, noisy.len() as u64);
+        assert_eq!(data, noisy);
+    }
 
     fn roundtrip(payload: &[u8], kind: RecordKind, length: u64) -> (RecordHeader, Vec<u8>) {
         let rec = PreparedRecord::new(kind, 7, 4096, length, payload);
