@@ -154,7 +154,7 @@ fn volumes_tags_and_timeline_survive_a_restart() {
 fn bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
     let d = Daemon::start();
     d.create_volume("db", "16M", "sync");
-    let cases: [(&[&str], i32, &str); 12] = [
+    let cases: [(&[&str], i32, &str); 13] = [
         (&["volume", "show", "nope"], 1, "unknown volume \"nope\""),
         (
             &["volume", "create", "x", "--size", "12Q"],

@@ -52,10 +52,10 @@ pub enum Command {
         /// The volume.
         volume: String,
         /// Start at this point (default: the oldest retained).
-        #[arg(long, value_parser = point)]
+        #[arg(long, value_parser = point, allow_hyphen_values = true)]
         from: Option<String>,
         /// End at this point (default: latest).
-        #[arg(long, value_parser = point)]
+        #[arg(long, value_parser = point, allow_hyphen_values = true)]
         to: Option<String>,
         /// Print JSON.
         #[arg(long)]
@@ -66,7 +66,7 @@ pub enum Command {
         /// The volume.
         volume: String,
         /// The point.
-        #[arg(long, value_parser = point)]
+        #[arg(long, value_parser = point, allow_hyphen_values = true)]
         at: String,
         /// Accept writes into a throw-away overlay.
         #[arg(long)]
@@ -82,7 +82,7 @@ pub enum Command {
         /// The volume.
         volume: String,
         /// The point.
-        #[arg(long, value_parser = point)]
+        #[arg(long, value_parser = point, allow_hyphen_values = true)]
         at: String,
         /// Target file or block device.
         #[arg(long)]
@@ -93,7 +93,7 @@ pub enum Command {
         /// The volume.
         volume: String,
         /// The point.
-        #[arg(long, value_parser = point)]
+        #[arg(long, value_parser = point, allow_hyphen_values = true)]
         to: String,
         /// Do not ask for confirmation.
         #[arg(long)]
