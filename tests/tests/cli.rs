@@ -183,6 +183,11 @@ fn bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
         ),
         (&["export", "db", "--at", "yesterday"], 2, "invalid point"),
         (
+            &["export", "db", "--at", "-10d"],
+            1,
+            "outside the retained history",
+        ),
+        (
             &["export", "db", "--at", "999999"],
             1,
             "outside the retained history",
