@@ -882,12 +882,15 @@ impl Journal {
             }
         };
         let bytes = record.encoded_len() as u64;
+        let stored = record.stored.len() as u64;
         if record.kind != RecordKind::Mark && shared.goes_to_file_tier(bytes) {
             match self.append_to_file_cache(&info, record, admission)? {
-                Ok(handle) => return Ok(handle),
+                Ok(handle) => return Ok(handle.with_stored_bytes(stored)),
                 // The file cache is full: with both tiers, memory takes it.
                 Err(record) if shared.options.cache_tiers == CacheTiers::Both => {
-                    return self.append_to_memory(&info, record, admission);
+                    return self
+                        .append_to_memory(&info, record, admission)
+                        .map(|h| h.with_stored_bytes(stored));
                 }
                 Err(record) => {
                     let limit = shared
@@ -903,6 +906,7 @@ impl Journal {
             }
         }
         self.append_to_memory(&info, record, admission)
+            .map(|h| h.with_stored_bytes(stored))
     }
 
     /// Stamps `record` with the next seq and time and sends it to the

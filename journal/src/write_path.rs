@@ -126,6 +126,10 @@ pub struct Acknowledged {
     /// Its record's seq; `None` if the cache had no room (async only) and
     /// a resync will cover it.
     pub seq: Option<Seq>,
+    /// Payload bytes its records hold after lz4 (0 for zeroes, trims and
+    /// writes left to a resync): against the bytes written, how well the
+    /// data compressed.
+    pub stored_bytes: u64,
 }
 
 /// One change as the write path applies it.
@@ -536,6 +540,7 @@ impl Inner {
             }
         }
         let seq = handles.last().map_or(0, |h| h.seq());
+        let stored_bytes = handles.iter().map(|h| h.stored_bytes()).sum();
         if let Err(e) = self.device_apply(v, offset, op, fua) {
             // The journal has a change the production volume lacks: leave
             // the region to a resync, which makes them agree again.
@@ -563,6 +568,7 @@ impl Inner {
         Ok(Acknowledged {
             mode: IoMode::Sync,
             seq: Some(seq),
+            stored_bytes,
         })
     }
 
@@ -580,18 +586,23 @@ impl Inner {
             return Err(e);
         }
         let mut seq = None;
+        let mut stored_bytes = 0;
         for change in op.changes(offset, self.journal.max_record_len()) {
             match self
                 .journal
                 .append_with(v.info.id, change, Admission::NoWait)
             {
-                Ok(handle) => seq = Some(handle.seq()),
+                Ok(handle) => {
+                    seq = Some(handle.seq());
+                    stored_bytes += handle.stored_bytes();
+                }
                 Err(e) => {
                     if !matches!(e, Error::CacheFull { .. }) {
                         tracing::warn!(volume = %v.info.name, error = %e, "journalling an async write failed; its region will be resynced");
                     }
                     v.counters.cache_fallbacks.fetch_add(1, Ordering::Relaxed);
                     seq = None;
+                    stored_bytes = 0;
                     break;
                 }
             }
@@ -601,6 +612,7 @@ impl Inner {
         Ok(Acknowledged {
             mode: IoMode::Async,
             seq,
+            stored_bytes,
         })
     }
 

@@ -137,6 +137,8 @@ pub struct Appended {
 pub struct AppendHandle {
     seq: Seq,
     time: Timestamp,
+    /// Bytes of payload as stored (after lz4, if it shrank).
+    stored: u64,
     durability: Durability,
     closed: std::path::PathBuf,
 }
@@ -160,6 +162,7 @@ impl AppendHandle {
         AppendHandle {
             seq,
             time,
+            stored: 0,
             durability: Durability::Journal(reply),
             closed: dir,
         }
@@ -177,6 +180,7 @@ impl AppendHandle {
         AppendHandle {
             seq,
             time,
+            stored: 0,
             durability: Durability::FileCache(cache, write_no),
             closed: dir,
         }
@@ -185,6 +189,18 @@ impl AppendHandle {
     /// The seq the record got.
     pub fn seq(&self) -> Seq {
         self.seq
+    }
+
+    /// Bytes of payload as stored: compared with the bytes written, the
+    /// lz4 ratio, a free signal of how random (encrypted, compressed) the
+    /// data is.
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored
+    }
+
+    pub(crate) fn with_stored_bytes(mut self, stored: u64) -> Self {
+        self.stored = stored;
+        self
     }
 
     /// The timestamp the record got.
