@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tidemark_journal::{CacheTiers, IoMode};
+use tidemark_tagging::schedule::Target;
 
 use crate::size::parse_size;
 
@@ -26,6 +27,77 @@ struct File {
     journal: JournalFile,
     #[serde(default)]
     retention: RetentionFile,
+    #[serde(default)]
+    tagging: TaggingFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaggingFile {
+    #[serde(default)]
+    schedule: Vec<ScheduleFile>,
+    #[serde(default)]
+    log_rule: Vec<LogRuleFile>,
+    #[serde(default)]
+    hook: Vec<HookFile>,
+    #[serde(default)]
+    anomaly: AnomalyFile,
+    #[serde(default)]
+    verify: VerifyFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleFile {
+    volume: Option<String>,
+    group: Option<String>,
+    cron: Option<String>,
+    every: Option<String>,
+    timezone: Option<String>,
+    name: Option<String>,
+    keep: Option<usize>,
+    verify: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogRuleFile {
+    volume: Option<String>,
+    group: Option<String>,
+    file: Option<PathBuf>,
+    pattern: Option<String>,
+    name: Option<String>,
+    builtin: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HookFile {
+    volume: Option<String>,
+    group: Option<String>,
+    freeze: Option<String>,
+    thaw: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnomalyFile {
+    enabled: Option<bool>,
+    window: Option<String>,
+    entropy_ratio: Option<f64>,
+    entropy_fraction: Option<f64>,
+    overwrite_fraction: Option<f64>,
+    min_burst: Option<String>,
+    rate_factor: Option<f64>,
+    min_rate: Option<String>,
+    cooldown: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyFile {
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +158,11 @@ pub struct Config {
     pub retention_max_bytes: Option<u64>,
     /// How often retention runs.
     pub retention_interval: Duration,
+    /// The `[[tagging.*]]` tables (the daemon sets `state_dir`).
+    pub tagging: tidemark_tagging::Settings,
+    /// Every tagging rule's target, with the rule's name for messages
+    /// (checked against the volumes at start-up).
+    pub tagging_targets: Vec<(String, Target)>,
 }
 
 /// Flags of `tidemark serve` that override the file.
@@ -161,7 +238,10 @@ impl Config {
             None => IoMode::Sync,
             Some(text) => parse_mode(text).map_err(|e| format!("volumes.default_mode: {e}"))?,
         };
+        let (tagging, tagging_targets) = tagging(&file.tagging)?;
         Ok(Config {
+            tagging,
+            tagging_targets,
             data_dir: o
                 .data_dir
                 .clone()
@@ -189,6 +269,173 @@ impl Config {
                 .unwrap_or(Duration::from_secs(60)),
         })
     }
+}
+
+/// `[[TABLE]] #N (name "X")`, for messages.
+fn rule_label(table: &str, n: usize, name: Option<&str>) -> String {
+    match name {
+        Some(name) => format!("[[{table}]] #{n} (name {name:?})"),
+        None => format!("[[{table}]] #{n}"),
+    }
+}
+
+fn target(label: &str, volume: &Option<String>, group: &Option<String>) -> Result<Target, String> {
+    match (volume, group) {
+        (Some(v), None) => Ok(Target::Volume(v.clone())),
+        (None, Some(g)) => Ok(Target::Group(g.clone())),
+        (Some(_), Some(_)) => Err(format!("{label}: give volume or group, not both")),
+        (None, None) => Err(format!("{label}: volume (or group) is missing")),
+    }
+}
+
+/// The tagging tables, checked field by field.
+fn tagging(
+    file: &TaggingFile,
+) -> Result<(tidemark_tagging::Settings, Vec<(String, Target)>), String> {
+    use tidemark_tagging::hooks::{command_exists, Hook};
+    use tidemark_tagging::log_watch::{builtin, LogRule};
+    use tidemark_tagging::schedule::{Policy, When, Zone};
+    let mut settings = tidemark_tagging::Settings {
+        verify_timeout: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let mut targets = Vec::new();
+    for (i, s) in file.schedule.iter().enumerate() {
+        let label = rule_label("tagging.schedule", i + 1, s.name.as_deref());
+        let name = s
+            .name
+            .clone()
+            .ok_or_else(|| format!("{label}: name is missing"))?;
+        let target = target(&label, &s.volume, &s.group)?;
+        let zone = match &s.timezone {
+            Some(tz) => Zone::parse(tz).map_err(|e| format!("{label}: timezone = {tz:?}: {e}"))?,
+            None => Zone::Utc,
+        };
+        let when = match (&s.cron, &s.every) {
+            (Some(cron), None) => {
+                When::cron(cron, zone).map_err(|e| format!("{label}: cron = {cron:?}: {e}"))?
+            }
+            (None, Some(every)) => parse_duration(every)
+                .and_then(When::every)
+                .map_err(|e| format!("{label}: every = {every:?}: {e}"))?,
+            (Some(_), Some(_)) => return Err(format!("{label}: give cron or every, not both")),
+            (None, None) => return Err(format!("{label}: cron (or every) is missing")),
+        };
+        if s.keep == Some(0) {
+            return Err(format!("{label}: keep = 0 would delete every tag it makes"));
+        }
+        targets.push((label, target.clone()));
+        settings.policies.push(Policy {
+            name,
+            target,
+            when,
+            keep: s.keep,
+            verify: s.verify.unwrap_or(false),
+        });
+    }
+    for (i, r) in file.log_rule.iter().enumerate() {
+        let label = rule_label("tagging.log_rule", i + 1, r.name.as_deref());
+        let target = target(&label, &r.volume, &r.group)?;
+        let file_path = r
+            .file
+            .clone()
+            .ok_or_else(|| format!("{label}: file is missing"))?;
+        let patterns = match (&r.pattern, &r.builtin) {
+            (Some(pattern), None) => {
+                let name = r
+                    .name
+                    .clone()
+                    .ok_or_else(|| format!("{label}: name is missing (it names the tags)"))?;
+                let re = regex::Regex::new(pattern).map_err(|e| {
+                    format!("{label}: pattern = {pattern:?} is not a valid regular expression: {e}")
+                })?;
+                vec![(name, re)]
+            }
+            (None, Some(set)) => {
+                builtin(set).map_err(|e| format!("{label}: builtin = {set:?}: {e}"))?
+            }
+            (Some(_), Some(_)) => {
+                return Err(format!("{label}: give pattern or builtin, not both"))
+            }
+            (None, None) => return Err(format!("{label}: pattern (or builtin) is missing")),
+        };
+        targets.push((label.clone(), target.clone()));
+        settings.log_rules.push(LogRule {
+            name: r
+                .name
+                .clone()
+                .or_else(|| r.builtin.clone())
+                .unwrap_or(label),
+            target,
+            file: file_path,
+            patterns,
+        });
+    }
+    for (i, h) in file.hook.iter().enumerate() {
+        let label = rule_label("tagging.hook", i + 1, None);
+        let target = target(&label, &h.volume, &h.group)?;
+        let command = |field: &str, value: &Option<String>| -> Result<String, String> {
+            let value = value
+                .clone()
+                .ok_or_else(|| format!("{label}: {field} is missing"))?;
+            command_exists(&value).map_err(|e| format!("{label}: {field} = {value:?}: {e}"))?;
+            Ok(value)
+        };
+        let freeze = command("freeze", &h.freeze)?;
+        let thaw = command("thaw", &h.thaw)?;
+        let timeout = match &h.timeout {
+            Some(t) => parse_duration(t).map_err(|e| format!("{label}: timeout = {t:?}: {e}"))?,
+            None => Duration::from_secs(30),
+        };
+        targets.push((label, target.clone()));
+        settings.hooks.push(Hook {
+            target,
+            freeze,
+            thaw,
+            timeout,
+        });
+    }
+    let a = &file.anomaly;
+    let defaults = tidemark_tagging::anomaly::AnomalySettings::default();
+    let fraction = |field: &str, value: Option<f64>, default: f64| match value {
+        Some(x) if !(0.0..=1.0).contains(&x) => Err(format!(
+            "tagging.anomaly.{field} = {x} must be between 0 and 1"
+        )),
+        Some(x) => Ok(x),
+        None => Ok(default),
+    };
+    let dur = |field: &str, value: &Option<String>, default: Duration| match value {
+        Some(t) => parse_duration(t).map_err(|e| format!("tagging.anomaly.{field} = {t:?}: {e}")),
+        None => Ok(default),
+    };
+    let bytes = |field: &str, value: &Option<String>, default: u64| match value {
+        Some(t) => parse_size(t).map_err(|e| format!("tagging.anomaly.{field} = {t:?}: {e}")),
+        None => Ok(default),
+    };
+    settings.anomaly = tidemark_tagging::anomaly::AnomalySettings {
+        enabled: a.enabled.unwrap_or(defaults.enabled),
+        window: dur("window", &a.window, defaults.window)?,
+        entropy_ratio: fraction("entropy_ratio", a.entropy_ratio, defaults.entropy_ratio)?,
+        entropy_fraction: fraction(
+            "entropy_fraction",
+            a.entropy_fraction,
+            defaults.entropy_fraction,
+        )?,
+        overwrite_fraction: fraction(
+            "overwrite_fraction",
+            a.overwrite_fraction,
+            defaults.overwrite_fraction,
+        )?,
+        min_burst_bytes: bytes("min_burst", &a.min_burst, defaults.min_burst_bytes)?,
+        rate_factor: a.rate_factor.unwrap_or(defaults.rate_factor),
+        min_rate_bytes: bytes("min_rate", &a.min_rate, defaults.min_rate_bytes)?,
+        cooldown: dur("cooldown", &a.cooldown, defaults.cooldown)?,
+    };
+    if let Some(t) = &file.verify.timeout {
+        settings.verify_timeout =
+            parse_duration(t).map_err(|e| format!("tagging.verify.timeout = {t:?}: {e}"))?;
+    }
+    Ok((settings, targets))
 }
 
 /// `sync`, `async` or `adaptive`.
@@ -259,6 +506,48 @@ mod tests {
         assert!(err.contains("line 2"), "{err}");
         let err = Config::parse("colour = 1\n", &Overrides::default()).unwrap_err();
         assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn tagging_tables_parse_and_bad_ones_name_table_field_and_value() {
+        let good = r#"
+[[tagging.schedule]]
+volume = "db"
+cron = "0 22 * * *"
+timezone = "Europe/Berlin"
+name = "nightly"
+keep = 30
+
+[[tagging.log_rule]]
+volume = "db"
+file = "/var/log/postgresql/postgresql-15-main.log"
+builtin = "postgresql"
+
+[[tagging.hook]]
+group = "pg"
+freeze = "sh -c true"
+thaw = "sh -c true"
+timeout = "30s"
+
+[tagging.anomaly]
+enabled = true
+"#;
+        let c = Config::parse(good, &Overrides::default()).unwrap();
+        assert_eq!(c.tagging.policies.len(), 1);
+        assert_eq!(c.tagging.log_rules[0].patterns.len(), 3);
+        assert_eq!(c.tagging_targets.len(), 3);
+        for (text, want) in [
+            ("[[tagging.schedule]]\nvolume = \"db\"\ncron = \"0 25 * * *\"\nname = \"n\"\n", "[[tagging.schedule]] #1 (name \"n\"): cron = \"0 25 * * *\""),
+            ("[[tagging.schedule]]\nvolume = \"db\"\ncron = \"0 22 * * *\"\ntimezone = \"Mars/Base\"\nname = \"n\"\n", "timezone = \"Mars/Base\""),
+            ("[[tagging.log_rule]]\nvolume = \"db\"\nfile = \"/x\"\npattern = \"(unclosed\"\nname = \"x\"\n", "pattern = \"(unclosed\" is not a valid regular expression"),
+            ("[[tagging.hook]]\nvolume = \"db\"\nfreeze = \"no-such-freezer -f\"\nthaw = \"true\"\n", "[[tagging.hook]] #1: freeze = \"no-such-freezer -f\": program \"no-such-freezer\" was not found"),
+            ("[[tagging.log_rule]]\nvolume = \"db\"\nfile = \"/x\"\nbuiltin = \"oracle\"\n", "builtin = \"oracle\""),
+            ("[[tagging.schedule]]\nvolume = \"db\"\ncron = \"0 22 * * *\"\nname = \"n\"\ncolour = 1\n", "colour"),
+            ("[tagging.anomaly]\nentropy_fraction = 2.0\n", "tagging.anomaly.entropy_fraction = 2"),
+        ] {
+            let err = Config::parse(text, &Overrides::default()).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
     }
 
     #[test]

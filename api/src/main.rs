@@ -41,6 +41,7 @@ fn serve(args: tidemark::cli::args::ServeArgs) -> i32 {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match tidemark::daemon::serve(config) {
         Ok(()) => 0,

@@ -192,7 +192,8 @@ pub enum TagCommand {
         /// A note.
         #[arg(long)]
         note: Option<String>,
-        /// Freeze the application first (needs a [[tagging.hook]]).
+        /// Freeze the application first, thaw after (needs a
+        /// [[tagging.hook]] for the volume or its group).
         #[arg(long)]
         app_consistent: bool,
     },
@@ -210,5 +211,16 @@ pub enum TagCommand {
         volume: String,
         /// The tag.
         name: String,
+    },
+    /// Check a tag's point (e2fsck -fn, or CMD with the point's NBD URI in
+    /// $TIDEMARK_URI) and record the result on the tag.
+    Verify {
+        /// The volume.
+        volume: String,
+        /// The tag.
+        name: String,
+        /// The check to run instead of e2fsck.
+        #[arg(long)]
+        command: Option<String>,
     },
 }

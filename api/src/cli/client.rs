@@ -428,6 +428,35 @@ async fn tag(client: &mut TidemarkClient<Channel>, command: TagCommand) -> Resul
             }
             Ok(())
         }
+        TagCommand::Verify {
+            volume,
+            name,
+            command,
+        } => {
+            let t = client
+                .verify_tag(pb::VerifyTagRequest {
+                    volume: volume.clone(),
+                    name,
+                    command: command.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "tag {} of volume {volume} (seq {}): verification {} ({})",
+                t.name, t.seq, t.verified, t.verified_by
+            );
+            if !t.verification_detail.is_empty() {
+                println!("{}", t.verification_detail);
+            }
+            if t.verified == "passed" {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: 1,
+                    message: format!("the point of tag {} failed its check", t.name),
+                })
+            }
+        }
         TagCommand::Delete { volume, name } => {
             client
                 .delete_tag(pb::DeleteTagRequest {

@@ -32,6 +32,12 @@ pub fn tag_json(t: &pb::Tag) -> Value {
         "consistency": t.consistency,
         "verified": t.verified,
         "note": t.note,
+        "id": t.id,
+        "verification": if t.verified_at.is_empty() {
+            serde_json::Value::Null
+        } else {
+            json!({"at": t.verified_at, "ran": t.verified_by, "detail": t.verification_detail})
+        },
     })
 }
 

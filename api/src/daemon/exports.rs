@@ -168,10 +168,21 @@ impl Export {
         self.check(offset, data.len() as u64)?;
         match &self.target {
             Target::Live { .. } => {
-                self.volume
-                    .group
-                    .write_path
-                    .write(&self.volume.name, offset, data, fua)?;
+                let ack =
+                    self.volume
+                        .group
+                        .write_path
+                        .write(&self.volume.name, offset, data, fua)?;
+                if let Some(tagger) = self.volume.tagger.get() {
+                    tagger.observe_write(
+                        &self.volume.name,
+                        self.volume.size,
+                        ack.seq,
+                        offset,
+                        data.len() as u64,
+                        ack.stored_bytes,
+                    );
+                }
                 Ok(())
             }
             Target::Point { .. } => self.refuse_read_only(),

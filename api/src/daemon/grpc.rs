@@ -14,9 +14,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::error::{ApiError, ApiResult};
 use super::registry::{Volume, WriterGuard};
-use super::tags::TagBody;
-use super::{restore, rollback, timeline, Daemon};
+use super::{restore, rollback, tags, timeline, Daemon};
 use crate::point_spec::PointSpec;
+use tidemark_tagging::{Consistency, Source, TagBody};
 
 /// The service over one daemon.
 #[derive(Debug, Clone)]
@@ -192,16 +192,18 @@ impl Tidemark for Service {
         let r = request.into_inner();
         self.blocking(move |d| {
             let v = d.registry.volume(&r.volume)?;
-            if r.app_consistent {
-                return Err(ApiError::Invalid(format!(
-                    "volume {}: --app-consistent needs a [[tagging.hook]] with freeze and thaw commands for it, and none is configured",
-                    r.volume
-                )));
-            }
-            let tag = d
-                .registry
-                .create_tag(&v, &r.name, TagBody::manual(&r.note))?;
-            Ok(tag.to_proto())
+            let tag = if r.app_consistent {
+                d.tagger
+                    .app_consistent_tag(&v.name, &r.name, &r.note)
+                    .map_err(ApiError::Failed)?
+            } else {
+                d.registry.create_tag(
+                    &v,
+                    &r.name,
+                    TagBody::new(Source::Manual, Consistency::Crash, &r.note),
+                )?
+            };
+            Ok(tags::to_proto(&tag))
         })
         .await
         .map(Response::new)
@@ -215,7 +217,7 @@ impl Tidemark for Service {
         self.blocking(move |d| {
             let v = d.registry.volume(&name)?;
             Ok(pb::ListTagsResponse {
-                tags: d.registry.tags(&v)?.iter().map(|t| t.to_proto()).collect(),
+                tags: d.registry.tags(&v)?.iter().map(tags::to_proto).collect(),
             })
         })
         .await
@@ -233,6 +235,25 @@ impl Tidemark for Service {
         })
         .await
         .map(|()| Response::new(pb::Empty {}))
+    }
+
+    async fn verify_tag(
+        &self,
+        request: Request<pb::VerifyTagRequest>,
+    ) -> Result<Response<pb::Tag>, Status> {
+        let r = request.into_inner();
+        self.blocking(move |d| {
+            let v = d.registry.volume(&r.volume)?;
+            d.registry.tag(&v, &r.name)?;
+            let command = (!r.command.is_empty()).then_some(r.command.as_str());
+            let tag = d
+                .tagger
+                .verify(&v.name, &r.name, command)
+                .map_err(ApiError::Failed)?;
+            Ok(tags::to_proto(&tag))
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn timeline(
@@ -483,7 +504,13 @@ fn ingest_one(
     let wp = &volume.group.write_path;
     let name = &volume.name;
     let ack = match message.op {
-        Some(Op::Write(w)) => wp.write(name, w.offset, &w.data, w.fua)?,
+        Some(Op::Write(w)) => {
+            let ack = wp.write(name, w.offset, &w.data, w.fua)?;
+            if let Some(tagger) = volume.tagger.get() {
+                tagger.observe_write(name, volume.size, ack.seq, w.offset, w.data.len() as u64, ack.stored_bytes);
+            }
+            ack
+        }
         Some(Op::Zero(z)) => wp.write_zeroes(name, z.offset, z.length, false)?,
         Some(Op::Trim(t)) => wp.trim(name, t.offset, t.length)?,
         Some(Op::Flush(_)) => {

@@ -6,7 +6,9 @@
 //! - [`registry`] — groups, volumes and the operations on them.
 //! - [`catalog`] — the persistent list of volumes.
 //! - [`exports`] — live, point-in-time and overlay exports.
-//! - [`tags`], [`timeline`] — tags and the timeline.
+//! - [`tags`], [`timeline`] — tags and the timeline; [`tagging_host`] —
+//!   the daemon as host of the tagger (time policies, log rules, hooks,
+//!   anomaly detection, verification: `tidemark-tagging`).
 //! - [`rollback`], [`restore`], [`initial_sync`] — recovery operations.
 //! - [`grpc`], [`http`], [`metrics`] — the API surfaces.
 //! - [`error`] — errors as clients see them.
@@ -21,6 +23,7 @@ pub mod metrics;
 pub mod registry;
 pub mod restore;
 pub mod rollback;
+pub mod tagging_host;
 pub mod tags;
 pub mod timeline;
 
@@ -43,6 +46,8 @@ pub struct Daemon {
     pub metrics: Metrics,
     /// Where NBD clients reach us (for URIs).
     pub nbd_addr: SocketAddr,
+    /// Automatic tags, app-consistent tags, verification.
+    pub tagger: Arc<tidemark_tagging::Tagger>,
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, String> {
@@ -83,10 +88,20 @@ async fn run(config: Config) -> Result<(), String> {
                 )
             })?
     };
+    check_tagging_targets(&config, &registry)?;
+    let mut tagging = config.tagging.clone();
+    tagging.state_dir = config.data_dir.join("tagging");
+    let tagger = tidemark_tagging::Tagger::start(
+        Arc::new(tagging_host::DaemonHost::new(registry.clone(), nbd_addr)),
+        tagging,
+        Arc::new(tidemark_journal::SystemClock),
+    );
+    let _ = registry.tagger.set(tagger.clone());
     let daemon = Arc::new(Daemon {
         registry: registry.clone(),
         metrics: Metrics::default(),
         nbd_addr,
+        tagger: tagger.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -166,10 +181,46 @@ async fn run(config: Config) -> Result<(), String> {
     {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    tokio::task::spawn_blocking(move || registry.shutdown())
-        .await
-        .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || {
+        tagger.stop();
+        registry.shutdown()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     tracing::info!("stopped; every acknowledged write is durable");
+    Ok(())
+}
+
+/// Every tagging rule must name a volume or group that exists.
+fn check_tagging_targets(config: &Config, registry: &Registry) -> Result<(), String> {
+    use tidemark_tagging::schedule::Target;
+    let volumes: Vec<String> = registry.volumes().iter().map(|v| v.name.clone()).collect();
+    let groups: Vec<String> = registry.groups().iter().map(|g| g.name.clone()).collect();
+    for (label, target) in &config.tagging_targets {
+        match target {
+            Target::Volume(v) if !volumes.contains(v) => {
+                return Err(format!(
+                    "{label}: volume = {v:?} is not a volume (volumes: {})",
+                    if volumes.is_empty() {
+                        "none".to_string()
+                    } else {
+                        volumes.join(", ")
+                    }
+                ))
+            }
+            Target::Group(g) if !groups.contains(g) => {
+                return Err(format!(
+                    "{label}: group = {g:?} is not a consistency group (groups: {})",
+                    if groups.is_empty() {
+                        "none".to_string()
+                    } else {
+                        groups.join(", ")
+                    }
+                ))
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 

@@ -20,9 +20,10 @@ use tidemark_journal::{
 use super::catalog::{self, VolumeSpec};
 use super::error::{ApiError, ApiResult};
 use super::exports::{Export, Exports};
-use super::tags::{Tag, TagBody};
 use crate::config::{parse_mode, Config};
 use crate::point_spec::PointSpec;
+use std::sync::OnceLock;
+use tidemark_tagging::{Tag, TagBody, Tagger};
 
 /// One consistency group: its journal and write path.
 pub struct Group {
@@ -58,6 +59,8 @@ pub struct Volume {
     pub group: Arc<Group>,
     /// Clients connected to the live export (NBD or Ingest).
     pub writers: AtomicU32,
+    /// The tagger, once running: it watches this volume's writes.
+    pub tagger: Arc<OnceLock<Arc<Tagger>>>,
 }
 
 impl Volume {
@@ -118,6 +121,8 @@ pub struct Registry {
     changes: Mutex<()>,
     /// Point-in-time and overlay exports.
     pub exports: Exports,
+    /// The tagger, once running (shared with every volume).
+    pub tagger: Arc<OnceLock<Arc<Tagger>>>,
 }
 
 impl Registry {
@@ -135,6 +140,7 @@ impl Registry {
         let specs = catalog::load(&catalog_path)?;
         let registry = Arc::new(Registry {
             exports: Exports::new(dir.join("overlays")),
+            tagger: Arc::new(OnceLock::new()),
             catalog_path,
             state: RwLock::new(State::default()),
             changes: Mutex::new(()),
@@ -227,6 +233,7 @@ impl Registry {
             group: group.clone(),
             spec: Mutex::new(spec),
             writers: AtomicU32::new(0),
+            tagger: self.tagger.clone(),
         }))
     }
 
@@ -458,13 +465,13 @@ impl Registry {
             }
             PointSpec::Tag(tag) => {
                 let tag = self.tag(volume, tag)?;
-                in_history(tag.stored.seq, &format!("tag {}", tag.stored.name))
+                in_history(tag.seq, &format!("tag {}", tag.name))
             }
             PointSpec::Before(tag) => {
                 let tag = self.tag(volume, tag)?;
                 in_history(
-                    tag.stored.seq.saturating_sub(1),
-                    &format!("the point before tag {}", tag.stored.name),
+                    tag.seq.saturating_sub(1),
+                    &format!("the point before tag {}", tag.name),
                 )
             }
             PointSpec::LastVerified => {
@@ -472,13 +479,13 @@ impl Registry {
                     .tags(volume)?
                     .into_iter()
                     .rev()
-                    .find(|t| t.body.verified == "passed")
+                    .find(|t| t.body.verified == tidemark_tagging::Verified::Passed)
                     .ok_or_else(|| {
                         ApiError::NotFound(format!(
                             "volume {name} has no tag whose verification passed"
                         ))
                     })?;
-                in_history(tag.stored.seq, &format!("tag {}", tag.stored.name))
+                in_history(tag.seq, &format!("tag {}", tag.name))
             }
         }
     }
@@ -491,7 +498,7 @@ impl Registry {
             .into_iter()
             .map(Tag::from)
             .collect();
-        tags.sort_by_key(|t| t.stored.seq);
+        tags.sort_by_key(|t| (t.seq, t.mark_seq));
         Ok(tags)
     }
 
@@ -500,11 +507,7 @@ impl Registry {
         match volume.journal().tag(volume.id()?, name)? {
             Some(tag) => Ok(Tag::from(tag)),
             None => {
-                let known: Vec<String> = self
-                    .tags(volume)?
-                    .into_iter()
-                    .map(|t| t.stored.name)
-                    .collect();
+                let known: Vec<String> = self.tags(volume)?.into_iter().map(|t| t.name).collect();
                 Err(ApiError::NotFound(if known.is_empty() {
                     format!(
                         "volume {} has no tag named {name:?} (it has no tags)",
@@ -531,7 +534,8 @@ impl Registry {
         if let Some(existing) = volume.journal().tag(volume.id()?, name)? {
             return Err(ApiError::Exists(format!(
                 "volume {} already has a tag named {name:?} (seq {}); delete it first",
-                volume.name, existing.seq
+                volume.name,
+                Tag::from(existing).seq
             )));
         }
         volume.group.write_path.flush(&volume.name)?;
@@ -541,6 +545,44 @@ impl Registry {
         let appended = handle.wait_timeout(self.config.sync_timeout)?;
         tracing::info!(volume = %volume.name, tag = name, seq = appended.seq, "tag created");
         self.tag(volume, name)
+    }
+
+    /// Sets (or replaces) tag `name` for the earlier point `seq`: the mark
+    /// record is new, the point it names is `seq`.
+    pub fn tag_at(
+        &self,
+        volume: &Volume,
+        name: &str,
+        seq: Seq,
+        mut body: TagBody,
+    ) -> ApiResult<Tag> {
+        let history = volume.history();
+        if seq < history.horizon_seq || seq > history.newest_seq {
+            return Err(ApiError::OutOfRange(format!(
+                "volume {}: seq {seq} is outside the retained history; available: {history}",
+                volume.name
+            )));
+        }
+        body.point = Some(seq);
+        let handle = volume
+            .journal()
+            .set_tag(volume.id()?, name, &body.encode())?;
+        handle.wait_timeout(self.config.sync_timeout)?;
+        self.tag(volume, name)
+    }
+
+    /// The newest flush point of `volume` before `seq`.
+    pub fn last_flush_before(&self, volume: &Volume, seq: Seq) -> ApiResult<Option<Seq>> {
+        let horizon = volume.history().horizon_seq;
+        if seq <= horizon + 1 {
+            return Ok(None);
+        }
+        let events = volume.journal().events(volume.id()?, horizon, seq - 1)?;
+        Ok(events
+            .iter()
+            .rev()
+            .find(|e| e.kind == tidemark_journal::RecordKind::Flush)
+            .map(|e| e.seq))
     }
 
     /// Deletes a tag.

@@ -6,8 +6,8 @@ use tidemark_journal::{Mark, RecordKind, Seq, Timestamp};
 
 use super::error::ApiResult;
 use super::registry::{Registry, Volume};
-use super::tags::Tag;
 use crate::point_spec::PointSpec;
+use tidemark_tagging::Tag;
 
 /// One line of the timeline.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,19 +77,21 @@ pub fn timeline(
                 let entry = match Mark::decode(&event.body) {
                     Some(Mark::TagSet { name, .. }) => tags
                         .iter()
-                        .find(|t| t.stored.name == name && t.stored.seq == event.seq)
+                        .find(|t| t.name == name && t.mark_seq == event.seq)
                         .map(|t| Entry {
-                            seq: event.seq,
-                            time: event.time,
+                            // A tag names its point, which may be earlier
+                            // than the record that set it.
+                            seq: t.seq,
+                            time: t.time,
                             kind: "tag",
                             name: name.to_string(),
                             count: 1,
-                            first_seq: event.seq,
+                            first_seq: t.seq,
                             detail: format!(
                                 "source={} consistency={} verified={}{}",
-                                t.body.source,
-                                t.body.consistency,
-                                t.body.verified,
+                                t.body.source.as_str(),
+                                t.body.consistency.as_str(),
+                                t.body.verified.as_str(),
                                 if t.body.note.is_empty() {
                                     String::new()
                                 } else {
