@@ -189,6 +189,27 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Waits up to `secs` seconds for `check` to hold, polling.
+    pub fn eventually(&self, secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !check() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {secs} s; daemon log:\n{}",
+                tail(&self.log_text(), 30)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The tags of `volume` as `tag list --json` gives them.
+    pub fn tags(&self, volume: &str) -> Vec<serde_json::Value> {
+        self.json(&["tag", "list", volume, "--json"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Runs `tidemark ARGS --json` (ARGS must include `--json`) and parses it.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let text = self.ok(args);
@@ -251,6 +272,49 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Replaces the configuration used from the next (re)start on.
+    pub fn set_config(&mut self, config: &str) {
+        self.config = config.to_string();
+    }
+
+    /// Runs `tidemark serve` with `config` on a fresh data directory and
+    /// expects it to refuse to start: returns its exit status and stderr.
+    pub fn refuses_to_start(config: &str) -> (Option<i32>, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tidemark.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut child = Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args([
+                "--nbd",
+                "127.0.0.1:0",
+                "--grpc",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tidemark serve");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the daemon started with a configuration it should refuse:\n{config}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().expect("output");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// Starts the daemon again on the same data directory (new ports).

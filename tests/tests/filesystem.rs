@@ -342,3 +342,165 @@ fn every_sampled_flush_point_is_a_clean_filesystem() {
     std::fs::write(&image, bytes).unwrap();
     assert!(fsck_clean(&image).is_err(), "fsck passed a damaged image");
 }
+
+fn write_text_files(dir: &Path, count: usize, variant: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..count {
+        let mut text = String::with_capacity(512 << 10);
+        let mut line = 0u32;
+        while text.len() < 512 << 10 {
+            text.push_str(&format!(
+                "{variant}: line {line} of file {i}: the quick brown fox jumps over the lazy dog\n"
+            ));
+            line += 1;
+        }
+        std::fs::write(dir.join(format!("doc-{i}.txt")), text).unwrap();
+    }
+}
+
+fn anomaly_tags(d: &Daemon) -> Vec<serde_json::Value> {
+    d.tags("fs")
+        .into_iter()
+        .filter(|t| t["source"] == "anomaly")
+        .collect()
+}
+
+#[test]
+fn a_ransomware_burst_is_tagged_and_before_that_tag_the_files_are_intact() {
+    let test = "a_ransomware_burst_is_tagged_and_before_that_tag_the_files_are_intact";
+    if !can_mount(test) {
+        return;
+    }
+    let d = Daemon::start();
+    d.create_volume("fs", "128M", "sync");
+    let mut m = Mounted::new(&d, "fs", true);
+    // Ordinary work: copying text files, then rewriting them in place.
+    write_text_files(&m.mnt.join("docs"), 48, 1);
+    run("sync", &[]);
+    write_text_files(&m.mnt.join("docs"), 48, 2);
+    run("sync", &[]);
+    let intact = snapshot(&m.mnt);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        anomaly_tags(&d).is_empty(),
+        "ordinary writes raised an anomaly: {:?}",
+        anomaly_tags(&d)
+    );
+
+    // The burst: every file overwritten in place with random bytes.
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(13);
+    for name in intact.keys() {
+        let path = m.mnt.join(name);
+        let len = std::fs::metadata(&path).unwrap().len() as usize;
+        let mut junk = vec![0u8; len];
+        rng.fill(&mut junk[..]);
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &junk, 0).unwrap();
+    }
+    run("sync", &[]);
+    d.eventually(15, "an anomaly tag", || !anomaly_tags(&d).is_empty());
+    let tag = anomaly_tags(&d)[0].clone();
+    let name = tag["name"].as_str().unwrap().to_string();
+    assert!(name.starts_with("anomaly:entropy-"), "{tag}");
+    assert!(
+        tag["note"].as_str().unwrap().contains("high-entropy"),
+        "{tag}"
+    );
+
+    m.unmount();
+    d.ok(&["rollback", "fs", "--to", &format!("before:{name}"), "--yes"]);
+    let m2 = Mounted::new(&d, "fs", false);
+    assert_eq!(
+        snapshot(&m2.mnt),
+        intact,
+        "rolling back to before:{name} did not give the files back"
+    );
+}
+
+#[test]
+fn verification_passes_a_good_point_fails_a_damaged_one_and_last_verified_finds_it() {
+    let test = "verification_passes_a_good_point_fails_a_damaged_one_and_last_verified_finds_it";
+    if !can_mount(test) {
+        return;
+    }
+    let d = Daemon::start();
+    d.create_volume("fs", "64M", "sync");
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+    let mut m = Mounted::new(&d, "fs", true);
+    write_files(&m.mnt.join("a"), "f", 10, &mut rng);
+    m.freeze_and(|| {
+        d.ok(&["tag", "create", "fs", "good"]);
+    });
+    write_files(&m.mnt.join("b"), "g", 10, &mut rng);
+    run("sync", &[]);
+    m.unmount();
+
+    let out = d.ok(&["tag", "verify", "fs", "good"]);
+    assert!(out.contains("verification passed"), "{out}");
+    let good = d
+        .tags("fs")
+        .into_iter()
+        .find(|t| t["name"] == "good")
+        .unwrap();
+    assert_eq!(good["verified"], "passed");
+    assert!(
+        good["verification"]["ran"]
+            .as_str()
+            .unwrap()
+            .contains("e2fsck"),
+        "{good}"
+    );
+
+    // Wreck the superblock and group descriptors, then tag that.
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0xa5 0 64k", &d.uri("fs")],
+    );
+    d.ok(&["tag", "create", "fs", "wrecked"]);
+    let out = d.cli(&["tag", "verify", "fs", "wrecked"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let wrecked = d
+        .tags("fs")
+        .into_iter()
+        .find(|t| t["name"] == "wrecked")
+        .unwrap();
+    assert_eq!(wrecked["verified"], "failed");
+
+    // last-verified is the good tag's point.
+    let uri = d.ok(&["export", "fs", "--at", "last-verified"]);
+    assert!(
+        uri.trim().ends_with(&format!("fs@{}", good["seq"])),
+        "{uri} vs {good}"
+    );
+    // A command of the operator's, with the point's URI.
+    let out = d.ok(&[
+        "tag",
+        "verify",
+        "fs",
+        "wrecked",
+        "--command",
+        "nbdinfo --size \"$TIDEMARK_URI\"",
+    ]);
+    assert!(out.contains("passed") && out.contains("67108864"), "{out}");
+    // The timeline shows how each tag was verified.
+    let timeline = d.json(&["timeline", "fs", "--json"]);
+    let entry = timeline["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "good")
+        .unwrap()
+        .clone();
+    assert!(
+        entry["detail"]
+            .as_str()
+            .unwrap()
+            .contains("verified=passed"),
+        "{entry}"
+    );
+}
