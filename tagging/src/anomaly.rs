@@ -57,6 +57,23 @@ impl Default for AnomalySettings {
     }
 }
 
+/// One acknowledged write, as the detector sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct ObservedWrite<'a> {
+    /// The volume written.
+    pub volume: &'a str,
+    /// Its size in bytes.
+    pub volume_size: u64,
+    /// The record's seq (`None`: left to a resync, nothing known).
+    pub seq: Option<Seq>,
+    /// Where.
+    pub offset: u64,
+    /// Bytes written.
+    pub len: u64,
+    /// Payload bytes stored after lz4.
+    pub stored: u64,
+}
+
 /// What set an alarm off.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Alarm {
@@ -143,21 +160,17 @@ impl Detector {
         &self.settings
     }
 
-    /// Records one acknowledged write of `len` bytes at `offset` of
-    /// `volume` (`size` bytes), journalled as `seq` with `stored` bytes of
-    /// payload after lz4; returns an alarm when the window turns
-    /// suspicious.
-    #[allow(clippy::too_many_arguments)]
-    pub fn observe(
-        &self,
-        volume: &str,
-        size: u64,
-        seq: Option<Seq>,
-        offset: u64,
-        len: u64,
-        stored: u64,
-        now: Instant,
-    ) -> Option<Alarm> {
+    /// Records one acknowledged write; returns an alarm when the window
+    /// turns suspicious.
+    pub fn observe(&self, write: &ObservedWrite<'_>, now: Instant) -> Option<Alarm> {
+        let ObservedWrite {
+            volume,
+            volume_size: size,
+            seq,
+            offset,
+            len,
+            stored,
+        } = *write;
         let s = &self.settings;
         if !s.enabled || len == 0 {
             return None;
@@ -304,7 +317,15 @@ mod tests {
             *t += gap;
             let len = 64 << 10;
             let stored = (len as f64 * stored_ratio) as u64;
-            let a = d.observe("db", SIZE, Some(*seq), (block + i) * len, len, stored, *t);
+            let w = ObservedWrite {
+                volume: "db",
+                volume_size: SIZE,
+                seq: Some(*seq),
+                offset: (block + i) * len,
+                len,
+                stored,
+            };
+            let a = d.observe(&w, *t);
             alarm = alarm.or(a);
         }
         alarm
@@ -395,10 +416,15 @@ mod tests {
         for i in 0..10_000u64 {
             seq += 1;
             t += Duration::from_micros(100);
-            assert_eq!(
-                d.observe("db", SIZE, Some(seq), (i % 100) * 4096, 512, 512, t),
-                None
-            );
+            let w = ObservedWrite {
+                volume: "db",
+                volume_size: SIZE,
+                seq: Some(seq),
+                offset: (i % 100) * 4096,
+                len: 512,
+                stored: 512,
+            };
+            assert_eq!(d.observe(&w, t), None);
         }
     }
 

@@ -14,7 +14,7 @@ use chrono::Utc;
 use parking_lot::Mutex;
 use tidemark_journal::{Clock, Seq, Timestamp};
 
-use crate::anomaly::{Alarm, AnomalySettings, Detector};
+use crate::anomaly::{Alarm, AnomalySettings, Detector, ObservedWrite};
 use crate::hooks::{app_consistent, Hook};
 use crate::log_watch::{Follower, LogRule};
 use crate::schedule::{Policy, ScheduleState, Target};
@@ -131,19 +131,8 @@ impl Tagger {
 
     /// Feeds one acknowledged write to anomaly detection (cheap: a lock,
     /// a bitmap and a bucket).
-    pub fn observe_write(
-        &self,
-        volume: &str,
-        size: u64,
-        seq: Option<Seq>,
-        offset: u64,
-        len: u64,
-        stored: u64,
-    ) {
-        if let Some(alarm) =
-            self.detector
-                .observe(volume, size, seq, offset, len, stored, Instant::now())
-        {
+    pub fn observe_write(&self, write: &ObservedWrite<'_>) {
+        if let Some(alarm) = self.detector.observe(write, Instant::now()) {
             if let Some(tx) = self.alarms.lock().as_ref() {
                 let _ = tx.send(alarm);
             }

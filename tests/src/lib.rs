@@ -109,19 +109,7 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("daemon log");
-        let mut child = Command::new(binary())
-            .args(["serve", "--config"])
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(self.path("data"))
-            .args([
-                "--nbd",
-                "127.0.0.1:0",
-                "--grpc",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-            ])
+        let mut child = serve_command(&config, &self.path("data"))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -285,19 +273,7 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("tidemark.toml");
         std::fs::write(&path, config).expect("write config");
-        let mut child = Command::new(binary())
-            .args(["serve", "--config"])
-            .arg(&path)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args([
-                "--nbd",
-                "127.0.0.1:0",
-                "--grpc",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-            ])
+        let mut child = serve_command(&path, &dir.path().join("data"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -324,6 +300,25 @@ impl Daemon {
         }
         self.launch();
     }
+}
+
+/// `tidemark serve` with `config` and `data_dir` on ephemeral loopback ports.
+fn serve_command(config: &Path, data_dir: &Path) -> Command {
+    let mut command = Command::new(binary());
+    command
+        .args(["serve", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args([
+            "--nbd",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ]);
+    command
 }
 
 fn sigterm(pid: u32) {

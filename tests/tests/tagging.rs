@@ -75,11 +75,9 @@ fn log_rules_tag_the_point_where_the_line_appeared_across_rotation() {
     ));
     d.restart();
     // The file does not exist yet: a warning, not an error.
-    assert!(
-        d.log_text().contains("does not exist (yet)"),
-        "{}",
-        d.log_text()
-    );
+    d.eventually(5, "a warning about the missing log file", || {
+        d.log_text().contains("does not exist (yet)")
+    });
     std::fs::create_dir_all(log.parent().unwrap()).unwrap();
     let append = |text: &str| {
         let mut f = std::fs::OpenOptions::new()

@@ -19,6 +19,7 @@ use tidemark_journal::{Point, Seq};
 
 use super::error::{ApiError, ApiResult};
 use super::registry::{Volume, WriterGuard};
+use tidemark_tagging::anomaly::ObservedWrite;
 
 /// Prefix of the journal holds that exports place.
 pub const HOLD_PREFIX: &str = "export:";
@@ -174,14 +175,14 @@ impl Export {
                         .write_path
                         .write(&self.volume.name, offset, data, fua)?;
                 if let Some(tagger) = self.volume.tagger.get() {
-                    tagger.observe_write(
-                        &self.volume.name,
-                        self.volume.size,
-                        ack.seq,
+                    tagger.observe_write(&ObservedWrite {
+                        volume: &self.volume.name,
+                        volume_size: self.volume.size,
+                        seq: ack.seq,
                         offset,
-                        data.len() as u64,
-                        ack.stored_bytes,
-                    );
+                        len: data.len() as u64,
+                        stored: ack.stored_bytes,
+                    });
                 }
                 Ok(())
             }

@@ -507,7 +507,14 @@ fn ingest_one(
         Some(Op::Write(w)) => {
             let ack = wp.write(name, w.offset, &w.data, w.fua)?;
             if let Some(tagger) = volume.tagger.get() {
-                tagger.observe_write(name, volume.size, ack.seq, w.offset, w.data.len() as u64, ack.stored_bytes);
+                tagger.observe_write(&tidemark_tagging::anomaly::ObservedWrite {
+                    volume: name,
+                    volume_size: volume.size,
+                    seq: ack.seq,
+                    offset: w.offset,
+                    len: w.data.len() as u64,
+                    stored: ack.stored_bytes,
+                });
             }
             ack
         }
