@@ -38,8 +38,8 @@ pub trait Host: Send + Sync + 'static {
     fn tags(&self, volume: &str) -> Result<Vec<Tag>, String>;
     /// Deletes a tag.
     fn delete_tag(&self, volume: &str, name: &str) -> Result<(), String>;
-    /// The newest flush point of `volume` before `seq`.
-    fn last_flush_before(&self, volume: &str, seq: Seq) -> Option<Seq>;
+    /// The newest flush point of `volume` before `seq`, and its time.
+    fn last_flush_before(&self, volume: &str, seq: Seq) -> Option<(Seq, Timestamp)>;
     /// A throw-away writable view of `seq` for a check: its NBD URI, and a
     /// guard that removes it when dropped.
     fn check_export(&self, volume: &str, seq: Seq) -> Result<(String, Box<dyn Send>), String>;
@@ -174,12 +174,13 @@ impl Tagger {
             let result = if late {
                 // A slot missed while the daemon was down: tag the point
                 // the volume was at then.
-                let body = TagBody::new(
+                let mut body = TagBody::new(
                     Source::Schedule,
                     Consistency::Unknown,
                     "slot missed while stopped; tagged at the slot's time",
                 )
                 .from_origin(&policy.name);
+                body.point_ns = slot.timestamp_nanos_opt();
                 self.host
                     .seq_at(&volume, Timestamp::from_datetime(slot))
                     .and_then(|(seq, _)| self.host.tag_at(&volume, &name, seq, body))
@@ -266,13 +267,17 @@ impl Tagger {
     /// write (after the last flush before it), `before:NAME` the last
     /// clean flush point.
     fn tag_alarm(&self, alarm: &Alarm) {
-        let point = match self.host.last_flush_before(&alarm.volume, alarm.first_seq) {
-            Some(flush) => flush + 1,
-            None => alarm.first_seq,
+        let (point, point_time) = match self.host.last_flush_before(&alarm.volume, alarm.first_seq)
+        {
+            Some((flush, at)) => (flush + 1, Some(at)),
+            None => (alarm.first_seq, None),
         };
         let name = timed_name(&format!("anomaly:{}", alarm.kind), self.now(), true);
-        let body = TagBody::new(Source::Anomaly, Consistency::Unknown, &alarm.detail)
+        let mut body = TagBody::new(Source::Anomaly, Consistency::Unknown, &alarm.detail)
             .from_origin(alarm.kind);
+        // Shown as the time of the clean point it follows (the burst's
+        // first write came after it).
+        body.point_ns = point_time.map(|t| t.as_nanos());
         match self.host.tag_at(&alarm.volume, &name, point, body) {
             Ok(_) => {
                 tracing::warn!(volume = %alarm.volume, tag = %name, seq = point, detail = %alarm.detail, "anomaly: tagged the point before it; roll back with before:{name}")

@@ -571,8 +571,12 @@ impl Registry {
         self.tag(volume, name)
     }
 
-    /// The newest flush point of `volume` before `seq`.
-    pub fn last_flush_before(&self, volume: &Volume, seq: Seq) -> ApiResult<Option<Seq>> {
+    /// The newest flush point of `volume` before `seq`, and its time.
+    pub fn last_flush_before(
+        &self,
+        volume: &Volume,
+        seq: Seq,
+    ) -> ApiResult<Option<(Seq, Timestamp)>> {
         let horizon = volume.history().horizon_seq;
         if seq <= horizon + 1 {
             return Ok(None);
@@ -582,7 +586,7 @@ impl Registry {
             .iter()
             .rev()
             .find(|e| e.kind == tidemark_journal::RecordKind::Flush)
-            .map(|e| e.seq))
+            .map(|e| (e.seq, e.time)))
     }
 
     /// Deletes a tag.

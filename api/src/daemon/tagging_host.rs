@@ -95,7 +95,7 @@ impl Host for DaemonHost {
             .map_err(|e| e.to_string())
     }
 
-    fn last_flush_before(&self, volume: &str, seq: Seq) -> Option<Seq> {
+    fn last_flush_before(&self, volume: &str, seq: Seq) -> Option<(Seq, Timestamp)> {
         let v = self.registry.volume(volume).ok()?;
         self.registry.last_flush_before(&v, seq).ok().flatten()
     }
