@@ -882,15 +882,12 @@ impl Journal {
             }
         };
         let bytes = record.encoded_len() as u64;
-        let stored = record.stored.len() as u64;
         if record.kind != RecordKind::Mark && shared.goes_to_file_tier(bytes) {
             match self.append_to_file_cache(&info, record, admission)? {
-                Ok(handle) => return Ok(handle.with_stored_bytes(stored)),
+                Ok(handle) => return Ok(handle),
                 // The file cache is full: with both tiers, memory takes it.
                 Err(record) if shared.options.cache_tiers == CacheTiers::Both => {
-                    return self
-                        .append_to_memory(&info, record, admission)
-                        .map(|h| h.with_stored_bytes(stored));
+                    return self.append_to_memory(&info, record, admission);
                 }
                 Err(record) => {
                     let limit = shared
@@ -906,7 +903,6 @@ impl Journal {
             }
         }
         self.append_to_memory(&info, record, admission)
-            .map(|h| h.with_stored_bytes(stored))
     }
 
     /// Stamps `record` with the next seq and time and sends it to the
@@ -967,13 +963,20 @@ impl Journal {
                 limit: shared.options.memory_cache_bytes,
             })?;
         let (reply, rx) = oneshot::channel();
+        let stored_bytes = record.stored.len() as u64;
         let stored = self.sequence(
             |_, _| Some((Payload::Memory(record), ())),
             Some(reply),
             Some(charge),
         )?;
         let (seq, time, ()) = stored.ok_or_else(|| Error::Closed(shared.dir.clone()))?;
-        Ok(AppendHandle::new(seq, time, rx, shared.dir.clone()))
+        Ok(AppendHandle::new(
+            seq,
+            time,
+            stored_bytes,
+            rx,
+            shared.dir.clone(),
+        ))
     }
 
     /// Writes `record` into the file cache, waiting for room as `admission`
@@ -1017,6 +1020,7 @@ impl Journal {
                 return Ok(Ok(AppendHandle::in_file_cache(
                     seq,
                     time,
+                    record.stored.len() as u64,
                     cache,
                     write_no,
                     shared.dir.clone(),

@@ -156,13 +156,14 @@ impl AppendHandle {
     pub(crate) fn new(
         seq: Seq,
         time: Timestamp,
+        stored: u64,
         reply: oneshot::Receiver<Result<()>>,
         dir: std::path::PathBuf,
     ) -> Self {
         AppendHandle {
             seq,
             time,
-            stored: 0,
+            stored,
             durability: Durability::Journal(reply),
             closed: dir,
         }
@@ -173,6 +174,7 @@ impl AppendHandle {
     pub(crate) fn in_file_cache(
         seq: Seq,
         time: Timestamp,
+        stored: u64,
         cache: Arc<FileCache>,
         write_no: u64,
         dir: std::path::PathBuf,
@@ -180,7 +182,7 @@ impl AppendHandle {
         AppendHandle {
             seq,
             time,
-            stored: 0,
+            stored,
             durability: Durability::FileCache(cache, write_no),
             closed: dir,
         }
@@ -196,11 +198,6 @@ impl AppendHandle {
     /// data is.
     pub fn stored_bytes(&self) -> u64 {
         self.stored
-    }
-
-    pub(crate) fn with_stored_bytes(mut self, stored: u64) -> Self {
-        self.stored = stored;
-        self
     }
 
     /// The timestamp the record got.
