@@ -165,7 +165,7 @@ impl Follower {
         self.offset += buf.len() as u64;
         self.partial.extend_from_slice(&buf);
         let mut start = 0;
-        while let Some(end) = memchr(b'\n', &self.partial[start..]) {
+        while let Some(end) = memchr::memchr(b'\n', &self.partial[start..]) {
             let line = &self.partial[start..start + end];
             lines.push(
                 String::from_utf8_lossy(line)
@@ -180,10 +180,6 @@ impl Follower {
             self.partial.clear();
         }
     }
-}
-
-fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
-    haystack.iter().position(|&b| b == needle)
 }
 
 impl LogRule {
