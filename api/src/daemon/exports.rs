@@ -19,7 +19,6 @@ use tidemark_journal::{Point, Seq};
 
 use super::error::{ApiError, ApiResult};
 use super::registry::{Volume, WriterGuard};
-use tidemark_tagging::anomaly::ObservedWrite;
 
 /// Prefix of the journal holds that exports place.
 pub const HOLD_PREFIX: &str = "export:";
@@ -174,16 +173,7 @@ impl Export {
                         .group
                         .write_path
                         .write(&self.volume.name, offset, data, fua)?;
-                if let Some(tagger) = self.volume.tagger.get() {
-                    tagger.observe_write(&ObservedWrite {
-                        volume: &self.volume.name,
-                        volume_size: self.volume.size,
-                        seq: ack.seq,
-                        offset,
-                        len: data.len() as u64,
-                        stored: ack.stored_bytes,
-                    });
-                }
+                self.volume.observe_write(offset, data.len() as u64, &ack);
                 Ok(())
             }
             Target::Point { .. } => self.refuse_read_only(),

@@ -453,7 +453,6 @@ impl Tidemark for Service {
                 error: String::new(),
             }))
             .await;
-        let daemon = self.daemon.clone();
         tokio::spawn(async move {
             while let Some(message) = incoming.next().await {
                 let message = match message {
@@ -464,13 +463,11 @@ impl Tidemark for Service {
                     }
                 };
                 let guard = guard.clone();
-                let daemon = daemon.clone();
                 let id = message.id;
-                let reply = tokio::task::spawn_blocking(move || {
-                    ingest_one(&daemon, guard.volume(), message)
-                })
-                .await
-                .unwrap_or_else(|e| Err(ApiError::Failed(e.to_string())));
+                let reply =
+                    tokio::task::spawn_blocking(move || ingest_one(guard.volume(), message))
+                        .await
+                        .unwrap_or_else(|e| Err(ApiError::Failed(e.to_string())));
                 let reply = match reply {
                     Ok((seq, mode)) => pb::IngestReply {
                         id,
@@ -495,27 +492,14 @@ impl Tidemark for Service {
 }
 
 /// Applies one ingest message to `volume`; returns the seq and mode.
-fn ingest_one(
-    _daemon: &Daemon,
-    volume: &Volume,
-    message: pb::IngestRequest,
-) -> ApiResult<(u64, String)> {
+fn ingest_one(volume: &Volume, message: pb::IngestRequest) -> ApiResult<(u64, String)> {
     use pb::ingest_request::Op;
     let wp = &volume.group.write_path;
     let name = &volume.name;
     let ack = match message.op {
         Some(Op::Write(w)) => {
             let ack = wp.write(name, w.offset, &w.data, w.fua)?;
-            if let Some(tagger) = volume.tagger.get() {
-                tagger.observe_write(&tidemark_tagging::anomaly::ObservedWrite {
-                    volume: name,
-                    volume_size: volume.size,
-                    seq: ack.seq,
-                    offset: w.offset,
-                    len: w.data.len() as u64,
-                    stored: ack.stored_bytes,
-                });
-            }
+            volume.observe_write(w.offset, w.data.len() as u64, &ack);
             ack
         }
         Some(Op::Zero(z)) => wp.write_zeroes(name, z.offset, z.length, false)?,

@@ -11,7 +11,7 @@ const CHUNK: usize = 1 << 20;
 
 /// Journals every non-zero MiB of `volume`'s production volume and marks
 /// the window on the timeline.
-pub fn run(volume: &Volume) -> ApiResult<()> {
+pub fn run(volume: &Volume, timeout: std::time::Duration) -> ApiResult<()> {
     let spec = volume.spec.lock().clone();
     let journal = volume.journal();
     let id = volume.id()?;
@@ -39,13 +39,8 @@ pub fn run(volume: &Volume) -> ApiResult<()> {
         "{{\"backing\":{},\"bytes\":{copied}}}",
         serde_json::Value::String(spec.backing.display().to_string())
     );
-    let mark = tidemark_journal::Mark::Event {
-        name: "initial-sync",
-        body: body.as_bytes(),
-    };
-    journal
-        .append(id, Change::Mark(mark))?
-        .wait_timeout(std::time::Duration::from_secs(60))
+    volume
+        .record_event("initial-sync", &body, timeout)
         .map_err(|e| ApiError::Failed(format!("volume {}: initial sync: {e}", volume.name)))?;
     tracing::info!(volume = %volume.name, bytes = copied, "initial sync done");
     Ok(())

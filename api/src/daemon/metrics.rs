@@ -6,6 +6,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tidemark_journal::CacheStats;
+
 use super::registry::Registry;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -66,246 +68,226 @@ pub struct Metrics {
     pub nbd_handshake_failures: AtomicU64,
 }
 
+/// One volume's numbers, read once per scrape.
+struct VolumeRow {
+    name: String,
+    group: String,
+    stats: Option<tidemark_journal::VolumeStats>,
+    history: tidemark_journal::History,
+    size: u64,
+    writers: u32,
+    tags: Option<usize>,
+    mode: (tidemark_journal::IoMode, tidemark_journal::IoMode),
+}
+
+/// One group's numbers, read once per scrape.
+struct GroupRow {
+    name: String,
+    journal_bytes: u64,
+    epoch: u64,
+    cache: CacheStats,
+}
+
 fn help(out: &mut String, name: &str, kind: &str, text: &str) {
     let _ = writeln!(out, "# HELP {name} {text}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 impl Metrics {
-    /// Renders everything.
+    /// Renders everything. Each volume's and group's numbers are read
+    /// once, then written out metric by metric.
     pub fn render(&self, registry: &Registry) -> String {
         let mut out = String::with_capacity(16 << 10);
-        let volumes = registry.volumes();
-        let per_volume =
-            |out: &mut String,
-             name: &str,
-             kind: &str,
-             text: &str,
-             value: &dyn Fn(&super::registry::Volume) -> Option<f64>| {
-                help(out, name, kind, text);
-                for v in &volumes {
-                    if let Some(x) = value(v) {
-                        let _ = writeln!(
-                            out,
-                            "{name}{{volume=\"{}\",group=\"{}\"}} {x}",
-                            v.name, v.group.name
-                        );
-                    }
+        let volumes: Vec<VolumeRow> = registry
+            .volumes()
+            .iter()
+            .map(|v| VolumeRow {
+                name: v.name.clone(),
+                group: v.group.name.clone(),
+                stats: v.group.write_path.stats(&v.name).ok(),
+                history: v.history(),
+                size: v.size,
+                writers: v.writers.load(Ordering::Relaxed),
+                tags: registry.tags(v).ok().map(|t| t.len()),
+                mode: registry.mode(v),
+            })
+            .collect();
+        type VolumeValue = fn(&VolumeRow) -> Option<u64>;
+        let per_volume: [(&str, &str, &str, VolumeValue); 13] = [
+            (
+                "tidemark_writes_total",
+                "counter",
+                "Writes (including zeroes and trims) acknowledged.",
+                |r| r.stats.map(|s| s.writes),
+            ),
+            (
+                "tidemark_written_bytes_total",
+                "counter",
+                "Bytes covered by acknowledged writes.",
+                |r| r.stats.map(|s| s.bytes),
+            ),
+            (
+                "tidemark_sync_writes_total",
+                "counter",
+                "Writes acknowledged in sync mode.",
+                |r| r.stats.map(|s| s.sync_writes),
+            ),
+            (
+                "tidemark_async_writes_total",
+                "counter",
+                "Writes acknowledged in async mode.",
+                |r| r.stats.map(|s| s.async_writes),
+            ),
+            (
+                "tidemark_cache_fallbacks_total",
+                "counter",
+                "Async writes the cache had no room for (covered by a resync).",
+                |r| r.stats.map(|s| s.cache_fallbacks),
+            ),
+            (
+                "tidemark_mode_switches_total",
+                "counter",
+                "Adaptive switches between sync and async.",
+                |r| r.stats.map(|s| s.mode_switches),
+            ),
+            (
+                "tidemark_resynced_regions_total",
+                "counter",
+                "Regions re-read from the production volume and journalled.",
+                |r| r.stats.map(|s| s.resynced_regions),
+            ),
+            (
+                "tidemark_dirty_regions",
+                "gauge",
+                "Regions marked in the dirty-region map now.",
+                |r| r.stats.map(|s| s.dirty_regions),
+            ),
+            ("tidemark_size_bytes", "gauge", "Volume size.", |r| {
+                Some(r.size)
+            }),
+            (
+                "tidemark_newest_seq",
+                "gauge",
+                "Newest durable seq of the volume's group.",
+                |r| Some(r.history.newest_seq),
+            ),
+            (
+                "tidemark_horizon_seq",
+                "gauge",
+                "Oldest retained point of the volume's group.",
+                |r| Some(r.history.horizon_seq),
+            ),
+            (
+                "tidemark_nbd_writers",
+                "gauge",
+                "Clients connected to the live export.",
+                |r| Some(u64::from(r.writers)),
+            ),
+            ("tidemark_tags", "gauge", "Tags on the volume.", |r| {
+                r.tags.map(|t| t as u64)
+            }),
+        ];
+        for (name, kind, text, value) in per_volume {
+            help(&mut out, name, kind, text);
+            for r in &volumes {
+                if let Some(x) = value(r) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{volume=\"{}\",group=\"{}\"}} {x}",
+                        r.name, r.group
+                    );
                 }
-            };
-        let stats = |v: &super::registry::Volume| v.group.write_path.stats(&v.name).ok();
-        per_volume(
-            &mut out,
-            "tidemark_writes_total",
-            "counter",
-            "Writes (including zeroes and trims) acknowledged.",
-            &|v| stats(v).map(|s| s.writes as f64),
-        );
-        per_volume(
-            &mut out,
-            "tidemark_written_bytes_total",
-            "counter",
-            "Bytes covered by acknowledged writes.",
-            &|v| stats(v).map(|s| s.bytes as f64),
-        );
-        per_volume(
-            &mut out,
-            "tidemark_sync_writes_total",
-            "counter",
-            "Writes acknowledged in sync mode.",
-            &|v| stats(v).map(|s| s.sync_writes as f64),
-        );
-        per_volume(
-            &mut out,
-            "tidemark_async_writes_total",
-            "counter",
-            "Writes acknowledged in async mode.",
-            &|v| stats(v).map(|s| s.async_writes as f64),
-        );
-        per_volume(
-            &mut out,
-            "tidemark_cache_fallbacks_total",
-            "counter",
-            "Async writes the cache had no room for (covered by a resync).",
-            &|v| stats(v).map(|s| s.cache_fallbacks as f64),
-        );
-        per_volume(
-            &mut out,
-            "tidemark_mode_switches_total",
-            "counter",
-            "Adaptive switches between sync and async.",
-            &|v| stats(v).map(|s| s.mode_switches as f64),
-        );
-        per_volume(
-            &mut out,
-            "tidemark_resynced_regions_total",
-            "counter",
-            "Regions re-read from the production volume and journalled.",
-            &|v| stats(v).map(|s| s.resynced_regions as f64),
-        );
-        per_volume(
-            &mut out,
-            "tidemark_dirty_regions",
-            "gauge",
-            "Regions marked in the dirty-region map now.",
-            &|v| stats(v).map(|s| s.dirty_regions as f64),
-        );
-        per_volume(
-            &mut out,
-            "tidemark_size_bytes",
-            "gauge",
-            "Volume size.",
-            &|v| Some(v.size as f64),
-        );
-        per_volume(
-            &mut out,
-            "tidemark_newest_seq",
-            "gauge",
-            "Newest durable seq of the volume's group.",
-            &|v| Some(v.history().newest_seq as f64),
-        );
-        per_volume(
-            &mut out,
-            "tidemark_horizon_seq",
-            "gauge",
-            "Oldest retained point of the volume's group.",
-            &|v| Some(v.history().horizon_seq as f64),
-        );
-        per_volume(
-            &mut out,
-            "tidemark_nbd_writers",
-            "gauge",
-            "Clients connected to the live export.",
-            &|v| Some(v.writers.load(Ordering::Relaxed) as f64),
-        );
-        per_volume(
-            &mut out,
-            "tidemark_tags",
-            "gauge",
-            "Tags on the volume.",
-            &|v| registry.tags(v).ok().map(|t| t.len() as f64),
-        );
+            }
+        }
         help(
             &mut out,
             "tidemark_io_mode",
             "gauge",
             "1 for the mode writes go in now (configured mode as a label).",
         );
-        for v in &volumes {
-            let (configured, now) = registry.mode(v);
+        for r in &volumes {
+            let (configured, now) = r.mode;
             for mode in ["sync", "async"] {
                 let on = u8::from(now.to_string() == mode);
-                let _ = writeln!(out, "tidemark_io_mode{{volume=\"{}\",configured=\"{configured}\",mode=\"{mode}\"}} {on}", v.name);
+                let _ = writeln!(out, "tidemark_io_mode{{volume=\"{}\",configured=\"{configured}\",mode=\"{mode}\"}} {on}", r.name);
             }
         }
 
-        let groups = registry.groups();
-        help(
-            &mut out,
-            "tidemark_journal_bytes",
-            "gauge",
-            "Bytes of journal held in segments.",
-        );
-        for g in &groups {
-            let _ = writeln!(
-                out,
-                "tidemark_journal_bytes{{group=\"{}\"}} {}",
-                g.name,
-                g.journal().journal_bytes()
-            );
-        }
-        help(
-            &mut out,
-            "tidemark_cache_bytes",
-            "gauge",
-            "Bytes waiting in the monitoring cache, per tier.",
-        );
-        let caches: Vec<_> = groups
+        let groups: Vec<GroupRow> = registry
+            .groups()
             .iter()
-            .map(|g| (g.name.clone(), g.journal().cache_stats()))
+            .map(|g| GroupRow {
+                name: g.name.clone(),
+                journal_bytes: g.journal().journal_bytes(),
+                epoch: g.journal().epoch(),
+                cache: g.journal().cache_stats(),
+            })
             .collect();
-        for (name, c) in &caches {
-            let _ = writeln!(
-                out,
-                "tidemark_cache_bytes{{group=\"{name}\",tier=\"memory\"}} {}",
-                c.memory.used_bytes
-            );
-            let _ = writeln!(
-                out,
-                "tidemark_cache_bytes{{group=\"{name}\",tier=\"file\"}} {}",
-                c.file.map_or(0, |f| f.used_bytes)
-            );
+        type TierValue = fn(&CacheStats) -> (u64, u64);
+        let per_tier: [(&str, &str, &str, TierValue); 2] = [
+            (
+                "tidemark_cache_bytes",
+                "gauge",
+                "Bytes waiting in the monitoring cache, per tier.",
+                |c| (c.memory.used_bytes, c.file.map_or(0, |f| f.used_bytes)),
+            ),
+            (
+                "tidemark_cache_limit_bytes",
+                "gauge",
+                "Bound of each cache tier.",
+                |c| (c.memory.limit_bytes, c.file.map_or(0, |f| f.capacity_bytes)),
+            ),
+        ];
+        type GroupValue = fn(&GroupRow) -> u64;
+        let per_group: [(&str, &str, &str, GroupValue); 5] = [
+            (
+                "tidemark_journal_bytes",
+                "gauge",
+                "Bytes of journal held in segments.",
+                |g| g.journal_bytes,
+            ),
+            (
+                "tidemark_cache_tier_switches_total",
+                "counter",
+                "Switches between the memory and file tiers.",
+                |g| g.cache.tier_switches,
+            ),
+            (
+                "tidemark_cache_spilled_records_total",
+                "counter",
+                "Records that went to the file tier.",
+                |g| g.cache.spilled_records,
+            ),
+            (
+                "tidemark_cache_waits_total",
+                "counter",
+                "Appends that waited for room in the memory cache.",
+                |g| g.cache.memory.waits,
+            ),
+            (
+                "tidemark_epoch",
+                "gauge",
+                "Fencing epoch of the group.",
+                |g| g.epoch,
+            ),
+        ];
+        for (name, kind, text, value) in per_tier {
+            help(&mut out, name, kind, text);
+            for g in &groups {
+                let (memory, file) = value(&g.cache);
+                let _ = writeln!(
+                    out,
+                    "{name}{{group=\"{}\",tier=\"memory\"}} {memory}",
+                    g.name
+                );
+                let _ = writeln!(out, "{name}{{group=\"{}\",tier=\"file\"}} {file}", g.name);
+            }
         }
-        help(
-            &mut out,
-            "tidemark_cache_limit_bytes",
-            "gauge",
-            "Bound of each cache tier.",
-        );
-        for (name, c) in &caches {
-            let _ = writeln!(
-                out,
-                "tidemark_cache_limit_bytes{{group=\"{name}\",tier=\"memory\"}} {}",
-                c.memory.limit_bytes
-            );
-            let _ = writeln!(
-                out,
-                "tidemark_cache_limit_bytes{{group=\"{name}\",tier=\"file\"}} {}",
-                c.file.map_or(0, |f| f.capacity_bytes)
-            );
-        }
-        help(
-            &mut out,
-            "tidemark_cache_tier_switches_total",
-            "counter",
-            "Switches between the memory and file tiers.",
-        );
-        for (name, c) in &caches {
-            let _ = writeln!(
-                out,
-                "tidemark_cache_tier_switches_total{{group=\"{name}\"}} {}",
-                c.tier_switches
-            );
-        }
-        help(
-            &mut out,
-            "tidemark_cache_spilled_records_total",
-            "counter",
-            "Records that went to the file tier.",
-        );
-        for (name, c) in &caches {
-            let _ = writeln!(
-                out,
-                "tidemark_cache_spilled_records_total{{group=\"{name}\"}} {}",
-                c.spilled_records
-            );
-        }
-        help(
-            &mut out,
-            "tidemark_cache_waits_total",
-            "counter",
-            "Appends that waited for room in the memory cache.",
-        );
-        for (name, c) in &caches {
-            let _ = writeln!(
-                out,
-                "tidemark_cache_waits_total{{group=\"{name}\"}} {}",
-                c.memory.waits
-            );
-        }
-        help(
-            &mut out,
-            "tidemark_epoch",
-            "gauge",
-            "Fencing epoch of the group.",
-        );
-        for g in &groups {
-            let _ = writeln!(
-                out,
-                "tidemark_epoch{{group=\"{}\"}} {}",
-                g.name,
-                g.journal().epoch()
-            );
+        for (name, kind, text, value) in per_group {
+            help(&mut out, name, kind, text);
+            for g in &groups {
+                let _ = writeln!(out, "{name}{{group=\"{}\"}} {}", g.name, value(g));
+            }
         }
         help(
             &mut out,

@@ -78,6 +78,32 @@ impl Volume {
     pub fn history(&self) -> History {
         self.journal().history()
     }
+
+    /// Records a timeline event on this volume and waits (up to `timeout`)
+    /// until it is durable.
+    pub fn record_event(&self, name: &str, body: &str, timeout: Duration) -> ApiResult<Seq> {
+        let mark = tidemark_journal::Mark::Event {
+            name,
+            body: body.as_bytes(),
+        };
+        let handle = self.journal().append(self.id()?, Change::Mark(mark))?;
+        Ok(handle.wait_timeout(timeout)?.seq)
+    }
+
+    /// Shows an acknowledged write of `len` bytes at `offset` to anomaly
+    /// detection (once the tagger runs).
+    pub fn observe_write(&self, offset: u64, len: u64, ack: &tidemark_journal::Acknowledged) {
+        if let Some(tagger) = self.tagger.get() {
+            tagger.observe_write(&tidemark_tagging::anomaly::ObservedWrite {
+                volume: &self.name,
+                volume_size: self.size,
+                seq: ack.seq,
+                offset,
+                len,
+                stored: ack.stored_bytes,
+            });
+        }
+    }
 }
 
 /// Counts a writer (NBD client of the live export, Ingest stream) for as
@@ -347,7 +373,7 @@ impl Registry {
         };
         let volume = self.attach(&group, spec)?;
         if holds_data {
-            super::initial_sync::run(&volume)?;
+            super::initial_sync::run(&volume, self.config.sync_timeout)?;
         }
         self.state
             .write()
@@ -595,16 +621,6 @@ impl Registry {
         let handle = volume.journal().delete_tag(volume.id()?, name)?;
         handle.wait_timeout(self.config.sync_timeout)?;
         Ok(())
-    }
-
-    /// Records a timeline event on `volume` and waits until it is durable.
-    pub fn event(&self, volume: &Volume, name: &str, body: &str) -> ApiResult<Seq> {
-        let mark = tidemark_journal::Mark::Event {
-            name,
-            body: body.as_bytes(),
-        };
-        let handle = volume.journal().append(volume.id()?, Change::Mark(mark))?;
-        Ok(handle.wait_timeout(self.config.sync_timeout)?.seq)
     }
 
     /// One retention round over every group.

@@ -71,7 +71,7 @@ pub fn rollback(
     }
     write_path.flush(name)?;
     let body = format!("{{\"to_seq\":{to_seq},\"undo_seq\":{undo_seq},\"bytes\":{bytes}}}");
-    registry.event(volume, "rollback", &body)?;
+    volume.record_event("rollback", &body, registry.sync_timeout())?;
     tracing::info!(volume = %name, to_seq, undo_seq, bytes, "rolled back");
     Ok(RollbackReport {
         to_seq,

@@ -7,7 +7,7 @@ use tidemark_journal::{Point, Seq, Timestamp};
 use tidemark_tagging::schedule::Target;
 use tidemark_tagging::{Host, Tag, TagBody};
 
-use super::registry::Registry;
+use super::registry::{Registry, Volume};
 
 /// The registry, seen by the tagger.
 #[derive(Debug)]
@@ -20,6 +20,10 @@ impl DaemonHost {
     /// The host for `registry`, whose NBD server listens on `nbd`.
     pub fn new(registry: Arc<Registry>, nbd: std::net::SocketAddr) -> Self {
         DaemonHost { registry, nbd }
+    }
+
+    fn volume(&self, name: &str) -> Result<Arc<Volume>, String> {
+        self.registry.volume(name).map_err(|e| e.to_string())
     }
 }
 
@@ -61,21 +65,21 @@ impl Host for DaemonHost {
     }
 
     fn tag_now(&self, volume: &str, name: &str, body: TagBody) -> Result<Tag, String> {
-        let v = self.registry.volume(volume).map_err(|e| e.to_string())?;
+        let v = self.volume(volume)?;
         self.registry
             .create_tag(&v, name, body)
             .map_err(|e| e.to_string())
     }
 
     fn tag_at(&self, volume: &str, name: &str, seq: Seq, body: TagBody) -> Result<Tag, String> {
-        let v = self.registry.volume(volume).map_err(|e| e.to_string())?;
+        let v = self.volume(volume)?;
         self.registry
             .tag_at(&v, name, seq, body)
             .map_err(|e| e.to_string())
     }
 
     fn seq_at(&self, volume: &str, at: Timestamp) -> Result<(Seq, Timestamp), String> {
-        let v = self.registry.volume(volume).map_err(|e| e.to_string())?;
+        let v = self.volume(volume)?;
         let seq = v
             .journal()
             .resolve(volume, Point::Time(at))
@@ -84,12 +88,12 @@ impl Host for DaemonHost {
     }
 
     fn tags(&self, volume: &str) -> Result<Vec<Tag>, String> {
-        let v = self.registry.volume(volume).map_err(|e| e.to_string())?;
+        let v = self.volume(volume)?;
         self.registry.tags(&v).map_err(|e| e.to_string())
     }
 
     fn delete_tag(&self, volume: &str, name: &str) -> Result<(), String> {
-        let v = self.registry.volume(volume).map_err(|e| e.to_string())?;
+        let v = self.volume(volume)?;
         self.registry
             .delete_tag(&v, name)
             .map_err(|e| e.to_string())
@@ -101,7 +105,7 @@ impl Host for DaemonHost {
     }
 
     fn check_export(&self, volume: &str, seq: Seq) -> Result<(String, Box<dyn Send>), String> {
-        let v = self.registry.volume(volume).map_err(|e| e.to_string())?;
+        let v = self.volume(volume)?;
         let export = self
             .registry
             .exports
