@@ -19,14 +19,13 @@
 //! hands back a [`BatchWrite`]) so that one thread can encode the next batch
 //! into a second buffer while another writes this one.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{Error, Result};
+use crate::fs::{Fs, FsFile, OpenMode};
 use crate::io_hooks::IoHooks;
 use crate::segment::Segment;
 
@@ -105,7 +104,7 @@ impl BufferPool {
 
 /// Appends batches to one segment file.
 pub struct SegmentAppender {
-    file: Arc<File>,
+    file: Arc<dyn FsFile>,
     path: PathBuf,
     direct: bool,
     /// Where the next batch goes.
@@ -126,40 +125,24 @@ impl std::fmt::Debug for SegmentAppender {
     }
 }
 
-/// Opens `path` for writing, with `O_DIRECT` if `direct` and the
-/// filesystem allows it. Returns the file and whether it is direct.
-fn open_for_append(path: &Path, direct: bool) -> Result<(File, bool)> {
-    if direct {
-        let flags = rustix::fs::OFlags::DIRECT.bits() as i32;
-        match OpenOptions::new()
-            .write(true)
-            .custom_flags(flags)
-            .open(path)
-        {
-            Ok(file) => return Ok((file, true)),
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                tracing::info!(segment = %path.display(), "the filesystem refuses O_DIRECT; writing through the page cache");
-            }
-            Err(e) => return Err(Error::io("open segment", path, e)),
-        }
-    }
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io("open segment", path, e))?;
-    Ok((file, false))
-}
-
 impl SegmentAppender {
     /// An appender for `segment` whose valid bytes end at `write_offset`.
-    pub fn open(segment: &Segment, write_offset: u64, direct: bool) -> Result<Self> {
-        let (file, direct) = open_for_append(&segment.path, direct)?;
+    pub fn open(fs: &dyn Fs, segment: &Segment, write_offset: u64, direct: bool) -> Result<Self> {
+        let mode = if direct {
+            OpenMode::write().direct()
+        } else {
+            OpenMode::write()
+        };
+        let file = fs
+            .open(&segment.path, mode)
+            .map_err(|e| Error::io("open segment", &segment.path, e))?;
+        let direct = file.is_direct();
         let block = align_down(write_offset);
         let tail = segment
             .bytes(block, (write_offset - block) as usize)?
             .to_vec();
         Ok(SegmentAppender {
-            file: Arc::new(file),
+            file,
             path: segment.path.clone(),
             direct,
             write_offset,
@@ -169,7 +152,7 @@ impl SegmentAppender {
     }
 
     /// The file, for `fdatasync`.
-    pub fn file(&self) -> &Arc<File> {
+    pub fn file(&self) -> &Arc<dyn FsFile> {
         &self.file
     }
 
@@ -227,7 +210,7 @@ impl SegmentAppender {
 
 /// One batch, encoded and padded, ready to be written.
 pub struct BatchWrite {
-    file: Arc<File>,
+    file: Arc<dyn FsFile>,
     path: PathBuf,
     /// The block-aligned offset the buffer goes to.
     block: u64,

@@ -5,13 +5,11 @@
 //! no retained record covers. Zeroed and trimmed ranges become holes, so a
 //! large discard costs no space and little time.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-
-use rustix::fs::FallocateFlags;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::fs::{Fs, FsFile, OpenMode};
 use crate::segment::sync_dir;
 use crate::volume::{VolumeId, VolumeInfo};
 
@@ -19,7 +17,7 @@ use crate::volume::{VolumeId, VolumeInfo};
 #[derive(Debug)]
 pub struct BaseImage {
     path: PathBuf,
-    file: File,
+    file: Arc<dyn FsFile>,
     size: u64,
 }
 
@@ -30,20 +28,16 @@ pub fn base_path(dir: &Path, id: VolumeId) -> PathBuf {
 
 impl BaseImage {
     /// Creates an all-zero (sparse) base image for a new volume.
-    pub fn create(dir: &Path, volume: &VolumeInfo) -> Result<Self> {
+    pub fn create(fs: &dyn Fs, dir: &Path, volume: &VolumeInfo) -> Result<Self> {
         let path = base_path(dir, volume.id);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
+        let file = fs
+            .open(&path, OpenMode::create().truncating())
             .map_err(|e| Error::io("create base image", &path, e))?;
         file.set_len(volume.size)
             .map_err(|e| Error::io("size base image", &path, e))?;
         file.sync_all()
             .map_err(|e| Error::io("fsync base image", &path, e))?;
-        sync_dir(dir)?;
+        sync_dir(fs, dir)?;
         Ok(BaseImage {
             path,
             file,
@@ -52,17 +46,14 @@ impl BaseImage {
     }
 
     /// Opens an existing base image, checking its size.
-    pub fn open(dir: &Path, volume: &VolumeInfo) -> Result<Self> {
+    pub fn open(fs: &dyn Fs, dir: &Path, volume: &VolumeInfo) -> Result<Self> {
         let path = base_path(dir, volume.id);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
+        let file = fs
+            .open(&path, OpenMode::write())
             .map_err(|e| Error::io("open base image", &path, e))?;
         let len = file
-            .metadata()
-            .map_err(|e| Error::io("stat base image", &path, e))?
-            .len();
+            .len()
+            .map_err(|e| Error::io("stat base image", &path, e))?;
         if len != volume.size {
             return Err(Error::corruption(
                 &path,
@@ -114,23 +105,9 @@ impl BaseImage {
     /// filesystem can.
     pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
-        let punched = rustix::fs::fallocate(
-            &self.file,
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            offset,
-            len,
-        );
-        if punched.is_ok() {
-            return Ok(());
-        }
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zeros.len() as u64) as usize;
-            self.write(at, &zeros[..n])?;
-            at += n as u64;
-        }
-        Ok(())
+        self.file
+            .zero_range(offset, len, true)
+            .map_err(|e| Error::io_at("zero base image", &self.path, offset, e))
     }
 
     /// Makes everything written durable.

@@ -12,13 +12,13 @@
 //! Clearing is written without an fsync: a clear lost in a crash only
 //! costs one needless resync.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::fs::{Fs, FsFile, OpenMode};
 use crate::point::Seq;
 use crate::volume::VolumeInfo;
 
@@ -60,7 +60,7 @@ struct State {
 /// The dirty-region map of one volume.
 pub struct DirtyMap {
     path: PathBuf,
-    file: File,
+    file: Arc<dyn FsFile>,
     region_size: u64,
     state: Mutex<State>,
 }
@@ -98,7 +98,7 @@ impl DirtyMap {
     /// there is none. A map whose header does not match (damaged, or of
     /// another volume or region size) is replaced by an all-dirty one: a
     /// needless resync is safe, a missed one is not.
-    pub fn open(path: &Path, volume: &VolumeInfo, region_size: u64) -> Result<Self> {
+    pub fn open(fs: &dyn Fs, path: &Path, volume: &VolumeInfo, region_size: u64) -> Result<Self> {
         if region_size == 0 || region_size % 4096 != 0 {
             return Err(Error::Invalid(format!(
                 "dirty-map region size {region_size} must be a positive multiple of 4096"
@@ -106,13 +106,9 @@ impl DirtyMap {
         }
         let regions = volume.size.div_ceil(region_size);
         let bitmap_len = regions.div_ceil(8) as usize;
-        let existing = std::fs::read(path).ok();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
+        let existing = crate::fs::read(fs, path).ok();
+        let file = fs
+            .open(path, OpenMode::create())
             .map_err(|e| Error::io("open dirty map", path, e))?;
         let header = encode_header(volume.id, region_size, regions);
         let bitmap = match existing {
@@ -334,7 +330,7 @@ mod tests {
     fn marks_survive_a_reopen_and_clear_only_when_durable_and_flushed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("3.map");
-        let map = DirtyMap::open(&path, &volume(), 1 << 20).expect("open");
+        let map = DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20).expect("open");
         map.begin(1 << 20, 3 << 20).expect("begin");
         map.settle(1 << 20, 3 << 20, Some(7), true);
         // Regions 1..=3 and, marked ahead in the same fsync, the rest.
@@ -342,7 +338,7 @@ mod tests {
         assert_eq!(map.marked(), all);
         drop(map);
 
-        let map = DirtyMap::open(&path, &volume(), 1 << 20).expect("reopen");
+        let map = DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20).expect("reopen");
         assert_eq!(map.marked(), all, "marks are durable");
         map.begin(2 << 20, 100).expect("begin");
         map.settle(2 << 20, 100, Some(9), true);
@@ -360,7 +356,13 @@ mod tests {
     #[test]
     fn background_cleaning_leaves_regions_written_since_the_last_one() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let map = DirtyMap::open(&dir.path().join("m"), &volume(), 1 << 20).expect("open");
+        let map = DirtyMap::open(
+            &crate::fs::RealFs,
+            &dir.path().join("m"),
+            &volume(),
+            1 << 20,
+        )
+        .expect("open");
         map.begin(0, 4096).expect("begin");
         map.settle(0, 4096, Some(1), true);
         let g = map.start_clean();
@@ -380,7 +382,13 @@ mod tests {
     #[test]
     fn unjournaled_changes_wait_for_a_resync() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let map = DirtyMap::open(&dir.path().join("m"), &volume(), 1 << 20).expect("open");
+        let map = DirtyMap::open(
+            &crate::fs::RealFs,
+            &dir.path().join("m"),
+            &volume(),
+            1 << 20,
+        )
+        .expect("open");
         map.begin(0, 4096).expect("begin");
         map.settle(0, 4096, None, true);
         let g = map.start_clean();
@@ -400,11 +408,11 @@ mod tests {
     fn a_damaged_map_marks_everything() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m");
-        drop(DirtyMap::open(&path, &volume(), 1 << 20).expect("open"));
+        drop(DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20).expect("open"));
         let mut bytes = std::fs::read(&path).expect("read");
         bytes[20] ^= 1;
         std::fs::write(&path, bytes).expect("write");
-        let map = DirtyMap::open(&path, &volume(), 1 << 20).expect("open");
+        let map = DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20).expect("open");
         assert_eq!(map.marked_count(), 10);
     }
 }

@@ -22,14 +22,13 @@
 //! itself sends it to offset 0.
 
 use std::collections::VecDeque;
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use memmap2::MmapRaw;
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
+use crate::fs::{Fs, Mapping, OpenMode};
 use crate::point::Seq;
 use crate::record::{decode_record, le_u32, le_u64, RecordHeader};
 
@@ -103,7 +102,7 @@ pub struct FileCacheStats {
 /// The file cache of one journal.
 pub struct FileCache {
     path: PathBuf,
-    map: MmapRaw,
+    map: Mapping,
     capacity: u64,
     group_id: u64,
     ring: Mutex<Ring>,
@@ -143,6 +142,7 @@ impl FileCache {
     /// full disk shows here, as an error, and never later as a fault on a
     /// write into the mapping.
     pub fn open(
+        fs: &dyn Fs,
         path: &Path,
         capacity: u64,
         group_id: u64,
@@ -154,36 +154,20 @@ impl FileCache {
                 "file cache size {capacity} must be at least 1 MiB and a multiple of 4096"
             )));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
+        let file = fs
+            .open(path, OpenMode::create())
             .map_err(|e| Error::io("open file cache", path, e))?;
         let len = file
-            .metadata()
-            .map_err(|e| Error::io("stat file cache", path, e))?
-            .len();
+            .len()
+            .map_err(|e| Error::io("stat file cache", path, e))?;
         let fresh = len == 0;
         if fresh {
-            let allocated = hooks.before_cache_create(path).and_then(|()| {
-                match rustix::fs::fallocate(
-                    &file,
-                    rustix::fs::FallocateFlags::empty(),
-                    0,
-                    HEADER_LEN + capacity,
-                ) {
-                    Ok(()) => Ok(()),
-                    Err(e) if e == rustix::io::Errno::NOSPC => Err(e.into()),
-                    // No fallocate here: a sparse file, and a full disk can
-                    // then only be found by writing.
-                    Err(_) => file.set_len(HEADER_LEN + capacity),
-                }
-            });
+            let allocated = hooks
+                .before_cache_create(path)
+                .and_then(|()| file.allocate(HEADER_LEN + capacity));
             if let Err(e) = allocated {
                 drop(file);
-                let _ = std::fs::remove_file(path);
+                let _ = fs.remove_file(path);
                 return Err(Error::io("allocate file cache", path, e));
             }
         } else if len != HEADER_LEN + capacity {
@@ -198,7 +182,11 @@ impl FileCache {
                 ),
             ));
         }
-        let map = MmapRaw::map_raw(&file).map_err(|e| Error::io("map file cache", path, e))?;
+        // SAFETY: the file cache is this journal's alone (the journal
+        // directory is locked); ring ranges are written only while reserved
+        // to one writer and read only after they were written, and the file
+        // keeps its length.
+        let map = unsafe { file.map(true) }.map_err(|e| Error::io("map file cache", path, e))?;
         let cache = FileCache {
             path: path.to_path_buf(),
             map,
@@ -551,13 +539,8 @@ impl FileCache {
                 // file mapping MADV_DONTNEED only unmaps pages; their
                 // contents, written back or not, stay in the page cache and
                 // are mapped again on the next access.
-                let dropped = unsafe {
-                    self.map.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        start as usize,
-                        (end - start) as usize,
-                    )
-                };
+                let dropped =
+                    unsafe { self.map.drop_pages(start as usize, (end - start) as usize) };
                 if let Err(e) = dropped {
                     tracing::debug!(cache = %self.path.display(), error = %e, "could not drop released file-cache pages");
                 }

@@ -12,7 +12,6 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
 use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +25,7 @@ use crate::base::BaseImage;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::file_cache::{self, FileCache, FileCacheStats};
+use crate::fs::{Fs, FsLock, RealFs};
 use crate::index::{Index, SegmentEntry, StoredEvent, StoredTag, INDEX_BLOCK};
 use crate::io_hooks::{IoHooks, RealIo};
 use crate::manifest::{Gap, Manifest};
@@ -73,6 +73,9 @@ pub struct JournalOptions {
     pub return_below: f64,
     /// Where timestamps come from.
     pub clock: Arc<dyn Clock>,
+    /// The filesystem every journal file lives on ([`RealFs`] but in
+    /// power-loss tests).
+    pub fs: Arc<dyn Fs>,
 }
 
 impl Default for JournalOptions {
@@ -92,6 +95,7 @@ impl Default for JournalOptions {
             spill_above: 0.75,
             return_below: 0.25,
             clock: Arc::new(SystemClock),
+            fs: Arc::new(RealFs),
         }
     }
 }
@@ -449,7 +453,7 @@ impl Shared {
 
     /// Stores `manifest` durably and makes it current.
     pub fn store_manifest(&self, manifest: Manifest) -> Result<()> {
-        manifest.store(&self.dir)?;
+        manifest.store(self.options.fs.as_ref(), &self.dir)?;
         *self.manifest.write() = manifest;
         Ok(())
     }
@@ -475,8 +479,8 @@ struct JournalInner {
     shared: Arc<Shared>,
     sequencer: Mutex<Sequencer>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// Held for the flock on `DIR/LOCK`.
-    _lock: File,
+    /// Held for the lock on `DIR/LOCK`.
+    _lock: FsLock,
 }
 
 impl JournalInner {
@@ -527,10 +531,9 @@ fn open_file_cache(
     journalled: Seq,
 ) -> Result<(Option<Arc<FileCache>>, Vec<file_cache::Pending>)> {
     let path = file_cache::file_cache_path(dir);
+    let fs = options.fs.as_ref();
     let wanted = options.cache_tiers != CacheTiers::Memory;
-    let existing = fs::metadata(&path)
-        .ok()
-        .map(|m| m.len().saturating_sub(4096));
+    let existing = fs.file_len(&path).ok().map(|len| len.saturating_sub(4096));
     let Some(capacity) = existing else {
         let made = if wanted {
             new_file_cache(dir, options, group_id, journalled)?
@@ -542,6 +545,7 @@ fn open_file_cache(
     // A cache left from an earlier run may hold acknowledged writes: any
     // failure to open it stops the journal.
     let (cache, pending) = FileCache::open(
+        fs,
         &path,
         capacity,
         group_id,
@@ -552,7 +556,8 @@ fn open_file_cache(
         return Ok((Some(Arc::new(cache)), pending));
     }
     drop(cache);
-    fs::remove_file(&path).map_err(|e| Error::io("remove file cache", &path, e))?;
+    fs.remove_file(&path)
+        .map_err(|e| Error::io("remove file cache", &path, e))?;
     let made = if wanted {
         new_file_cache(dir, options, group_id, journalled)?
     } else {
@@ -571,10 +576,13 @@ fn new_file_cache(
     journalled: Seq,
 ) -> Result<Option<FileCache>> {
     let path = file_cache::file_cache_path(dir);
+    let fs = options.fs.as_ref();
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
+        fs.create_dir_all(parent)
+            .map_err(|e| Error::io("create directory", parent, e))?;
     }
     match FileCache::open(
+        fs,
         &path,
         options.file_cache_bytes,
         group_id,
@@ -590,17 +598,9 @@ fn new_file_cache(
     }
 }
 
-fn lock_dir(dir: &Path) -> Result<File> {
-    let path = dir.join("LOCK");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io("open", &path, e))?;
-    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-        .map_err(|_| Error::Locked(dir.to_path_buf()))?;
-    Ok(file)
+fn lock_dir(fs: &dyn Fs, dir: &Path) -> Result<FsLock> {
+    fs.lock(&dir.join("LOCK"))
+        .map_err(|_| Error::Locked(dir.to_path_buf()))
 }
 
 impl Journal {
@@ -613,21 +613,30 @@ impl Journal {
         let segments_dir = dir.join("segments");
         let base_dir = dir.join("base");
         let index_dir = dir.join("index");
+        let fs = options.fs.clone();
         for d in [dir, &segments_dir, &base_dir] {
-            fs::create_dir_all(d).map_err(|e| Error::io("create directory", d, e))?;
+            fs.create_dir_all(d)
+                .map_err(|e| Error::io("create directory", d, e))?;
         }
-        let lock = lock_dir(dir)?;
-        let manifest = match Manifest::load(dir)? {
+        let lock = lock_dir(fs.as_ref(), dir)?;
+        let manifest = match Manifest::load(fs.as_ref(), dir)? {
             Some(m) => m,
             None => {
                 let now = options.clock.now();
                 let group_id = RandomState::new().hash_one((now.as_nanos(), std::process::id()));
                 let m = Manifest::new(&options.group, group_id, now);
-                m.store(dir)?;
+                m.store(fs.as_ref(), dir)?;
                 m
             }
         };
 
+        // RocksDB does its own file IO, on the real disk; it is rebuilt or
+        // caught up from the segments at every open, whatever a crash left.
+        let index_dir = fs.local_dir(&index_dir);
+        if let Some(parent) = index_dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io("create directory", parent, e))?;
+        }
         let mut index = Index::open(&index_dir, options.large_range_blocks)?;
         let mut rebuilt = false;
         let stale = match (index.version()?, index.indexed_seq()?) {
@@ -643,8 +652,14 @@ impl Journal {
             index = Index::open(&index_dir, options.large_range_blocks)?;
             rebuilt = true;
         }
-        let mut recovered =
-            recovery::recover(dir, &segments_dir, &manifest, &index, options.recovery)?;
+        let mut recovered = recovery::recover(
+            fs.as_ref(),
+            dir,
+            &segments_dir,
+            &manifest,
+            &index,
+            options.recovery,
+        )?;
         if recovered.index_ahead {
             // Recovery cut records the index already knew: rebuild it from
             // what is left.
@@ -653,7 +668,14 @@ impl Journal {
             index = Index::open(&index_dir, options.large_range_blocks)?;
             rebuilt = true;
             let first = recovered.report;
-            recovered = recovery::recover(dir, &segments_dir, &manifest, &index, options.recovery)?;
+            recovered = recovery::recover(
+                fs.as_ref(),
+                dir,
+                &segments_dir,
+                &manifest,
+                &index,
+                options.recovery,
+            )?;
             let report = &mut recovered.report;
             report.torn_tail = report.torn_tail.take().or(first.torn_tail);
             report.truncated_corruption = report
@@ -673,7 +695,10 @@ impl Journal {
 
         let mut bases = HashMap::new();
         for volume in &manifest.volumes {
-            bases.insert(volume.id, Arc::new(BaseImage::open(&base_dir, volume)?));
+            bases.insert(
+                volume.id,
+                Arc::new(BaseImage::open(fs.as_ref(), &base_dir, volume)?),
+            );
         }
         let horizon = (
             manifest.horizon_seq,
@@ -774,6 +799,11 @@ impl Journal {
         &self.inner.shared.dir
     }
 
+    /// The filesystem the journal lives on.
+    pub fn fs(&self) -> &Arc<dyn Fs> {
+        &self.inner.shared.options.fs
+    }
+
     /// The consistency group's name.
     pub fn group(&self) -> String {
         self.inner.shared.manifest.read().group.clone()
@@ -805,7 +835,7 @@ impl Journal {
             name: name.to_string(),
             size,
         };
-        let base = BaseImage::create(&shared.base_dir, &volume)?;
+        let base = BaseImage::create(shared.options.fs.as_ref(), &shared.base_dir, &volume)?;
         manifest.next_volume_id += 1;
         manifest.volumes.push(volume.clone());
         shared.store_manifest(manifest)?;

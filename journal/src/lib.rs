@@ -31,6 +31,9 @@
 //!   applies the IO mode, the dirty map and resyncs.
 //! - [`io_hooks`] — hooks in front of segment IO; [`io_hooks::FaultyIo`]
 //!   makes the disk slow, full or broken for tests.
+//! - [`fs`] — the filesystem behind a trait: [`fs::RealFs`], and
+//!   [`fs::SimFs`], which loses power on command for crash tests;
+//!   [`fs::write_atomically`] replaces a small file crash-safely.
 //! - [`point`], [`volume`], [`clock`], [`error`] — the vocabulary.
 //!
 //! The on-disk format is specified in `docs/format.md`.
@@ -41,6 +44,7 @@ pub mod clock;
 pub mod dirty_map;
 pub mod error;
 pub mod file_cache;
+pub mod fs;
 pub mod index;
 pub mod io_hooks;
 pub mod io_mode;

@@ -4,21 +4,20 @@
 //! It holds the volumes, the horizon (the seq the base images stand at), the
 //! fencing epoch, the retention holds and the gaps that forced retention
 //! left. It is rewritten whole on every change, atomically: written to
-//! `MANIFEST.partial`, fsynced, renamed over `MANIFEST`, directory fsynced.
+//! `MANIFEST.partial`, fsynced, renamed over `MANIFEST`, directory fsynced
+//! ([`crate::fs::write_atomically`]).
 //! The RocksDB index mirrors horizon and epoch, but this file is the truth,
 //! which is what lets the index be deleted and rebuilt from segments alone.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::fs::Fs;
 use crate::point::{Seq, Timestamp};
 use crate::record::le_u32;
-use crate::segment::sync_dir;
 use crate::volume::{VolumeId, VolumeInfo};
 
 /// The first bytes of the manifest file.
@@ -117,9 +116,9 @@ impl Manifest {
     ///
     /// Format: `{ [u8;8] magic "TDMKMAN\0" | u32 version | u32 json_len |
     ///            u32 crc32c(json) }` then `json_len` bytes of JSON.
-    pub fn load(dir: &Path) -> Result<Option<Self>> {
+    pub fn load(fs: &dyn Fs, dir: &Path) -> Result<Option<Self>> {
         let path = dir.join(MANIFEST_FILE);
-        let bytes = match fs::read(&path) {
+        let bytes = match crate::fs::read(fs, &path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("read manifest", &path, e)),
@@ -156,7 +155,7 @@ impl Manifest {
     }
 
     /// Writes the manifest durably and atomically into `dir`.
-    pub fn store(&self, dir: &Path) -> Result<()> {
+    pub fn store(&self, fs: &dyn Fs, dir: &Path) -> Result<()> {
         let body = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::Invalid(format!("manifest does not serialise: {e}")))?;
         let mut bytes = Vec::with_capacity(MANIFEST_HEADER_LEN + body.len());
@@ -165,15 +164,9 @@ impl Manifest {
         bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
         bytes.extend_from_slice(&body);
-        let partial: PathBuf = dir.join(format!("{MANIFEST_FILE}.partial"));
-        let mut file = File::create(&partial).map_err(|e| Error::io("create", &partial, e))?;
-        file.write_all(&bytes)
-            .map_err(|e| Error::io("write", &partial, e))?;
-        file.sync_all()
-            .map_err(|e| Error::io("fsync", &partial, e))?;
         let path = dir.join(MANIFEST_FILE);
-        fs::rename(&partial, &path).map_err(|e| Error::io("rename manifest", &path, e))?;
-        sync_dir(dir)
+        crate::fs::write_atomically(fs, &path, &bytes)
+            .map_err(|e| Error::io("store manifest", &path, e))
     }
 }
 
@@ -184,7 +177,8 @@ mod tests {
     #[test]
     fn store_load_roundtrip_and_damage_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert_eq!(Manifest::load(dir.path()).expect("load"), None);
+        let fs = crate::fs::RealFs;
+        assert_eq!(Manifest::load(&fs, dir.path()).expect("load"), None);
         let mut m = Manifest::new("g", 77, Timestamp::from_nanos(10));
         m.volumes.push(VolumeInfo {
             id: 1,
@@ -192,15 +186,15 @@ mod tests {
             size: 1 << 20,
         });
         m.holds.insert("replica".into(), 5);
-        m.store(dir.path()).expect("store");
-        assert_eq!(Manifest::load(dir.path()).expect("load"), Some(m));
+        m.store(&fs, dir.path()).expect("store");
+        assert_eq!(Manifest::load(&fs, dir.path()).expect("load"), Some(m));
 
         let path = dir.path().join(MANIFEST_FILE);
-        let mut bytes = fs::read(&path).expect("read");
+        let mut bytes = std::fs::read(&path).expect("read");
         let last = bytes.len() - 2;
         bytes[last] ^= 0x20;
-        fs::write(&path, &bytes).expect("write");
-        let err = Manifest::load(dir.path()).expect_err("damage found");
+        std::fs::write(&path, &bytes).expect("write");
+        let err = Manifest::load(&fs, dir.path()).expect_err("damage found");
         assert!(err.to_string().contains("MANIFEST"), "{err}");
     }
 }

@@ -5,12 +5,11 @@
 //! after a crash, regions the dirty-region map names are re-read from here.
 
 use std::fmt::Debug;
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use rustix::fs::FallocateFlags;
+use crate::fs::{Fs, FsFile, OpenMode, RealFs};
 
 /// A block device (or file) the write path can read, write and flush.
 pub trait BlockDevice: Send + Sync + Debug {
@@ -28,10 +27,10 @@ pub trait BlockDevice: Send + Sync + Debug {
     fn flush(&self) -> io::Result<()>;
 }
 
-/// A production volume in a file (or a block device node).
+/// A production volume in a file or a block device.
 #[derive(Debug)]
 pub struct FileDevice {
-    file: File,
+    file: Arc<dyn FsFile>,
     path: PathBuf,
     size: u64,
 }
@@ -40,16 +39,16 @@ impl FileDevice {
     /// Opens `path`, creating a sparse file of `size` bytes if it does not
     /// exist. An existing file must be at least `size` bytes.
     pub fn open(path: &Path, size: u64) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        let len = file.metadata()?.len();
-        if len == 0 {
+        Self::open_on(&RealFs, path, size)
+    }
+
+    /// Opens `path` on filesystem `fs` (as [`FileDevice::open`]).
+    pub fn open_on(fs: &dyn Fs, path: &Path, size: u64) -> io::Result<Self> {
+        let file = fs.open(path, OpenMode::create())?;
+        let len = file.len()?;
+        if len == 0 && !file.is_block_device() {
             file.set_len(size)?;
-        } else if len < size && file.metadata()?.file_type().is_file() {
+        } else if len < size && !file.is_block_device() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("{} is {len} bytes, the volume needs {size}", path.display()),
@@ -81,26 +80,8 @@ impl BlockDevice for FileDevice {
     }
 
     fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
-        // Keep the size and the allocation; fall back to writing zeros where
-        // the filesystem cannot zero a range itself.
-        if rustix::fs::fallocate(
-            &self.file,
-            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
-            offset,
-            len,
-        )
-        .is_ok()
-        {
-            return Ok(());
-        }
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], at)?;
-            at += n as u64;
-        }
-        Ok(())
+        // Keep the size and the allocation.
+        self.file.zero_range(offset, len, false)
     }
 
     fn flush(&self) -> io::Result<()> {

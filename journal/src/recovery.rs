@@ -13,11 +13,11 @@
 //! offset — or, if the operator chose [`RecoveryMode::TruncateCorrupt`], cut
 //! off with everything after it.
 
-use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::fs::{Fs, OpenMode};
 use crate::index::{Index, IndexBatch, SegmentEntry};
 use crate::journal::Shared;
 use crate::manifest::Manifest;
@@ -107,14 +107,16 @@ impl Catchup<'_> {
     }
 }
 
-fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+fn list_segments(fs: &dyn Fs, dir: &Path) -> Result<Vec<u64>> {
     let mut ids = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| Error::io("list segments", dir, e))? {
-        let entry = entry.map_err(|e| Error::io("list segments", dir, e))?;
-        match entry.file_name().to_str().and_then(parse_segment_name) {
+    for name in fs
+        .list_dir(dir)
+        .map_err(|e| Error::io("list segments", dir, e))?
+    {
+        match name.to_str().and_then(parse_segment_name) {
             Some(id) => ids.push(id),
             None => {
-                tracing::warn!(file = %entry.path().display(), "ignoring a file that is not a segment")
+                tracing::warn!(file = %dir.join(&name).display(), "ignoring a file that is not a segment")
             }
         }
     }
@@ -124,8 +126,8 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
 
 /// True for a segment file whose creation never finished: too short for a
 /// header, or a header that does not decode and no batch anywhere.
-fn never_finished(path: &Path) -> Result<bool> {
-    let bytes = fs::read(path).map_err(|e| Error::io("read segment", path, e))?;
+fn never_finished(fs: &dyn Fs, path: &Path) -> Result<bool> {
+    let bytes = crate::fs::read(fs, path).map_err(|e| Error::io("read segment", path, e))?;
     if bytes.len() < SEGMENT_HEADER_LEN || bytes[..SEGMENT_HEADER_LEN].iter().all(|&b| b == 0) {
         return Ok(true);
     }
@@ -136,6 +138,7 @@ fn never_finished(path: &Path) -> Result<bool> {
 /// The first valid batch in the segments `later_ids` that vouches for
 /// position `offset` of segment `segment` (see [`crate::segment::BatchFrame::vouches_for`]).
 fn voucher_in(
+    fs: &dyn Fs,
     dir: &Path,
     later_ids: &[u64],
     prev_seq: Seq,
@@ -144,7 +147,7 @@ fn voucher_in(
 ) -> Option<(PathBuf, u64)> {
     later_ids.iter().find_map(|&id| {
         let path = segment_path(dir, id);
-        let later = Segment::open(&path).ok()?;
+        let later = Segment::open(fs, &path).ok()?;
         later
             .valid_batches_after(SEGMENT_HEADER_LEN as u64, prev_seq)
             .into_iter()
@@ -155,10 +158,9 @@ fn voucher_in(
 
 /// Cuts a segment at `offset`: the bytes after it become zeros (holes),
 /// as they were before anything was written there.
-fn cut_segment(path: &Path, offset: u64, size: u64) -> Result<()> {
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
+fn cut_segment(fs: &dyn Fs, path: &Path, offset: u64, size: u64) -> Result<()> {
+    let file = fs
+        .open(path, OpenMode::write())
         .map_err(|e| Error::io("open segment", path, e))?;
     file.set_len(offset)
         .and_then(|()| file.set_len(size))
@@ -166,8 +168,9 @@ fn cut_segment(path: &Path, offset: u64, size: u64) -> Result<()> {
         .map_err(|e| Error::io("truncate segment", path, e))
 }
 
-fn remove(path: &Path, report: &mut RecoveryReport) -> Result<()> {
-    fs::remove_file(path).map_err(|e| Error::io("remove segment", path, e))?;
+fn remove(fs: &dyn Fs, path: &Path, report: &mut RecoveryReport) -> Result<()> {
+    fs.remove_file(path)
+        .map_err(|e| Error::io("remove segment", path, e))?;
     report.removed_segments.push(path.to_path_buf());
     Ok(())
 }
@@ -175,13 +178,14 @@ fn remove(path: &Path, report: &mut RecoveryReport) -> Result<()> {
 /// Scans every segment in `segments_dir`, verifying every record, cutting
 /// a torn tail, and indexing records the index lacks.
 pub(crate) fn recover(
+    fs: &dyn Fs,
     dir: &Path,
     segments_dir: &Path,
     manifest: &Manifest,
     index: &Index,
     mode: RecoveryMode,
 ) -> Result<Recovered> {
-    let ids = list_segments(segments_dir)?;
+    let ids = list_segments(fs, segments_dir)?;
     let indexed = index.indexed_seq()?.unwrap_or(0);
     let already = indexed.max(manifest.horizon_seq);
     let mut report = RecoveryReport::default();
@@ -203,11 +207,11 @@ pub(crate) fn recover(
         let path = segment_path(segments_dir, id);
         let is_last = i + 1 == ids.len();
         i += 1;
-        let segment = match Segment::open(&path) {
+        let segment = match Segment::open(fs, &path) {
             Ok(segment) => segment,
-            Err(_) if is_last && never_finished(&path)? => {
+            Err(_) if is_last && never_finished(fs, &path)? => {
                 tracing::warn!(segment = %path.display(), "removing a segment whose creation never finished");
-                remove(&path, &mut report)?;
+                remove(fs, &path, &mut report)?;
                 continue;
             }
             Err(e) => match (mode, &e) {
@@ -217,9 +221,9 @@ pub(crate) fn recover(
                         offset: *offset,
                         reason: reason.clone(),
                     });
-                    remove(&path, &mut report)?;
+                    remove(fs, &path, &mut report)?;
                     for &later in &ids[i..] {
-                        remove(&segment_path(segments_dir, later), &mut report)?;
+                        remove(fs, &segment_path(segments_dir, later), &mut report)?;
                     }
                     break;
                 }
@@ -283,7 +287,7 @@ pub(crate) fn recover(
                 .iter()
                 .find(|(_, frame)| frame.vouches_for(id, end))
                 .map(|(at, _)| (path.clone(), *at))
-                .or_else(|| voucher_in(segments_dir, &ids[i..], summary.last_seq, id, end));
+                .or_else(|| voucher_in(fs, segments_dir, &ids[i..], summary.last_seq, id, end));
             let reason = summary.end.damage.clone();
             match voucher {
                 None => {
@@ -291,7 +295,7 @@ pub(crate) fn recover(
                         "zeroed bytes before batches that were never acknowledged".into()
                     });
                     tracing::warn!(segment = %path.display(), offset = end, %reason, "cutting the torn tail of the journal");
-                    cut_segment(&path, end, segment.header.segment_size)?;
+                    cut_segment(fs, &path, end, segment.header.segment_size)?;
                     report.torn_tail = Some(Damage {
                         path: path.clone(),
                         offset: end,
@@ -314,7 +318,7 @@ pub(crate) fn recover(
                         });
                     }
                     tracing::error!(segment = %path.display(), offset = end, %reason, "dropping the journal from a corrupt record on");
-                    cut_segment(&path, end, segment.header.segment_size)?;
+                    cut_segment(fs, &path, end, segment.header.segment_size)?;
                     report.truncated_corruption = Some(Damage {
                         path: path.clone(),
                         offset: end,
@@ -326,7 +330,7 @@ pub(crate) fn recover(
             // batches were never acknowledged, and under truncate-corrupt the
             // operator chose to drop them.
             for &later in &ids[i..] {
-                remove(&segment_path(segments_dir, later), &mut report)?;
+                remove(fs, &segment_path(segments_dir, later), &mut report)?;
             }
             stop = true;
         }
@@ -337,7 +341,7 @@ pub(crate) fn recover(
             // Left behind by a retention run that stopped between moving the
             // horizon and removing the files.
             drop(segment);
-            remove(&path, &mut report)?;
+            remove(fs, &path, &mut report)?;
             prev_seq = summary.last_seq;
             continue;
         }
@@ -383,6 +387,7 @@ pub(crate) fn active_segment(shared: &Arc<Shared>, recovered: &Recovered) -> Res
         created: shared.options.clock.now(),
     };
     let segment = Arc::new(Segment::create(
+        shared.options.fs.as_ref(),
         &shared.segments_dir,
         header,
         shared.options.io_hooks.as_ref(),

@@ -146,13 +146,15 @@ impl Shared {
 
         for id in &removed {
             if let Some(segment) = self.segments.write().remove(id) {
-                std::fs::remove_file(&segment.path)
+                self.options
+                    .fs
+                    .remove_file(&segment.path)
                     .map_err(|e| crate::error::Error::io("remove segment", &segment.path, e))?;
             }
             self.catalogue.lock().remove(id);
         }
         if !removed.is_empty() {
-            sync_dir(&self.segments_dir)?;
+            sync_dir(self.options.fs.as_ref(), &self.segments_dir)?;
         }
         tracing::info!(
             old_horizon = old,

@@ -8,13 +8,11 @@
 //! followed by a valid one is real corruption, while a damaged batch with
 //! nothing valid after it is the torn tail of a crash.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-
-use memmap2::Mmap;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::fs::{Fs, FsFile, Mapping, OpenMode};
 use crate::point::{Seq, Timestamp};
 use crate::record::{decode_record, le_u32, le_u64, RecordHeader};
 
@@ -218,7 +216,7 @@ pub struct Segment {
     /// Its path, for errors.
     pub path: PathBuf,
     /// The whole fixed-size file.
-    map: Mmap,
+    map: Mapping,
 }
 
 /// Where a scan of a segment stopped.
@@ -244,19 +242,21 @@ pub struct ScanSummary {
 
 impl Segment {
     /// Opens and maps an existing segment, checking its header.
-    pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io("open segment", path, e))?;
-        Self::map(file, path)
+    pub fn open(fs: &dyn Fs, path: &Path) -> Result<Self> {
+        let file = fs
+            .open(path, OpenMode::read())
+            .map_err(|e| Error::io("open segment", path, e))?;
+        Self::map(file.as_ref(), path)
     }
 
-    fn map(file: File, path: &Path) -> Result<Self> {
+    fn map(file: &dyn FsFile, path: &Path) -> Result<Self> {
         // SAFETY: segment files are written only by this process's journal
         // writer, which appends past every byte a reader can reach (readers
         // only follow index entries of durable records); truncation happens
-        // only in recovery, before any map exists. Unlinking a mapped segment
-        // (retention) leaves the mapping valid.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("map segment", path, e))?;
-        let header = SegmentHeader::decode(&map, path)?;
+        // only in recovery, within the mapped length. Unlinking a mapped
+        // segment (retention) leaves the mapping valid.
+        let map = unsafe { file.map(false) }.map_err(|e| Error::io("map segment", path, e))?;
+        let header = SegmentHeader::decode(map.as_slice(), path)?;
         if header.segment_size != map.len() as u64 {
             return Err(Error::corruption(
                 path,
@@ -280,6 +280,7 @@ impl Segment {
     /// here, not in the middle of a batch), writes and syncs its header and
     /// the directory entry, and returns it mapped for reading.
     pub fn create(
+        fs: &dyn Fs,
         dir: &Path,
         header: SegmentHeader,
         hooks: &dyn crate::io_hooks::IoHooks,
@@ -288,39 +289,23 @@ impl Segment {
         hooks
             .before_create(&path)
             .map_err(|e| Error::io("create segment", &path, e))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
+        let file: Arc<dyn FsFile> = fs
+            .open(&path, OpenMode::create_new())
             .map_err(|e| Error::io("create segment", &path, e))?;
         let result = (|| {
-            let allocated = rustix::fs::fallocate(
-                &file,
-                rustix::fs::FallocateFlags::empty(),
-                0,
-                header.segment_size,
-            );
-            match allocated {
-                Ok(()) => {}
-                Err(e) if e == rustix::io::Errno::NOSPC => {
-                    return Err(Error::io("allocate segment", &path, e.into()));
-                }
-                Err(_) => file
-                    .set_len(header.segment_size)
-                    .map_err(|e| Error::io("size segment", &path, e))?,
-            }
+            file.allocate(header.segment_size)
+                .map_err(|e| Error::io("allocate segment", &path, e))?;
             file.write_all_at(&header.encode(), 0)
                 .map_err(|e| Error::io("write segment header", &path, e))?;
             file.sync_all()
                 .map_err(|e| Error::io("fsync segment", &path, e))?;
-            sync_dir(dir)?;
-            Segment::map(file, &path)
+            sync_dir(fs, dir)?;
+            Segment::map(file.as_ref(), &path)
         })();
         if result.is_err() {
             // A half-made segment would be found as damage at the next
             // start; it holds nothing, so remove it now.
-            let _ = std::fs::remove_file(&path);
+            let _ = fs.remove_file(&path);
         }
         result
     }
@@ -329,7 +314,7 @@ impl Segment {
     pub fn bytes(&self, offset: u64, len: usize) -> Result<&[u8]> {
         usize::try_from(offset)
             .ok()
-            .and_then(|start| self.map.get(start..start.checked_add(len)?))
+            .and_then(|start| self.data().get(start..start.checked_add(len)?))
             .ok_or_else(|| {
                 Error::corruption(
                     &self.path,
@@ -344,6 +329,11 @@ impl Segment {
         self.header.segment_id
     }
 
+    /// The whole file, as mapped.
+    fn data(&self) -> &[u8] {
+        self.map.as_slice()
+    }
+
     /// Decodes and verifies the record at `offset`.
     pub fn record_at(&self, offset: u64) -> Result<(RecordHeader, &[u8])> {
         let start = usize::try_from(offset)
@@ -352,7 +342,7 @@ impl Segment {
             .ok_or_else(|| {
                 Error::corruption(&self.path, offset, "index points outside the segment")
             })?;
-        decode_record(&self.map[start..], &self.path, offset)
+        decode_record(&self.data()[start..], &self.path, offset)
     }
 
     /// Walks the batches of the segment in order, verifying every record,
@@ -372,7 +362,7 @@ impl Segment {
             if pos + BATCH_HEADER_LEN > self.map.len() {
                 break None;
             }
-            let frame_bytes = &self.map[pos..pos + BATCH_HEADER_LEN];
+            let frame_bytes = &self.data()[pos..pos + BATCH_HEADER_LEN];
             if frame_bytes.iter().all(|&b| b == 0) {
                 break None;
             }
@@ -380,7 +370,7 @@ impl Segment {
                 Ok((frame, end)) => {
                     for (header, offset) in &batch {
                         let start = *offset as usize + crate::record::RECORD_HEADER_LEN;
-                        let payload = &self.map[start..start + header.stored_len as usize];
+                        let payload = &self.data()[start..start + header.stored_len as usize];
                         visit(header, *offset, payload)?;
                     }
                     records += batch.len() as u64;
@@ -410,7 +400,7 @@ impl Segment {
         batch: &mut Vec<(RecordHeader, u64)>,
     ) -> std::result::Result<(BatchFrame, usize), String> {
         batch.clear();
-        let frame = BatchFrame::decode(&self.map[pos..])?;
+        let frame = BatchFrame::decode(&self.data()[pos..])?;
         if frame.first_seq <= prev_seq {
             return Err(format!(
                 "batch starts at seq {} but seq {prev_seq} came before it",
@@ -431,7 +421,7 @@ impl Segment {
         let mut at = body_start;
         let mut seq = prev_seq;
         while at < end {
-            let (header, _) = decode_record(&self.map[at..end], &self.path, at as u64)
+            let (header, _) = decode_record(&self.data()[at..end], &self.path, at as u64)
                 .map_err(|e| e.to_string())?;
             if header.seq <= seq || header.seq > frame.last_seq || header.seq < frame.first_seq {
                 return Err(format!(
@@ -468,7 +458,7 @@ impl Segment {
         };
         let mut scratch = Vec::new();
         while at < self.map.len() {
-            let Some(hit) = memchr::memmem::find(&self.map[at..], &magic) else {
+            let Some(hit) = memchr::memmem::find(&self.data()[at..], &magic) else {
                 break;
             };
             let pos = at + hit;
@@ -486,9 +476,8 @@ impl Segment {
 
 /// Fsyncs a directory so that entries created, renamed or removed in it are
 /// durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+pub fn sync_dir(fs: &dyn Fs, dir: &Path) -> Result<()> {
+    fs.sync_dir(dir)
         .map_err(|e| Error::io("fsync directory", dir, e))
 }
 

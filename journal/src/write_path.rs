@@ -237,7 +237,9 @@ impl WritePath {
     /// A write path over `journal`, with its background round running.
     pub fn new(journal: Journal, options: WritePathOptions) -> Result<Self> {
         let dirty_dir = journal.dir().join("dirty");
-        std::fs::create_dir_all(&dirty_dir)
+        journal
+            .fs()
+            .create_dir_all(&dirty_dir)
             .map_err(|e| Error::io("create directory", &dirty_dir, e))?;
         let inner = Arc::new(Inner {
             journal,
@@ -288,6 +290,7 @@ impl WritePath {
         }
         let region_size = self.inner.options.region_size;
         let dirty = DirtyMap::open(
+            self.inner.journal.fs().as_ref(),
             &self.inner.dirty_dir.join(format!("{:010}.map", info.id)),
             &info,
             region_size,

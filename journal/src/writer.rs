@@ -14,7 +14,6 @@
 //! Each batch frame records how much of its segment was durable when it was
 //! encoded, which keeps recovery exact (see `recovery.rs`).
 
-use std::fs::File;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -291,7 +290,12 @@ impl ActiveSegment {
         options: &crate::journal::JournalOptions,
     ) -> Result<Self> {
         Ok(ActiveSegment {
-            appender: SegmentAppender::open(&segment, write_offset, options.direct_io)?,
+            appender: SegmentAppender::open(
+                options.fs.as_ref(),
+                &segment,
+                write_offset,
+                options.direct_io,
+            )?,
             segment,
             entry,
         })
@@ -316,7 +320,7 @@ struct Written {
 
 /// A batch as the sync stage needs it, once written.
 struct WrittenBatch {
-    file: Arc<File>,
+    file: Arc<dyn crate::fs::FsFile>,
     path: std::path::PathBuf,
     segment: u64,
     end: u64,
@@ -657,6 +661,7 @@ impl Writer {
 
     fn create_segment(&self, id: u64, first_seq: Seq) -> Result<Segment> {
         Segment::create(
+            self.shared.options.fs.as_ref(),
             &self.shared.segments_dir,
             self.segment_header(id, first_seq),
             self.shared.options.io_hooks.as_ref(),
@@ -680,9 +685,10 @@ impl Writer {
         let header = self.segment_header(self.active.segment.id() + 1, after_seq + 1);
         let dir = self.shared.segments_dir.clone();
         let hooks = self.shared.options.io_hooks.clone();
+        let fs = self.shared.options.fs.clone();
         let made = std::thread::Builder::new()
             .name("tidemark-journal-segment".into())
-            .spawn(move || Segment::create(&dir, header, hooks.as_ref()));
+            .spawn(move || Segment::create(fs.as_ref(), &dir, header, hooks.as_ref()));
         self.spare = made.ok();
     }
 }

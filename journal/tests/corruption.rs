@@ -357,9 +357,13 @@ fn interrupted_fold_is_finished_at_open() {
     let target = model.newest() / 2;
     // As if a fold had recorded its intent and written part of the base
     // image, then the process died.
-    let mut manifest = Manifest::load(dir.path()).expect("load").expect("manifest");
+    let mut manifest = Manifest::load(&tidemark_journal::fs::RealFs, dir.path())
+        .expect("load")
+        .expect("manifest");
     manifest.folding_to = Some(tidemark_journal::manifest::FoldIntent { seq: target });
-    manifest.store(dir.path()).expect("store");
+    manifest
+        .store(&tidemark_journal::fs::RealFs, dir.path())
+        .expect("store");
     let base = dir.path().join("base").join(format!("{:010}.img", 1));
     let mut garbage = fs::read(&base).expect("read base");
     let state = model.state_at(1, target);

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use tidemark_journal::file_cache::FileCache;
+use tidemark_journal::fs::RealFs;
 use tidemark_journal::io_hooks::{FaultyIo, RealIo};
 use tidemark_journal::record::{decode_record, PreparedRecord, RecordKind};
 use tidemark_journal::{
@@ -40,7 +41,7 @@ fn the_ring_wraps_and_gives_back_exactly_what_the_journal_lacks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ring");
     let mut rng = rng(7);
-    let (cache, pending) = FileCache::open(&path, 1 << 20, 42, 0, &RealIo).expect("open");
+    let (cache, pending) = FileCache::open(&RealFs, &path, 1 << 20, 42, 0, &RealIo).expect("open");
     assert!(pending.is_empty());
     let mut live = std::collections::VecDeque::new();
     for seq in 1..=400u64 {
@@ -70,7 +71,7 @@ fn the_ring_wraps_and_gives_back_exactly_what_the_journal_lacks() {
     drop(cache);
 
     let (cache, pending) =
-        FileCache::open(&path, 1 << 20, 42, journalled, &RealIo).expect("reopen");
+        FileCache::open(&RealFs, &path, 1 << 20, 42, journalled, &RealIo).expect("reopen");
     let expected: Vec<_> = live.iter().filter(|(s, _)| *s > journalled).collect();
     assert_eq!(pending.len(), expected.len(), "entries the journal lacks");
     for (p, (seq, data)) in pending.iter().zip(expected) {
@@ -84,11 +85,11 @@ fn the_ring_wraps_and_gives_back_exactly_what_the_journal_lacks() {
     }
     drop(cache);
     assert!(
-        FileCache::open(&path, 2 << 20, 42, 0, &RealIo).is_err(),
+        FileCache::open(&RealFs, &path, 2 << 20, 42, 0, &RealIo).is_err(),
         "a cache of another size is refused"
     );
     assert!(
-        FileCache::open(&path, 1 << 20, 43, 0, &RealIo).is_err(),
+        FileCache::open(&RealFs, &path, 1 << 20, 43, 0, &RealIo).is_err(),
         "a cache of another group is refused"
     );
 }

@@ -152,6 +152,7 @@ pub fn small_options(clock: Arc<ManualClock>, recovery: RecoveryMode) -> Journal
         spill_above: 0.75,
         return_below: 0.25,
         clock,
+        fs: Arc::new(tidemark_journal::fs::RealFs),
     }
 }
 
