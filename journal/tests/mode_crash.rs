@@ -146,7 +146,8 @@ fn run(mode: IoMode, seed: u64) {
             break;
         }
         match rx.recv_timeout(Duration::from_millis(5)) {
-            Ok(line) if line == "ready" => started = Some(Instant::now()),
+            // (libtest prints "test NAME ... " on the same line first.)
+            Ok(line) if line.ends_with("ready") => started = Some(Instant::now()),
             Ok(line) if line == "done" => break,
             Ok(line) => acks.extend(parse(&line)),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -214,13 +215,13 @@ fn sync_mode_survives_sigkill() {
 #[test]
 fn async_mode_survives_sigkill() {
     for seed in trials() {
-        run(IoMode::Async, seed ^ 0xa5);
+        run(IoMode::Async, seed);
     }
 }
 
 #[test]
 fn adaptive_mode_survives_sigkill() {
     for seed in trials() {
-        run(IoMode::Adaptive, seed ^ 0x5a);
+        run(IoMode::Adaptive, seed);
     }
 }
