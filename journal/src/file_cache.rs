@@ -8,7 +8,11 @@
 //! entry written before it. A record in the file cache counts as durable —
 //! a sync write may be acknowledged — because on start-up every entry the
 //! journal lacks is journalled before anything new. Space is given back
-//! once the journal holds an entry durably.
+//! once the journal holds an entry durably *and* the header's tail has been
+//! moved past it durably: recovery walks the ring from the tail on disk, so
+//! space that tail still covers is never written again before then (else a
+//! crash while the ring wraps would leave the walk starting in the middle
+//! of a newer entry and drop every acknowledged entry after it).
 //!
 //! Format (little-endian), header in the first 4 KiB:
 //! `{ [u8;8] magic "TDMKFCAC" | u32 version | u32 header_len (4096) |
@@ -67,23 +71,59 @@ pub struct FileEntry {
     pub write_no: u64,
 }
 
+/// One entry's place in the ring.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    seq: Seq,
+    start: u64,
+    /// Bytes it holds: its own, plus wrap waste just before it.
+    charge: u64,
+}
+
 struct Ring {
     /// Ring offset where the next entry goes.
     head: u64,
-    /// Ring offset of the oldest entry not yet journalled.
-    tail: u64,
-    /// Bytes from tail to head, wrap waste included.
+    /// Every entry from the tail on disk on, oldest first: entries already
+    /// journalled whose space is not yet free (the tail on disk still
+    /// covers them), then entries waiting for the journal.
+    slots: VecDeque<Slot>,
+    /// Bytes the slots hold: nothing else in the ring may be overwritten.
     used: u64,
-    /// Entries not yet journalled, oldest first: (seq, start, end).
-    live: VecDeque<(Seq, u64, u64)>,
+    /// How many slots at the front are journalled...
+    released: usize,
+    /// ...and the bytes they hold.
+    released_bytes: u64,
     /// Writes made so far.
     writes: u64,
     /// Ranges written since the last flush (ring offsets).
     unsynced: Vec<(u64, u64)>,
-    /// The header changed since the last flush.
-    header_dirty: bool,
     /// The newest seq released (journalled).
     released_seq: Seq,
+}
+
+impl Ring {
+    /// Ring offset of the oldest entry not yet journalled (the head when
+    /// there is none): where recovery must start walking.
+    fn tail(&self) -> u64 {
+        self.slots.get(self.released).map_or(self.head, |s| s.start)
+    }
+
+    /// Entries waiting for the journal.
+    fn live(&self) -> usize {
+        self.slots.len() - self.released
+    }
+
+    /// Counts the slots up to `seq` as journalled.
+    fn release_through(&mut self, seq: Seq) {
+        self.released_seq = self.released_seq.max(seq);
+        while let Some(slot) = self.slots.get(self.released) {
+            if slot.seq > self.released_seq {
+                break;
+            }
+            self.released += 1;
+            self.released_bytes += slot.charge;
+        }
+    }
 }
 
 /// Counters of the file cache, for metrics.
@@ -110,6 +150,9 @@ pub struct FileCache {
     freed: Condvar,
     /// Writes known durable; flushes are made under this lock.
     synced: Mutex<u64>,
+    /// Held while the header is written and flushed, so two writers never
+    /// interleave their bytes and the tail on disk only moves forward.
+    header_lock: Mutex<()>,
     flushes: std::sync::atomic::AtomicU64,
 }
 
@@ -194,16 +237,17 @@ impl FileCache {
             group_id,
             ring: Mutex::new(Ring {
                 head: 0,
-                tail: 0,
+                slots: VecDeque::new(),
                 used: 0,
-                live: VecDeque::new(),
+                released: 0,
+                released_bytes: 0,
                 writes: 0,
                 unsynced: Vec::new(),
-                header_dirty: true,
                 released_seq: journalled,
             }),
             freed: Condvar::new(),
             synced: Mutex::new(0),
+            header_lock: Mutex::new(()),
             flushes: std::sync::atomic::AtomicU64::new(0),
         };
         let pending = if fresh {
@@ -237,15 +281,14 @@ impl FileCache {
         }
     }
 
-    fn header(&self) -> [u8; 64] {
-        let ring = self.ring.lock();
+    fn header(&self, ring: &Ring) -> [u8; 64] {
         let mut out = [0u8; 64];
         out[0..8].copy_from_slice(&FILE_CACHE_MAGIC);
         out[8..12].copy_from_slice(&FILE_CACHE_VERSION.to_le_bytes());
         out[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
         out[16..24].copy_from_slice(&self.capacity.to_le_bytes());
         out[24..32].copy_from_slice(&self.group_id.to_le_bytes());
-        out[32..40].copy_from_slice(&ring.tail.to_le_bytes());
+        out[32..40].copy_from_slice(&ring.tail().to_le_bytes());
         out[40..48].copy_from_slice(&ring.released_seq.to_le_bytes());
         out[48..56].copy_from_slice(&ring.head.to_le_bytes());
         let crc = crc32c::crc32c(&out[0..60]);
@@ -254,8 +297,39 @@ impl FileCache {
     }
 
     fn write_header(&self) {
-        let header = self.header();
+        let header = self.header(&self.ring.lock());
         self.write_bytes(0, &header);
+    }
+
+    /// Moves the tail on disk up to the oldest entry the journal lacks and,
+    /// once that is durable, frees the space of the journalled entries
+    /// before it.
+    fn persist_tail(&self) -> Result<()> {
+        let _header = self.header_lock.lock();
+        let (header, freeing) = {
+            let ring = self.ring.lock();
+            if ring.released == 0 {
+                return Ok(());
+            }
+            (self.header(&ring), ring.released)
+        };
+        self.write_bytes(0, &header);
+        self.map
+            .flush_range(0, header.len())
+            .map_err(|e| Error::io("flush file cache header", &self.path, e))?;
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut ring = self.ring.lock();
+        for _ in 0..freeing {
+            if let Some(slot) = ring.slots.pop_front() {
+                ring.used -= slot.charge;
+                ring.released -= 1;
+                ring.released_bytes -= slot.charge;
+            }
+        }
+        drop(ring);
+        self.freed.notify_all();
+        Ok(())
     }
 
     /// Finds the entries after the persisted tail, rebuilding the ring.
@@ -291,11 +365,13 @@ impl FileCache {
         let mut walked = 0u64;
         let mut prev = 0;
         let mut pending = Vec::new();
-        let mut live = VecDeque::new();
+        let mut slots = VecDeque::new();
         let mut writes = 0;
+        let mut waste = 0;
         while walked < self.capacity {
             if self.capacity - at < ENTRY_HEADER as u64 {
                 walked += self.capacity - at;
+                waste += self.capacity - at;
                 at = 0;
                 continue;
             }
@@ -303,6 +379,7 @@ impl FileCache {
             let magic = le_u32(frame, 0);
             if magic == WRAP_MAGIC && crc32c::crc32c(&frame[0..20]) == le_u32(frame, 20) {
                 walked += self.capacity - at;
+                waste += self.capacity - at;
                 at = 0;
                 continue;
             }
@@ -335,22 +412,24 @@ impl FileCache {
                 write_no: writes,
             };
             if seq > journalled {
-                live.push_back((seq, at, end));
+                // Waste before the first live entry lies behind the tail.
+                let charge = (end - at) + if slots.is_empty() { 0 } else { waste };
+                slots.push_back(Slot {
+                    seq,
+                    start: at,
+                    charge,
+                });
                 pending.push(Pending { entry, header });
             }
+            waste = 0;
             walked += end - at;
             prev = seq;
             at = end % self.capacity;
         }
         let mut ring = self.ring.lock();
         ring.head = at;
-        ring.tail = live.front().map_or(at, |&(_, start, _)| start);
-        ring.used = if live.is_empty() {
-            0
-        } else {
-            (ring.head + self.capacity - ring.tail) % self.capacity
-        };
-        ring.live = live;
+        ring.used = slots.iter().map(|s| s.charge).sum();
+        ring.slots = slots;
         ring.writes = writes;
         *self.synced.lock() = writes;
         Ok(pending)
@@ -360,10 +439,25 @@ impl FileCache {
     /// record to fit. True if they fit now.
     pub fn wait_for_room(&self, len: usize, deadline: Option<Instant>) -> bool {
         let need = align8(ENTRY_HEADER as u64 + len as u64) * 2;
+        if need > self.capacity {
+            // It would never fit: do not wait for it.
+            return false;
+        }
         let mut ring = self.ring.lock();
         loop {
             if ring.used + need <= self.capacity {
                 return true;
+            }
+            if ring.released > 0 {
+                // Journalled entries hold the room: free it by moving the
+                // tail on disk past them.
+                drop(ring);
+                if let Err(e) = self.persist_tail() {
+                    tracing::warn!(cache = %self.path.display(), error = %e, "cannot move the file cache's tail; its space stays in use");
+                    return false;
+                }
+                ring = self.ring.lock();
+                continue;
             }
             match deadline {
                 None => return false,
@@ -393,7 +487,9 @@ impl FileCache {
             waste = self.capacity - start;
             start = 0;
         }
-        if ring.used + waste + size > self.capacity {
+        // Room for a frame more is kept free, so clearing the magic after
+        // the entry never touches the oldest entry in use.
+        if ring.used + waste + size + ENTRY_HEADER as u64 > self.capacity {
             return None;
         }
         if waste >= ENTRY_HEADER as u64 {
@@ -427,7 +523,11 @@ impl FileCache {
         ring.used += waste + size;
         ring.head = end % self.capacity;
         ring.writes += 1;
-        ring.live.push_back((seq, start, end));
+        ring.slots.push_back(Slot {
+            seq,
+            start,
+            charge: waste + size,
+        });
         // The entry's whole pages need not stay mapped: the page cache
         // holds them (and a flush writes them) until the journal reads them.
         self.drop_pages(start, end);
@@ -447,27 +547,14 @@ impl FileCache {
         if *synced >= write_no {
             return Ok(());
         }
-        let (ranges, writes, header) = {
+        let (ranges, writes) = {
             let mut ring = self.ring.lock();
-            let header = std::mem::take(&mut ring.header_dirty);
-            (std::mem::take(&mut ring.unsynced), ring.writes, header)
+            (std::mem::take(&mut ring.unsynced), ring.writes)
         };
-        if header {
-            self.write_header();
-        }
-        let flushed = ranges
-            .iter()
-            .try_for_each(|&(a, b)| {
-                self.map
-                    .flush_range((HEADER_LEN + a) as usize, (b - a) as usize)
-            })
-            .and_then(|()| {
-                if header {
-                    self.map.flush_range(0, 64)
-                } else {
-                    Ok(())
-                }
-            });
+        let flushed = ranges.iter().try_for_each(|&(a, b)| {
+            self.map
+                .flush_range((HEADER_LEN + a) as usize, (b - a) as usize)
+        });
         if let Err(e) = flushed {
             // Put the ranges back: a later flush must still cover them.
             self.ring.lock().unsynced.extend(ranges);
@@ -491,31 +578,24 @@ impl FileCache {
             .copy_from_slice(self.bytes(HEADER_LEN + entry.record_at, entry.len as usize));
     }
 
-    /// Gives back the space of every entry with seq up to `seq`, now durable
-    /// in the journal.
+    /// Marks every entry with seq up to `seq` as journalled (durable in the
+    /// journal). Their space is freed once the tail on disk has moved past
+    /// them, which happens when an appender needs the room.
     pub fn release_through(&self, seq: Seq) {
         let mut ring = self.ring.lock();
-        let old_tail = ring.tail;
-        while let Some(&(s, _, end)) = ring.live.front() {
-            if s > seq {
-                break;
-            }
-            ring.live.pop_front();
-            ring.tail = end % self.capacity;
-        }
-        if ring.live.is_empty() {
-            ring.tail = ring.head;
-            ring.used = 0;
-        } else {
-            ring.used = (ring.head + self.capacity - ring.tail) % self.capacity;
-            if ring.used == 0 {
-                ring.used = self.capacity;
-            }
-        }
-        ring.released_seq = ring.released_seq.max(seq);
-        ring.header_dirty = true;
-        let new_tail = ring.tail;
+        let old_tail = ring.tail();
+        ring.release_through(seq);
+        let new_tail = ring.tail();
+        // Without pressure for room the tail on disk would lag ever
+        // further, and a restart would walk every journalled entry again.
+        let lagging = ring.released_bytes > self.capacity / 4;
         drop(ring);
+        if lagging {
+            if let Err(e) = self.persist_tail() {
+                tracing::warn!(cache = %self.path.display(), error = %e, "cannot move the file cache's tail");
+            }
+        }
+        // Waiters for room can now free it.
         self.freed.notify_all();
         self.drop_pages(old_tail, new_tail);
     }
@@ -550,7 +630,7 @@ impl FileCache {
 
     /// True when no entry waits to be journalled.
     pub fn is_empty(&self) -> bool {
-        self.ring.lock().live.is_empty()
+        self.ring.lock().live() == 0
     }
 
     /// The counters now.
@@ -559,7 +639,7 @@ impl FileCache {
         FileCacheStats {
             used_bytes: ring.used,
             capacity_bytes: self.capacity,
-            entries: ring.live.len() as u64,
+            entries: ring.live() as u64,
             flushes: self.flushes.load(std::sync::atomic::Ordering::Relaxed),
         }
     }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rand::Rng;
+use tidemark_journal::io_hooks::FaultyIo;
 use tidemark_journal::{
     CacheTiers, Journal, JournalOptions, ManualClock, RecoveryMode, SystemClock, Timestamp,
 };
@@ -23,25 +24,43 @@ use tidemark_journal::{
 const VOLUME_SIZE: u64 = 256 * 1024;
 
 /// The changes the child appends, in order: change i gets seq i + 1.
-fn changes(seed: u64) -> Vec<Op> {
+/// (Made as they are used: the child is killed long before the end.)
+fn changes(seed: u64) -> impl Iterator<Item = Op> {
     let mut rng = rng(seed);
-    (0..5000)
-        .map(|_| random_op(&mut rng, VOLUME_SIZE, 24_000))
+    (0..50_000)
+        .map(move |_| random_op(&mut rng, VOLUME_SIZE, 24_000))
         .filter(|op| !matches!(op, Op::TagSet(_) | Op::TagDelete(_)))
-        .collect()
 }
 
-/// The journal's options; `tiers` says which cache tiers records wait in.
-fn options(tiers: CacheTiers) -> JournalOptions {
-    JournalOptions {
+/// The journal's options for a trial `variant`: `memory` or `file` (the
+/// cache tier records wait in), or `file-wrap` — the file tier with the
+/// smallest ring and a slow journal, so the ring is full and wrapping
+/// whenever the kill comes.
+fn options(variant: &str) -> JournalOptions {
+    let base = JournalOptions {
         clock: Arc::new(SystemClock),
-        cache_tiers: tiers,
         // Small, so records spill with both tiers.
         memory_cache_bytes: 64 << 10,
         ..small_options(
             Arc::new(ManualClock::new(Timestamp::from_nanos(0))),
             RecoveryMode::Strict,
         )
+    };
+    match variant {
+        "file-wrap" => {
+            let slow = FaultyIo::new();
+            slow.set_sync_delay(Duration::from_millis(15));
+            JournalOptions {
+                cache_tiers: CacheTiers::File,
+                file_cache_bytes: 1 << 20,
+                io_hooks: Arc::new(slow),
+                ..base
+            }
+        }
+        tiers => JournalOptions {
+            cache_tiers: tiers.parse().expect("tiers"),
+            ..base
+        },
     }
 }
 
@@ -49,7 +68,7 @@ fn options(tiers: CacheTiers) -> JournalOptions {
 /// `ack SEQ` for each one as it becomes durable.
 #[test]
 fn crash_child() {
-    let (Ok(dir), Ok(seed), Ok(tiers)) = (
+    let (Ok(dir), Ok(seed), Ok(variant)) = (
         std::env::var("TIDEMARK_CRASH_CHILD"),
         std::env::var("TIDEMARK_CRASH_SEED"),
         std::env::var("TIDEMARK_CRASH_TIERS"),
@@ -57,8 +76,7 @@ fn crash_child() {
         return;
     };
     let seed: u64 = seed.parse().expect("seed");
-    let tiers: CacheTiers = tiers.parse().expect("tiers");
-    let (journal, _) = Journal::open(Path::new(&dir), options(tiers)).expect("child open");
+    let (journal, _) = Journal::open(Path::new(&dir), options(&variant)).expect("child open");
     let volume = match journal.volume("vol0") {
         Ok(v) => v.id,
         Err(_) => {
@@ -69,12 +87,20 @@ fn crash_child() {
         }
     };
     println!("ready");
+    // With the wrapping ring, appends are waited for in bursts of 32: one
+    // flush then covers them all, and in between the ring is written
+    // without one, as under a load of async writes.
+    let (depth, burst) = if variant == "file-wrap" {
+        (32, 32)
+    } else {
+        (8, 1)
+    };
     let mut in_flight = std::collections::VecDeque::new();
     for op in changes(seed) {
         let handle = op.append_to(&journal, volume).expect("append");
         in_flight.push_back(handle);
-        if in_flight.len() >= 8 {
-            if let Some(h) = in_flight.pop_front() {
+        if in_flight.len() >= depth {
+            for h in in_flight.drain(..burst) {
                 println!("ack {}", h.wait().expect("durable").seq);
             }
         }
@@ -88,7 +114,7 @@ fn crash_child() {
 #[test]
 fn sigkill_loses_no_acknowledged_record() {
     for seed in seeds(6) {
-        sigkill_trial(seed, "memory");
+        sigkill_trial(seed, "memory", 20..400);
     }
 }
 
@@ -100,27 +126,37 @@ fn sigkill_loses_no_record_acknowledged_from_the_file_cache() {
         // (Both tiers are not run here: a record waiting in memory may be
         // lost while a later, unacknowledged one survives in the file
         // cache, and this test's model assumes no such gap.)
-        sigkill_trial(seed, "file");
+        sigkill_trial(seed, "file", 20..400);
     }
 }
 
-fn sigkill_trial(seed: u64, tiers: &str) {
+/// A file cache that is full and wrapping when the kill comes: space the
+/// journal gave back is written again at once, while the ring's tail on
+/// disk may still point into it.
+#[test]
+fn sigkill_while_the_file_cache_wraps_loses_no_acknowledged_record() {
+    for seed in seeds(6) {
+        sigkill_trial(seed, "file-wrap", 300..1500);
+    }
+}
+
+fn sigkill_trial(seed: u64, variant: &str, kill_after_ms: std::ops::Range<u64>) {
     {
         let _guard = SeedGuard(seed, "sigkill_trial");
-        eprintln!("sigkill trial {tiers}, seed {seed}");
+        eprintln!("sigkill trial {variant}, seed {seed}");
         let mut rng = rng(seed);
         let dir = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new(std::env::current_exe().expect("test binary"))
             .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
             .env("TIDEMARK_CRASH_CHILD", dir.path())
             .env("TIDEMARK_CRASH_SEED", seed.to_string())
-            .env("TIDEMARK_CRASH_TIERS", tiers)
+            .env("TIDEMARK_CRASH_TIERS", variant)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn child");
         let stdout = child.stdout.take().expect("stdout");
-        let kill_after = Duration::from_millis(rng.random_range(20..400));
+        let kill_after = Duration::from_millis(rng.random_range(kill_after_ms));
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -167,9 +203,8 @@ fn sigkill_trial(seed: u64, tiers: &str) {
         }
         reader.join().expect("reader");
 
-        let tiers: CacheTiers = tiers.parse().expect("tiers");
         let (journal, report) =
-            Journal::open(dir.path(), options(tiers)).expect("reopen after SIGKILL");
+            Journal::open(dir.path(), options(variant)).expect("reopen after SIGKILL");
         // Records replayed from the file cache are journalled first.
         let newest = journal.sync().expect("sync");
         assert!(
@@ -179,7 +214,7 @@ fn sigkill_trial(seed: u64, tiers: &str) {
         let mut model = Model::default();
         let volume = journal.volume("vol0").expect("volume").id;
         model.sizes.insert(volume, VOLUME_SIZE);
-        for (i, op) in changes(seed).into_iter().enumerate() {
+        for (i, op) in changes(seed).enumerate() {
             let seq = i as u64 + 1;
             if seq > newest {
                 break;

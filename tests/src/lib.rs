@@ -44,6 +44,40 @@ pub fn require(tool: &str, test: &str) -> bool {
     found
 }
 
+/// The seeds a randomised end-to-end test runs: `TIDEMARK_SEED` for one,
+/// else `default`, or one per 32 of `TIDEMARK_SEEDS` (a trial here starts
+/// real daemons and takes seconds where a journal trial takes
+/// milliseconds; CI's 64 seeds make two), from a fixed base.
+pub fn seeds(default: u64) -> Vec<u64> {
+    if let Some(seed) = std::env::var("TIDEMARK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        return vec![seed];
+    }
+    let count = std::env::var("TIDEMARK_SEEDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(default, |n| n.div_ceil(32).max(default));
+    (0..count).map(|i| 2026 + i).collect()
+}
+
+/// Prints the seed if the test panics while it is alive, so the failing
+/// trial replays with `TIDEMARK_SEED`.
+#[derive(Debug)]
+pub struct SeedGuard(pub u64, pub &'static str);
+
+impl Drop for SeedGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "{} failed with seed {}; replay with TIDEMARK_SEED={}",
+                self.1, self.0, self.0
+            );
+        }
+    }
+}
+
 /// Configuration used by every test daemon unless a test adds more: small
 /// caches, so tests do not allocate gigabytes.
 pub const TEST_CONFIG: &str = r#"
