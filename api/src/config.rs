@@ -89,6 +89,10 @@ struct AnomalyFile {
     entropy_fraction: Option<f64>,
     overwrite_fraction: Option<f64>,
     min_burst: Option<String>,
+    min_regions: Option<u64>,
+    replace_ratio: Option<f64>,
+    usual_fraction: Option<f64>,
+    learn: Option<String>,
     rate_factor: Option<f64>,
     min_rate: Option<String>,
     cooldown: Option<String>,
@@ -427,6 +431,18 @@ fn tagging(
             defaults.overwrite_fraction,
         )?,
         min_burst_bytes: bytes("min_burst", &a.min_burst, defaults.min_burst_bytes)?,
+        min_regions: a.min_regions.unwrap_or(defaults.min_regions),
+        replace_ratio: match a.replace_ratio {
+            Some(x) if x.is_nan() || x < 1.0 => {
+                return Err(format!(
+                    "tagging.anomaly.replace_ratio = {x} must be at least 1"
+                ))
+            }
+            Some(x) => x,
+            None => defaults.replace_ratio,
+        },
+        usual_fraction: fraction("usual_fraction", a.usual_fraction, defaults.usual_fraction)?,
+        learn_bytes: bytes("learn", &a.learn, defaults.learn_bytes)?,
         rate_factor: a.rate_factor.unwrap_or(defaults.rate_factor),
         min_rate_bytes: bytes("min_rate", &a.min_rate, defaults.min_rate_bytes)?,
         cooldown: dur("cooldown", &a.cooldown, defaults.cooldown)?,
@@ -531,8 +547,22 @@ timeout = "30s"
 
 [tagging.anomaly]
 enabled = true
+min_regions = 64
+usual_fraction = 0.3
+replace_ratio = 1.5
+learn = "64M"
 "#;
         let c = Config::parse(good, &Overrides::default()).unwrap();
+        let a = &c.tagging.anomaly;
+        assert_eq!(
+            (
+                a.min_regions,
+                a.usual_fraction,
+                a.replace_ratio,
+                a.learn_bytes
+            ),
+            (64, 0.3, 1.5, 64 << 20)
+        );
         assert_eq!(c.tagging.policies.len(), 1);
         assert_eq!(c.tagging.log_rules[0].patterns.len(), 3);
         assert_eq!(c.tagging_targets.len(), 3);
@@ -544,6 +574,9 @@ enabled = true
             ("[[tagging.log_rule]]\nvolume = \"db\"\nfile = \"/x\"\nbuiltin = \"oracle\"\n", "builtin = \"oracle\""),
             ("[[tagging.schedule]]\nvolume = \"db\"\ncron = \"0 22 * * *\"\nname = \"n\"\ncolour = 1\n", "colour"),
             ("[tagging.anomaly]\nentropy_fraction = 2.0\n", "tagging.anomaly.entropy_fraction = 2"),
+            ("[tagging.anomaly]\nusual_fraction = 1.5\n", "tagging.anomaly.usual_fraction = 1.5"),
+            ("[tagging.anomaly]\nreplace_ratio = 0.5\n", "tagging.anomaly.replace_ratio = 0.5 must be at least 1"),
+            ("[tagging.anomaly]\nlearn = \"lots\"\n", "tagging.anomaly.learn = \"lots\""),
         ] {
             let err = Config::parse(text, &Overrides::default()).unwrap_err();
             assert!(err.contains(want), "{text}: {err}");

@@ -192,11 +192,12 @@ impl Export {
         match &self.target {
             Target::Live { .. } => {
                 let wp = &self.volume.group.write_path;
-                if trim {
-                    wp.trim(&self.volume.name, offset, len)?;
+                let ack = if trim {
+                    wp.trim(&self.volume.name, offset, len)?
                 } else {
-                    wp.write_zeroes(&self.volume.name, offset, len, fua)?;
-                }
+                    wp.write_zeroes(&self.volume.name, offset, len, fua)?
+                };
+                self.volume.observe_free(offset, len, &ack);
                 Ok(())
             }
             Target::Point { .. } => self.refuse_read_only(),

@@ -502,8 +502,16 @@ fn ingest_one(volume: &Volume, message: pb::IngestRequest) -> ApiResult<(u64, St
             volume.observe_write(w.offset, w.data.len() as u64, &ack);
             ack
         }
-        Some(Op::Zero(z)) => wp.write_zeroes(name, z.offset, z.length, false)?,
-        Some(Op::Trim(t)) => wp.trim(name, t.offset, t.length)?,
+        Some(Op::Zero(z)) => {
+            let ack = wp.write_zeroes(name, z.offset, z.length, false)?;
+            volume.observe_free(z.offset, z.length, &ack);
+            ack
+        }
+        Some(Op::Trim(t)) => {
+            let ack = wp.trim(name, t.offset, t.length)?;
+            volume.observe_free(t.offset, t.length, &ack);
+            ack
+        }
         Some(Op::Flush(_)) => {
             let seq = wp.flush(name)?;
             return Ok((seq.unwrap_or(0), wp.mode(name)?.1.to_string()));

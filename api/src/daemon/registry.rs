@@ -93,6 +93,30 @@ impl Volume {
     /// Shows an acknowledged write of `len` bytes at `offset` to anomaly
     /// detection (once the tagger runs).
     pub fn observe_write(&self, offset: u64, len: u64, ack: &tidemark_journal::Acknowledged) {
+        let stored = ack.stored_bytes;
+        self.observe(
+            offset,
+            len,
+            ack,
+            tidemark_tagging::anomaly::Content::Data { stored },
+        );
+    }
+
+    /// Shows an acknowledged trim or zeroing to anomaly detection: a
+    /// filesystem with online discard frees a deleted file's blocks so, and
+    /// encrypted copies written while the originals are freed are a
+    /// ransomware pattern.
+    pub fn observe_free(&self, offset: u64, len: u64, ack: &tidemark_journal::Acknowledged) {
+        self.observe(offset, len, ack, tidemark_tagging::anomaly::Content::Freed);
+    }
+
+    fn observe(
+        &self,
+        offset: u64,
+        len: u64,
+        ack: &tidemark_journal::Acknowledged,
+        content: tidemark_tagging::anomaly::Content,
+    ) {
         if let Some(tagger) = self.tagger.get() {
             tagger.observe_write(&tidemark_tagging::anomaly::ObservedWrite {
                 volume: &self.name,
@@ -100,7 +124,7 @@ impl Volume {
                 seq: ack.seq,
                 offset,
                 len,
-                stored: ack.stored_bytes,
+                content,
             });
         }
     }
