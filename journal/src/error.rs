@@ -111,11 +111,26 @@ pub enum Error {
     /// An fsync failed earlier. After a failed fsync the page cache may no
     /// longer match the disk, so the writer refuses further appends until
     /// the journal is reopened and recovered from what is really on disk.
-    #[error("journal {path} refuses appends after an earlier fsync failure ({reason}); reopen it to recover")]
+    #[error("journal {path} refuses appends after an earlier failure ({reason}); reopen it to recover")]
     Poisoned {
         /// The journal directory.
         path: PathBuf,
         /// The original failure.
+        reason: String,
+    },
+
+    /// Records durable in a segment that the index could not take: reads
+    /// do not see them (nor anything after them) until a reopen indexes
+    /// them from the segment.
+    #[error("records up to seq {seq} are durable in {segment} but the index {index} could not take them ({reason}); reopen the journal to index them")]
+    NotIndexed {
+        /// The newest record of the batch.
+        seq: u64,
+        /// The segment holding it.
+        segment: PathBuf,
+        /// The index directory.
+        index: PathBuf,
+        /// The index's error.
         reason: String,
     },
 

@@ -258,6 +258,11 @@ impl Index {
         })
     }
 
+    /// Where the index lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Deletes the index at `path`.
     pub fn destroy(path: &Path) -> Result<()> {
         if !path.exists() {

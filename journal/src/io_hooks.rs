@@ -34,6 +34,11 @@ pub trait IoHooks: Send + Sync + Debug {
     fn before_cache_create(&self, _file: &Path) -> io::Result<()> {
         Ok(())
     }
+
+    /// Before a durable batch is written to the index `dir`.
+    fn before_index_write(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The real disk, untouched.
@@ -51,6 +56,8 @@ pub struct FaultyIo {
     sync_errno: AtomicI32,
     create_errno: AtomicI32,
     cache_create_errno: AtomicI32,
+    index_errno: AtomicI32,
+    index_writes: AtomicU64,
     writes: AtomicU64,
     syncs: AtomicU64,
 }
@@ -108,6 +115,16 @@ impl FaultyIo {
         self.cache_create_errno.store(code, Ordering::SeqCst);
     }
 
+    /// Index writes fail with OS error `code` (0: they succeed again).
+    pub fn fail_index_writes(&self, code: i32) {
+        self.index_errno.store(code, Ordering::SeqCst);
+    }
+
+    /// Index writes attempted so far.
+    pub fn index_writes(&self) -> u64 {
+        self.index_writes.load(Ordering::SeqCst)
+    }
+
     /// Segment writes attempted so far.
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::SeqCst)
@@ -138,5 +155,10 @@ impl IoHooks for FaultyIo {
 
     fn before_cache_create(&self, _file: &Path) -> io::Result<()> {
         errno(&self.cache_create_errno)
+    }
+
+    fn before_index_write(&self, _dir: &Path) -> io::Result<()> {
+        self.index_writes.fetch_add(1, Ordering::SeqCst);
+        errno(&self.index_errno)
     }
 }

@@ -795,12 +795,21 @@ fn sync_stage(shared: &Shared, from_io: &Receiver<ToSync>, synced_to: &Mutex<(u6
                         batch.fail(e);
                         continue;
                     }
-                    index_batch(shared, batch.segment, &batch.records, &batch.entry);
+                    // The batch is durable on disk either way.
+                    *synced_to.lock() = (batch.segment, batch.end);
+                    if let Err(e) = index_batch(shared, batch.segment, &batch.records, &batch.entry)
+                    {
+                        // Later batches may not be published past this one:
+                        // stop, and let a reopen index it from the segment.
+                        shared.poison(e.to_string());
+                        batch.fail(&e);
+                        failure = Some(e);
+                        continue;
+                    }
                     if let (Some(seq), Some(cache)) = (batch.file_release, shared.file_cache_now())
                     {
                         cache.release_through(seq);
                     }
-                    *synced_to.lock() = (batch.segment, batch.end);
                     drop(batch.charge.take());
                     for reply in batch.replies {
                         let _ = reply.send(Ok(()));
@@ -818,29 +827,66 @@ fn sync_stage(shared: &Shared, from_io: &Receiver<ToSync>, synced_to: &Mutex<(u6
     }
 }
 
-/// Indexes a durable batch and publishes it to readers.
-fn index_batch(shared: &Shared, segment: u64, records: &[Written], entry: &SegmentEntry) {
+/// How long a failing index write is retried before its batch is failed.
+/// RocksDB fails writes while its disk is full or briefly unhealthy; a
+/// stall of a few seconds is better than a journal that stops.
+pub const INDEX_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Indexes a durable batch (retrying a failing write for up to
+/// [`INDEX_RETRY`]) and only then publishes it to readers. On failure
+/// nothing is published: readers never see a newest seq whose records the
+/// index lacks.
+fn index_batch(
+    shared: &Shared,
+    segment: u64,
+    records: &[Written],
+    entry: &SegmentEntry,
+) -> Result<()> {
     let Some(last) = records.last() else {
-        return;
+        return Ok(());
     };
-    let mut batch = shared.index.batch();
-    let indexed = records
-        .iter()
-        .try_for_each(|r| batch.add_record(&r.header, segment, r.offset, r.mark_body.as_deref()))
-        .and_then(|()| batch.set_segment(entry))
-        .and_then(|()| batch.commit(last.header.seq));
-    if let Err(e) = indexed {
-        // The batch is durable, so it is acknowledged, but reads would not
-        // find it: stop appending until a reopen re-indexes it from the
-        // segment.
-        shared.poison(format!(
-            "index update after seq {} failed: {e}",
-            last.header.seq
-        ));
+    let deadline = std::time::Instant::now() + INDEX_RETRY;
+    let mut warned = false;
+    loop {
+        let mut batch = shared.index.batch();
+        let indexed = shared
+            .options
+            .io_hooks
+            .before_index_write(shared.index.path())
+            .map_err(|e| Error::io("write index", shared.index.path(), e))
+            .and_then(|()| {
+                records.iter().try_for_each(|r| {
+                    batch.add_record(&r.header, segment, r.offset, r.mark_body.as_deref())
+                })
+            })
+            .and_then(|()| batch.set_segment(entry))
+            .and_then(|()| batch.commit(last.header.seq));
+        match indexed {
+            Ok(()) => break,
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && !shared.closing.load(std::sync::atomic::Ordering::SeqCst) =>
+            {
+                if !warned {
+                    tracing::warn!(journal = %shared.dir.display(), seq = last.header.seq, error = %e, "index update failed; retrying");
+                    warned = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Err(Error::NotIndexed {
+                    seq: last.header.seq,
+                    segment: crate::segment::segment_path(&shared.segments_dir, segment),
+                    index: shared.index.path().to_path_buf(),
+                    reason: e.to_string(),
+                })
+            }
+        }
     }
     shared.set_catalogue(*entry);
     shared
         .durable_segment
         .fetch_max(segment, std::sync::atomic::Ordering::SeqCst);
     shared.set_durable(last.header.seq, last.header.timestamp);
+    Ok(())
 }

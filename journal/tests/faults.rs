@@ -370,3 +370,104 @@ fn holds_set_and_released_concurrently_are_neither_lost_nor_refused() {
         .and_then(|i| i.parse::<u64>().ok())
         .is_some_and(|i| i % 2 == 1)));
 }
+
+/// A batch whose index write fails is not published to readers: its
+/// appenders hear a failure (never an acknowledgement that reads would
+/// then miss), and after a reopen the batch, durable in its segment, reads
+/// back.
+#[test]
+fn a_failed_index_write_is_never_acknowledged_as_readable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let (journal, _) = Journal::open(dir.path(), faulty_options(&faults, 1 << 20)).expect("open");
+    let volume = journal.create_volume("vol0", 1 << 20).expect("volume").id;
+    let before = journal
+        .append(
+            volume,
+            Change::Write {
+                offset: 0,
+                data: &[1u8; 4096],
+            },
+        )
+        .and_then(|h| h.wait())
+        .expect("durable");
+
+    faults.fail_index_writes(EIO);
+    let outcome = journal
+        .append(
+            volume,
+            Change::Write {
+                offset: 0,
+                data: &[2u8; 4096],
+            },
+        )
+        .and_then(|h| h.wait());
+    let mut latest = vec![0u8; 4096];
+    let read = journal.read("vol0", 0, &mut latest, tidemark_journal::Point::Latest);
+    match &outcome {
+        Ok(done) => assert!(
+            latest == [2u8; 4096],
+            "seq {} was acknowledged but @latest (seq {read:?}) does not hold it",
+            done.seq
+        ),
+        Err(e) => {
+            assert_eq!(journal.history().newest_seq, before.seq, "{e}");
+            assert_eq!(latest, [1u8; 4096], "nothing half-published");
+            assert!(
+                journal
+                    .append(
+                        volume,
+                        Change::Write {
+                            offset: 0,
+                            data: &[3u8; 4096]
+                        }
+                    )
+                    .and_then(|h| h.wait())
+                    .is_err(),
+                "later batches may not be published past the missing one"
+            );
+        }
+    }
+    drop(journal);
+
+    faults.fail_index_writes(0);
+    let (journal, _) = Journal::open(dir.path(), faulty_options(&faults, 1 << 20)).expect("reopen");
+    journal
+        .read("vol0", 0, &mut latest, tidemark_journal::Point::Latest)
+        .expect("read");
+    assert_eq!(
+        latest, [2u8; 4096],
+        "the durable batch is indexed at the reopen"
+    );
+}
+
+/// A short index failure is waited out: the appender is answered late, but
+/// answered with success, and reads find its record.
+#[test]
+fn a_brief_index_failure_is_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let (journal, _) = Journal::open(dir.path(), faulty_options(&faults, 1 << 20)).expect("open");
+    let volume = journal.create_volume("vol0", 1 << 20).expect("volume").id;
+    faults.fail_index_writes(EIO);
+    let handle = journal
+        .append(
+            volume,
+            Change::Write {
+                offset: 8192,
+                data: &[7u8; 4096],
+            },
+        )
+        .expect("append");
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(faults.index_writes() >= 2, "the index write is retried");
+    faults.fail_index_writes(0);
+    let done = handle
+        .wait()
+        .expect("durable and indexed once the index recovers");
+    let mut buf = vec![0u8; 4096];
+    let seq = journal
+        .read("vol0", 8192, &mut buf, tidemark_journal::Point::Latest)
+        .expect("read");
+    assert_eq!((seq, buf), (done.seq, vec![7u8; 4096]));
+}
