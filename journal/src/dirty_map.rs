@@ -294,12 +294,16 @@ impl DirtyMap {
             .collect()
     }
 
-    /// Regions with a change that could not be journalled and no write in
-    /// flight: they wait for a resync.
-    pub fn unjournaled(&self) -> Vec<usize> {
+    /// Regions with a change that could not be journalled: they wait for a
+    /// resync. Regions with a write in flight are left out unless
+    /// `with_in_flight` (a flush must cover every acknowledged write, even
+    /// in a region being written again).
+    pub fn unjournaled(&self, with_in_flight: bool) -> Vec<usize> {
         let state = self.state.lock();
         (0..state.regions.len())
-            .filter(|&r| state.regions[r].unjournaled && state.regions[r].inflight == 0)
+            .filter(|&r| {
+                state.regions[r].unjournaled && (with_in_flight || state.regions[r].inflight == 0)
+            })
             .collect()
     }
 
@@ -398,7 +402,7 @@ mod tests {
             "only the marks made ahead"
         );
         assert_eq!(map.marked(), vec![0]);
-        assert_eq!(map.unjournaled(), vec![0]);
+        assert_eq!(map.unjournaled(false), vec![0]);
         map.resynced(0, 5);
         let g = map.start_clean();
         assert_eq!(map.clean(5, g, 0).expect("clean"), 1);

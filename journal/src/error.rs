@@ -111,7 +111,9 @@ pub enum Error {
     /// An fsync failed earlier. After a failed fsync the page cache may no
     /// longer match the disk, so the writer refuses further appends until
     /// the journal is reopened and recovered from what is really on disk.
-    #[error("journal {path} refuses appends after an earlier failure ({reason}); reopen it to recover")]
+    #[error(
+        "journal {path} refuses appends after an earlier failure ({reason}); reopen it to recover"
+    )]
     Poisoned {
         /// The journal directory.
         path: PathBuf,
@@ -143,6 +145,17 @@ pub enum Error {
         bytes: u64,
         /// The cache's bound.
         limit: u64,
+    },
+
+    /// A flush point (and so a tag) could not be placed after every
+    /// acknowledged write in time: writes left to a resync could not be
+    /// journalled first.
+    #[error("volume {volume}: the flush point cannot be placed after every acknowledged write yet ({reason}); the journal is behind: retry in a moment")]
+    Behind {
+        /// The volume.
+        volume: String,
+        /// What stood in the way.
+        reason: String,
     },
 
     /// A record did not become durable in time: the journal's disk is full

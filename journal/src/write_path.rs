@@ -310,7 +310,9 @@ impl WritePath {
             dirty,
         });
         let marked = protected.dirty.marked();
-        let report = self.inner.resync(&protected, &marked, "crash")?;
+        let report = self
+            .inner
+            .resync(&protected, &marked, "crash", Admission::Wait)?;
         self.inner
             .volumes
             .write()
@@ -327,7 +329,7 @@ impl WritePath {
             .flush()
             .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
         let marked = v.dirty.marked();
-        self.inner.resync(&v, &marked, "detach")?;
+        self.inner.resync(&v, &marked, "detach", Admission::Wait)?;
         self.inner.volumes.write().remove(volume);
         Ok(())
     }
@@ -374,27 +376,40 @@ impl WritePath {
     }
 
     /// Makes every acknowledged write to `volume` durable on the production
-    /// volume and records a flush (a crash-consistent point) in the journal.
-    /// In sync mode it returns once the flush record is durable too.
+    /// volume and records a flush (a crash-consistent point) in the journal
+    /// after every write acknowledged before the call — in async mode too:
+    /// writes the cache had no room for are resynced first. Waits for cache
+    /// room up to `sync_timeout` ([`Error::Behind`] after that); in sync
+    /// mode it returns once the flush record is durable too.
     pub fn flush(&self, volume: &str) -> Result<Option<Seq>> {
         let v = self.volume(volume)?;
         v.device
             .flush()
             .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
+        let timeout = self.inner.options.sync_timeout;
+        let behind = |e: Error| match e {
+            Error::CacheFull { .. } | Error::NotDurable { .. } => Error::Behind {
+                volume: volume.to_string(),
+                reason: e.to_string(),
+            },
+            other => other,
+        };
+        let left = v.dirty.unjournaled(true);
+        if !left.is_empty() {
+            self.inner
+                .resync(&v, &left, "flush", Admission::WaitFor(timeout))
+                .map_err(behind)?;
+        }
         let (mode, switch) = v.effective_mode(self.inner.backlog());
         self.inner.record_switch(&v, switch);
-        let journal = &self.inner.journal;
+        let handle = self
+            .inner
+            .journal
+            .append_with(v.info.id, Change::Flush, Admission::WaitFor(timeout))
+            .map_err(behind)?;
         match mode {
-            IoMode::Async => Ok(journal
-                .append_with(v.info.id, Change::Flush, Admission::NoWait)
-                .ok()
-                .map(|h| h.seq())),
-            _ => {
-                let timeout = self.inner.options.sync_timeout;
-                let handle =
-                    journal.append_with(v.info.id, Change::Flush, Admission::WaitFor(timeout))?;
-                Ok(Some(handle.wait_timeout(timeout)?.seq))
-            }
+            IoMode::Async => Ok(Some(handle.seq())),
+            _ => Ok(Some(handle.wait_timeout(timeout).map_err(behind)?.seq)),
         }
     }
 
@@ -648,7 +663,13 @@ impl Inner {
     /// Re-reads `regions` from the production volume and journals, as
     /// resync writes, every 4 KiB block that differs from the journal's
     /// newest point; then records a `resync` event naming the window.
-    fn resync(&self, v: &Protected, regions: &[usize], reason: &str) -> Result<ResyncReport> {
+    fn resync(
+        &self,
+        v: &Protected,
+        regions: &[usize],
+        reason: &str,
+        admission: Admission,
+    ) -> Result<ResyncReport> {
         let mut report = ResyncReport {
             volume: v.info.name.clone(),
             ..ResyncReport::default()
@@ -695,7 +716,7 @@ impl Inner {
                         offset: offset + start as u64,
                         data,
                     },
-                    Admission::Wait,
+                    admission,
                 )?;
                 newest = newest.max(handle.seq());
                 handles.push(handle);
@@ -719,7 +740,7 @@ impl Inner {
                 name: "resync",
                 body: body.as_bytes(),
             }),
-            Admission::Wait,
+            admission,
         )?;
         let mut last = event.seq();
         for handle in handles {
@@ -765,9 +786,9 @@ impl Inner {
                     .observe(started.elapsed(), self.backlog(), Instant::now());
             self.record_switch(v, switch);
         }
-        let unjournaled = v.dirty.unjournaled();
+        let unjournaled = v.dirty.unjournaled(false);
         if !unjournaled.is_empty() {
-            self.resync(v, &unjournaled, "cache-full")?;
+            self.resync(v, &unjournaled, "cache-full", Admission::Wait)?;
         }
         // Cleaning costs a flush of the production volume, and a cleaned
         // region costs an fsync of the map when it is written again. So

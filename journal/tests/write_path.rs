@@ -439,3 +439,41 @@ fn concurrent_overlapping_writes_reach_journal_and_production_in_the_same_order(
         assert_production_equals_journal(&s.path);
     }
 }
+
+/// A tag placed in async (or adaptive, gone async) mode while the cache
+/// overflows is a point after every write acknowledged before it: writes
+/// the cache had no room for are resynced before the flush and the tag.
+#[test]
+fn a_tag_in_async_mode_holds_every_write_acknowledged_before_it() {
+    for mode in [IoMode::Async, IoMode::Adaptive] {
+        let s = setup(mode, 64 << 10, small_regions());
+        let mut rng = rng(11);
+        s.faults.set_write_delay(Duration::from_millis(20));
+        let mut model = vec![0u8; SIZE as usize];
+        let mut unjournalled = 0;
+        for _ in 0..80 {
+            let (offset, data) = random_write(&mut rng);
+            let ack = s.path.write("vol", offset, &data, false).expect("write");
+            unjournalled += u32::from(ack.seq.is_none());
+            model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        }
+        assert!(unjournalled > 0, "{mode}: the cache never overflowed");
+        // What the daemon does to set a tag: a flush, then the tag's mark.
+        s.path.flush("vol").expect("flush");
+        let journal = s.path.journal();
+        let volume = journal.volume("vol").expect("volume").id;
+        let tag = journal
+            .set_tag(volume, "t", b"")
+            .expect("tag")
+            .wait()
+            .expect("durable");
+        s.faults.set_write_delay(Duration::ZERO);
+        let mut at_tag = vec![0u8; SIZE as usize];
+        journal
+            .read("vol", 0, &mut at_tag, Point::Seq(tag.seq))
+            .expect("read at the tag");
+        if let Some(at) = at_tag.iter().zip(&model).position(|(a, b)| a != b) {
+            panic!("{mode}: the tag at seq {} lacks an acknowledged write (first difference at byte {at})", tag.seq);
+        }
+    }
+}

@@ -37,9 +37,9 @@ impl From<JournalError> for ApiError {
             JournalError::VolumeExists(_) => ApiError::Exists(text),
             JournalError::PointOutOfRange { .. } => ApiError::OutOfRange(text),
             JournalError::OutOfBounds { .. } | JournalError::Invalid(_) => ApiError::Invalid(text),
-            JournalError::CacheFull { .. } | JournalError::NotDurable { .. } => {
-                ApiError::Busy(text)
-            }
+            JournalError::CacheFull { .. }
+            | JournalError::NotDurable { .. }
+            | JournalError::Behind { .. } => ApiError::Busy(text),
             _ => ApiError::Failed(text),
         }
     }
