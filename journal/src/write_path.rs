@@ -549,10 +549,13 @@ impl Inner {
             {
                 Ok(handle) => handles.push(handle),
                 Err(e) => {
-                    // Part of a split write may be journalled already: then
-                    // the journal and the production volume differ until
-                    // the region is resynced.
+                    // Part of a split write may be journalled already while
+                    // the production volume has none of it.
+                    drop(stripes);
                     v.dirty.settle(offset, len, None, !handles.is_empty());
+                    if !handles.is_empty() {
+                        self.agree_again(v, offset, len, handles, "journal-append-failed");
+                    }
                     return Err(e);
                 }
             }
@@ -560,9 +563,11 @@ impl Inner {
         let seq = handles.last().map_or(0, |h| h.seq());
         let stored_bytes = handles.iter().map(|h| h.stored_bytes()).sum();
         if let Err(e) = self.device_apply(v, offset, op, fua) {
-            // The journal has a change the production volume lacks: leave
-            // the region to a resync, which makes them agree again.
+            // The journal has a change the production volume lacks (wholly
+            // or in part): make them agree again before answering.
+            drop(stripes);
             v.dirty.settle(offset, len, None, true);
+            self.agree_again(v, offset, len, handles, "production-write-failed");
             return Err(e);
         }
         drop(stripes);
@@ -588,6 +593,33 @@ impl Inner {
             seq: Some(seq),
             stored_bytes,
         })
+    }
+
+    /// After a write that reached only one of journal and production
+    /// volume: waits for its records (whatever their fate), then resyncs
+    /// its regions, so the journal's newest point equals the production
+    /// volume again and the window shows on the timeline as a `resync`
+    /// event. If that fails too, the regions stay marked for the
+    /// background round.
+    fn agree_again(
+        &self,
+        v: &Protected,
+        offset: u64,
+        len: u64,
+        handles: Vec<crate::writer::AppendHandle>,
+        reason: &str,
+    ) {
+        let timeout = self.options.sync_timeout;
+        for handle in handles {
+            // A record that is not durable in time may still become so
+            // after the resync's comparison: then the region stays marked
+            // and the background round resyncs it again.
+            let _ = handle.wait_timeout(timeout);
+        }
+        let regions: Vec<usize> = v.dirty.regions_of(offset, len).collect();
+        if let Err(e) = self.resync(v, &regions, reason, Admission::WaitFor(timeout)) {
+            tracing::warn!(volume = %v.info.name, error = %e, reason, "could not resync after a failed write; the background round will");
+        }
     }
 
     fn apply_async(

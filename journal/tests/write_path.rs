@@ -477,3 +477,84 @@ fn a_tag_in_async_mode_holds_every_write_acknowledged_before_it() {
         }
     }
 }
+
+/// A production volume that fails writes on command, after writing the
+/// first half of them.
+#[derive(Debug)]
+struct FailingDevice {
+    inner: FileDevice,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl BlockDevice for FailingDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn path(&self) -> &std::path::Path {
+        self.inner.path()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            self.inner.write_at(&data[..data.len() / 2], offset)?;
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
+        self.inner.write_at(data, offset)
+    }
+    fn zero(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.zero(offset, len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A sync write is journalled before the production volume is written; if
+/// that write then fails, the journal must agree with the volume again at
+/// once, not at some later background round.
+#[test]
+fn a_sync_write_the_production_volume_refuses_is_resynced_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, _) = Journal::open(
+        &dir.path().join("journal"),
+        small_options(
+            Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+            RecoveryMode::Strict,
+        ),
+    )
+    .expect("open");
+    journal.create_volume("vol", SIZE).expect("volume");
+    let path = WritePath::new(journal, small_regions()).expect("write path");
+    let device = Arc::new(FailingDevice {
+        inner: FileDevice::open(&dir.path().join("production.img"), SIZE).expect("device"),
+        fail: false.into(),
+    });
+    path.attach("vol", device.clone(), IoMode::Sync)
+        .expect("attach");
+    let mut rng = rng(4);
+    let (offset, data) = random_write(&mut rng);
+    path.write("vol", offset, &data, false).expect("write");
+
+    device.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let data = payload(&mut rng, 64 << 10);
+    let err = path
+        .write("vol", 100_000, &data, false)
+        .expect_err("the production volume failed the write");
+    assert!(err.to_string().contains("production"), "{err}");
+    device
+        .fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // No background round has run (the interval is an hour).
+    assert_production_equals_journal(&path);
+    let volume = path.journal().volume("vol").expect("volume").id;
+    let events = path.journal().events(volume, 0, u64::MAX).expect("events");
+    assert!(
+        events.iter().any(|e| matches!(
+            Mark::decode(&e.body),
+            Some(Mark::Event { name: "resync", .. })
+        )),
+        "the resync is on the timeline"
+    );
+}
