@@ -62,6 +62,8 @@ pub struct DirtyMap {
     path: PathBuf,
     file: Arc<dyn FsFile>,
     region_size: u64,
+    /// Why every region was marked at open, if it was.
+    assumed_dirty: Option<String>,
     state: Mutex<State>,
 }
 
@@ -106,35 +108,62 @@ impl DirtyMap {
         }
         let regions = volume.size.div_ceil(region_size);
         let bitmap_len = regions.div_ceil(8) as usize;
-        let existing = crate::fs::read(fs, path).ok();
+        let header = encode_header(volume.id, region_size, regions);
+        let all_dirty = || {
+            let mut all = vec![0xffu8; bitmap_len];
+            if regions % 8 != 0 {
+                if let Some(last) = all.last_mut() {
+                    *last = (1u8 << (regions % 8)) - 1;
+                }
+            }
+            all
+        };
+        let mut created = false;
+        let (bitmap, assumed_dirty) = match crate::fs::read(fs, path) {
+            Ok(bytes)
+                if bytes.len() == HEADER_LEN + bitmap_len && bytes[..HEADER_LEN] == header =>
+            {
+                (bytes[HEADER_LEN..].to_vec(), None)
+            }
+            // Made, but never written: no write went ahead before a map is
+            // durable, so nothing can be dirty.
+            Ok(bytes) if bytes.is_empty() => (vec![0u8; bitmap_len], None),
+            Ok(_) => (
+                all_dirty(),
+                Some(format!(
+                    "dirty map {} does not match volume {}",
+                    path.display(),
+                    volume.name
+                )),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                created = true;
+                (vec![0u8; bitmap_len], None)
+            }
+            // What it held is unknown: every region may be dirty.
+            Err(e) => (
+                all_dirty(),
+                Some(format!("dirty map {} cannot be read ({e})", path.display())),
+            ),
+        };
+        if let Some(why) = &assumed_dirty {
+            tracing::warn!(map = %path.display(), volume = %volume.name, %why, "resyncing every region of the volume");
+        }
         let file = fs
             .open(path, OpenMode::create())
             .map_err(|e| Error::io("open dirty map", path, e))?;
-        let header = encode_header(volume.id, region_size, regions);
-        let bitmap = match existing {
-            Some(bytes)
-                if bytes.len() == HEADER_LEN + bitmap_len && bytes[..HEADER_LEN] == header =>
-            {
-                bytes[HEADER_LEN..].to_vec()
-            }
-            Some(bytes) if !bytes.is_empty() => {
-                tracing::warn!(map = %path.display(), volume = %volume.name, "dirty map does not match its volume; resyncing every region");
-                let mut all = vec![0xffu8; bitmap_len];
-                if regions % 8 != 0 {
-                    if let Some(last) = all.last_mut() {
-                        *last = (1u8 << (regions % 8)) - 1;
-                    }
-                }
-                all
-            }
-            _ => vec![0u8; bitmap_len],
-        };
         let mut bytes = header.to_vec();
         bytes.extend_from_slice(&bitmap);
         file.set_len(bytes.len() as u64)
             .and_then(|()| file.write_all_at(&bytes, 0))
             .and_then(|()| file.sync_all())
             .map_err(|e| Error::io("write dirty map", path, e))?;
+        if created {
+            // The map must still be there after a power cut: a missing map
+            // reads as all clean.
+            fs.sync_dir(&crate::fs::parent_dir(path))
+                .map_err(|e| Error::io("fsync directory", crate::fs::parent_dir(path), e))?;
+        }
         let mut regions_state = vec![Region::default(); regions as usize];
         for (r, region) in regions_state.iter_mut().enumerate() {
             region.marked = bitmap[r / 8] & (1 << (r % 8)) != 0;
@@ -143,12 +172,19 @@ impl DirtyMap {
             path: path.to_path_buf(),
             file,
             region_size,
+            assumed_dirty,
             state: Mutex::new(State {
                 regions: regions_state,
                 bitmap,
                 generation: 1,
             }),
         })
+    }
+
+    /// Why every region was marked at open (the map could not be read,
+    /// or did not match its volume), if so.
+    pub fn assumed_dirty(&self) -> Option<&str> {
+        self.assumed_dirty.as_deref()
     }
 
     /// The region size in bytes.
@@ -167,51 +203,49 @@ impl DirtyMap {
     /// begins; returns once the marks are durable.
     pub fn begin(&self, offset: u64, len: u64) -> Result<()> {
         let mut state = self.state.lock();
-        let mut newly = None::<(usize, usize)>;
-        for r in self.regions_of(offset, len) {
-            let region = &mut state.regions[r];
-            region.inflight += 1;
-            if !region.marked {
-                region.marked = true;
-                state.bitmap[r / 8] |= 1 << (r % 8);
-                newly = Some(newly.map_or((r / 8, r / 8), |(a, _)| (a, r / 8)));
+        let own = self.regions_of(offset, len);
+        let mut newly = Vec::new();
+        for r in own.clone() {
+            state.regions[r].inflight += 1;
+            if !state.regions[r].marked {
+                newly.push(r);
             }
         }
-        if let Some((first, _)) = newly {
-            // An fsync is due anyway: mark the next few regions too, so a
-            // sequential stream pays one fsync per MARK_AHEAD regions, not
-            // one per region. Unused marks are cleared by the next round.
-            let after = *self.regions_of(offset, len).end() + 1;
-            let end = (after + MARK_AHEAD).min(state.regions.len());
-            for r in after..end {
-                if !state.regions[r].marked {
-                    state.regions[r].marked = true;
-                    state.bitmap[r / 8] |= 1 << (r % 8);
-                }
-            }
-            let last = end
-                .saturating_sub(1)
-                .max(*self.regions_of(offset, len).end())
-                / 8;
-            newly = Some((first, last));
+        if newly.is_empty() {
+            return Ok(());
         }
-        if let Some((first, last)) = newly {
-            let result = self
-                .file
-                .write_all_at(&state.bitmap[first..=last], (HEADER_LEN + first) as u64)
-                .and_then(|()| self.file.sync_data());
-            if let Err(e) = result {
-                // The write must not go ahead unrecorded.
-                for r in self.regions_of(offset, len) {
-                    state.regions[r].inflight -= 1;
-                }
-                return Err(Error::io_at(
-                    "mark dirty map",
-                    &self.path,
-                    (HEADER_LEN + first) as u64,
-                    e,
-                ));
+        // An fsync is due anyway: mark the next few regions too, so a
+        // sequential stream pays one fsync per MARK_AHEAD regions, not one
+        // per region. Unused marks are cleared by the next round.
+        let after = *own.end() + 1;
+        let end = (after + MARK_AHEAD).min(state.regions.len());
+        newly.extend((after..end).filter(|&r| !state.regions[r].marked));
+        for &r in &newly {
+            state.regions[r].marked = true;
+            state.bitmap[r / 8] |= 1 << (r % 8);
+        }
+        let (first, last) = (newly[0] / 8, newly[newly.len() - 1] / 8);
+        let result = self
+            .file
+            .write_all_at(&state.bitmap[first..=last], (HEADER_LEN + first) as u64)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = result {
+            // The write must not go ahead unrecorded, and the marks must
+            // not stay in memory only: the next write to these regions
+            // makes them again.
+            for r in own {
+                state.regions[r].inflight -= 1;
             }
+            for &r in &newly {
+                state.regions[r].marked = false;
+                state.bitmap[r / 8] &= !(1 << (r % 8));
+            }
+            return Err(Error::io_at(
+                "mark dirty map",
+                &self.path,
+                (HEADER_LEN + first) as u64,
+                e,
+            ));
         }
         Ok(())
     }
@@ -406,6 +440,49 @@ mod tests {
         map.resynced(0, 5);
         let g = map.start_clean();
         assert_eq!(map.clean(5, g, 0).expect("clean"), 1);
+    }
+
+    #[test]
+    fn a_failed_mark_is_made_again_by_the_next_write() {
+        use crate::fs::{FaultyFs, FsOp, PowerCut, SimFs};
+        for op in [FsOp::Write, FsOp::Sync] {
+            let local = tempfile::tempdir().expect("tempdir");
+            let sim = SimFs::new(local.path());
+            let fs = FaultyFs::new(sim.clone());
+            let path = Path::new("/3.map");
+            let map = DirtyMap::open(fs.as_ref(), path, &volume(), 1 << 20).expect("open");
+            fs.fail(op, "3.map", 5);
+            map.begin(0, 4096).expect_err("the mark is not durable");
+            fs.heal();
+            map.begin(0, 4096).expect("marked");
+            map.settle(0, 4096, None, true);
+            // The power fails now: the region must be marked on disk.
+            sim.cut_power(PowerCut::dropping_everything(1));
+            drop(map);
+            sim.restart();
+            let map = DirtyMap::open(sim.as_ref(), path, &volume(), 1 << 20).expect("reopen");
+            assert!(map.marked().contains(&0), "{op:?}: {:?}", map.marked());
+        }
+    }
+
+    #[test]
+    fn an_unreadable_map_marks_everything_and_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("3.map");
+        drop(DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20).expect("open"));
+        let fs = crate::fs::FaultyFs::new(std::sync::Arc::new(crate::fs::RealFs));
+        fs.fail(crate::fs::FsOp::Read, "3.map", 5);
+        let map = DirtyMap::open(fs.as_ref(), &path, &volume(), 1 << 20).expect("open");
+        assert_eq!(
+            map.marked_count(),
+            10,
+            "a map that cannot be read is all dirty"
+        );
+        assert!(
+            map.assumed_dirty().is_some_and(|why| why.contains("3.map")),
+            "{:?}",
+            map.assumed_dirty()
+        );
     }
 
     #[test]

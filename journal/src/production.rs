@@ -44,10 +44,17 @@ impl FileDevice {
 
     /// Opens `path` on filesystem `fs` (as [`FileDevice::open`]).
     pub fn open_on(fs: &dyn Fs, path: &Path, size: u64) -> io::Result<Self> {
+        let created = matches!(fs.file_len(path), Err(e) if e.kind() == io::ErrorKind::NotFound);
         let file = fs.open(path, OpenMode::create())?;
         let len = file.len()?;
         if len == 0 && !file.is_block_device() {
             file.set_len(size)?;
+            if created {
+                // The volume's file must outlive a power cut as surely as
+                // the writes the client will flush into it.
+                file.sync_all()?;
+                fs.sync_dir(&crate::fs::parent_dir(path))?;
+            }
         } else if len < size && !file.is_block_device() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

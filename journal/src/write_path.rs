@@ -237,9 +237,7 @@ impl WritePath {
     /// A write path over `journal`, with its background round running.
     pub fn new(journal: Journal, options: WritePathOptions) -> Result<Self> {
         let dirty_dir = journal.dir().join("dirty");
-        journal
-            .fs()
-            .create_dir_all(&dirty_dir)
+        crate::fs::create_dir_all_durably(journal.fs().as_ref(), &dirty_dir)
             .map_err(|e| Error::io("create directory", &dirty_dir, e))?;
         let inner = Arc::new(Inner {
             journal,
@@ -310,9 +308,15 @@ impl WritePath {
             dirty,
         });
         let marked = protected.dirty.marked();
+        // A map that could not be read marks everything: say so on the
+        // timeline rather than calling it a crash.
+        let reason = match protected.dirty.assumed_dirty() {
+            Some(_) => "dirty-map-lost",
+            None => "crash",
+        };
         let report = self
             .inner
-            .resync(&protected, &marked, "crash", Admission::Wait)?;
+            .resync(&protected, &marked, reason, Admission::Wait)?;
         self.inner
             .volumes
             .write()

@@ -558,3 +558,48 @@ fn a_sync_write_the_production_volume_refuses_is_resynced_at_once() {
         "the resync is on the timeline"
     );
 }
+
+/// A dirty map that cannot be read counts as all dirty: attaching resyncs
+/// every region and says why on the timeline.
+#[test]
+fn an_unreadable_dirty_map_resyncs_everything_and_says_so() {
+    use tidemark_journal::fs::{FaultyFs, FsOp, RealFs};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = FaultyFs::new(Arc::new(RealFs));
+    let options = || JournalOptions {
+        fs: fs.clone(),
+        ..small_options(
+            Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+            RecoveryMode::Strict,
+        )
+    };
+    let production = dir.path().join("production.img");
+    {
+        let (journal, _) = Journal::open(&dir.path().join("journal"), options()).expect("open");
+        journal.create_volume("vol", SIZE).expect("volume");
+        let path = WritePath::new(journal, small_regions()).expect("write path");
+        let device = Arc::new(FileDevice::open(&production, SIZE).expect("device"));
+        path.attach("vol", device, IoMode::Sync).expect("attach");
+        path.write("vol", 0, &[9u8; 4096], false).expect("write");
+        path.close().expect("close");
+    }
+    fs.fail(FsOp::Read, ".map", 5);
+    let (journal, _) = Journal::open(&dir.path().join("journal"), options()).expect("reopen");
+    let path = WritePath::new(journal, small_regions()).expect("write path");
+    let device = Arc::new(FileDevice::open(&production, SIZE).expect("device"));
+    let report = path.attach("vol", device, IoMode::Sync).expect("attach");
+    assert_eq!(
+        report.regions.len() as u64,
+        SIZE / (256 << 10),
+        "{report:?}"
+    );
+    let volume = path.journal().volume("vol").expect("volume").id;
+    let events = path.journal().events(volume, 0, u64::MAX).expect("events");
+    assert!(
+        events.iter().any(|e| matches!(
+            Mark::decode(&e.body),
+            Some(Mark::Event { name: "resync", body }) if String::from_utf8_lossy(body).contains("dirty-map-lost")
+        )),
+        "the resync names the lost map"
+    );
+}

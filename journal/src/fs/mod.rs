@@ -10,11 +10,13 @@
 //!
 //! - [`real`] — the operating system's filesystem.
 //! - [`sim`] — the simulated one, with power cuts.
+//! - [`faulty`] — a wrapper that fails chosen operations on chosen files.
 //!
 //! The RocksDB index is the one thing not on this trait: it is rebuilt or
 //! caught up from the segments at every start, so it may be anything after
 //! a crash; [`Fs::local_dir`] says where it lives.
 
+pub mod faulty;
 pub mod real;
 pub mod sim;
 
@@ -24,6 +26,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use faulty::{FaultyFs, FsOp};
 pub use real::RealFs;
 pub use sim::{PowerCut, SimFs};
 
