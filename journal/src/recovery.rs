@@ -137,6 +137,12 @@ fn never_finished(fs: &dyn Fs, path: &Path) -> Result<bool> {
 
 /// The first valid batch in the segments `later_ids` that vouches for
 /// position `offset` of segment `segment` (see [`crate::segment::BatchFrame::vouches_for`]).
+///
+/// A later segment that cannot be opened might hold such a batch, so it
+/// is an error — unless it is the newest one and its creation never
+/// finished (then it holds no batch at all). Under
+/// [`RecoveryMode::TruncateCorrupt`] it is taken as vouching: the operator
+/// chose to cut at the damage either way.
 fn voucher_in(
     fs: &dyn Fs,
     dir: &Path,
@@ -144,16 +150,39 @@ fn voucher_in(
     prev_seq: Seq,
     segment: u64,
     offset: u64,
-) -> Option<(PathBuf, u64)> {
-    later_ids.iter().find_map(|&id| {
+    mode: RecoveryMode,
+) -> Result<Option<(PathBuf, u64)>> {
+    for (i, &id) in later_ids.iter().enumerate() {
         let path = segment_path(dir, id);
-        let later = Segment::open(fs, &path).ok()?;
-        later
+        let later = match Segment::open(fs, &path) {
+            Ok(later) => later,
+            Err(_) if i + 1 == later_ids.len() && never_finished(fs, &path)? => continue,
+            Err(e) if mode == RecoveryMode::TruncateCorrupt => {
+                tracing::warn!(segment = %path.display(), error = %e, "a later segment cannot be opened");
+                return Ok(Some((path, 0)));
+            }
+            Err(e) => {
+                return Err(Error::Corruption {
+                    path: path.clone(),
+                    offset: 0,
+                    reason: format!(
+                        "this segment cannot be opened ({e}), and it may vouch that the damage in {} at offset {offset} was acknowledged data; \
+                         repair it, or open with recovery mode truncate-corrupt to drop everything from the damage on",
+                        segment_path(dir, segment).display()
+                    ),
+                })
+            }
+        };
+        let found = later
             .valid_batches_after(SEGMENT_HEADER_LEN as u64, prev_seq)
             .into_iter()
             .find(|(_, frame)| frame.vouches_for(segment, offset))
-            .map(|(at, _)| (path, at))
-    })
+            .map(|(at, _)| (path, at));
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
 }
 
 /// Cuts a segment at `offset`: the bytes after it become zeros (holes),
@@ -283,11 +312,14 @@ pub(crate) fn recover(
             // (in this segment or a later one) means those bytes were
             // acknowledged: damage. Batches written while they were still
             // being synced belong to the same unacknowledged tail.
-            let voucher = later
+            let voucher = match later
                 .iter()
                 .find(|(_, frame)| frame.vouches_for(id, end))
                 .map(|(at, _)| (path.clone(), *at))
-                .or_else(|| voucher_in(fs, segments_dir, &ids[i..], summary.last_seq, id, end));
+            {
+                Some(found) => Some(found),
+                None => voucher_in(fs, segments_dir, &ids[i..], summary.last_seq, id, end, mode)?,
+            };
             let reason = summary.end.damage.clone();
             match voucher {
                 None => {

@@ -545,3 +545,40 @@ fn a_tear_at_the_end_of_a_segment_takes_unacknowledged_later_segments_with_it() 
         other => panic!("vouched-for damage was not reported: {other:?}"),
     }
 }
+
+/// Damage at the end of a segment, followed by a later segment that cannot
+/// be opened (its header is damaged): that segment might vouch for the
+/// damaged bytes, so strict recovery reports it instead of taking the
+/// damage for a torn tail and deleting every later segment.
+#[test]
+fn a_later_segment_that_cannot_be_opened_is_never_a_reason_to_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+    build(dir.path(), &clock, 22, 70);
+    let with_batches: Vec<PathBuf> = segment_files(dir.path())
+        .into_iter()
+        .filter(|f| used_len(f) > 64)
+        .collect();
+    assert!(with_batches.len() >= 2, "want two segments with batches");
+    let older = &with_batches[with_batches.len() - 2];
+    let newer = &with_batches[with_batches.len() - 1];
+    let mut older_bytes = fs::read(older).expect("read");
+    let last = *batch_offsets(&older_bytes).last().expect("a batch");
+    older_bytes[last + 80] ^= 0xff;
+    fs::write(older, &older_bytes).expect("write");
+    let mut newer_bytes = fs::read(newer).expect("read");
+    newer_bytes[20] ^= 0xff; // inside the header, under its CRC
+    fs::write(newer, &newer_bytes).expect("write");
+
+    match Journal::open(
+        dir.path(),
+        small_options(clock.clone(), RecoveryMode::Strict),
+    ) {
+        Err(Error::Corruption { path, .. }) => {
+            assert!(path == *older || path == *newer, "{}", path.display())
+        }
+        Err(e) => panic!("expected corruption naming a segment, got {e}"),
+        Ok((_, report)) => panic!("strict recovery cut acknowledged data: {report:?}"),
+    }
+    assert!(newer.exists(), "the later segment is kept for the operator");
+}
