@@ -205,9 +205,13 @@ impl FileCache {
             .map_err(|e| Error::io("stat file cache", path, e))?;
         let fresh = len == 0;
         if fresh {
+            // Allocated and in its directory durably before any record is
+            // acknowledged from it.
             let allocated = hooks
                 .before_cache_create(path)
-                .and_then(|()| file.allocate(HEADER_LEN + capacity));
+                .and_then(|()| file.allocate(HEADER_LEN + capacity))
+                .and_then(|()| file.sync_all())
+                .and_then(|()| fs.sync_dir(&crate::fs::parent_dir(path)));
             if let Err(e) = allocated {
                 drop(file);
                 let _ = fs.remove_file(path);

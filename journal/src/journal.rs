@@ -121,6 +121,10 @@ impl JournalOptions {
     }
 }
 
+/// How long an appender waiting for room in the file cache waits before it
+/// looks whether the journal has stopped.
+const FILE_ROOM_SLICE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How long after failing to make the file cache (a full disk) it is tried
 /// again.
 pub const FILE_CACHE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -558,6 +562,9 @@ fn open_file_cache(
     drop(cache);
     fs.remove_file(&path)
         .map_err(|e| Error::io("remove file cache", &path, e))?;
+    let cache_dir = crate::fs::parent_dir(&path);
+    fs.sync_dir(&cache_dir)
+        .map_err(|e| Error::io("fsync directory", &cache_dir, e))?;
     let made = if wanted {
         new_file_cache(dir, options, group_id, journalled)?
     } else {
@@ -578,7 +585,7 @@ fn new_file_cache(
     let path = file_cache::file_cache_path(dir);
     let fs = options.fs.as_ref();
     if let Some(parent) = path.parent() {
-        fs.create_dir_all(parent)
+        crate::fs::create_dir_all_durably(fs, parent)
             .map_err(|e| Error::io("create directory", parent, e))?;
     }
     match FileCache::open(
@@ -615,7 +622,9 @@ impl Journal {
         let index_dir = dir.join("index");
         let fs = options.fs.clone();
         for d in [dir, &segments_dir, &base_dir] {
-            fs.create_dir_all(d)
+            // Durably: a directory entry lost in a power cut takes every
+            // file in it along.
+            crate::fs::create_dir_all_durably(fs.as_ref(), d)
                 .map_err(|e| Error::io("create directory", d, e))?;
         }
         let lock = lock_dir(fs.as_ref(), dir)?;
@@ -1030,7 +1039,20 @@ impl Journal {
             }
         };
         loop {
-            if !cache.wait_for_room(len, deadline) {
+            // Room comes back only as the journal takes entries: a journal
+            // that stopped (a failed fsync) or is closing never gives any,
+            // so wait in slices and look.
+            if let Some(e) = shared.poisoned() {
+                return Err(e);
+            }
+            if shared.closing.load(Ordering::SeqCst) {
+                return Err(Error::Closed(shared.dir.clone()));
+            }
+            let slice = deadline.map(|at| at.min(std::time::Instant::now() + FILE_ROOM_SLICE));
+            if !cache.wait_for_room(len, slice) {
+                if deadline.is_some_and(|at| std::time::Instant::now() < at) {
+                    continue;
+                }
                 return Ok(Err(record));
             }
             let stored = self.sequence(

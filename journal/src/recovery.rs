@@ -391,6 +391,12 @@ pub(crate) fn recover(
             break;
         }
     }
+    if !report.removed_segments.is_empty() {
+        // The removals must not come back after a power cut: a segment of
+        // a torn tail that reappeared would follow a newer one.
+        fs.sync_dir(segments_dir)
+            .map_err(|e| Error::io("fsync directory", segments_dir, e))?;
+    }
     catchup.commit(newest.0)?;
     report.segments = segments.len();
     report.indexed_records = catchup.indexed;

@@ -88,7 +88,12 @@ impl std::fmt::Debug for Tagger {
 impl Tagger {
     /// Starts the policy, log-rule and anomaly threads.
     pub fn start(host: Arc<dyn Host>, settings: Settings, clock: Arc<dyn Clock>) -> Arc<Tagger> {
-        let _ = std::fs::create_dir_all(&settings.state_dir);
+        if let Err(e) = tidemark_journal::fs::create_dir_all_durably(
+            &tidemark_journal::fs::RealFs,
+            &settings.state_dir,
+        ) {
+            tracing::warn!(dir = %settings.state_dir.display(), error = %e, "cannot make the tagger's state directory");
+        }
         let (tx, rx) = channel::<Alarm>();
         let tagger = Arc::new(Tagger {
             detector: Detector::new(settings.anomaly),

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
+use tidemark_journal::fs::{document, RealFs};
 
 /// What a rule applies to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,6 +155,9 @@ impl Policy {
     }
 }
 
+/// The schedule state's document format (see `tidemark_journal::fs::document`).
+const STATE_FORMAT: &str = "tidemark-schedule-state";
+
 /// The last slot each policy fired for, kept in a file.
 #[derive(Debug)]
 pub struct ScheduleState {
@@ -169,11 +173,14 @@ struct StateFile {
 impl ScheduleState {
     /// Loads the state kept at `path` (none yet: empty).
     pub fn load(path: &Path) -> ScheduleState {
-        let last = std::fs::read(path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<StateFile>(&b).ok())
-            .map(|f| f.last_slot_ns)
-            .unwrap_or_default();
+        let last = match document::load::<StateFile>(&RealFs, path, STATE_FORMAT, 1..=1) {
+            Ok(state) => state.map(|(_, f)| f.last_slot_ns).unwrap_or_default(),
+            Err(e) => {
+                // At worst a policy tags a slot it already tagged.
+                tracing::warn!(error = %e, "schedule state lost; policies start afresh");
+                BTreeMap::new()
+            }
+        };
         ScheduleState {
             path: path.to_path_buf(),
             last,
@@ -207,11 +214,7 @@ impl ScheduleState {
         let file = StateFile {
             last_slot_ns: self.last.clone(),
         };
-        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::File::open(&tmp).and_then(|f| f.sync_all()))
-            .and_then(|()| std::fs::rename(&tmp, &self.path))
+        document::store(&RealFs, &self.path, STATE_FORMAT, 1, &file)
             .map_err(|e| format!("cannot store schedule state {}: {e}", self.path.display()))
     }
 }

@@ -2,16 +2,28 @@
 //! created through the API, so volumes and consistency groups come back
 //! after a restart. The journals hold the history; this holds the wiring
 //! (group, production volume, mode).
+//!
+//! A versioned, checksummed JSON document (`tidemark_journal::fs::document`,
+//! format `tidemark-volumes`, version 2), replaced crash-safely. Version 1
+//! (`{"version": 1, "volumes": [...]}`, no checksum) is still read and is
+//! rewritten as version 2 at the next change.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tidemark_journal::fs::{document, Fs};
 
 use super::error::{ApiError, ApiResult};
 
+/// The document's format name.
+pub const FORMAT: &str = "tidemark-volumes";
+
+/// The version this build writes.
+pub const VERSION: u32 = 2;
+
 /// One volume as created.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VolumeSpec {
     /// Its name (and live export name).
     pub name: String,
@@ -28,47 +40,103 @@ pub struct VolumeSpec {
     pub mode: String,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct CatalogFile {
+/// Version 1, as written before the catalogue had a checksum.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogV1 {
     version: u32,
     volumes: Vec<VolumeSpec>,
 }
 
 /// Loads the catalogue at `path` (empty if there is none yet).
-pub fn load(path: &Path) -> ApiResult<Vec<VolumeSpec>> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice::<CatalogFile>(&bytes)
-            .map(|f| f.volumes)
-            .map_err(|e| ApiError::Failed(format!("catalogue {} is damaged: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+pub fn load(fs: &dyn Fs, path: &Path) -> ApiResult<Vec<VolumeSpec>> {
+    if let Ok(bytes) = tidemark_journal::fs::read(fs, path) {
+        if let Ok(v1) = serde_json::from_slice::<CatalogV1>(&bytes) {
+            if v1.version == 1 {
+                return Ok(v1.volumes);
+            }
+        }
+    }
+    match document::load::<Vec<VolumeSpec>>(fs, path, FORMAT, 2..=VERSION) {
+        Ok(Some((_, volumes))) => Ok(volumes),
+        Ok(None) => Ok(Vec::new()),
         Err(e) => Err(ApiError::Failed(format!(
-            "cannot read catalogue {}: {e}",
-            path.display()
+            "the catalogue of volumes: {e}; it lists what each volume's production volume and group are, \
+             so the daemon does not start without it (restore it from a backup, or move it away to start empty \
+             — the journals under groups/ keep every volume's history)"
         ))),
     }
 }
 
-/// Stores `volumes` at `path` atomically (temporary file, fsync, rename,
+/// Stores `volumes` at `path` crash-safely (temporary file, fsync, rename,
 /// fsync of the directory).
-pub fn store(path: &Path, volumes: &[VolumeSpec]) -> ApiResult<()> {
-    let failed = |what: &str, e: std::io::Error| {
-        ApiError::Failed(format!("cannot {what} catalogue {}: {e}", path.display()))
-    };
-    let file = CatalogFile {
-        version: 1,
-        volumes: volumes.to_vec(),
-    };
-    let bytes = serde_json::to_vec_pretty(&file)
-        .map_err(|e| ApiError::Failed(format!("cannot encode catalogue: {e}")))?;
-    let tmp = path.with_extension("json.tmp");
-    let mut out = std::fs::File::create(&tmp).map_err(|e| failed("write", e))?;
-    out.write_all(&bytes).map_err(|e| failed("write", e))?;
-    out.sync_all().map_err(|e| failed("sync", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| failed("replace", e))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| failed("sync the directory of", e))?;
+pub fn store(fs: &dyn Fs, path: &Path, volumes: &[VolumeSpec]) -> ApiResult<()> {
+    document::store(fs, path, FORMAT, VERSION, &volumes)
+        .map_err(|e| ApiError::Failed(format!("cannot store catalogue {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tidemark_journal::fs::{PowerCut, RealFs, SimFs};
+
+    fn spec(name: &str) -> VolumeSpec {
+        VolumeSpec {
+            name: name.into(),
+            size: 1 << 20,
+            group: name.into(),
+            backing: PathBuf::from(format!("/v/{name}.img")),
+            owns_backing: true,
+            mode: "sync".into(),
+        }
     }
-    Ok(())
+
+    #[test]
+    fn version_1_is_read_and_damage_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("volumes.json");
+        let v1 = serde_json::json!({"version": 1, "volumes": [spec("db")]});
+        std::fs::write(&path, serde_json::to_vec(&v1).unwrap()).unwrap();
+        assert_eq!(load(&RealFs, &path).unwrap(), vec![spec("db")]);
+        store(&RealFs, &path, &[spec("db"), spec("logs")]).unwrap();
+        assert_eq!(
+            load(&RealFs, &path).unwrap(),
+            vec![spec("db"), spec("logs")]
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\"format\": \"tidemark-volumes\"") && text.contains("\"version\": 2")
+        );
+        std::fs::write(&path, text.replace("logs.img", "lost.img")).unwrap();
+        let err = load(&RealFs, &path).unwrap_err().to_string();
+        assert!(
+            err.contains("volumes.json") && err.contains("checksum"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_power_cut_while_storing_leaves_the_old_catalogue_or_the_new() {
+        for seed in 0..64 {
+            let dir = tempfile::tempdir().unwrap();
+            let fs = SimFs::new(dir.path());
+            let path = Path::new("/volumes.json");
+            store(fs.as_ref(), path, &[spec("a")]).unwrap();
+            let cut = PowerCut {
+                seed,
+                keep_data: 0.5,
+                keep_entries: 0.5,
+            };
+            fs.cut_after(1 + seed % 6, cut);
+            let _ = store(fs.as_ref(), path, &[spec("a"), spec("b")]);
+            fs.cut_power(cut);
+            fs.restart();
+            let got = load(fs.as_ref(), path).unwrap();
+            assert!(
+                got == vec![spec("a")] || got == vec![spec("a"), spec("b")],
+                "seed {seed}: {got:?}"
+            );
+        }
+    }
 }

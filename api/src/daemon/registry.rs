@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
+use tidemark_journal::fs::{Fs, RealFs};
 use tidemark_journal::{
     Change, FileDevice, History, IoMode, Journal, JournalOptions, Point, RetentionPolicy, Seq,
     Timestamp, WritePath, WritePathOptions,
@@ -182,12 +183,13 @@ impl Registry {
         let dir = &config.data_dir;
         for sub in ["groups", "volumes", "overlays"] {
             let path = dir.join(sub);
-            std::fs::create_dir_all(&path).map_err(|e| {
+            // Durably: journals and production files live in these.
+            tidemark_journal::fs::create_dir_all_durably(&RealFs, &path).map_err(|e| {
                 ApiError::Failed(format!("cannot create directory {}: {e}", path.display()))
             })?;
         }
         let catalog_path = dir.join("volumes.json");
-        let specs = catalog::load(&catalog_path)?;
+        let specs = catalog::load(&RealFs, &catalog_path)?;
         let registry = Arc::new(Registry {
             exports: Exports::new(dir.join("overlays")),
             tagger: Arc::new(OnceLock::new()),
@@ -295,7 +297,7 @@ impl Registry {
             .values()
             .map(|v| v.spec.lock().clone())
             .collect();
-        catalog::store(&self.catalog_path, &specs)
+        catalog::store(&RealFs, &self.catalog_path, &specs)
     }
 
     /// The volume `name`.
@@ -473,7 +475,9 @@ impl Registry {
                     Ok(group) => {
                         drop(group);
                         let dir = self.group_dir(&spec.group);
-                        std::fs::remove_dir_all(&dir).map_err(|e| {
+                        std::fs::remove_dir_all(&dir)
+                            .and_then(|()| RealFs.sync_dir(&self.config.data_dir.join("groups")))
+                            .map_err(|e| {
                             ApiError::Failed(format!(
                                 "volume {name} deleted, but its journal {} could not be removed: {e}",
                                 dir.display()

@@ -11,11 +11,13 @@
 //! - [`real`] — the operating system's filesystem.
 //! - [`sim`] — the simulated one, with power cuts.
 //! - [`faulty`] — a wrapper that fails chosen operations on chosen files.
+//! - [`document`] — small JSON documents with a version and a checksum.
 //!
 //! The RocksDB index is the one thing not on this trait: it is rebuilt or
 //! caught up from the segments at every start, so it may be anything after
 //! a crash; [`Fs::local_dir`] says where it lives.
 
+pub mod document;
 pub mod faulty;
 pub mod real;
 pub mod sim;
