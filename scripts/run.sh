@@ -43,6 +43,8 @@ tidemark is running; the volume "demo" is protected.
   NBD:      nbd://$nbd/demo            (live volume: every write is journalled)
   points:   nbd://$nbd/demo@latest     (read-only; also demo@-5m, demo@tag:NAME, demo@1234)
   CLI:      $bin --help
+  token:    $PWD/tidemark-data/api.token   (the CLI reads it from ./tidemark-data when run here;
+            elsewhere: export TIDEMARK_TOKEN_FILE=$PWD/tidemark-data/api.token)
   metrics:  http://127.0.0.1:7701/metrics
 
 Try:

@@ -6,7 +6,7 @@ set -euo pipefail
 
 # Debian packages: libclang-dev (bindgen for RocksDB), protobuf-compiler
 # (tonic), and the tools the tests and benches drive.
-TIDEMARK_PACKAGES=(libclang-dev protobuf-compiler fio libnbd-bin nbdkit e2fsprogs qemu-utils util-linux mount python3)
+TIDEMARK_PACKAGES=(libclang-dev protobuf-compiler fio libnbd-bin nbdkit e2fsprogs qemu-utils util-linux mount python3 openssl)
 
 missing=()
 for pkg in "${TIDEMARK_PACKAGES[@]}"; do

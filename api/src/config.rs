@@ -22,6 +22,8 @@ struct File {
     http: Option<String>,
     log: Option<String>,
     #[serde(default)]
+    api: ApiFile,
+    #[serde(default)]
     volumes: VolumesFile,
     #[serde(default)]
     journal: JournalFile,
@@ -29,6 +31,14 @@ struct File {
     retention: RetentionFile,
     #[serde(default)]
     tagging: TaggingFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiFile {
+    token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +152,10 @@ pub struct Config {
     pub http: SocketAddr,
     /// Log filter (`info`, `tidemark=debug`, …); `RUST_LOG` wins.
     pub log: String,
+    /// The API token's file; `None`: `DATA_DIR/api.token`, made if missing.
+    pub token_file: Option<PathBuf>,
+    /// TLS certificate and key (PEM) of the API, if it speaks TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Mode of volumes created without `--mode`.
     pub default_mode: IoMode,
     /// Segment size of new journals.
@@ -180,6 +194,8 @@ pub struct Overrides {
     pub grpc: Option<String>,
     /// `--http`.
     pub http: Option<String>,
+    /// `--token-file`.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -243,7 +259,15 @@ impl Config {
             Some(text) => parse_mode(text).map_err(|e| format!("volumes.default_mode: {e}"))?,
         };
         let (tagging, tagging_targets) = tagging(&file.tagging)?;
+        let tls = match (&file.api.tls_cert, &file.api.tls_key) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            (Some(_), None) => return Err("api.tls_cert is set but api.tls_key is missing".into()),
+            (None, Some(_)) => return Err("api.tls_key is set but api.tls_cert is missing".into()),
+        };
         Ok(Config {
+            token_file: o.token_file.clone().or(file.api.token_file),
+            tls,
             tagging,
             tagging_targets,
             data_dir: o

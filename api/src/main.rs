@@ -11,7 +11,14 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Serve(args) => serve(args),
-        command => match tidemark::cli::run_client(&cli.server, command) {
+        command => match tidemark::cli::run_client(
+            &tidemark::cli::Connection {
+                server: cli.server,
+                token: cli.token,
+                ca: cli.ca,
+            },
+            command,
+        ) {
             Ok(()) => 0,
             Err(failure) => {
                 eprintln!("tidemark: {}", failure.message);
@@ -28,6 +35,7 @@ fn serve(args: tidemark::cli::args::ServeArgs) -> i32 {
         nbd: args.nbd,
         grpc: args.grpc,
         http: args.http,
+        token_file: args.token_file,
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(config) => config,

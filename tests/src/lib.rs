@@ -187,15 +187,54 @@ impl Daemon {
         format!("nbd://{}/{export}", self.nbd)
     }
 
-    /// Runs `tidemark ARGS` against this daemon.
+    /// Runs `tidemark ARGS` against this daemon, with its token.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(binary())
+        self.cli_command(args).output().expect("run tidemark")
+    }
+
+    /// `tidemark ARGS` against this daemon, with its token, not yet run.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(binary());
+        command
             .arg("--server")
             .arg(&self.grpc)
             .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run tidemark")
+            .env("TIDEMARK_TOKEN_FILE", self.token_file())
+            .env_remove("TIDEMARK_TOKEN")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// A gRPC client of this daemon that presents its token.
+    pub async fn grpc_client(&self) -> tidemark::cli::Client {
+        self.grpc_client_with(Some(&self.token())).await
+    }
+
+    /// A gRPC client of this daemon presenting `token` (or none).
+    pub async fn grpc_client_with(&self, token: Option<&str>) -> tidemark::cli::Client {
+        let channel = tonic::transport::Channel::from_shared(self.grpc.clone())
+            .expect("address")
+            .connect()
+            .await
+            .expect("connect to the daemon's gRPC API");
+        let bearer = token.map(|t| format!("Bearer {t}").parse().expect("header value"));
+        tidemark_proto::v1::tidemark_client::TidemarkClient::with_interceptor(
+            channel,
+            tidemark::cli::Bearer(bearer),
+        )
+    }
+
+    /// The daemon's API token file (made at its first start).
+    pub fn token_file(&self) -> PathBuf {
+        self.path("data").join("api.token")
+    }
+
+    /// The daemon's API token.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.token_file())
+            .expect("the daemon's token file")
+            .trim()
+            .to_string()
     }
 
     /// Runs `tidemark ARGS`, asserts success, returns stdout.

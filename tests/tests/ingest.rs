@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 use tidemark_proto::v1::ingest_request::{Flush, Op, Open, Range, Write};
-use tidemark_proto::v1::tidemark_client::TidemarkClient;
 use tidemark_proto::v1::{IngestReply, IngestRequest};
 use tidemark_tests::{run, Daemon};
 use tokio_stream::wrappers::ReceiverStream;
@@ -14,12 +13,10 @@ fn request(id: u64, op: Op) -> IngestRequest {
 }
 
 async fn ingest(
-    grpc: &str,
+    d: &Daemon,
     requests: Vec<IngestRequest>,
 ) -> Result<Vec<IngestReply>, tonic::Status> {
-    let mut client = TidemarkClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
+    let mut client = d.grpc_client().await;
     let (tx, rx) = tokio::sync::mpsc::channel(requests.len().max(1));
     for r in requests {
         tx.send(r).await.unwrap();
@@ -43,7 +40,7 @@ fn ingest_writes_are_journalled_and_errors_do_not_end_the_stream() {
         .unwrap();
     let replies = rt
         .block_on(ingest(
-            &d.grpc,
+            &d,
             vec![
                 request(
                     1,
@@ -127,7 +124,7 @@ fn ingest_writes_are_journalled_and_errors_do_not_end_the_stream() {
     // A stream for an unknown volume is refused with a reason.
     let err = rt
         .block_on(ingest(
-            &d.grpc,
+            &d,
             vec![request(
                 1,
                 Op::Open(Open {
@@ -143,7 +140,7 @@ fn ingest_writes_are_journalled_and_errors_do_not_end_the_stream() {
         err.message()
     );
     let err = rt
-        .block_on(ingest(&d.grpc, vec![request(1, Op::Flush(Flush {}))]))
+        .block_on(ingest(&d, vec![request(1, Op::Flush(Flush {}))]))
         .unwrap_err();
     assert!(
         err.message().contains("must open a volume"),

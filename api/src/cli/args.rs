@@ -19,6 +19,13 @@ pub struct Cli {
         default_value = "127.0.0.1:7700"
     )]
     pub server: String,
+    /// The daemon's API token (else TIDEMARK_TOKEN_FILE, else
+    /// ./tidemark-data/api.token).
+    #[arg(long, global = true, env = "TIDEMARK_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// --server.
+    #[arg(long, global = true, env = "TIDEMARK_CA")]
+    pub ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -125,6 +132,10 @@ pub struct ServeArgs {
     /// HTTP listen address (default 127.0.0.1:7701).
     #[arg(long)]
     pub http: Option<String>,
+    /// File holding the API token (default DATA_DIR/api.token, made at the
+    /// first start).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// `tidemark volume …`.

@@ -62,28 +62,122 @@ fn confirm(question: &str, what: &str) -> Result<(), Failure> {
     }
 }
 
-async fn connect(server: &str) -> Result<TidemarkClient<Channel>, Failure> {
+/// How the CLI reaches the daemon.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// `--server`: `HOST:PORT`, `http://HOST:PORT` or `https://HOST:PORT`.
+    pub server: String,
+    /// `--token` / `TIDEMARK_TOKEN`.
+    pub token: Option<String>,
+    /// `--ca` / `TIDEMARK_CA`: the CA to trust for `https://`.
+    pub ca: Option<std::path::PathBuf>,
+}
+
+impl Connection {
+    /// The token to present: `--token` / `TIDEMARK_TOKEN`, else the file
+    /// `TIDEMARK_TOKEN_FILE` names, else `./tidemark-data/api.token` if it
+    /// exists; `None` sends none (and the daemon says so).
+    fn token(&self) -> Result<Option<String>, Failure> {
+        if let Some(token) = self.token.as_deref().filter(|t| !t.is_empty()) {
+            return Ok(Some(token.trim().to_string()));
+        }
+        let (path, required) = match std::env::var_os("TIDEMARK_TOKEN_FILE") {
+            Some(path) => (std::path::PathBuf::from(path), true),
+            None => (std::path::PathBuf::from("./tidemark-data/api.token"), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text.trim().to_string())),
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Failure {
+                code: 1,
+                message: format!(
+                    "cannot read the API token from {} (TIDEMARK_TOKEN_FILE): {e}",
+                    path.display()
+                ),
+            }),
+        }
+    }
+}
+
+/// Adds the daemon's token to every request.
+#[derive(Clone, Debug)]
+pub struct Bearer(pub Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of the daemon's API.
+pub type Client = TidemarkClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+async fn connect(connection: &Connection) -> Result<Client, Failure> {
+    let server = &connection.server;
     let uri = if server.contains("://") {
         server.to_string()
     } else {
         format!("http://{server}")
     };
-    let endpoint = Channel::from_shared(uri)
+    let mut endpoint = Channel::from_shared(uri.clone())
         .map_err(|e| usage(format!("--server {server:?} is not an address: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(5));
+    if uri.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &connection.ca {
+            let pem = std::fs::read(ca).map_err(|e| Failure {
+                code: 1,
+                message: format!("cannot read the CA certificate {}: {e}", ca.display()),
+            })?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot set up TLS for {server}: {}", error_chain(&e)),
+        })?;
+    }
+    let token = match connection.token()? {
+        Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| Failure {
+            code: 2,
+            message: "the API token holds characters a request header cannot carry".into(),
+        })?),
+        None => None,
+    };
     let channel = endpoint.connect().await.map_err(|e| Failure {
         code: 1,
         message: format!(
-            "cannot reach the tidemark daemon at {server} ({e}); is `tidemark serve` running?"
+            "cannot reach the tidemark daemon at {server} ({}); is `tidemark serve` running?",
+            error_chain(&e)
         ),
     })?;
-    Ok(TidemarkClient::new(channel)
+    Ok(TidemarkClient::with_interceptor(channel, Bearer(token))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))
 }
 
-/// Runs one client command against the daemon at `server`.
-pub fn run_client(server: &str, command: Command) -> Result<(), Failure> {
+/// An error with its causes, for messages (TLS failures hide the useful
+/// part in a source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Runs one client command against the daemon `connection` names.
+pub fn run_client(connection: &Connection, command: Command) -> Result<(), Failure> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -92,12 +186,12 @@ pub fn run_client(server: &str, command: Command) -> Result<(), Failure> {
             message: format!("cannot start the runtime: {e}"),
         })?;
     runtime.block_on(async move {
-        let mut client = connect(server).await?;
+        let mut client = connect(connection).await?;
         run(&mut client, command).await
     })
 }
 
-async fn run(client: &mut TidemarkClient<Channel>, command: Command) -> Result<(), Failure> {
+async fn run(client: &mut Client, command: Command) -> Result<(), Failure> {
     match command {
         Command::Serve(_) => unreachable!("serve is not a client command"),
         Command::Volume(v) => volume(client, v).await,
@@ -226,10 +320,7 @@ async fn run(client: &mut TidemarkClient<Channel>, command: Command) -> Result<(
     }
 }
 
-async fn volume(
-    client: &mut TidemarkClient<Channel>,
-    command: VolumeCommand,
-) -> Result<(), Failure> {
+async fn volume(client: &mut Client, command: VolumeCommand) -> Result<(), Failure> {
     match command {
         VolumeCommand::Create {
             name,
@@ -365,7 +456,7 @@ async fn volume(
     }
 }
 
-async fn tag(client: &mut TidemarkClient<Channel>, command: TagCommand) -> Result<(), Failure> {
+async fn tag(client: &mut Client, command: TagCommand) -> Result<(), Failure> {
     match command {
         TagCommand::Create {
             volume,
@@ -471,7 +562,7 @@ async fn tag(client: &mut TidemarkClient<Channel>, command: TagCommand) -> Resul
 }
 
 async fn restore(
-    client: &mut TidemarkClient<Channel>,
+    client: &mut Client,
     volume: String,
     at: String,
     to: std::path::PathBuf,

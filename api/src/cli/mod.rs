@@ -9,4 +9,4 @@ pub mod args;
 mod client;
 mod output;
 
-pub use client::run_client;
+pub use client::{run_client, Bearer, Client, Connection};

@@ -10,9 +10,11 @@
 //!   the daemon as host of the tagger (time policies, log rules, hooks,
 //!   anomaly detection, verification: `tidemark-tagging`).
 //! - [`rollback`], [`restore`], [`initial_sync`] — recovery operations.
-//! - [`grpc`], [`http`], [`metrics`] — the API surfaces.
+//! - [`grpc`], [`http`], [`metrics`] — the API surfaces; [`access`] — the
+//!   API token and TLS.
 //! - [`error`] — errors as clients see them.
 
+pub mod access;
 pub mod catalog;
 pub mod error;
 pub mod exports;
@@ -76,6 +78,18 @@ async fn run(config: Config) -> Result<(), String> {
     let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
     let http_addr = http.local_addr().map_err(|e| e.to_string())?;
 
+    tidemark_journal::fs::create_dir_all_durably(&tidemark_journal::fs::RealFs, &config.data_dir)
+        .map_err(|e| {
+        format!(
+            "cannot create data directory {}: {e}",
+            config.data_dir.display()
+        )
+    })?;
+    let token = access::Token::load(config.token_file.as_deref(), &config.data_dir)?;
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(access::server_tls(cert, key)?),
+        None => None,
+    };
     let registry = {
         let owned = config.clone();
         tokio::task::spawn_blocking(move || Registry::open(owned))
@@ -112,10 +126,18 @@ async fn run(config: Config) -> Result<(), String> {
         ))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
+        // Every request, streams included, shows the token first.
+        let service = tonic::service::interceptor::InterceptedService::new(service, token.clone());
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls.clone() {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| format!("cannot set up TLS for the API: {e}"))?;
+        }
         let mut stop = stop_rx.clone();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
         tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
+            let result = builder
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.changed().await;
@@ -156,11 +178,13 @@ async fn run(config: Config) -> Result<(), String> {
         })
     };
 
-    tracing::info!(nbd = %nbd_addr, grpc = %grpc_addr, http = %http_addr, data_dir = %config.data_dir.display(), "tidemark serving");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(nbd = %nbd_addr, grpc = %grpc_addr, http = %http_addr, data_dir = %config.data_dir.display(), token = %token.path.display(), tls = tls.is_some(), "tidemark serving");
     // One line on stdout for people and scripts, whatever the log level.
     println!(
-        "tidemark serving: nbd://{nbd_addr} grpc={grpc_addr} http=http://{http_addr} data={}",
-        config.data_dir.display()
+        "tidemark serving: nbd://{nbd_addr} grpc={scheme}://{grpc_addr} http=http://{http_addr} data={} token={}",
+        config.data_dir.display(),
+        token.path.display()
     );
 
     wait_for_signal().await;
