@@ -24,6 +24,8 @@ struct File {
     #[serde(default)]
     api: ApiFile,
     #[serde(default)]
+    limits: LimitsFile,
+    #[serde(default)]
     volumes: VolumesFile,
     #[serde(default)]
     journal: JournalFile,
@@ -31,6 +33,14 @@ struct File {
     retention: RetentionFile,
     #[serde(default)]
     tagging: TaggingFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    nbd_connections: Option<usize>,
+    nbd_handshake_timeout: Option<String>,
+    nbd_buffer_memory: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,6 +166,13 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     /// TLS certificate and key (PEM) of the API, if it speaks TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// NBD connections open at once; more are closed at once.
+    pub nbd_connections: usize,
+    /// How long an NBD client may take to choose an export.
+    pub nbd_handshake_timeout: Duration,
+    /// Bytes of NBD request and reply buffers held at once, all
+    /// connections together.
+    pub nbd_buffer_memory: u64,
     /// Mode of volumes created without `--mode`.
     pub default_mode: IoMode,
     /// Segment size of new journals.
@@ -265,9 +282,27 @@ impl Config {
             (Some(_), None) => return Err("api.tls_cert is set but api.tls_key is missing".into()),
             (None, Some(_)) => return Err("api.tls_key is set but api.tls_cert is missing".into()),
         };
+        let l = &file.limits;
+        let nbd_buffer_memory = size("limits.nbd_buffer_memory", &l.nbd_buffer_memory, 256 << 20)?;
+        if nbd_buffer_memory < 32 << 20 {
+            return Err(format!(
+                "limits.nbd_buffer_memory = {nbd_buffer_memory} bytes is below 32M, the largest NBD request"
+            ));
+        }
+        let nbd_connections = l.nbd_connections.unwrap_or(128);
+        if nbd_connections == 0 {
+            return Err("limits.nbd_connections = 0 would refuse every NBD client".into());
+        }
         Ok(Config {
             token_file: o.token_file.clone().or(file.api.token_file),
             tls,
+            nbd_connections,
+            nbd_handshake_timeout: duration(
+                "limits.nbd_handshake_timeout",
+                &l.nbd_handshake_timeout,
+            )?
+            .unwrap_or(Duration::from_secs(10)),
+            nbd_buffer_memory,
             tagging,
             tagging_targets,
             data_dir: o

@@ -250,6 +250,23 @@ impl DirtyMap {
         Ok(())
     }
 
+    /// Begins a write like [`DirtyMap::begin`] if its regions are all
+    /// marked already (so nothing needs an fsync); false, and nothing
+    /// begun, otherwise.
+    pub fn try_begin(&self, offset: u64, len: u64) -> bool {
+        let mut state = self.state.lock();
+        if self
+            .regions_of(offset, len)
+            .any(|r| !state.regions[r].marked)
+        {
+            return false;
+        }
+        for r in self.regions_of(offset, len) {
+            state.regions[r].inflight += 1;
+        }
+        true
+    }
+
     /// Settles a write begun with [`DirtyMap::begin`]: `journalled` is the
     /// seq of its record, or `None` if it could not be journalled (the
     /// region then waits for a resync), or if the write did not happen at

@@ -317,8 +317,16 @@ impl Shared {
 
     /// Whether a record of `bytes` goes to the file tier now, switching
     /// tiers (with hysteresis) as the memory cache fills and drains.
-    pub fn goes_to_file_tier(&self, bytes: u64) -> bool {
-        let Some(file) = self.file_cache() else {
+    /// An appender that may not wait (`may_make` false) never tries to
+    /// make a missing file cache: that allocates a file, which is no work
+    /// for a thread that must not block.
+    pub fn goes_to_file_tier(&self, bytes: u64, may_make: bool) -> bool {
+        let cache = if may_make {
+            self.file_cache()
+        } else {
+            self.file_cache_now()
+        };
+        let Some(file) = cache else {
             return false;
         };
         match self.options.cache_tiers {
@@ -921,7 +929,9 @@ impl Journal {
             }
         };
         let bytes = record.encoded_len() as u64;
-        if record.kind != RecordKind::Mark && shared.goes_to_file_tier(bytes) {
+        if record.kind != RecordKind::Mark
+            && shared.goes_to_file_tier(bytes, admission != Admission::NoWait)
+        {
             match self.append_to_file_cache(&info, record, admission)? {
                 Ok(handle) => return Ok(handle),
                 // The file cache is full: with both tiers, memory takes it.

@@ -33,6 +33,11 @@ const FLAG_RESYNC: u8 = 2;
 /// rest is worth compressing.
 const COMPRESS_SAMPLE: usize = 64 << 10;
 
+/// The largest compression scratch buffer a thread keeps (a little over a
+/// 1 MiB payload's worst case); larger payloads compress into a buffer of
+/// their own.
+const SCRATCH_MAX: usize = (1 << 20) + (64 << 10);
+
 thread_local! {
     /// Per-thread lz4 output buffer; see [`PreparedRecord::new`].
     static COMPRESS_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -179,6 +184,16 @@ impl PreparedRecord {
                     }
                 }
                 let bound = lz4_flex::block::get_maximum_output_size(payload.len());
+                if bound > SCRATCH_MAX {
+                    // Not through the scratch buffer: every pool thread that
+                    // once took a 32 MiB write would keep 32 MiB for good.
+                    let mut out = lz4_flex::block::compress(payload);
+                    if out.len() >= payload.len() {
+                        return (payload.to_vec(), false);
+                    }
+                    out.shrink_to_fit();
+                    return (out, true);
+                }
                 if scratch.len() < bound {
                     scratch.resize(bound, 0);
                 }

@@ -196,6 +196,26 @@ impl Protected {
             .collect()
     }
 
+    /// Locks the regions like [`Protected::lock`] if none is held now.
+    fn try_lock(&self, offset: u64, len: u64) -> Option<Vec<MutexGuard<'_, ()>>> {
+        self.dirty
+            .regions_of(offset, len)
+            .filter_map(|r| self.stripes.get(r))
+            .map(|m| m.try_lock())
+            .collect()
+    }
+
+    /// Counts an acknowledged write of `len` bytes.
+    fn count(&self, len: u64, acknowledged: &Acknowledged) {
+        let c = &self.counters;
+        c.writes.fetch_add(1, Ordering::Relaxed);
+        c.bytes.fetch_add(len, Ordering::Relaxed);
+        match acknowledged.mode {
+            IoMode::Async => c.async_writes.fetch_add(1, Ordering::Relaxed),
+            _ => c.sync_writes.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
     /// The mode a write goes in now.
     fn effective_mode(&self, backlog: u64) -> (IoMode, Option<Switch>) {
         match *self.mode.lock() {
@@ -498,14 +518,46 @@ impl WritePath {
             IoMode::Async => inner.apply_async(&v, offset, op, fua, stripes),
             _ => inner.apply_sync(&v, offset, op, fua, stripes),
         }?;
-        let c = &v.counters;
-        c.writes.fetch_add(1, Ordering::Relaxed);
-        c.bytes.fetch_add(len, Ordering::Relaxed);
-        match acknowledged.mode {
-            IoMode::Async => c.async_writes.fetch_add(1, Ordering::Relaxed),
-            _ => c.sync_writes.fetch_add(1, Ordering::Relaxed),
-        };
+        v.count(len, &acknowledged);
         Ok(acknowledged)
+    }
+
+    /// Writes `data` at `offset` of `volume` only if that cannot block on
+    /// a disk or a lock: the volume writes in async mode now, the write's
+    /// regions are free and already marked in the dirty map (no fsync),
+    /// and its record goes to a cache without waiting for room. `None`
+    /// when that does not hold; the caller then uses [`WritePath::write`]
+    /// where blocking is fine. This is what lets an event loop (the NBD
+    /// server) take small async writes without a thread hand-off.
+    pub fn try_write(
+        &self,
+        volume: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<Result<Acknowledged>> {
+        let v = match self.volume(volume) {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
+        let len = data.len() as u64;
+        if let Err(e) = v.info.check_range(offset, len) {
+            return Some(Err(e));
+        }
+        let inner = &self.inner;
+        let (mode, switch) = v.effective_mode(inner.backlog());
+        if mode != IoMode::Async {
+            return None;
+        }
+        inner.record_switch(&v, switch);
+        let stripes = v.try_lock(offset, len)?;
+        if !v.dirty.try_begin(offset, len) {
+            return None;
+        }
+        let acknowledged = inner.apply_async(&v, offset, Op::Write(data), false, stripes);
+        if let Ok(acknowledged) = &acknowledged {
+            v.count(len, acknowledged);
+        }
+        Some(acknowledged)
     }
 }
 

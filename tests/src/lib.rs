@@ -310,6 +310,22 @@ impl Daemon {
         std::net::TcpStream::connect(&self.http).is_ok() && self.http_get("/healthz").0 == 200
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the daemon's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
     /// `kill -9`.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -545,6 +561,26 @@ pub mod raw_nbd {
             msg.extend_from_slice(&length.to_be_bytes());
             msg.extend_from_slice(payload);
             self.stream.write_all(&msg).expect("request");
+        }
+
+        /// Sends a request like [`Conn::request`]; an error if the
+        /// connection broke (the daemon was killed).
+        pub fn try_request(
+            &mut self,
+            kind: u16,
+            handle: u64,
+            offset: u64,
+            length: u32,
+            payload: &[u8],
+        ) -> std::io::Result<()> {
+            let mut msg = REQUEST_MAGIC.to_be_bytes().to_vec();
+            msg.extend_from_slice(&0u16.to_be_bytes());
+            msg.extend_from_slice(&kind.to_be_bytes());
+            msg.extend_from_slice(&handle.to_be_bytes());
+            msg.extend_from_slice(&offset.to_be_bytes());
+            msg.extend_from_slice(&length.to_be_bytes());
+            msg.extend_from_slice(payload);
+            self.stream.write_all(&msg)
         }
 
         /// Reads a simple reply: (handle, error), plus `data_len` bytes of

@@ -56,7 +56,11 @@ fn load(
                 block = rng.random_range(0..BLOCKS);
             }
             pending.lock().unwrap().entry(block).or_default().push(n);
-            c.request(1, n, block * BLOCK as u64, BLOCK as u32, &pattern(block, n));
+            if c.try_request(1, n, block * BLOCK as u64, BLOCK as u32, &pattern(block, n))
+                .is_err()
+            {
+                return;
+            }
             sent.insert(n, (block, n));
         }
         let Ok((handle, error, _)) = c.reply(0) else {

@@ -97,16 +97,28 @@ impl Export {
         matches!(self.target, Target::Live { .. })
     }
 
-    /// True if a write to this export is acknowledged without waiting for
-    /// the journal's disk (async mode now), so it takes microseconds.
-    pub fn writes_without_waiting(&self) -> bool {
-        self.is_live()
-            && self
-                .volume
-                .group
-                .write_path
-                .mode(&self.volume.name)
-                .is_ok_and(|(_, now)| now == tidemark_journal::IoMode::Async)
+    /// Writes `data` at `offset` only if that cannot block on a disk or a
+    /// lock (see `WritePath::try_write`); `None` when it could, and then
+    /// [`Export::write`] must be used where blocking is fine.
+    pub fn try_write(&self, offset: u64, data: &[u8]) -> Option<ApiResult<()>> {
+        if let Err(e) = self.check(offset, data.len() as u64) {
+            return Some(Err(e));
+        }
+        let Target::Live { .. } = self.target else {
+            return None;
+        };
+        let ack = self
+            .volume
+            .group
+            .write_path
+            .try_write(&self.volume.name, offset, data)?;
+        Some(match ack {
+            Ok(ack) => {
+                self.volume.observe_write(offset, data.len() as u64, &ack);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        })
     }
 
     /// The point a view shows.

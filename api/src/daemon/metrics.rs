@@ -64,8 +64,14 @@ pub struct Metrics {
     pub nbd_connections: AtomicU64,
     /// NBD connections open now.
     pub nbd_open: AtomicU64,
-    /// Handshakes refused (malformed, unknown export).
+    /// Handshakes refused (malformed, unknown export, too slow).
     pub nbd_handshake_failures: AtomicU64,
+    /// Connections closed at once because `limits.nbd_connections` were
+    /// open.
+    pub nbd_refused_connections: AtomicU64,
+    /// Bytes of request and reply buffers held now (bounded by
+    /// `limits.nbd_buffer_memory`).
+    pub nbd_buffer_bytes: AtomicU64,
 }
 
 /// One volume's numbers, read once per scrape.
@@ -334,6 +340,18 @@ impl Metrics {
                 "counter",
                 "NBD handshakes refused.",
                 &self.nbd_handshake_failures,
+            ),
+            (
+                "tidemark_nbd_refused_connections_total",
+                "counter",
+                "NBD connections closed at once: the connection limit was reached.",
+                &self.nbd_refused_connections,
+            ),
+            (
+                "tidemark_nbd_buffer_bytes",
+                "gauge",
+                "Bytes of NBD request and reply buffers held now.",
+                &self.nbd_buffer_bytes,
             ),
         ] {
             help(&mut out, name, kind, text);

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::protocol::*;
+use super::wire;
 use crate::daemon::error::ApiError;
 use crate::daemon::exports::Export;
 use crate::daemon::Daemon;
@@ -78,27 +79,22 @@ where
     w.write_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).await?;
     w.flush().await?;
     let client_flags = r.read_u32().await?;
-    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
-        return Err(HandshakeError::Malformed(format!(
-            "unknown client flags {client_flags:#x}"
-        )));
-    }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    let no_zeroes =
+        wire::decode_client_flags(client_flags).map_err(|e| HandshakeError::Malformed(e.0))?;
     loop {
-        let magic = r.read_u64().await?;
-        if magic != IHAVEOPT {
-            return Err(HandshakeError::Malformed(format!(
-                "option magic {magic:#018x} is not IHAVEOPT"
-            )));
-        }
-        let option = r.read_u32().await?;
-        let len = r.read_u32().await?;
-        if len > MAX_OPTION {
-            reply(w, option, REP_ERR_TOO_BIG, b"option data too large").await?;
-            return Err(HandshakeError::Malformed(format!(
-                "option {option} carries {len} bytes (at most {MAX_OPTION})"
-            )));
-        }
+        let mut head = [0u8; 16];
+        r.read_exact(&mut head).await?;
+        let (option, len) = match wire::decode_option_header(&head) {
+            Ok(header) => (header.option, header.len),
+            Err(e) => {
+                let option = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
+                if u64::from_be_bytes(head[0..8].try_into().unwrap_or_default()) == IHAVEOPT {
+                    // Too much data to read just to refuse it.
+                    reply(w, option, REP_ERR_TOO_BIG, b"option data too large").await?;
+                }
+                return Err(HandshakeError::Malformed(e.0));
+            }
+        };
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).await?;
         match option {
@@ -141,7 +137,7 @@ where
                 reply(w, option, REP_ACK, &[]).await?;
             }
             OPT_INFO | OPT_GO => {
-                let Some((name, requests)) = parse_info_request(&data) else {
+                let Some((name, requests)) = wire::decode_info_request(&data) else {
                     reply(
                         w,
                         option,
@@ -198,46 +194,5 @@ where
                 reply(w, other, REP_ERR_UNSUP, text.as_bytes()).await?;
             }
         }
-    }
-}
-
-/// `{ u32 name length | name | u16 count | count × u16 }`.
-fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
-    let name_len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
-    let name = std::str::from_utf8(data.get(4..4 + name_len)?)
-        .ok()?
-        .to_string();
-    let rest = data.get(4 + name_len..)?;
-    let count = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?) as usize;
-    let list = rest.get(2..)?;
-    if list.len() != count * 2 {
-        return None;
-    }
-    let requests = list
-        .chunks_exact(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
-        .collect();
-    Some((name, requests))
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn info_requests_parse_and_malformed_ones_do_not() {
-        let mut data = 2u32.to_be_bytes().to_vec();
-        data.extend_from_slice(b"db");
-        data.extend_from_slice(&2u16.to_be_bytes());
-        data.extend_from_slice(&INFO_NAME.to_be_bytes());
-        data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        assert_eq!(
-            parse_info_request(&data),
-            Some(("db".to_string(), vec![INFO_NAME, INFO_BLOCK_SIZE]))
-        );
-        assert_eq!(parse_info_request(&data[..data.len() - 1]), None);
-        assert_eq!(parse_info_request(&[0, 0, 0, 9, b'x']), None);
-        assert_eq!(parse_info_request(&[]), None);
     }
 }

@@ -1,15 +1,25 @@
-//! The transmission phase: requests are read in order, each runs on the
-//! blocking pool as soon as it has arrived (up to `MAX_IN_FLIGHT` at once),
-//! and replies go back in the order they finish, matched by handle.
+//! The transmission phase: requests are read in order and replies go back
+//! in the order they finish, matched by handle.
+//!
+//! Each request holds one of the connection's `MAX_IN_FLIGHT` slots and
+//! its buffer bytes (see [`super::Limits`]) from before its payload is
+//! read until its reply is written, so a client cannot make the server
+//! hold more than its share, however much it sends. Requests that cannot
+//! block — small reads of the live volume, small async writes whose
+//! regions are free and already marked dirty — run on the connection's
+//! task; everything that may fsync, wait for a lock or for the journal
+//! runs on the blocking pool.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::protocol::*;
+use super::wire::{self, RequestHeader};
+use super::{hold, Held, Limits};
 use crate::daemon::error::ApiError;
 use crate::daemon::exports::Export;
 use crate::daemon::Daemon;
@@ -17,134 +27,167 @@ use crate::daemon::Daemon;
 /// Requests one connection may have in flight.
 const MAX_IN_FLIGHT: usize = 64;
 
-struct Reply {
+/// Largest request run on the connection's task.
+const INLINE_MAX: u32 = 64 << 10;
+
+/// What a request answers.
+struct Answer {
     handle: u64,
     error: u32,
     data: Vec<u8>,
 }
 
-struct Request {
-    flags: u16,
-    kind: u16,
-    handle: u64,
-    offset: u64,
-    length: u32,
-    payload: Vec<u8>,
+/// An answer on its way to the client.
+struct Reply {
+    answer: Answer,
+    /// The request's slot and buffer bytes, given back once written.
+    _held: (OwnedSemaphorePermit, Option<Held>),
 }
 
 /// Serves requests on `export` until the client disconnects, breaks the
 /// protocol, or the daemon shuts down; requests in flight finish first.
+/// Returns the export, for the caller to drop where blocking is fine.
 pub async fn run<R, W>(
     mut r: R,
     w: W,
     export: Arc<Export>,
     daemon: Arc<Daemon>,
     mut shutdown: watch::Receiver<bool>,
-) where
+    limits: Arc<Limits>,
+) -> Arc<Export>
+where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT * 2);
+    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(write_replies(w, rx));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let share = Arc::new(Semaphore::new(limits.per_connection as usize));
     loop {
-        let mut header = [0u8; 28];
+        let mut head = [0u8; 28];
         tokio::select! {
-            read = r.read_exact(&mut header) => if read.is_err() { break },
+            read = r.read_exact(&mut head) => if read.is_err() { break },
             _ = shutdown.changed() => break,
         }
-        let magic = u32::from_be_bytes(header[0..4].try_into().unwrap_or_default());
-        if magic != REQUEST_MAGIC {
-            tracing::warn!(export = %export.name, magic, "nbd request with a bad magic; closing the connection");
-            break;
-        }
-        let mut request = Request {
-            flags: u16::from_be_bytes([header[4], header[5]]),
-            kind: u16::from_be_bytes([header[6], header[7]]),
-            handle: u64::from_be_bytes(header[8..16].try_into().unwrap_or_default()),
-            offset: u64::from_be_bytes(header[16..24].try_into().unwrap_or_default()),
-            length: u32::from_be_bytes(header[24..28].try_into().unwrap_or_default()),
-            payload: Vec::new(),
+        let request = match wire::decode_request(&head) {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::warn!(export = %export.name, error = %e, "nbd request out of step; closing the connection");
+                break;
+            }
         };
         if request.kind == CMD_DISC {
             break;
         }
-        if request.kind == CMD_WRITE {
-            if request.length > MAX_PAYLOAD {
-                // Read past the payload so the stream stays in step.
-                let mut rest = u64::from(request.length);
-                let mut sink = vec![0u8; 1 << 20];
-                let mut broken = false;
-                while rest > 0 {
-                    let n = rest.min(sink.len() as u64) as usize;
-                    if r.read_exact(&mut sink[..n]).await.is_err() {
-                        broken = true;
-                        break;
-                    }
-                    rest -= n as u64;
-                }
-                if broken {
-                    break;
-                }
-                daemon.metrics.nbd_errors.fetch_add(1, Ordering::Relaxed);
-                let _ = tx
-                    .send(Reply {
-                        handle: request.handle,
-                        error: EINVAL,
-                        data: Vec::new(),
-                    })
-                    .await;
-                continue;
-            }
-            request.payload = vec![0u8; request.length as usize];
-            if r.read_exact(&mut request.payload).await.is_err() {
+        let Ok(slot) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let oversized =
+            matches!(request.kind, CMD_READ | CMD_WRITE) && request.length > MAX_PAYLOAD;
+        if oversized {
+            // Refused without a buffer; a write's payload is read past in
+            // small pieces so the stream stays in step.
+            if request.kind == CMD_WRITE && !skip(&mut r, u64::from(request.length)).await {
                 break;
             }
-        }
-        // Requests that finish in microseconds (small reads of the live
-        // volume, small async writes) run right here: handing each to a
-        // pool thread and back costs more than the request itself.
-        if runs_inline(&export, &request) {
-            let started = Instant::now();
-            let kind = request.kind;
-            let (reply, _) = execute(&export, request);
-            record(&daemon, kind, reply.error, started);
+            daemon.metrics.nbd_errors.fetch_add(1, Ordering::Relaxed);
+            let reply = Reply {
+                answer: Answer {
+                    handle: request.handle,
+                    error: EINVAL,
+                    data: Vec::new(),
+                },
+                _held: (slot, None),
+            };
             if tx.send(reply).await.is_err() {
                 break;
             }
             continue;
         }
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            break;
+        let buffer = match request.kind {
+            CMD_READ | CMD_WRITE if request.length > 0 => u64::from(request.length),
+            _ => 0,
         };
+        let held = if buffer > 0 {
+            match hold(&limits, &share, buffer, &daemon).await {
+                Some(held) => Some(held),
+                None => break,
+            }
+        } else {
+            None
+        };
+        let mut payload = Vec::new();
+        if request.kind == CMD_WRITE {
+            payload = vec![0u8; request.length as usize];
+            if r.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+        }
+        let held = (slot, held);
+        if let Some(answer) = run_inline(&export, &daemon, &request, &payload) {
+            let reply = Reply {
+                answer,
+                _held: held,
+            };
+            if tx.send(reply).await.is_err() {
+                break;
+            }
+            continue;
+        }
         let export = export.clone();
         let daemon = daemon.clone();
         let tx = tx.clone();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let (reply, kind) = execute(&export, request);
-            record(&daemon, kind, reply.error, started);
-            let _ = tx.blocking_send(reply);
-            drop(permit);
+            let answer = execute(&export, &request, &payload);
+            record(&daemon, request.kind, answer.error, started);
+            let _ = tx.blocking_send(Reply {
+                answer,
+                _held: held,
+            });
         });
     }
     drop(tx);
     let _ = writer.await;
+    export
 }
 
-/// Largest request run inline.
-const INLINE_MAX: u32 = 64 << 10;
-
-fn runs_inline(export: &Export, request: &Request) -> bool {
-    match request.kind {
-        CMD_READ => export.is_live() && request.length <= INLINE_MAX,
-        CMD_WRITE => {
-            request.length <= INLINE_MAX
-                && request.flags & CMD_FLAG_FUA == 0
-                && export.writes_without_waiting()
+/// Reads and drops `len` bytes; false if the connection broke.
+async fn skip<R: AsyncRead + Unpin>(r: &mut R, len: u64) -> bool {
+    let mut sink = vec![0u8; 64 << 10];
+    let mut rest = len;
+    while rest > 0 {
+        let n = rest.min(sink.len() as u64) as usize;
+        if r.read_exact(&mut sink[..n]).await.is_err() {
+            return false;
         }
-        _ => false,
+        rest -= n as u64;
     }
+    true
+}
+
+/// Runs `request` right here if it cannot block: a small read of the live
+/// volume (a pread of the production volume), or a small write that
+/// `Export::try_write` can take without waiting. `None`: use the pool.
+fn run_inline(
+    export: &Export,
+    daemon: &Daemon,
+    request: &RequestHeader,
+    payload: &[u8],
+) -> Option<Answer> {
+    let started = Instant::now();
+    let answer = match request.kind {
+        CMD_READ if export.is_live() && request.length <= INLINE_MAX => {
+            execute(export, request, payload)
+        }
+        CMD_WRITE if request.length <= INLINE_MAX && request.flags & CMD_FLAG_FUA == 0 => {
+            let outcome = export.try_write(request.offset, payload)?;
+            answer(export, request, outcome, Vec::new())
+        }
+        _ => return None,
+    };
+    record(daemon, request.kind, answer.error, started);
+    Some(answer)
 }
 
 fn record(daemon: &Daemon, kind: u16, error: u32, started: Instant) {
@@ -186,55 +229,49 @@ fn errno(export: &Export, kind: u16, e: &ApiError) -> u32 {
     code
 }
 
-fn execute(export: &Export, request: Request) -> (Reply, u16) {
-    let Request {
-        flags,
-        kind,
-        handle,
-        offset,
-        length,
-        payload,
-    } = request;
-    let fua = flags & CMD_FLAG_FUA != 0;
+fn answer(
+    export: &Export,
+    request: &RequestHeader,
+    outcome: Result<(), ApiError>,
+    data: Vec<u8>,
+) -> Answer {
+    let (error, data) = match outcome {
+        Ok(()) => (0, data),
+        Err(e) => (errno(export, request.kind, &e), Vec::new()),
+    };
+    Answer {
+        handle: request.handle,
+        error,
+        data,
+    }
+}
+
+fn execute(export: &Export, request: &RequestHeader, payload: &[u8]) -> Answer {
+    let fua = request.flags & CMD_FLAG_FUA != 0;
+    let (offset, length) = (request.offset, request.length);
     let mut data = Vec::new();
-    let result = match kind {
-        CMD_READ if length > MAX_PAYLOAD => Err(ApiError::Invalid(format!(
-            "read of {length} bytes is larger than the {MAX_PAYLOAD}-byte maximum"
-        ))),
+    let outcome = match request.kind {
         CMD_READ => {
             data = vec![0u8; length as usize];
             export.read(offset, &mut data)
         }
-        CMD_WRITE => export.write(offset, &payload, fua),
+        CMD_WRITE => export.write(offset, payload, fua),
         CMD_FLUSH => export.flush(),
         CMD_TRIM => export.zero(offset, u64::from(length), fua, true),
         CMD_WRITE_ZEROES => export.zero(offset, u64::from(length), fua, false),
         other => Err(ApiError::NotFound(format!("unknown NBD command {other}"))),
     };
-    let error = match &result {
-        Ok(()) => 0,
-        Err(e) => {
-            data = Vec::new();
-            errno(export, kind, e)
-        }
-    };
-    (
-        Reply {
-            handle,
-            error,
-            data,
-        },
-        kind,
-    )
+    answer(export, request, outcome, data)
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Reply>) {
     while let Some(reply) = rx.recv().await {
+        let answer = &reply.answer;
         let mut header = [0u8; 16];
         header[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        header[4..8].copy_from_slice(&reply.error.to_be_bytes());
-        header[8..16].copy_from_slice(&reply.handle.to_be_bytes());
-        if w.write_all(&header).await.is_err() || w.write_all(&reply.data).await.is_err() {
+        header[4..8].copy_from_slice(&answer.error.to_be_bytes());
+        header[8..16].copy_from_slice(&answer.handle.to_be_bytes());
+        if w.write_all(&header).await.is_err() || w.write_all(&answer.data).await.is_err() {
             return;
         }
         if rx.is_empty() && w.flush().await.is_err() {
