@@ -1095,6 +1095,31 @@ impl Journal {
     /// Waits until everything appended before the call is durable and
     /// returns the newest durable seq.
     pub fn sync(&self) -> Result<Seq> {
+        self.barrier()?
+            .recv()
+            .map_err(|_| Error::Closed(self.dir().to_path_buf()))?
+    }
+
+    /// Like [`Journal::sync`], giving up after `timeout` with
+    /// [`Error::NotDurable`] (a full disk, a stalled device): for callers
+    /// that must finish, such as a shutdown.
+    pub fn sync_within(&self, timeout: std::time::Duration) -> Result<Seq> {
+        let newest = self.inner.sequencer.lock().next_seq.saturating_sub(1);
+        match self.barrier()?.recv_timeout(timeout) {
+            Ok(answer) => answer,
+            Err(oneshot::RecvTimeoutError::Timeout) => Err(Error::NotDurable {
+                seq: newest,
+                waited: timeout,
+            }),
+            Err(oneshot::RecvTimeoutError::Disconnected) => {
+                Err(Error::Closed(self.dir().to_path_buf()))
+            }
+        }
+    }
+
+    /// Sends a barrier; its answer comes once everything before it is
+    /// durable.
+    fn barrier(&self) -> Result<oneshot::Receiver<Result<Seq>>> {
         let (reply, rx) = oneshot::channel();
         let tx = self
             .inner
@@ -1105,8 +1130,7 @@ impl Journal {
             .ok_or_else(|| Error::Closed(self.dir().to_path_buf()))?;
         tx.send(Submission::Barrier { reply })
             .map_err(|_| Error::Closed(self.dir().to_path_buf()))?;
-        rx.recv()
-            .map_err(|_| Error::Closed(self.dir().to_path_buf()))?
+        Ok(rx)
     }
 
     /// The range of history that can be read.

@@ -486,11 +486,15 @@ impl WritePath {
     /// unjournalled regions, dirty-map cleaning. (It also runs on its own
     /// every `maintenance_interval`.)
     pub fn maintain_now(&self) -> Result<()> {
-        self.inner.round(true)
+        self.inner.round(true, Admission::Wait)
     }
 
     /// Stops the background round, resyncs what is left unjournalled, and
-    /// cleans the dirty maps as far as the journal allows.
+    /// cleans the dirty maps as far as the journal allows — within a
+    /// bounded time: each wait for the journal gives up after
+    /// `sync_timeout` (a full disk), and then the error says what is not
+    /// durable; the dirty maps still mark it, so the next start resyncs it
+    /// from the production volumes.
     pub fn close(&self) -> Result<()> {
         self.inner.stop.store(true, Ordering::SeqCst);
         {
@@ -501,8 +505,9 @@ impl WritePath {
         if let Some(handle) = self.maintenance.lock().take() {
             let _ = handle.join();
         }
-        self.inner.journal.sync()?;
-        self.inner.round(true)
+        let timeout = self.inner.options.sync_timeout;
+        self.inner.journal.sync_within(timeout)?;
+        self.inner.round(true, Admission::WaitFor(timeout))
     }
 
     fn apply(&self, volume: &str, offset: u64, op: Op<'_>, fua: bool) -> Result<Acknowledged> {
@@ -849,11 +854,11 @@ impl Inner {
     /// One background round over every attached volume.
     /// One maintenance round; `forced` (on request and at close) cleans
     /// every region it can, background rounds only regions gone quiet.
-    fn round(&self, forced: bool) -> Result<()> {
+    fn round(&self, forced: bool, admission: Admission) -> Result<()> {
         let volumes: Vec<Arc<Protected>> = self.volumes.read().values().cloned().collect();
         let mut first_error = None;
         for v in volumes {
-            if let Err(e) = self.maintain_volume(&v, forced) {
+            if let Err(e) = self.maintain_volume(&v, forced, admission) {
                 tracing::warn!(volume = %v.info.name, error = %e, "write-path maintenance failed");
                 first_error.get_or_insert(e);
             }
@@ -861,13 +866,15 @@ impl Inner {
         first_error.map_or(Ok(()), Err)
     }
 
-    fn maintain_volume(&self, v: &Protected, forced: bool) -> Result<()> {
+    fn maintain_volume(&self, v: &Protected, forced: bool, admission: Admission) -> Result<()> {
         if *v.mode.lock() == IoMode::Adaptive {
             // A probe: how long until everything captured so far is
             // durable. Async writes give the controller no latency of
             // their own, so this is how it sees the journal recover.
             let started = Instant::now();
-            self.journal.sync()?;
+            // Bounded, so a full disk cannot hold the round (and a close
+            // waiting for it) forever.
+            self.journal.sync_within(self.options.sync_timeout)?;
             let switch =
                 v.adaptive
                     .lock()
@@ -876,7 +883,7 @@ impl Inner {
         }
         let unjournaled = v.dirty.unjournaled(false);
         if !unjournaled.is_empty() {
-            self.resync(v, &unjournaled, "cache-full", Admission::Wait)?;
+            self.resync(v, &unjournaled, "cache-full", admission)?;
         }
         // Cleaning costs a flush of the production volume, and a cleaned
         // region costs an fsync of the map when it is written again. So
@@ -909,7 +916,8 @@ impl Inner {
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }
-            let _ = self.round(false);
+            // Bounded waits: close() joins this thread.
+            let _ = self.round(false, Admission::WaitFor(self.options.sync_timeout));
         }
     }
 }

@@ -603,3 +603,63 @@ fn an_unreadable_dirty_map_resyncs_everything_and_says_so() {
         "the resync names the lost map"
     );
 }
+
+/// Closing while the journal's disk is full ends within a bounded time and
+/// says what is not durable; the dirty map still marks it, so the next open
+/// (with space again) resyncs it.
+#[test]
+fn close_on_a_full_disk_ends_in_bounded_time_and_the_next_open_resyncs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let options = || JournalOptions {
+        io_hooks: faults.clone(),
+        memory_cache_bytes: 64 << 10,
+        ..small_options(
+            Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+            RecoveryMode::Strict,
+        )
+    };
+    let production = dir.path().join("production.img");
+    let path_options = WritePathOptions {
+        sync_timeout: Duration::from_millis(500),
+        ..small_regions()
+    };
+    let (journal, _) = Journal::open(&dir.path().join("journal"), options()).expect("open");
+    journal.create_volume("vol", SIZE).expect("volume");
+    let path = WritePath::new(journal, path_options).expect("write path");
+    let device = Arc::new(FileDevice::open(&production, SIZE).expect("device"));
+    path.attach("vol", device, IoMode::Async).expect("attach");
+    faults.fail_writes(ENOSPC);
+    let mut rng = rng(12);
+    for _ in 0..40 {
+        let (offset, data) = random_write(&mut rng);
+        path.write("vol", offset, &data, false)
+            .expect("async writes are acknowledged");
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let closer = std::thread::spawn(move || {
+        let outcome = path.close();
+        let _ = done_tx.send(outcome.map_err(|e| e.to_string()));
+        path
+    });
+    let outcome = done_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("close did not end within 20 s on a full disk");
+    let err = outcome.expect_err("close reports that not everything is durable");
+    assert!(
+        err.contains("not durable") || err.contains("failed"),
+        "{err}"
+    );
+    drop(closer.join().expect("closer"));
+
+    faults.fail_writes(0);
+    let (journal, _) = Journal::open(&dir.path().join("journal"), options()).expect("reopen");
+    let path = WritePath::new(journal, small_regions()).expect("write path");
+    let device = Arc::new(FileDevice::open(&production, SIZE).expect("device"));
+    let report = path.attach("vol", device, IoMode::Async).expect("attach");
+    assert!(
+        !report.regions.is_empty(),
+        "the marked regions are resynced"
+    );
+    assert_production_equals_journal(&path);
+}

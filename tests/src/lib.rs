@@ -113,6 +113,12 @@ impl Daemon {
 
     /// Starts a daemon with `config` as its TOML file.
     pub fn with_config(config: &str) -> Daemon {
+        Self::with_config_and(config, |_| {})
+    }
+
+    /// Starts a daemon with `config`, after `prepare` has been given the
+    /// test's directory (the data directory will be its `data/`).
+    pub fn with_config_and(config: &str, prepare: impl FnOnce(&Path)) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("tidemark-e2e-")
             .tempdir()
@@ -126,6 +132,7 @@ impl Daemon {
             http: String::new(),
             config: config.to_string(),
         };
+        prepare(daemon.dir.path());
         daemon.launch();
         daemon
     }

@@ -205,14 +205,24 @@ async fn run(config: Config) -> Result<(), String> {
     {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    tokio::task::spawn_blocking(move || {
+    let problems = tokio::task::spawn_blocking(move || {
         tagger.stop();
         registry.shutdown()
     })
     .await
     .map_err(|e| e.to_string())?;
-    tracing::info!("stopped; every acknowledged write is durable");
-    Ok(())
+    if problems.is_empty() {
+        tracing::info!("stopped; every acknowledged write is durable");
+        return Ok(());
+    }
+    // Acknowledged async writes the journal could not take are on the
+    // production volumes and marked in the dirty maps: not lost, but not
+    // in the journal either until the next start resyncs them.
+    Err(format!(
+        "stopped, but not every acknowledged write is durable in the journal ({}); \
+         the dirty maps mark their regions, and the next start resyncs them from the production volumes",
+        problems.join("; ")
+    ))
 }
 
 /// Every tagging rule must name a volume or group that exists.

@@ -671,20 +671,25 @@ impl Registry {
         }
     }
 
-    /// Flushes and closes every group: everything acknowledged is durable
-    /// in the journal afterwards.
-    pub fn shutdown(&self) {
+    /// Flushes and closes every group, each within a bounded time (see
+    /// `WritePath::close`). Returns what could not be made durable, one
+    /// sentence per group; empty when everything acknowledged is durable
+    /// in the journal.
+    pub fn shutdown(&self) -> Vec<String> {
         self.exports.clear();
         let groups: Vec<Arc<Group>> = {
             let mut state = self.state.write();
             state.volumes.clear();
             std::mem::take(&mut state.groups).into_values().collect()
         };
+        let mut problems = Vec::new();
         for group in groups {
             if let Err(e) = group.write_path.close() {
-                tracing::warn!(group = %group.name, error = %e, "group did not close cleanly");
+                tracing::error!(group = %group.name, error = %e, "group did not close cleanly");
+                problems.push(format!("group {}: {e}", group.name));
             }
         }
+        problems
     }
 
     /// The export an NBD client asks for: a named export, `NAME@POINT`
