@@ -37,7 +37,9 @@ pub struct FileDevice {
 
 impl FileDevice {
     /// Opens `path`, creating a sparse file of `size` bytes if it does not
-    /// exist. An existing file must be at least `size` bytes.
+    /// exist. An existing file or block device must be at least `size`
+    /// bytes (a block device's size comes from the kernel; it is never
+    /// resized).
     pub fn open(path: &Path, size: u64) -> io::Result<Self> {
         Self::open_on(&RealFs, path, size)
     }
@@ -55,10 +57,18 @@ impl FileDevice {
                 file.sync_all()?;
                 fs.sync_dir(&crate::fs::parent_dir(path))?;
             }
-        } else if len < size && !file.is_block_device() {
+        } else if len < size {
+            let what = if file.is_block_device() {
+                "block device"
+            } else {
+                "file"
+            };
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{} is {len} bytes, the volume needs {size}", path.display()),
+                format!(
+                    "{what} {} is {len} bytes, smaller than the volume's {size}",
+                    path.display()
+                ),
             ));
         }
         Ok(FileDevice {

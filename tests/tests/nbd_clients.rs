@@ -272,3 +272,84 @@ fn malformed_nbd_traffic_gets_errors_and_the_daemon_keeps_serving() {
     let info = run("nbdinfo", &["--size", &d.uri("db")]);
     assert_eq!(info.trim(), (1 << 20).to_string());
 }
+
+/// A block device as the production volume (`--backing /dev/…`): its size
+/// comes from the kernel, a device smaller than the volume is refused by
+/// name, and writes through the live export land on the device and in the
+/// journal. A loop device stands in; skipped where there is none.
+#[test]
+fn a_block_device_is_a_production_volume() {
+    let test = "a_block_device_is_a_production_volume";
+    if !require("losetup", test) {
+        return;
+    }
+    let d = Daemon::start();
+    let image = d.path("device.img");
+    std::fs::write(&image, vec![0u8; 32 << 20]).unwrap();
+    let out = run_any("losetup", &["-f", "--show", &image.display().to_string()]);
+    if !out.status.success() {
+        eprintln!(
+            "SKIP {test}: no loop device ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return;
+    }
+    let device = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = run_any("losetup", &["-d", &self.0]);
+        }
+    }
+    let _detach = Detach(device.clone());
+
+    let out = d.cli(&[
+        "volume",
+        "create",
+        "toobig",
+        "--size",
+        "64M",
+        "--backing",
+        &device,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&device) && stderr.contains("block device") && stderr.contains("33554432"),
+        "{stderr}"
+    );
+    assert!(!d.ok(&["volume", "list"]).contains("toobig"));
+
+    d.ok(&[
+        "volume",
+        "create",
+        "dev",
+        "--size",
+        "32M",
+        "--backing",
+        &device,
+        "--mode",
+        "sync",
+    ]);
+    let mut data = vec![0u8; 4 << 20];
+    rand::Rng::fill(
+        &mut <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(3),
+        &mut data[..],
+    );
+    let src = d.path("src.img");
+    std::fs::write(&src, &data).unwrap();
+    run("nbdcopy", &[&src.display().to_string(), &d.uri("dev")]);
+    let mut on_device = vec![0u8; 4 << 20];
+    std::io::Read::read_exact(&mut std::fs::File::open(&device).unwrap(), &mut on_device).unwrap();
+    assert!(on_device == data, "the writes are on the block device");
+    let back = d.path("back.img");
+    run(
+        "nbdcopy",
+        &[&d.uri("dev@latest"), &back.display().to_string()],
+    );
+    assert!(
+        std::fs::read(&back).unwrap()[..4 << 20] == data[..],
+        "and in the journal"
+    );
+    assert!(d.healthy());
+}

@@ -374,6 +374,16 @@ impl Registry {
         }
         let holds_data =
             !owns_backing && std::fs::metadata(&backing).is_ok_and(|m| m.len() > 0 || !m.is_file());
+        if !owns_backing {
+            // Before anything is journalled: a production volume that is
+            // too small (or cannot be opened) refuses the volume cleanly.
+            FileDevice::open(&backing, size).map_err(|e| {
+                ApiError::Invalid(format!(
+                    "volume {name}: cannot use {} as its production volume: {e}",
+                    backing.display()
+                ))
+            })?;
+        }
         let group = self.group(group_name)?;
         let journal = group.journal();
         match journal.volume(name) {
