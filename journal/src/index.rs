@@ -95,6 +95,52 @@ pub struct RangeEntry {
     pub length: u64,
 }
 
+/// See [`Index::changed_blocks`].
+pub struct ChangedBlocks<'a> {
+    iter: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
+    volume: VolumeId,
+    after: Seq,
+    index: &'a Index,
+    done: bool,
+}
+
+impl std::fmt::Debug for ChangedBlocks<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangedBlocks")
+            .field("volume", &self.volume)
+            .field("after", &self.after)
+            .finish()
+    }
+}
+
+impl Iterator for ChangedBlocks<'_> {
+    type Item = Result<u64>;
+
+    fn next(&mut self) -> Option<Result<u64>> {
+        while !self.done {
+            let Some(key) = self.iter.key() else {
+                self.done = true;
+                return self.iter.status().err().map(|e| Err(self.index.err(e)));
+            };
+            if key.len() != 20 || be_u32(key, 0) != self.volume {
+                self.done = true;
+                return None;
+            }
+            let (block, seq) = (be_u64(key, 4), be_u64(key, 12));
+            if seq > self.after {
+                // Found: the block's other versions need no visit.
+                match block.checked_add(1) {
+                    Some(next) => self.iter.seek(block_key(self.volume, next, 0)),
+                    None => self.done = true,
+                }
+                return Some(Ok(block));
+            }
+            self.iter.next();
+        }
+        None
+    }
+}
+
 /// A segment's line in the catalogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentEntry {
@@ -443,33 +489,22 @@ impl Index {
         Ok(out)
     }
 
-    /// Every 4 KiB block of `volume` written (or zeroed, or trimmed) by a
-    /// record with seq > `after`, ascending, and the large zero/trim ranges
-    /// with seq > `after`. One pass over the volume's block keys: what a
-    /// rollback must rewrite.
-    pub fn changed_since(
-        &self,
-        volume: VolumeId,
-        after: Seq,
-    ) -> Result<(Vec<u64>, Vec<RangeEntry>)> {
+    /// The 4 KiB blocks of `volume` that records after `after` wrote,
+    /// ascending, each once — streamed from the index, so memory stays
+    /// bounded however many changed. Large zero/trim ranges are not among
+    /// them (see [`Index::ranges`]).
+    pub fn changed_blocks(&self, volume: VolumeId, after: Seq) -> Result<ChangedBlocks<'_>> {
         let mut opts = ReadOptions::default();
         opts.set_total_order_seek(true);
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_BLOCKS)?, opts);
         iter.seek(block_key(volume, 0, 0));
-        let mut blocks: Vec<u64> = Vec::new();
-        while let Some(key) = iter.key() {
-            if key.len() != 20 || be_u32(key, 0) != volume {
-                break;
-            }
-            let block = be_u64(key, 4);
-            if be_u64(key, 12) > after && blocks.last() != Some(&block) {
-                blocks.push(block);
-            }
-            iter.next();
-        }
-        iter.status().map_err(|e| self.err(e))?;
-        let ranges = self.ranges(volume, after, Seq::MAX, 0, u64::MAX)?;
-        Ok((blocks, ranges))
+        Ok(ChangedBlocks {
+            iter,
+            volume,
+            after,
+            index: self,
+            done: false,
+        })
     }
 
     /// A raw iterator over the block family, for [`Index::block_versions`].

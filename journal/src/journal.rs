@@ -22,11 +22,12 @@ use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
 
 use crate::base::BaseImage;
+use crate::changes::ChangedSpans;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::file_cache::{self, FileCache, FileCacheStats};
 use crate::fs::{Fs, FsLock, RealFs};
-use crate::index::{Index, SegmentEntry, StoredEvent, StoredTag, INDEX_BLOCK};
+use crate::index::{Index, SegmentEntry, StoredEvent, StoredTag};
 use crate::io_hooks::{IoHooks, RealIo};
 use crate::manifest::{Gap, Manifest};
 use crate::mark::Mark;
@@ -1175,33 +1176,21 @@ impl Journal {
 
     /// The byte ranges of `volume` that records after `seq` changed,
     /// merged and ascending (4 KiB granular): what differs between the
-    /// volume at `seq` and now.
-    pub fn changed_since(&self, volume: &str, seq: Seq) -> Result<Vec<(u64, u64)>> {
+    /// volume at `seq` and now. Streamed from the index: memory stays
+    /// bounded however much changed.
+    pub fn changed_since(&self, volume: &str, seq: Seq) -> Result<ChangedSpans<'_>> {
         let shared = self.shared();
         let info = shared.volume(volume)?;
-        let (blocks, ranges) = shared.index.changed_since(info.id, seq)?;
-        let mut spans: Vec<(u64, u64)> = blocks
+        let ranges = shared
+            .index
+            .ranges(info.id, seq, Seq::MAX, 0, u64::MAX)?
             .into_iter()
-            .map(|b| (b * INDEX_BLOCK, INDEX_BLOCK))
-            .chain(ranges.into_iter().map(|r| {
-                let start = r.offset / INDEX_BLOCK * INDEX_BLOCK;
-                (
-                    start,
-                    (r.offset + r.length).next_multiple_of(INDEX_BLOCK) - start,
-                )
-            }))
-            .collect();
-        spans.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
-        for (start, len) in spans {
-            let end = (start + len).min(info.size);
-            match merged.last_mut() {
-                Some((s, l)) if *s + *l >= start => *l = (*l).max(end - *s),
-                _ if end > start => merged.push((start, end - start)),
-                _ => {}
-            }
-        }
-        Ok(merged)
+            .map(|r| (r.offset, r.length));
+        ChangedSpans::new(
+            shared.index.changed_blocks(info.id, seq)?,
+            ranges,
+            info.size,
+        )
     }
 
     /// Tag `name` of `volume`.

@@ -17,6 +17,7 @@
 //! - `appender` — direct (`O_DIRECT`) appends of batches to a segment.
 //! - [`recovery`] — start-up: torn tails, corruption, index catch-up.
 //! - `read` — point-in-time reads.
+//! - [`changes`] — what changed since a point (for rollbacks), streamed.
 //! - [`retention`] — folding old records into the base images.
 //! - [`memory_cache`] — the byte-bounded memory cache between capture and
 //!   the journal, and how appenders wait for room in it.
@@ -40,6 +41,7 @@
 
 mod appender;
 pub mod base;
+pub mod changes;
 pub mod clock;
 pub mod dirty_map;
 pub mod error;

@@ -51,10 +51,11 @@ pub fn rollback(
     journal.sync()?;
     let to_seq = registry.resolve(volume, to)?;
     let undo_seq = journal.history().newest_seq;
-    let spans = journal.changed_since(name, to_seq)?;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut bytes = 0u64;
-    for (start, len) in spans {
+    // Streamed: a large volume's changes are never all in memory.
+    for span in journal.changed_since(name, to_seq)? {
+        let (start, len) = span?;
         let mut at = start;
         while at < start + len {
             let n = CHUNK.min(start + len - at);
