@@ -16,17 +16,45 @@ use tidemark_journal::record::{decode_record, payload_bytes, PreparedRecord, Rec
 use tidemark_journal::segment::{BatchFrame, SegmentHeader};
 use tidemark_journal::{Error, ManualClock, Point, RecoveryMode, Timestamp};
 
+/// Recomputes the CRC a record header carries over its bytes and payload,
+/// so a mutation reaches the checks behind the CRC instead of being
+/// caught by it.
+fn reseal_record(bytes: &mut [u8]) {
+    if bytes.len() < 56 {
+        return;
+    }
+    let stored = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
+    let Some(payload) = bytes.get(56..56 + stored) else {
+        return;
+    };
+    let crc = crc32c::crc32c_append(crc32c::crc32c(payload), &bytes[..52]);
+    bytes[52..56].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The same for a 64-byte frame or header whose CRC covers bytes 0..60.
+fn reseal_64(bytes: &mut [u8]) {
+    if bytes.len() >= 64 {
+        let crc = crc32c::crc32c(&bytes[..60]);
+        bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
 #[test]
 fn decoders_answer_garbage_with_errors_not_panics() {
     for seed in seeds(8) {
         let _guard = SeedGuard(seed, "decoders_answer_garbage_with_errors_not_panics");
         let mut rng = rng(seed);
         let path = std::path::Path::new("fuzz.seg");
+        // How often a damaged record got past its CRC and was then judged
+        // by the checks behind it: they must be reached, not just the CRC.
+        let (mut refused_behind_crc, mut accepted) = (0u32, 0u32);
         for _ in 0..2000 {
-            // Pure noise, and valid encodings with a few bytes changed.
+            // Pure noise, and valid encodings with a few bytes changed and
+            // their CRC made to match again.
             let mut bytes = vec![0u8; rng.random_range(0..300)];
             rng.fill_bytes(&mut bytes);
-            if rng.random_bool(0.5) {
+            let resealed = rng.random_bool(0.5);
+            if resealed {
                 let len = rng.random_range(0..200);
                 let data = payload(&mut rng, len);
                 let kind = [RecordKind::Write, RecordKind::Mark][rng.random_range(0..2)];
@@ -44,14 +72,53 @@ fn decoders_answer_garbage_with_errors_not_panics() {
                 if rng.random_bool(0.3) {
                     bytes.truncate(rng.random_range(0..bytes.len()));
                 }
+                reseal_record(&mut bytes);
             }
-            if let Ok((header, stored)) = decode_record(&bytes, path, 0) {
-                let _ = payload_bytes(&header, stored, path, 0);
+            match decode_record(&bytes, path, 0) {
+                Ok((header, stored)) => {
+                    accepted += 1;
+                    // What passed every check is self-consistent.
+                    assert_eq!(stored.len(), header.stored_len as usize);
+                    if !header.compressed
+                        && matches!(header.kind, RecordKind::Write | RecordKind::Mark)
+                    {
+                        assert_eq!(header.length, u64::from(header.stored_len));
+                    }
+                    if let Ok(logical) = payload_bytes(&header, stored, path, 0) {
+                        if matches!(header.kind, RecordKind::Write | RecordKind::Mark) {
+                            assert_eq!(logical.len() as u64, header.length, "seed {seed}");
+                        }
+                    }
+                }
+                Err(Error::Corruption { reason, offset, .. }) => {
+                    assert_eq!(offset, 0);
+                    if resealed && !reason.contains("CRC") {
+                        refused_behind_crc += 1;
+                    }
+                }
+                Err(other) => panic!("seed {seed}: a decode error that is not corruption: {other}"),
             }
-            let _ = BatchFrame::decode(&bytes);
-            let _ = SegmentHeader::decode(&bytes, path);
+            let mut frame = bytes.clone();
+            reseal_64(&mut frame);
+            if let Ok(f) = BatchFrame::decode(&frame) {
+                assert!(
+                    f.count > 0 && f.last_seq >= f.first_seq,
+                    "seed {seed}: {f:?}"
+                );
+            }
+            if let Ok(h) = SegmentHeader::decode(&frame, path) {
+                assert_eq!(
+                    u32::from_le_bytes(frame[8..12].try_into().expect("4 bytes")),
+                    tidemark_journal::segment::FORMAT_VERSION,
+                    "seed {seed}: {h:?}"
+                );
+            }
             let _ = Mark::decode(&bytes);
         }
+        assert!(
+            refused_behind_crc > 50 && accepted > 50,
+            "seed {seed}: only {refused_behind_crc} damaged records reached the checks behind the CRC, {accepted} decoded"
+        );
     }
 }
 
