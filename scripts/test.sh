@@ -19,7 +19,7 @@ cargo build --workspace --bins --locked
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 # One closing line for the whole suite (cargo prints one per test binary,
 # and the last of them is usually an empty doc-test run).
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tidemark: %d passed, %d failed\n", passed, failed }' "$log"

@@ -1050,21 +1050,25 @@ impl Journal {
             }
         };
         loop {
-            // Room comes back only as the journal takes entries: a journal
-            // that stopped (a failed fsync) or is closing never gives any,
-            // so wait in slices and look.
-            if let Some(e) = shared.poisoned() {
-                return Err(e);
-            }
-            if shared.closing.load(Ordering::SeqCst) {
-                return Err(Error::Closed(shared.dir.clone()));
-            }
-            let slice = deadline.map(|at| at.min(std::time::Instant::now() + FILE_ROOM_SLICE));
-            if !cache.wait_for_room(len, slice) {
-                if deadline.is_some_and(|at| std::time::Instant::now() < at) {
-                    continue;
+            if !cache.wait_for_room(len, None) {
+                // Room comes back only as the journal takes entries: a
+                // journal that stopped (a failed fsync) or is closing never
+                // gives any, so wait in slices and look. (While there is
+                // room, records are taken even then: the file cache is a
+                // durable tier of its own.)
+                if let Some(e) = shared.poisoned() {
+                    return Err(e);
                 }
-                return Ok(Err(record));
+                if shared.closing.load(Ordering::SeqCst) {
+                    return Err(Error::Closed(shared.dir.clone()));
+                }
+                let slice = deadline.map(|at| at.min(std::time::Instant::now() + FILE_ROOM_SLICE));
+                if !cache.wait_for_room(len, slice) {
+                    if deadline.is_some_and(|at| std::time::Instant::now() < at) {
+                        continue;
+                    }
+                    return Ok(Err(record));
+                }
             }
             let stored = self.sequence(
                 |seq, time| {
