@@ -147,9 +147,16 @@ fn run(mode: IoMode, seed: u64) {
         }
         match rx.recv_timeout(Duration::from_millis(5)) {
             // (libtest prints "test NAME ... " on the same line first.)
-            Ok(line) if line.ends_with("ready") => started = Some(Instant::now()),
+            // The clock starts at the first acknowledgement, not at "ready":
+            // on a loaded machine the child may need longer than the
+            // shortest kill delay to finish its first write.
             Ok(line) if line == "done" => break,
-            Ok(line) => acks.extend(parse(&line)),
+            Ok(line) => {
+                if let Some(ack) = parse(&line) {
+                    started.get_or_insert_with(Instant::now);
+                    acks.push(ack);
+                }
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
