@@ -168,6 +168,20 @@ pub enum Error {
         waited: std::time::Duration,
     },
 
+    /// The journal's history is being replaced by another site's (a
+    /// replica catching up); no point is real until that finishes.
+    #[error("journal {0} is being rebased onto another site's history; no point can be read until that finishes")]
+    Rebasing(PathBuf),
+
+    /// A sync write durable here that a sync replica did not take.
+    #[error("seq {seq} is durable here but not on the replica: {reason}")]
+    NotReplicated {
+        /// The record.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
+
     /// Another process holds the journal directory open.
     #[error("journal {0} is locked by another process")]
     Locked(PathBuf),

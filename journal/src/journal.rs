@@ -213,6 +213,10 @@ pub enum Change<'a> {
     Mark(Mark<'a>),
 }
 
+/// Told of each newly published durable seq and its time; called on the
+/// journal's sync thread, so it must only hand the news on.
+pub type DurableListener = Arc<dyn Fn(Seq, Timestamp) + Send + Sync>;
+
 /// State shared by the journal's handle, its writer thread, reads and
 /// retention.
 pub(crate) struct Shared {
@@ -239,6 +243,9 @@ pub(crate) struct Shared {
     pub bases: RwLock<HashMap<VolumeId, Arc<BaseImage>>>,
     /// Newest durable and indexed record: reads never go past it.
     durable: RwLock<(Seq, Timestamp)>,
+    /// Told of every newly published durable seq (a replication stream
+    /// waiting for records to ship, a replica acknowledging them).
+    durable_listeners: RwLock<Vec<(u64, DurableListener)>>,
     /// The segment holding the newest durable batch. Every segment before
     /// it is wholly durable and its catalogue line final, so retention may
     /// remove those and no other (the catalogue of a newer segment may
@@ -282,6 +289,9 @@ impl Shared {
 
     pub fn set_durable(&self, seq: Seq, time: Timestamp) {
         *self.durable.write() = (seq, time);
+        for (_, listener) in self.durable_listeners.read().iter() {
+            listener(seq, time);
+        }
     }
 
     pub fn epoch(&self) -> u64 {
@@ -482,10 +492,24 @@ impl Shared {
     }
 }
 
-struct Sequencer {
+pub(crate) struct Sequencer {
     next_seq: Seq,
     last_time: Timestamp,
     tx: Option<Sender<Submission>>,
+}
+
+impl Sequencer {
+    /// Continues the write order at `next` after `time` (a rebase moved
+    /// the history).
+    pub(crate) fn restart_at(&mut self, next: Seq, time: Timestamp) {
+        self.next_seq = next;
+        self.last_time = time;
+    }
+
+    /// The seq the next record gets.
+    pub(crate) fn next_seq(&self) -> Seq {
+        self.next_seq
+    }
 }
 
 struct JournalInner {
@@ -737,6 +761,7 @@ impl Journal {
             catalogue: Mutex::new(recovered.catalogue.iter().map(|e| (e.id, *e)).collect()),
             bases: RwLock::new(bases),
             durable: RwLock::new((newest_seq.max(horizon.0), newest_time.max(horizon.1))),
+            durable_listeners: RwLock::new(Vec::new()),
             durable_segment: AtomicU64::new(recovered.active.map_or(0, |(id, _)| id)),
             poisoned: Mutex::new(None),
             fold: RwLock::new(()),
@@ -812,9 +837,31 @@ impl Journal {
         &self.inner.shared
     }
 
+    /// The sequencer, locked: nothing is appended while it is held.
+    pub(crate) fn sequencer_lock(&self) -> parking_lot::MutexGuard<'_, Sequencer> {
+        self.inner.sequencer.lock()
+    }
+
     /// The journal directory.
     pub fn dir(&self) -> &Path {
         &self.inner.shared.dir
+    }
+
+    /// Calls `listener` with every newly durable seq from now on, until
+    /// [`Journal::stop_listening`] with the id returned.
+    pub fn listen_durable(&self, listener: DurableListener) -> u64 {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.shared().durable_listeners.write().push((id, listener));
+        id
+    }
+
+    /// Stops calling the listener `id`.
+    pub fn stop_listening(&self, id: u64) {
+        self.shared()
+            .durable_listeners
+            .write()
+            .retain(|(listener, _)| *listener != id);
     }
 
     /// The filesystem the journal lives on.
@@ -835,6 +882,22 @@ impl Journal {
 
     /// Creates a volume of `size` bytes whose base image is all zeros.
     pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        self.create_volume_with(name, size, None)
+    }
+
+    /// Creates volume `info` with its id as given: a replica keeps the
+    /// volume ids of the journal it follows, since records name volumes by
+    /// id. The id must be free.
+    pub fn create_volume_as(&self, info: &VolumeInfo) -> Result<VolumeInfo> {
+        self.create_volume_with(&info.name, info.size, Some(info.id))
+    }
+
+    fn create_volume_with(
+        &self,
+        name: &str,
+        size: u64,
+        id: Option<VolumeId>,
+    ) -> Result<VolumeInfo> {
         validate_volume_name(name).map_err(Error::Invalid)?;
         if size == 0 || size % 512 != 0 {
             return Err(Error::Invalid(format!(
@@ -848,13 +911,23 @@ impl Journal {
         if manifest.volume(name).is_some() {
             return Err(Error::VolumeExists(name.to_string()));
         }
+        let id = match id {
+            Some(id) if manifest.volume_by_id(id).is_some() || id == 0 => {
+                return Err(Error::Invalid(format!(
+                    "volume {name}: id {id} is taken in group {}",
+                    manifest.group
+                )))
+            }
+            Some(id) => id,
+            None => manifest.next_volume_id,
+        };
         let volume = VolumeInfo {
-            id: manifest.next_volume_id,
+            id,
             name: name.to_string(),
             size,
         };
         let base = BaseImage::create(shared.options.fs.as_ref(), &shared.base_dir, &volume)?;
-        manifest.next_volume_id += 1;
+        manifest.next_volume_id = manifest.next_volume_id.max(id + 1);
         manifest.volumes.push(volume.clone());
         shared.store_manifest(manifest)?;
         shared.bases.write().insert(volume.id, Arc::new(base));
@@ -994,6 +1067,63 @@ impl Journal {
         sequencer.next_seq += 1;
         sequencer.last_time = time;
         Ok(Some((seq, time, out)))
+    }
+
+    /// Sends records shipped from another site to the writer with their
+    /// own seqs and times, under the sequencer lock: they must follow
+    /// `prev_seq`, this journal's newest seq, and rise in time.
+    pub(crate) fn sequence_shipped(
+        &self,
+        prev_seq: Seq,
+        records: Vec<(crate::record::RecordHeader, Vec<u8>)>,
+        charge: crate::memory_cache::CacheCharge,
+    ) -> Result<Option<AppendHandle>> {
+        let shared = self.shared();
+        let refuse = |reason: String| Error::Invalid(format!("shipped records refused: {reason}"));
+        let mut sequencer = self.inner.sequencer.lock();
+        let tx = sequencer
+            .tx
+            .clone()
+            .ok_or_else(|| Error::Closed(shared.dir.clone()))?;
+        let newest = sequencer.next_seq.saturating_sub(1);
+        if newest != prev_seq {
+            return Err(refuse(format!(
+                "they follow seq {prev_seq}, but this journal's newest seq is {newest}"
+            )));
+        }
+        let count = records.len();
+        let mut charge = Some(charge);
+        let mut last = None;
+        for (i, (header, bytes)) in records.into_iter().enumerate() {
+            if header.timestamp <= sequencer.last_time {
+                return Err(refuse(format!(
+                    "record seq {} is older ({}) than this journal's newest record ({})",
+                    header.seq, header.timestamp, sequencer.last_time
+                )));
+            }
+            let is_last = i + 1 == count;
+            let (reply, rx) = oneshot::channel();
+            tx.send(Submission::Append {
+                seq: header.seq,
+                time: header.timestamp,
+                record: Payload::Shipped { header, bytes },
+                reply: is_last.then_some(reply),
+                charge: if is_last { charge.take() } else { None },
+            })
+            .map_err(|_| Error::Closed(shared.dir.clone()))?;
+            sequencer.next_seq = header.seq + 1;
+            sequencer.last_time = header.timestamp;
+            if is_last {
+                last = Some(AppendHandle::new(
+                    header.seq,
+                    header.timestamp,
+                    u64::from(header.stored_len),
+                    rx,
+                    shared.dir.clone(),
+                ));
+            }
+        }
+        Ok(last)
     }
 
     fn append_to_memory(
@@ -1223,6 +1353,26 @@ impl Journal {
         self.shared().index.segments()
     }
 
+    /// Bytes of journal the records after `seq` take, estimated from the
+    /// segment catalogue (a segment partly after `seq` counts in
+    /// proportion to its seqs).
+    pub fn bytes_after(&self, seq: Seq) -> u64 {
+        self.shared()
+            .catalogue
+            .lock()
+            .values()
+            .filter(|e| e.last_seq > seq)
+            .map(|e| {
+                if e.first_seq > seq {
+                    e.used_bytes
+                } else {
+                    let span = e.last_seq - e.first_seq + 1;
+                    e.used_bytes / span.max(1) * (e.last_seq - seq)
+                }
+            })
+            .sum()
+    }
+
     /// Bytes of journal held in segments.
     pub fn journal_bytes(&self) -> u64 {
         self.shared()
@@ -1238,8 +1388,12 @@ impl Journal {
         self.shared().epoch()
     }
 
-    /// Raises the fencing epoch; it may never go down.
+    /// Raises the fencing epoch; it may never go down. The epoch history
+    /// records the seq the new epoch's first record will get.
     pub fn set_epoch(&self, epoch: u64) -> Result<()> {
+        // The sequencer is held so no record slips in between.
+        let sequencer = self.inner.sequencer.lock();
+        let first_seq = sequencer.next_seq;
         self.shared().update_manifest(|manifest| {
             if epoch < manifest.epoch {
                 return Err(Error::Invalid(format!(
@@ -1247,9 +1401,38 @@ impl Journal {
                     manifest.epoch
                 )));
             }
+            if epoch > manifest.epoch {
+                manifest
+                    .epochs
+                    .push(crate::manifest::EpochStart { epoch, first_seq });
+            }
             manifest.epoch = epoch;
             Ok(())
         })
+    }
+
+    /// Where each epoch began: (epoch, first seq), oldest first.
+    pub fn epoch_history(&self) -> Vec<crate::manifest::EpochStart> {
+        self.shared().manifest.read().epochs.clone()
+    }
+
+    /// The journal this one replicates (its group id), once set.
+    pub fn source_id(&self) -> u64 {
+        self.shared().manifest.read().source_id
+    }
+
+    /// Records that this journal replicates the journal with group id
+    /// `source`.
+    pub fn set_source_id(&self, source: u64) -> Result<()> {
+        self.shared().update_manifest(|manifest| {
+            manifest.source_id = source;
+            Ok(())
+        })
+    }
+
+    /// This journal's group id (written into its segments).
+    pub fn group_id(&self) -> u64 {
+        self.shared().group_id
     }
 
     /// Sets retention hold `name`: its consumer has taken everything up to
@@ -1261,12 +1444,26 @@ impl Journal {
         })
     }
 
+    /// Makes hold `name` expendable (or not): retention then passes it
+    /// like any limit, and records the window its consumer lacks as a gap.
+    pub fn set_hold_expendable(&self, name: &str, expendable: bool) -> Result<()> {
+        self.shared().update_manifest(|manifest| {
+            if expendable {
+                manifest.expendable.insert(name.to_string());
+            } else {
+                manifest.expendable.remove(name);
+            }
+            Ok(())
+        })
+    }
+
     /// Removes retention hold `name`.
     pub fn release_hold(&self, name: &str) -> Result<()> {
         self.shared().update_manifest(|manifest| {
             if manifest.holds.remove(name).is_none() {
                 return Err(Error::Invalid(format!("no retention hold named {name:?}")));
             }
+            manifest.expendable.remove(name);
             Ok(())
         })
     }

@@ -19,6 +19,9 @@
 //! - `read` — point-in-time reads.
 //! - [`changes`] — what changed since a point (for rollbacks), streamed.
 //! - [`retention`] — folding old records into the base images.
+//! - [`shipping`] — records read out to ship to another site, and records
+//!   shipped from one appended unchanged; [`rebase`] — a history rebased
+//!   onto another site's base images (how a replica starts and catches up).
 //! - [`memory_cache`] — the byte-bounded memory cache between capture and
 //!   the journal, and how appenders wait for room in it.
 //! - [`file_cache`] — the file tier: a memory-mapped ring that records
@@ -57,10 +60,12 @@ pub mod memory_cache;
 pub mod point;
 pub mod production;
 mod read;
+pub mod rebase;
 pub mod record;
 pub mod recovery;
 pub mod retention;
 pub mod segment;
+pub mod shipping;
 pub mod volume;
 pub mod write_path;
 mod writer;
@@ -69,7 +74,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use index::{SegmentEntry, StoredEvent, StoredTag, INDEX_BLOCK};
 pub use io_mode::{AdaptiveThresholds, IoMode};
-pub use journal::{CacheStats, CacheTiers, Change, Journal, JournalOptions};
+pub use journal::{CacheStats, CacheTiers, Change, DurableListener, Journal, JournalOptions};
 pub use manifest::Gap;
 pub use mark::Mark;
 pub use memory_cache::{return_freed_buffers_to_the_system, Admission, MemoryCacheStats};
@@ -78,6 +83,9 @@ pub use production::{BlockDevice, FileDevice};
 pub use record::RecordKind;
 pub use recovery::{Damage, RecoveryMode, RecoveryReport};
 pub use retention::{RetentionPolicy, RetentionReport};
+pub use shipping::{RawBatch, RawCursor, RawRecord};
 pub use volume::{VolumeId, VolumeInfo};
-pub use write_path::{Acknowledged, ResyncReport, VolumeStats, WritePath, WritePathOptions};
+pub use write_path::{
+    Acknowledged, ReplicaGate, ResyncReport, VolumeStats, WritePath, WritePathOptions,
+};
 pub use writer::{AppendHandle, Appended};

@@ -82,6 +82,41 @@ pub struct Manifest {
     pub holds: BTreeMap<String, Seq>,
     /// Windows that forced retention dropped past a hold.
     pub gaps: Vec<Gap>,
+    /// A rebase in progress: the base images are being replaced by another
+    /// site's state at this horizon; until it finishes no point is real.
+    #[serde(default)]
+    pub rebasing: Option<Rebasing>,
+    /// The journal this one replicates (its group id); 0 for none.
+    #[serde(default)]
+    pub source_id: u64,
+    /// Where each epoch began: (epoch, first seq written under it), in
+    /// order. Two sites find their highest common point from these.
+    #[serde(default)]
+    pub epochs: Vec<EpochStart>,
+    /// Holds retention may pass without being forced, recording a gap: a
+    /// consumer that fell too far behind (a replica past its lag limit).
+    #[serde(default)]
+    pub expendable: std::collections::BTreeSet<String>,
+}
+
+/// A rebase in progress (see `Manifest::rebasing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rebasing {
+    /// The new horizon.
+    pub seq: Seq,
+    /// Its time, nanoseconds since the epoch.
+    pub ns: i64,
+}
+
+/// The first seq of an epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpochStart {
+    /// The epoch.
+    pub epoch: u64,
+    /// The first seq written under it.
+    pub first_seq: Seq,
 }
 
 impl Manifest {
@@ -99,6 +134,10 @@ impl Manifest {
             volumes: Vec::new(),
             holds: BTreeMap::new(),
             gaps: Vec::new(),
+            rebasing: None,
+            source_id: 0,
+            epochs: Vec::new(),
+            expendable: std::collections::BTreeSet::new(),
         }
     }
 

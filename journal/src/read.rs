@@ -68,6 +68,9 @@ impl Shared {
         // Held for the whole read: a retention fold changes the base image
         // and the horizon together, and neither may move under us.
         let _fold = self.fold.read();
+        if self.manifest.read().rebasing.is_some() {
+            return Err(Error::Rebasing(self.dir.clone()));
+        }
         let seq = self.resolve(volume, point)?;
         let horizon = self.manifest.read().horizon_seq;
         self.read_at(&info, offset, buf, seq, horizon)?;

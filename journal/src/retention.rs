@@ -168,8 +168,8 @@ impl Shared {
         Ok(report)
     }
 
-    /// Clamps `target` to the retention holds unless `force`; with `force`,
-    /// returns the gaps passing them leaves.
+    /// Clamps `target` to the retention holds unless `force` (or the hold
+    /// is expendable); returns the gaps passing holds leaves.
     fn honour_holds(&self, target: Seq, force: bool) -> (Seq, Option<(String, Seq)>, Vec<Gap>) {
         let manifest = self.manifest.read();
         let now = self.options.clock.now().as_nanos();
@@ -180,7 +180,7 @@ impl Shared {
             if seq >= target || seq < manifest.horizon_seq {
                 continue;
             }
-            if force {
+            if force || manifest.expendable.contains(name) {
                 gaps.push(Gap {
                     hold: name.clone(),
                     hold_seq: seq,

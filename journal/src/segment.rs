@@ -390,6 +390,36 @@ impl Segment {
         })
     }
 
+    /// Walks the valid batches from offset `from` (a batch boundary) on,
+    /// calling `visit` with each batch's frame, the offset just past it,
+    /// and its records (header and offset), until the first position that
+    /// holds no valid batch or `visit` answers false. `prev_seq` is the seq
+    /// before the first batch. Returns the offset where it stopped.
+    pub fn batches_from(
+        &self,
+        from: u64,
+        prev_seq: Seq,
+        mut visit: impl FnMut(&BatchFrame, u64, &[(RecordHeader, u64)]) -> Result<bool>,
+    ) -> Result<u64> {
+        let mut pos = usize::try_from(from)
+            .ok()
+            .filter(|&p| p >= SEGMENT_HEADER_LEN)
+            .unwrap_or(SEGMENT_HEADER_LEN);
+        let mut last_seq = prev_seq;
+        let mut batch = Vec::new();
+        while pos + BATCH_HEADER_LEN <= self.map.len() {
+            let Ok((frame, end)) = self.check_batch(pos, last_seq, &mut batch) else {
+                break;
+            };
+            if !visit(&frame, end as u64, &batch)? {
+                break;
+            }
+            last_seq = frame.last_seq;
+            pos = end;
+        }
+        Ok(pos as u64)
+    }
+
     /// Verifies the batch at `pos`: its frame and every record in it.
     /// Fills `batch` with the records and returns the frame and the offset
     /// just past the batch, or the reason it is not valid.

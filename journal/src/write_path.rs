@@ -43,6 +43,19 @@ use crate::point::{Point, Seq};
 use crate::production::BlockDevice;
 use crate::volume::VolumeInfo;
 
+/// What a sync write waits for besides this journal: the consistency
+/// group's replicas. The replicator implements it; the write path knows no
+/// network, only that a sync write is acknowledged once `wait_replicated`
+/// returns.
+pub trait ReplicaGate: Send + Sync + std::fmt::Debug {
+    /// Returns once `seq` is durable wherever the group's replicas must
+    /// hold it before a sync write is acknowledged (at once when none
+    /// must), or an error that fails the write. `deadline` is the write's
+    /// own; what happens when a replica does not answer by then is the
+    /// gate's policy (degrade to async, or keep waiting).
+    fn wait_replicated(&self, seq: Seq, deadline: Instant) -> Result<()>;
+}
+
 /// How the write path behaves.
 #[derive(Clone, Copy, Debug)]
 pub struct WritePathOptions {
@@ -237,6 +250,9 @@ struct Inner {
     stop: AtomicBool,
     /// Wakes the maintenance thread early (on close).
     wake: (Mutex<bool>, Condvar),
+    /// What sync writes wait for besides the journal, when the group
+    /// replicates.
+    gate: RwLock<Option<Arc<dyn ReplicaGate>>>,
 }
 
 /// The write path of one journal (consistency group).
@@ -266,6 +282,7 @@ impl WritePath {
             volumes: RwLock::new(HashMap::new()),
             stop: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
+            gate: RwLock::new(None),
         });
         let background = inner.clone();
         let maintenance = std::thread::Builder::new()
@@ -281,6 +298,12 @@ impl WritePath {
     /// The journal underneath.
     pub fn journal(&self) -> &Journal {
         &self.inner.journal
+    }
+
+    /// Makes sync writes (and flushes) also wait for `gate` (the group's
+    /// replicas), or no longer, with `None`.
+    pub fn set_replica_gate(&self, gate: Option<Arc<dyn ReplicaGate>>) {
+        *self.inner.gate.write() = gate;
     }
 
     /// Attaches the production volume `device` to journal volume `volume`
@@ -433,7 +456,12 @@ impl WritePath {
             .map_err(behind)?;
         match mode {
             IoMode::Async => Ok(Some(handle.seq())),
-            _ => Ok(Some(handle.wait_timeout(timeout).map_err(behind)?.seq)),
+            _ => {
+                let started = Instant::now();
+                let seq = handle.wait_timeout(timeout).map_err(behind)?.seq;
+                self.inner.wait_replicated(seq, started + timeout)?;
+                Ok(Some(seq))
+            }
         }
     }
 
@@ -577,6 +605,15 @@ impl Drop for WritePath {
 }
 
 impl Inner {
+    /// Waits for the replica gate, if the group has one.
+    fn wait_replicated(&self, seq: Seq, deadline: Instant) -> Result<()> {
+        let gate = self.gate.read().clone();
+        match gate {
+            Some(gate) => gate.wait_replicated(seq, deadline),
+            None => Ok(()),
+        }
+    }
+
     fn backlog(&self) -> u64 {
         self.journal.memory_cache().used_bytes
     }
@@ -642,6 +679,7 @@ impl Inner {
         let journalled = durable.as_ref().ok().map(|_| seq);
         v.dirty.settle(offset, len, journalled, true);
         durable?;
+        self.wait_replicated(seq, started + timeout)?;
         if *v.mode.lock() == IoMode::Adaptive {
             let switch =
                 v.adaptive

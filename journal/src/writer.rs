@@ -69,6 +69,13 @@ pub enum Payload {
         /// Its header, for the index.
         header: RecordHeader,
     },
+    /// Encoded by another site's journal, shipped here unchanged.
+    Shipped {
+        /// Its header.
+        header: RecordHeader,
+        /// The encoded record.
+        bytes: Vec<u8>,
+    },
 }
 
 impl Payload {
@@ -77,6 +84,7 @@ impl Payload {
         match self {
             Payload::Memory(record) => record.encoded_len(),
             Payload::File { entry, .. } => entry.len as usize,
+            Payload::Shipped { bytes, .. } => bytes.len(),
         }
     }
 
@@ -97,6 +105,10 @@ impl Payload {
                 cache.read(entry, out);
                 Ok(entry.len as usize)
             }
+            Payload::Shipped { bytes, .. } => {
+                out[..bytes.len()].copy_from_slice(bytes);
+                Ok(bytes.len())
+            }
         }
     }
 
@@ -104,7 +116,7 @@ impl Payload {
     fn header(&self, seq: Seq, time: Timestamp) -> RecordHeader {
         match self {
             Payload::Memory(record) => record.header(seq, time),
-            Payload::File { header, .. } => *header,
+            Payload::File { header, .. } | Payload::Shipped { header, .. } => *header,
         }
     }
 
@@ -115,6 +127,13 @@ impl Payload {
                 if record.kind == crate::record::RecordKind::Mark && !record.compressed =>
             {
                 Some(record.stored.clone())
+            }
+            Payload::Shipped { header, bytes }
+                if header.kind == crate::record::RecordKind::Mark && !header.compressed =>
+            {
+                bytes
+                    .get(crate::record::RECORD_HEADER_LEN..)
+                    .map(<[u8]>::to_vec)
             }
             _ => None,
         }

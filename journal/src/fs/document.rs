@@ -70,6 +70,26 @@ pub fn store<T: Serialize>(
     super::write_atomically(fs, path, &bytes)
 }
 
+/// Like [`store`], for a document only its owner may read (it holds
+/// secrets): the file is mode 0600 from the moment it exists.
+pub fn store_private<T: Serialize>(
+    fs: &dyn Fs,
+    path: &Path,
+    format: &str,
+    version: u32,
+    content: &T,
+) -> io::Result<()> {
+    let envelope = Envelope {
+        format: format.to_string(),
+        version,
+        crc32c: crc_of(content).map_err(io::Error::other)?,
+        content,
+    };
+    let mut bytes = serde_json::to_vec_pretty(&envelope).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    super::write_atomically_private(fs, path, &bytes)
+}
+
 /// Reads document `format` from `path`: `None` if there is no file, its
 /// version and content otherwise. A version outside `versions` is refused,
 /// as is a document whose checksum does not match.

@@ -45,6 +45,9 @@ pub struct OpenMode {
     pub truncate: bool,
     /// Bypass the page cache (`O_DIRECT`) where the filesystem allows it.
     pub direct: bool,
+    /// A file created is readable and writable by its owner only (it
+    /// holds secrets).
+    pub private: bool,
 }
 
 impl OpenMode {
@@ -84,6 +87,14 @@ impl OpenMode {
     pub fn truncating(self) -> Self {
         OpenMode {
             truncate: true,
+            ..self
+        }
+    }
+
+    /// The same, creating the file with mode 0600.
+    pub fn private(self) -> Self {
+        OpenMode {
+            private: true,
             ..self
         }
     }
@@ -280,11 +291,25 @@ pub fn read(fs: &dyn Fs, path: &Path) -> io::Result<Vec<u8>> {
 /// `PATH.partial`, which is fsynced, renamed over `path`, and the
 /// directory is fsynced so the rename itself is durable.
 pub fn write_atomically(fs: &dyn Fs, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace(fs, path, bytes, OpenMode::create().truncating())
+}
+
+/// Like [`write_atomically`], for a file only its owner may read (mode
+/// 0600 from the moment it exists).
+pub fn write_atomically_private(fs: &dyn Fs, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    // A partial file left by a crash may have been made more open.
+    let _ = fs.remove_file(Path::new(&partial));
+    replace(fs, path, bytes, OpenMode::create_new().private())
+}
+
+fn replace(fs: &dyn Fs, path: &Path, bytes: &[u8], mode: OpenMode) -> io::Result<()> {
     let dir = parent_dir(path);
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
-    let file = fs.open(&partial, OpenMode::create().truncating())?;
+    let file = fs.open(&partial, mode)?;
     file.write_all_at(bytes, 0)?;
     file.sync_all()?;
     drop(file);

@@ -38,6 +38,9 @@ fn options(mode: OpenMode) -> OpenOptions {
         .create(mode.create && !mode.create_new)
         .create_new(mode.create_new)
         .truncate(mode.truncate);
+    if mode.private {
+        options.mode(0o600);
+    }
     options
 }
 
