@@ -26,6 +26,8 @@ struct File {
     #[serde(default)]
     limits: LimitsFile,
     #[serde(default)]
+    replication: ReplicationFile,
+    #[serde(default)]
     volumes: VolumesFile,
     #[serde(default)]
     journal: JournalFile,
@@ -33,6 +35,20 @@ struct File {
     retention: RetentionFile,
     #[serde(default)]
     tagging: TaggingFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplicationFile {
+    rpo_alert: Option<String>,
+    alert_command: Option<String>,
+    sync_timeout: Option<String>,
+    on_replica_down: Option<String>,
+    verify_interval: Option<String>,
+    heartbeat: Option<String>,
+    max_lag: Option<String>,
+    adaptive_latency: Option<String>,
+    adaptive_lag: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +189,8 @@ pub struct Config {
     /// Bytes of NBD request and reply buffers held at once, all
     /// connections together.
     pub nbd_buffer_memory: u64,
+    /// The `[replication]` table.
+    pub replication: tidemark_replicator::ReplicationSettings,
     /// Mode of volumes created without `--mode`.
     pub default_mode: IoMode,
     /// Segment size of new journals.
@@ -293,7 +311,31 @@ impl Config {
         if nbd_connections == 0 {
             return Err("limits.nbd_connections = 0 would refuse every NBD client".into());
         }
+        let rf = &file.replication;
+        let defaults = tidemark_replicator::ReplicationSettings::default();
+        let replication = tidemark_replicator::ReplicationSettings {
+            sync_timeout: duration("replication.sync_timeout", &rf.sync_timeout)?
+                .unwrap_or(defaults.sync_timeout),
+            on_replica_down: match rf.on_replica_down.as_deref() {
+                Some(text) => text.parse().map_err(|e| format!("replication.{e}"))?,
+                None => defaults.on_replica_down,
+            },
+            rpo_alert: duration("replication.rpo_alert", &rf.rpo_alert)?,
+            alert_command: rf.alert_command.clone().filter(|c| !c.trim().is_empty()),
+            heartbeat: duration("replication.heartbeat", &rf.heartbeat)?
+                .unwrap_or(defaults.heartbeat),
+            max_lag_bytes: size("replication.max_lag", &rf.max_lag, defaults.max_lag_bytes)?,
+            adaptive_latency: duration("replication.adaptive_latency", &rf.adaptive_latency)?
+                .unwrap_or(defaults.adaptive_latency),
+            adaptive_lag: duration("replication.adaptive_lag", &rf.adaptive_lag)?
+                .unwrap_or(defaults.adaptive_lag),
+            verify_interval: duration("replication.verify_interval", &rf.verify_interval)?,
+        };
+        if replication.heartbeat.is_zero() {
+            return Err("replication.heartbeat must be longer than 0".into());
+        }
         Ok(Config {
+            replication,
             token_file: o.token_file.clone().or(file.api.token_file),
             tls,
             nbd_connections,

@@ -6,9 +6,12 @@
 //! ephemeral loopback ports in a temporary data directory, runs CLI
 //! commands against it, and kills or restarts it. Tests that need a tool
 //! or kernel feature the machine lacks call [`require`] and skip with a
-//! printed reason.
+//! printed reason. [`proxy::Proxy`] stands between two sites and breaks
+//! their link on demand.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+pub mod proxy;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -614,5 +617,110 @@ pub mod raw_nbd {
             let mut byte = [0u8; 1];
             matches!(self.stream.read(&mut byte), Ok(0) | Err(_))
         }
+    }
+}
+
+/// A verifiable write load over NBD: each write carries its number and
+/// block, so after a crash a reader can tell which write a block holds and
+/// whether every acknowledged one survived.
+pub mod write_load {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use rand::{Rng, SeedableRng};
+
+    use crate::raw_nbd::Conn;
+
+    /// The block size of the load.
+    pub const BLOCK: usize = 4096;
+    /// Writes in flight at once.
+    pub const IN_FLIGHT: u64 = 16;
+
+    /// Per block, the last acknowledged write.
+    pub type Acked = Mutex<HashMap<u64, u64>>;
+    /// Per block, every write sent (answered or not).
+    pub type Pending = Mutex<HashMap<u64, Vec<u64>>>;
+
+    /// The block's content for write number `n`: `n` and the block, then
+    /// bytes drawn from both (incompressible, so records fill the caches
+    /// as real data would).
+    pub fn pattern(block: u64, n: u64) -> Vec<u8> {
+        let mut data = Vec::with_capacity(BLOCK);
+        data.extend_from_slice(&n.to_le_bytes());
+        data.extend_from_slice(&block.to_le_bytes());
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(n ^ block.rotate_left(32));
+        data.resize(BLOCK, 0);
+        rng.fill(&mut data[16..]);
+        data
+    }
+
+    /// Writes random blocks of `export` (of `blocks` blocks) at the NBD
+    /// server `addr` until the connection breaks; records, per block, the
+    /// last acknowledged write and the writes sent but not answered.
+    pub fn run(addr: &str, export: &str, blocks: u64, seed: u64, acked: &Acked, pending: &Pending) {
+        let mut c = Conn::open(addr);
+        c.flags();
+        c.go(export).expect("open the live export");
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut sent: HashMap<u64, (u64, u64)> = HashMap::new(); // handle -> (block, n)
+        let mut n = seed << 32;
+        loop {
+            while (sent.len() as u64) < IN_FLIGHT {
+                n += 1;
+                // Never two writes to one block in flight: NBD may complete
+                // overlapping requests in any order (as a disk may).
+                let mut block = rng.random_range(0..blocks);
+                while sent.values().any(|&(b, _)| b == block) {
+                    block = rng.random_range(0..blocks);
+                }
+                pending.lock().unwrap().entry(block).or_default().push(n);
+                if c.try_request(1, n, block * BLOCK as u64, BLOCK as u32, &pattern(block, n))
+                    .is_err()
+                {
+                    return;
+                }
+                sent.insert(n, (block, n));
+            }
+            let Ok((handle, error, _)) = c.reply(0) else {
+                return;
+            };
+            assert_eq!(error, 0, "write failed before the kill");
+            let (block, n) = sent.remove(&handle).expect("reply to a request we sent");
+            let mut acked = acked.lock().unwrap();
+            let last = acked.entry(block).or_insert(0);
+            *last = (*last).max(n);
+        }
+    }
+
+    /// Reads one block.
+    pub fn read_block(c: &mut Conn, block: u64) -> Vec<u8> {
+        c.request(0, block, block * BLOCK as u64, BLOCK as u32, &[]);
+        let (_, error, data) = c.reply(BLOCK).expect("read");
+        assert_eq!(error, 0);
+        data
+    }
+
+    /// Checks that `export` at `addr` holds every acknowledged write (or
+    /// one sent after it), untorn. Returns the blocks checked.
+    pub fn check(addr: &str, export: &str, acked: &Acked, pending: &Pending, what: &str) -> usize {
+        let acked = acked.lock().unwrap();
+        let pending = pending.lock().unwrap();
+        assert!(!acked.is_empty(), "{what}: nothing was acknowledged");
+        let mut c = Conn::open(addr);
+        c.flags();
+        c.go(export)
+            .unwrap_or_else(|e| panic!("{what}: cannot open export {export}: {e:?}"));
+        for (&block, &n) in acked.iter() {
+            let data = read_block(&mut c, block);
+            let got = u64::from_le_bytes(data[..8].try_into().unwrap());
+            // The acknowledged write, or one sent later (answered or not).
+            let later_ok = pending.get(&block).is_some_and(|ns| ns.contains(&got));
+            assert!(
+                got == n || (got > n && later_ok),
+                "{what}, {export}: block {block} holds write {got}, the last acknowledged was {n}"
+            );
+            assert_eq!(data, pattern(block, got), "{what}: block {block} is torn");
+        }
+        acked.len()
     }
 }

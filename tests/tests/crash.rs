@@ -13,73 +13,10 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use tidemark_tests::raw_nbd::Conn;
+use tidemark_tests::write_load::{self, pattern, read_block, BLOCK};
 use tidemark_tests::Daemon;
 
-const BLOCK: usize = 4096;
 const BLOCKS: u64 = 4096; // 16 MiB volume
-const IN_FLIGHT: u64 = 16;
-
-/// The block's content for write number `n`: `n` and the block, then
-/// bytes drawn from both (incompressible, so records fill the caches as
-/// real data would).
-fn pattern(block: u64, n: u64) -> Vec<u8> {
-    let mut data = Vec::with_capacity(BLOCK);
-    data.extend_from_slice(&n.to_le_bytes());
-    data.extend_from_slice(&block.to_le_bytes());
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(n ^ block.rotate_left(32));
-    data.resize(BLOCK, 0);
-    rng.fill(&mut data[16..]);
-    data
-}
-
-/// Writes until the connection breaks; records, per block, the last
-/// acknowledged write and the writes sent but not answered.
-fn load(
-    addr: &str,
-    seed: u64,
-    acked: &Mutex<HashMap<u64, u64>>,
-    pending: &Mutex<HashMap<u64, Vec<u64>>>,
-) {
-    let mut c = Conn::open(addr);
-    c.flags();
-    c.go("crash").expect("open the live export");
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let mut sent: HashMap<u64, (u64, u64)> = HashMap::new(); // handle -> (block, n)
-    let mut n = seed << 32;
-    loop {
-        while (sent.len() as u64) < IN_FLIGHT {
-            n += 1;
-            // Never two writes to one block in flight: NBD may complete
-            // overlapping requests in any order (as a disk may).
-            let mut block = rng.random_range(0..BLOCKS);
-            while sent.values().any(|&(b, _)| b == block) {
-                block = rng.random_range(0..BLOCKS);
-            }
-            pending.lock().unwrap().entry(block).or_default().push(n);
-            if c.try_request(1, n, block * BLOCK as u64, BLOCK as u32, &pattern(block, n))
-                .is_err()
-            {
-                return;
-            }
-            sent.insert(n, (block, n));
-        }
-        let Ok((handle, error, _)) = c.reply(0) else {
-            return;
-        };
-        assert_eq!(error, 0, "write failed before the kill");
-        let (block, n) = sent.remove(&handle).expect("reply to a request we sent");
-        let mut acked = acked.lock().unwrap();
-        let last = acked.entry(block).or_insert(0);
-        *last = (*last).max(n);
-    }
-}
-
-fn read_block(c: &mut Conn, block: u64) -> Vec<u8> {
-    c.request(0, block, block * BLOCK as u64, BLOCK as u32, &[]);
-    let (_, error, data) = c.reply(BLOCK).expect("read");
-    assert_eq!(error, 0);
-    data
-}
 
 #[test]
 fn kill_9_during_sync_writes_loses_nothing_acknowledged() {
@@ -139,7 +76,7 @@ fn kill_9_trial(seed: u64, config: &str) -> u64 {
         let done2 = done.clone();
         let load_seed = seed.wrapping_mul(4).wrapping_add(round + 1) & 0xffff_ffff;
         let writer = std::thread::spawn(move || {
-            load(&addr, load_seed, &a, &p);
+            write_load::run(&addr, "crash", BLOCKS, load_seed, &a, &p);
             done2.store(true, Ordering::SeqCst);
         });
         std::thread::sleep(Duration::from_millis(rng.random_range(300..1500)));
@@ -152,29 +89,11 @@ fn kill_9_trial(seed: u64, config: &str) -> u64 {
         writer.join().unwrap();
         d.restart();
 
-        let acked = acked.lock().unwrap();
-        let pending = pending.lock().unwrap();
-        assert!(!acked.is_empty());
+        let mut blocks = 0;
         for export in ["crash", "crash@latest"] {
-            let mut c = Conn::open(&d.nbd);
-            c.flags();
-            c.go(export).unwrap();
-            for (&block, &n) in acked.iter() {
-                let data = read_block(&mut c, block);
-                let got = u64::from_le_bytes(data[..8].try_into().unwrap());
-                // The acknowledged write, or one sent later (answered or not).
-                let later_ok = pending.get(&block).is_some_and(|ns| ns.contains(&got));
-                assert!(
-                    got == n || (got > n && later_ok),
-                    "round {round}, {export}: block {block} holds write {got}, the last acknowledged was {n}"
-                );
-                assert_eq!(data, pattern(block, got), "block {block} is torn");
-            }
+            blocks = write_load::check(&d.nbd, export, &acked, &pending, &format!("round {round}"));
         }
-        eprintln!(
-            "round {round}: {} blocks verified after kill -9",
-            acked.len()
-        );
+        eprintln!("round {round}: {blocks} blocks verified after kill -9");
     }
     assert!(d.healthy());
     spilled

@@ -112,6 +112,61 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Replicate volumes to a second site, and see how far behind it is.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
+}
+
+/// `tidemark replica …` (on the primary site).
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCommand {
+    /// Replicate a volume (its whole consistency group) to the daemon at
+    /// ADDR. `--ca F` (the global flag) is the replica site's CA here.
+    Add {
+        /// The volume.
+        volume: String,
+        /// The replica site's daemon: HOST:PORT, or https://HOST:PORT.
+        #[arg(long = "to")]
+        to: String,
+        /// sync (RPO 0), async or adaptive.
+        #[arg(long, default_value = "async", value_parser = replica_mode)]
+        mode: String,
+        /// File holding the replica site's API token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// Every replica: state, mode, lag and RPO.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop replicating a volume's group.
+    Remove {
+        /// The volume.
+        volume: String,
+    },
+    /// Compare one point's content on both sites: equal, or the regions
+    /// that differ.
+    Verify {
+        /// The volume.
+        volume: String,
+        /// The point (default: the newest the replica holds).
+        #[arg(long, value_parser = point, allow_hyphen_values = true)]
+        at: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn replica_mode(text: &str) -> Result<String, String> {
+    match text {
+        "sync" | "async" | "adaptive" => Ok(text.to_string()),
+        other => Err(format!(
+            "replication mode {other:?} must be sync, async or adaptive"
+        )),
+    }
 }
 
 /// `tidemark serve` flags.

@@ -7,8 +7,8 @@ use tidemark_proto::v1 as pb;
 use tidemark_proto::v1::tidemark_client::TidemarkClient;
 use tonic::transport::Channel;
 
-use super::args::{Command, TagCommand, VolumeCommand};
-use super::output::{self, tag_json, timeline_json, volume_json};
+use super::args::{Command, ReplicaCommand, TagCommand, VolumeCommand};
+use super::output::{self, replica_json, tag_json, timeline_json, volume_json};
 use crate::size::format_size;
 
 /// How a client command failed: exit status 1 (the operation failed) or
@@ -287,6 +287,7 @@ async fn run(client: &mut Client, command: Command) -> Result<(), Failure> {
             );
             Ok(())
         }
+        Command::Replica(command) => replica(client, command).await,
         Command::Status { json } => {
             let s = client.status(pb::StatusRequest {}).await?.into_inner();
             if json {
@@ -398,6 +399,11 @@ async fn volume(client: &mut Client, command: VolumeCommand) -> Result<(), Failu
                 value["journal_bytes"] = json!(d.journal_bytes);
                 value["nbd_clients"] = json!(d.nbd_clients);
                 value["tags"] = json!(d.tags);
+                if let Some(first) = d.replicas.first() {
+                    value["replica"] = replica_json(first);
+                    value["replicas"] =
+                        json!(d.replicas.iter().map(replica_json).collect::<Vec<_>>());
+                }
                 print_json(&value);
             } else {
                 println!("volume      {}", v.name);
@@ -429,6 +435,24 @@ async fn volume(client: &mut Client, command: VolumeCommand) -> Result<(), Failu
                 );
                 println!("clients     {}", d.nbd_clients);
                 println!("tags        {}", d.tags);
+                println!("role        {} (epoch {})", v.role, v.epoch);
+                for r in &d.replicas {
+                    println!(
+                        "replica     {}: {}, {} mode (now {}), acked seq {}, lag {:.3} s, RPO {:.3} s{}",
+                        r.address,
+                        r.state,
+                        r.mode,
+                        r.effective_mode,
+                        r.acked_seq,
+                        r.lag_seconds,
+                        r.rpo_seconds,
+                        if r.last_error.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (last error: {})", r.last_error)
+                        }
+                    );
+                }
             }
             Ok(())
         }
@@ -617,4 +641,166 @@ async fn restore(
         code: 1,
         message: format!("restore of volume {volume} ended without completing"),
     })
+}
+
+/// `tidemark replica …`.
+async fn replica(client: &mut Client, command: ReplicaCommand) -> Result<(), Failure> {
+    match command {
+        ReplicaCommand::Add {
+            volume,
+            to,
+            mode,
+            token_file,
+        } => {
+            let Some(token_file) = token_file else {
+                return Err(usage(format!(
+                    "replica add needs the token of the daemon at {to}: --token-file F (its DATA_DIR/api.token)"
+                )));
+            };
+            let token = std::fs::read_to_string(&token_file).map_err(|e| Failure {
+                code: 1,
+                message: format!(
+                    "cannot read the replica site's token from {}: {e}",
+                    token_file.display()
+                ),
+            })?;
+            let ca_pem = match replica_ca() {
+                Some(path) => std::fs::read_to_string(&path).map_err(|e| Failure {
+                    code: 1,
+                    message: format!(
+                        "cannot read the replica site's CA certificate {}: {e}",
+                        path.display()
+                    ),
+                })?,
+                None => String::new(),
+            };
+            let r = client
+                .add_replica(pb::AddReplicaRequest {
+                    volume,
+                    address: to,
+                    mode,
+                    token: token.trim().to_string(),
+                    ca_pem,
+                })
+                .await?
+                .into_inner();
+            println!(
+                "group {} of volume {} replicates to {} in {} mode ({})",
+                r.group, r.volume, r.address, r.mode, r.state
+            );
+            Ok(())
+        }
+        ReplicaCommand::List { json } => {
+            let list = client
+                .list_replicas(pb::ListReplicasRequest {})
+                .await?
+                .into_inner();
+            if json {
+                print_json(&serde_json::Value::Array(
+                    list.replicas.iter().map(replica_json).collect(),
+                ));
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.volume.clone(),
+                            r.address.clone(),
+                            r.state.clone(),
+                            format!("{} (now {})", r.mode, r.effective_mode),
+                            r.acked_seq.to_string(),
+                            format!("{:.3}", r.lag_seconds),
+                            format!("{:.3}", r.rpo_seconds),
+                            format_size(r.lag_bytes),
+                            r.last_error.clone(),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    &[
+                        "VOLUME",
+                        "REPLICA",
+                        "STATE",
+                        "MODE",
+                        "ACKED",
+                        "LAG_S",
+                        "RPO_S",
+                        "LAG",
+                        "LAST_ERROR",
+                    ],
+                    &rows,
+                );
+            }
+            Ok(())
+        }
+        ReplicaCommand::Remove { volume } => {
+            client
+                .remove_replica(pb::VolumeRef {
+                    name: volume.clone(),
+                })
+                .await?;
+            println!("volume {volume} no longer replicates");
+            Ok(())
+        }
+        ReplicaCommand::Verify { volume, at, json } => {
+            let v = client
+                .verify_replica(pb::VerifyReplicaRequest {
+                    volume: volume.clone(),
+                    at: at.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&json!({
+                    "volume": volume,
+                    "seq": v.seq,
+                    "equal": v.equal,
+                    "hash": v.hash,
+                    "regions": v.regions,
+                    "differences": v.differences.iter().map(|d| json!({
+                        "volume": d.volume, "offset": d.offset, "length": d.length,
+                    })).collect::<Vec<_>>(),
+                }));
+            } else if v.equal {
+                println!(
+                    "volume {volume} at seq {}: both sites equal ({} regions, hash {})",
+                    v.seq, v.regions, v.hash
+                );
+            } else {
+                println!(
+                    "volume {volume} at seq {}: {} of {} regions differ:",
+                    v.seq,
+                    v.differences.len(),
+                    v.regions
+                );
+                for d in &v.differences {
+                    println!("  {} offset {} length {}", d.volume, d.offset, d.length);
+                }
+            }
+            if v.equal {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: 1,
+                    message: format!("volume {volume} differs between the sites at seq {}", v.seq),
+                })
+            }
+        }
+    }
+}
+
+/// `replica add`'s `--ca`, given on its command line (the global flag,
+/// which there names the replica site's CA).
+fn replica_ca() -> Option<std::path::PathBuf> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--ca")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("--ca="))
+                .map(std::path::PathBuf::from)
+        })
 }

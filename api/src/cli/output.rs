@@ -19,6 +19,28 @@ pub fn volume_json(v: &pb::Volume) -> Value {
         "horizon_seq": v.horizon_seq,
         "horizon_time": v.horizon_time,
         "backing": v.backing,
+        "role": v.role,
+        "epoch": v.epoch,
+    })
+}
+
+/// A replica as `replica list --json` (and `volume show --json`) print it.
+pub fn replica_json(r: &pb::Replica) -> Value {
+    json!({
+        "volume": r.volume,
+        "group": r.group,
+        "address": r.address,
+        "state": r.state,
+        "mode": r.mode,
+        "effective_mode": r.effective_mode,
+        "acked_seq": r.acked_seq,
+        "lag_seconds": r.lag_seconds,
+        "rpo_seconds": r.rpo_seconds,
+        "lag_bytes": r.lag_bytes,
+        "sent_bytes": r.sent_bytes,
+        "resync_bytes": r.resync_bytes,
+        "last_error": if r.last_error.is_empty() { Value::Null } else { json!(r.last_error) },
+        "last_verified": if r.last_verified.is_empty() { Value::Null } else { json!(r.last_verified) },
     })
 }
 

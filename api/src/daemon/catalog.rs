@@ -38,6 +38,27 @@ pub struct VolumeSpec {
     pub owns_backing: bool,
     /// `sync`, `async` or `adaptive`.
     pub mode: String,
+    /// `primary` (written here) or `replica` (kept here as another site's
+    /// replica: no production volume, the journal fed by the primary).
+    /// Left out of the file for primaries, so catalogues of before
+    /// replication read (and checksum) as they were.
+    #[serde(default = "primary", skip_serializing_if = "is_primary")]
+    pub role: String,
+}
+
+fn primary() -> String {
+    "primary".into()
+}
+
+fn is_primary(role: &String) -> bool {
+    role == "primary"
+}
+
+impl VolumeSpec {
+    /// True if this site keeps the volume as another site's replica.
+    pub fn is_replica(&self) -> bool {
+        self.role == "replica"
+    }
 }
 
 /// Version 1, as written before the catalogue had a checksum.
@@ -89,6 +110,7 @@ mod tests {
             backing: PathBuf::from(format!("/v/{name}.img")),
             owns_backing: true,
             mode: "sync".into(),
+            role: "primary".into(),
         }
     }
 

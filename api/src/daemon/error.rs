@@ -39,7 +39,8 @@ impl From<JournalError> for ApiError {
             JournalError::OutOfBounds { .. } | JournalError::Invalid(_) => ApiError::Invalid(text),
             JournalError::CacheFull { .. }
             | JournalError::NotDurable { .. }
-            | JournalError::Behind { .. } => ApiError::Busy(text),
+            | JournalError::Behind { .. }
+            | JournalError::NotReplicated { .. } => ApiError::Busy(text),
             _ => ApiError::Failed(text),
         }
     }

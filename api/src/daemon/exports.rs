@@ -35,6 +35,9 @@ enum Target {
     Point { seq: Seq },
     /// The volume at `seq` plus an overlay of writes.
     Overlay { seq: Seq, overlay: Overlay },
+    /// A replica's live volume: its newest point, read-only (the primary
+    /// writes it).
+    ReplicaLive,
 }
 
 /// One export.
@@ -51,11 +54,16 @@ pub struct Export {
 impl Export {
     /// The live volume `volume`, counted as a writer while this lives.
     pub fn live(volume: Arc<Volume>) -> Arc<Export> {
+        let target = if volume.is_replica() {
+            Target::ReplicaLive
+        } else {
+            Target::Live {
+                _writer: WriterGuard::new(volume.clone()),
+            }
+        };
         Arc::new(Export {
             name: volume.name.clone(),
-            target: Target::Live {
-                _writer: WriterGuard::new(volume.clone()),
-            },
+            target,
             volume,
             hold: None,
         })
@@ -89,7 +97,7 @@ impl Export {
 
     /// True unless writes are accepted.
     pub fn read_only(&self) -> bool {
-        matches!(self.target, Target::Point { .. })
+        matches!(self.target, Target::Point { .. } | Target::ReplicaLive)
     }
 
     /// True for the live volume.
@@ -124,7 +132,7 @@ impl Export {
     /// The point a view shows.
     pub fn seq(&self) -> Option<Seq> {
         match &self.target {
-            Target::Live { .. } => None,
+            Target::Live { .. } | Target::ReplicaLive => None,
             Target::Point { seq } | Target::Overlay { seq, .. } => Some(*seq),
         }
     }
@@ -165,14 +173,23 @@ impl Export {
             Target::Overlay { seq, overlay } => {
                 overlay.read(offset, buf, |at, part| self.read_point(*seq, at, part))
             }
+            Target::ReplicaLive => {
+                self.volume
+                    .journal()
+                    .read(&self.volume.name, offset, buf, Point::Latest)?;
+                Ok(())
+            }
         }
     }
 
     fn refuse_read_only(&self) -> ApiResult<()> {
-        Err(ApiError::Invalid(format!(
-            "export {} is a read-only point-in-time view",
-            self.name
-        )))
+        Err(ApiError::Invalid(match self.target {
+            Target::ReplicaLive => format!(
+                "volume {} is a replica on this site: writes go to the primary",
+                self.name
+            ),
+            _ => format!("export {} is a read-only point-in-time view", self.name),
+        }))
     }
 
     /// Writes `data` at `offset`.
@@ -188,7 +205,7 @@ impl Export {
                 self.volume.observe_write(offset, data.len() as u64, &ack);
                 Ok(())
             }
-            Target::Point { .. } => self.refuse_read_only(),
+            Target::Point { .. } | Target::ReplicaLive => self.refuse_read_only(),
             Target::Overlay { seq, overlay } => {
                 overlay.write(offset, data, |at, part| self.read_point(*seq, at, part))
             }
@@ -212,7 +229,7 @@ impl Export {
                 self.volume.observe_free(offset, len, &ack);
                 Ok(())
             }
-            Target::Point { .. } => self.refuse_read_only(),
+            Target::Point { .. } | Target::ReplicaLive => self.refuse_read_only(),
             Target::Overlay { .. } => {
                 let zeros = vec![0u8; len.min(1 << 20) as usize];
                 let mut at = offset;

@@ -71,6 +71,28 @@ pub fn volume_proto(daemon: &Daemon, v: &Volume) -> pb::Volume {
         effective_mode: now.to_string(),
         newest_time: history.newest_time.to_string(),
         horizon_time: history.horizon_time.to_string(),
+        role: v.group.role().into(),
+        epoch: v.journal().epoch(),
+    }
+}
+
+/// A replica's status as the API gives it.
+pub fn replica_proto(volume: &str, s: &tidemark_replicator::ReplicaStatus) -> pb::Replica {
+    pb::Replica {
+        volume: volume.to_string(),
+        group: s.group.clone(),
+        address: s.address.clone(),
+        state: s.state.to_string(),
+        mode: s.mode.to_string(),
+        effective_mode: s.effective_mode.to_string(),
+        acked_seq: s.acked_seq,
+        lag_seconds: s.lag_seconds,
+        rpo_seconds: s.rpo_seconds,
+        lag_bytes: s.lag_bytes,
+        sent_bytes: s.sent_bytes,
+        resync_bytes: s.resync_bytes,
+        last_error: s.last_error.clone().unwrap_or_default(),
+        last_verified: s.last_verified.clone().unwrap_or_default(),
     }
 }
 
@@ -134,7 +156,9 @@ impl Tidemark for Service {
         self.blocking(move |d| {
             let v = d.registry.volume(&name)?;
             let cache = v.journal().cache_stats();
-            let stats = v.group.write_path.stats(&name)?;
+            // A replica here has no production volume, so no write-path
+            // counters.
+            let stats = v.group.write_path.stats(&name).unwrap_or_default();
             Ok(pb::VolumeDetail {
                 volume: Some(volume_proto(d, &v)),
                 cache: Some(pb::CacheUse {
@@ -156,6 +180,13 @@ impl Tidemark for Service {
                 journal_bytes: v.journal().journal_bytes(),
                 nbd_clients: v.writers.load(std::sync::atomic::Ordering::Relaxed),
                 tags: d.registry.tags(&v)?.len() as u32,
+                replicas: d
+                    .registry
+                    .replication
+                    .of_group(&v.group.name)
+                    .iter()
+                    .map(|s| replica_proto(&v.name, s))
+                    .collect(),
             })
         })
         .await
@@ -405,9 +436,16 @@ impl Tidemark for Service {
                 .map(|g| g.journal().epoch())
                 .max()
                 .unwrap_or(0);
+            let role = if d.registry.groups().iter().any(|g| !g.replica)
+                || d.registry.groups().is_empty()
+            {
+                "primary"
+            } else {
+                "replica"
+            };
             Ok(pb::StatusResponse {
                 volumes,
-                role: "primary".into(),
+                role: role.into(),
                 epoch,
                 version: env!("CARGO_PKG_VERSION").into(),
                 nbd: d.nbd_addr.to_string(),
@@ -419,6 +457,158 @@ impl Tidemark for Service {
                     .iter()
                     .map(|e| export_proto(d, e))
                     .collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn add_replica(
+        &self,
+        request: Request<pb::AddReplicaRequest>,
+    ) -> Result<Response<pb::Replica>, Status> {
+        let r = request.into_inner();
+        let daemon = self.daemon.clone();
+        // On the runtime: the shipper it starts is a task of it.
+        let status = {
+            let registry = daemon.registry.clone();
+            let volume = registry.volume(&r.volume).map_err(Status::from)?;
+            let ca = (!r.ca_pem.is_empty()).then(|| r.ca_pem.clone());
+            let peer = tidemark_replicator::Peer {
+                address: r.address.clone(),
+                token: r.token.trim().to_string(),
+                ca_pem: ca.clone().map(String::into_bytes),
+            };
+            if !r.address.is_empty() && !r.token.trim().is_empty() {
+                tidemark_replicator::link::probe(&peer, &volume.group.name)
+                    .await
+                    .map_err(Status::failed_precondition)?;
+            }
+            tokio::task::block_in_place(|| {
+                registry
+                    .replication
+                    .add(&registry, &volume, &r.address, &r.mode, &r.token, ca)
+            })
+            .map_err(Status::from)?
+        };
+        Ok(Response::new(replica_proto(&r.volume, &status)))
+    }
+
+    async fn list_replicas(
+        &self,
+        _: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        let registry = &self.daemon.registry;
+        let mut replicas = Vec::new();
+        for status in registry.replication.statuses() {
+            for v in registry.volumes() {
+                if v.group.name == status.group {
+                    replicas.push(replica_proto(&v.name, &status));
+                }
+            }
+        }
+        Ok(Response::new(pb::ListReplicasResponse { replicas }))
+    }
+
+    async fn remove_replica(
+        &self,
+        request: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let registry = self.daemon.registry.clone();
+        let volume = registry
+            .volume(&request.into_inner().name)
+            .map_err(Status::from)?;
+        registry
+            .replication
+            .remove(&volume)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn verify_replica(
+        &self,
+        request: Request<pb::VerifyReplicaRequest>,
+    ) -> Result<Response<pb::VerifyReplicaResponse>, Status> {
+        let r = request.into_inner();
+        let registry = self.daemon.registry.clone();
+        let volume = registry.volume(&r.volume).map_err(Status::from)?;
+        let seq = match point(&r.at, "--at").map_err(Status::from)? {
+            Some(spec) => {
+                let (registry, volume) = (registry.clone(), volume.clone());
+                Some(
+                    tokio::task::spawn_blocking(move || registry.resolve(&volume, &spec))
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?
+                        .map_err(Status::from)?,
+                )
+            }
+            None => None,
+        };
+        let v = registry
+            .replication
+            .verify(&volume, seq)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::VerifyReplicaResponse {
+            seq: v.seq,
+            equal: v.differences.is_empty(),
+            differences: v
+                .differences
+                .iter()
+                .map(|(volume, offset, length)| pb::RegionDifference {
+                    volume: volume.clone(),
+                    offset: *offset,
+                    length: *length,
+                })
+                .collect(),
+            hash: v.hash,
+            regions: v.regions,
+        }))
+    }
+
+    type ReplicateStream = BoxStream<pb::ReplicationReply>;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<pb::ReplicationMessage>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let registry = self.daemon.registry.clone();
+        let host = Arc::new(super::replication::ReplicaSite(registry.clone()));
+        let replies = registry
+            .replication
+            .receivers
+            .accept(host, request.into_inner())
+            .await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(replies))))
+    }
+
+    async fn region_hashes(
+        &self,
+        request: Request<pb::RegionHashesRequest>,
+    ) -> Result<Response<pb::RegionHashesResponse>, Status> {
+        let r = request.into_inner();
+        self.blocking(move |d| {
+            let group = d.registry.group_by_name(&r.group)?;
+            let journal = group.journal();
+            let region = u64::from(r.region_size).max(4096);
+            let mut volumes = Vec::new();
+            for v in journal.volumes() {
+                let hashes =
+                    tidemark_replicator::hash::region_hashes(v.size, region, |offset, buf| {
+                        journal
+                            .read(&v.name, offset, buf, tidemark_journal::Point::Seq(r.seq))
+                            .map(|_| ())
+                    })?;
+                volumes.push(pb::replication_reply::Hashes {
+                    volume: v.id,
+                    region_size: region as u32,
+                    hashes: tidemark_replicator::hash::pack(&hashes),
+                });
+            }
+            Ok(pb::RegionHashesResponse {
+                volumes,
+                seq: r.seq,
             })
         })
         .await
@@ -441,7 +631,11 @@ impl Tidemark for Service {
             ));
         };
         let guard = self
-            .blocking(move |d| Ok(WriterGuard::new(d.registry.volume(&open.volume)?)))
+            .blocking(move |d| {
+                let volume = d.registry.volume(&open.volume)?;
+                volume.refuse_on_replica("write it")?;
+                Ok(WriterGuard::new(volume))
+            })
             .await?;
         let guard = Arc::new(guard);
         let (tx, rx) = mpsc::channel(64);

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tidemark_journal::CacheStats;
+use tidemark_replicator::ReplicaStatus;
 
 use super::registry::Registry;
 
@@ -89,6 +90,7 @@ struct VolumeRow {
 /// One group's numbers, read once per scrape.
 struct GroupRow {
     name: String,
+    role: &'static str,
     journal_bytes: u64,
     epoch: u64,
     cache: CacheStats,
@@ -224,6 +226,7 @@ impl Metrics {
             .iter()
             .map(|g| GroupRow {
                 name: g.name.clone(),
+                role: g.role(),
                 journal_bytes: g.journal().journal_bytes(),
                 epoch: g.journal().epoch(),
                 cache: g.journal().cache_stats(),
@@ -299,9 +302,19 @@ impl Metrics {
             &mut out,
             "tidemark_role",
             "gauge",
-            "1 for this site's role.",
+            "1 for this site's role in the group (primary or replica).",
         );
-        let _ = writeln!(out, "tidemark_role{{role=\"primary\"}} 1");
+        for g in &groups {
+            for role in ["primary", "replica"] {
+                let on = u8::from(g.role == role);
+                let _ = writeln!(
+                    out,
+                    "tidemark_role{{group=\"{}\",role=\"{role}\"}} {on}",
+                    g.name
+                );
+            }
+        }
+        self.render_replicas(&mut out, registry, &volumes);
 
         help(
             &mut out,
@@ -358,5 +371,101 @@ impl Metrics {
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
         out
+    }
+}
+
+impl Metrics {
+    /// The replication series: one line per replicated volume and replica
+    /// site (a group's numbers repeated for each of its volumes, as users
+    /// look a volume up, not a group).
+    fn render_replicas(&self, out: &mut String, registry: &Registry, volumes: &[VolumeRow]) {
+        let statuses = registry.replication.statuses();
+        if statuses.is_empty() {
+            return;
+        }
+        type ReplicaValue = fn(&ReplicaStatus) -> String;
+        let series: [(&str, &str, &str, ReplicaValue); 7] = [
+            (
+                "tidemark_replica_lag_seconds",
+                "gauge",
+                "Time between the newest record here and the newest durable on the replica.",
+                |s| format!("{:.3}", s.lag_seconds),
+            ),
+            (
+                "tidemark_replica_rpo_seconds",
+                "gauge",
+                "Age of the oldest record not yet durable on the replica (0 when caught up).",
+                |s| format!("{:.3}", s.rpo_seconds),
+            ),
+            (
+                "tidemark_replica_lag_bytes",
+                "gauge",
+                "Journal bytes not yet durable on the replica.",
+                |s| s.lag_bytes.to_string(),
+            ),
+            (
+                "tidemark_replica_sent_bytes_total",
+                "counter",
+                "Bytes of records sent to the replica.",
+                |s| s.sent_bytes.to_string(),
+            ),
+            (
+                "tidemark_replica_resync_bytes_total",
+                "counter",
+                "Bytes of regions sent to the replica by initial syncs and resyncs.",
+                |s| s.resync_bytes.to_string(),
+            ),
+            (
+                "tidemark_replica_acked_seq",
+                "gauge",
+                "Newest seq durable on the replica.",
+                |s| s.acked_seq.to_string(),
+            ),
+            (
+                "tidemark_replica_rpo_alert",
+                "gauge",
+                "1 while the RPO is over [replication] rpo_alert.",
+                |s| u8::from(s.rpo_alert).to_string(),
+            ),
+        ];
+        for (name, kind, text, value) in series {
+            help(out, name, kind, text);
+            for status in &statuses {
+                for v in volumes.iter().filter(|v| v.group == status.group) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{volume=\"{}\",group=\"{}\",replica=\"{}\"}} {}",
+                        v.name,
+                        v.group,
+                        status.address,
+                        value(status)
+                    );
+                }
+            }
+        }
+        help(
+            out,
+            "tidemark_replica_state",
+            "gauge",
+            "1 for the state of the link to the replica.",
+        );
+        for status in &statuses {
+            for v in volumes.iter().filter(|v| v.group == status.group) {
+                for state in [
+                    "connecting",
+                    "initial-sync",
+                    "streaming",
+                    "resyncing",
+                    "disconnected",
+                ] {
+                    let on = u8::from(status.state.to_string() == state);
+                    let _ = writeln!(
+                        out,
+                        "tidemark_replica_state{{volume=\"{}\",replica=\"{}\",state=\"{state}\"}} {on}",
+                        v.name, status.address
+                    );
+                }
+            }
+        }
     }
 }

@@ -10,6 +10,8 @@
 //!   the daemon as host of the tagger (time policies, log rules, hooks,
 //!   anomaly detection, verification: `tidemark-tagging`).
 //! - [`rollback`], [`restore`], [`initial_sync`] — recovery operations.
+//! - [`replication`] — the replicas this site ships to, and the groups it
+//!   keeps as another site's replica (the work is `tidemark-replicator`'s).
 //! - [`grpc`], [`http`], [`metrics`] — the API surfaces; [`access`] — the
 //!   API token and TLS.
 //! - [`error`] — errors as clients see them.
@@ -23,6 +25,7 @@ pub mod http;
 pub mod initial_sync;
 pub mod metrics;
 pub mod registry;
+pub mod replication;
 pub mod restore;
 pub mod rollback;
 pub mod tagging_host;
@@ -103,6 +106,7 @@ async fn run(config: Config) -> Result<(), String> {
             })?
     };
     check_tagging_targets(&config, &registry)?;
+    registry.replication.start_all(&registry);
     let mut tagging = config.tagging.clone();
     tagging.state_dir = config.data_dir.join("tagging");
     let tagger = tidemark_tagging::Tagger::start(
@@ -128,14 +132,28 @@ async fn run(config: Config) -> Result<(), String> {
         .max_encoding_message_size(64 << 20);
         // Every request, streams included, shows the token first.
         let service = tonic::service::interceptor::InterceptedService::new(service, token.clone());
-        let mut builder = tonic::transport::Server::builder();
+        // Replication streams carry megabytes at a time: windows larger
+        // than HTTP/2's 64 KiB default, so a stream is not paced by
+        // window updates.
+        let mut builder = tonic::transport::Server::builder()
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20));
         if let Some(tls) = tls.clone() {
             builder = builder
                 .tls_config(tls)
                 .map_err(|e| format!("cannot set up TLS for the API: {e}"))?;
         }
         let mut stop = stop_rx.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        // No Nagle: a replica's acknowledgements are small messages a sync
+        // write waits for.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            |stream| {
+                stream.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            },
+        );
         tokio::spawn(async move {
             let result = builder
                 .add_service(service)
@@ -205,6 +223,7 @@ async fn run(config: Config) -> Result<(), String> {
     {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    registry.replication.shutdown().await;
     let problems = tokio::task::spawn_blocking(move || {
         tagger.stop();
         registry.shutdown()

@@ -32,6 +32,11 @@ pub struct Group {
     pub name: String,
     /// The write path (which owns the journal).
     pub write_path: WritePath,
+    /// This site keeps the group as another site's replica: its journal
+    /// is fed by the primary, and nothing here writes to it.
+    pub replica: bool,
+    /// What its sync writes wait for besides the journal: its replicas.
+    pub gate: Arc<tidemark_replicator::GroupGate>,
 }
 
 impl std::fmt::Debug for Group {
@@ -44,6 +49,15 @@ impl Group {
     /// The group's journal.
     pub fn journal(&self) -> &Journal {
         self.write_path.journal()
+    }
+
+    /// `primary` or `replica`.
+    pub fn role(&self) -> &'static str {
+        if self.replica {
+            "replica"
+        } else {
+            "primary"
+        }
     }
 }
 
@@ -70,6 +84,23 @@ impl Volume {
         self.group.journal()
     }
 
+    /// True if this site keeps the volume as another site's replica.
+    pub fn is_replica(&self) -> bool {
+        self.group.replica
+    }
+
+    /// Refuses a change on a replica: the primary makes them, and they
+    /// travel here.
+    pub fn refuse_on_replica(&self, what: &str) -> ApiResult<()> {
+        if self.is_replica() {
+            return Err(ApiError::Invalid(format!(
+                "volume {} is a replica on this site: {what} on the primary site (it travels here)",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
     /// Its journal volume id.
     pub fn id(&self) -> ApiResult<u32> {
         Ok(self.journal().volume(&self.name)?.id)
@@ -83,6 +114,8 @@ impl Volume {
     /// Records a timeline event on this volume and waits (up to `timeout`)
     /// until it is durable.
     pub fn record_event(&self, name: &str, body: &str, timeout: Duration) -> ApiResult<Seq> {
+        // A replica's journal holds the primary's records and nothing else.
+        self.refuse_on_replica("events are recorded")?;
         let mark = tidemark_journal::Mark::Event {
             name,
             body: body.as_bytes(),
@@ -174,6 +207,8 @@ pub struct Registry {
     pub exports: Exports,
     /// The tagger, once running (shared with every volume).
     pub tagger: Arc<OnceLock<Arc<Tagger>>>,
+    /// Where groups replicate to, and the streams of groups replicated here.
+    pub replication: super::replication::Replication,
 }
 
 impl Registry {
@@ -190,7 +225,9 @@ impl Registry {
         }
         let catalog_path = dir.join("volumes.json");
         let specs = catalog::load(&RealFs, &catalog_path)?;
+        let replication = super::replication::Replication::load(dir, config.replication.clone())?;
         let registry = Arc::new(Registry {
+            replication,
             exports: Exports::new(dir.join("overlays")),
             tagger: Arc::new(OnceLock::new()),
             catalog_path,
@@ -199,7 +236,7 @@ impl Registry {
             config,
         });
         for spec in specs {
-            let group = registry.group(&spec.group)?;
+            let group = registry.group_as(&spec.group, spec.is_replica())?;
             let volume = registry.attach(&group, spec)?;
             registry
                 .state
@@ -221,7 +258,20 @@ impl Registry {
 
     /// The group `name`, opening (or creating) its journal if needed.
     fn group(&self, name: &str) -> ApiResult<Arc<Group>> {
+        self.group_as(name, false)
+    }
+
+    /// The group `name` in role replica (`replica`) or primary, opening
+    /// (or creating) its journal if needed; a group already open in the
+    /// other role is refused.
+    pub(crate) fn group_as(&self, name: &str, replica: bool) -> ApiResult<Arc<Group>> {
         if let Some(group) = self.state.read().groups.get(name) {
+            if group.replica != replica {
+                return Err(ApiError::Exists(format!(
+                    "group {name} is a {} on this site",
+                    group.role()
+                )));
+            }
             return Ok(group.clone());
         }
         tidemark_journal::volume::validate_volume_name(name)
@@ -233,7 +283,13 @@ impl Registry {
             max_record_len: c.max_record,
             memory_cache_bytes: c.memory_cache,
             file_cache_bytes: c.file_cache,
-            cache_tiers: c.cache_tiers,
+            // A replica's records arrive already durable on the primary and
+            // wait in memory: no file cache to allocate.
+            cache_tiers: if replica {
+                tidemark_journal::CacheTiers::Memory
+            } else {
+                c.cache_tiers
+            },
             ..JournalOptions::default()
         };
         let dir = self.group_dir(name);
@@ -252,9 +308,13 @@ impl Registry {
                 ..WritePathOptions::default()
             },
         )?;
+        let gate = tidemark_replicator::GroupGate::new();
+        write_path.set_replica_gate(Some(gate.clone()));
         let group = Arc::new(Group {
             name: name.to_string(),
             write_path,
+            replica,
+            gate,
         });
         self.state
             .write()
@@ -265,6 +325,17 @@ impl Registry {
 
     /// Attaches the production volume of `spec` to its group.
     fn attach(&self, group: &Arc<Group>, spec: VolumeSpec) -> ApiResult<Arc<Volume>> {
+        if spec.is_replica() {
+            // No production volume: the journal is the replica.
+            return Ok(Arc::new(Volume {
+                name: spec.name.clone(),
+                size: spec.size,
+                group: group.clone(),
+                spec: Mutex::new(spec),
+                writers: AtomicU32::new(0),
+                tagger: self.tagger.clone(),
+            }));
+        }
         let mode = parse_mode(&spec.mode).map_err(ApiError::Invalid)?;
         let device = FileDevice::open(&spec.backing, spec.size).map_err(|e| {
             ApiError::Failed(format!(
@@ -287,6 +358,38 @@ impl Registry {
             writers: AtomicU32::new(0),
             tagger: self.tagger.clone(),
         }))
+    }
+
+    /// The open group `name`.
+    pub fn group_by_name(&self, name: &str) -> ApiResult<Arc<Group>> {
+        self.state
+            .read()
+            .groups
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("no consistency group {name:?} here")))
+    }
+
+    /// Serialises changes to the set of volumes.
+    pub(crate) fn changes_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.changes.lock()
+    }
+
+    /// Adds volume `spec` of `group` (attached as its role says).
+    pub(crate) fn insert_volume(
+        &self,
+        group: &Arc<Group>,
+        spec: VolumeSpec,
+    ) -> ApiResult<Arc<Volume>> {
+        let name = spec.name.clone();
+        let volume = self.attach(group, spec)?;
+        self.state.write().volumes.insert(name, volume.clone());
+        Ok(volume)
+    }
+
+    /// Stores the catalogue as the volumes are now.
+    pub(crate) fn persist_catalog(&self) -> ApiResult<()> {
+        self.store_catalog()
     }
 
     fn store_catalog(&self) -> ApiResult<()> {
@@ -406,6 +509,7 @@ impl Registry {
             backing,
             owns_backing,
             mode: mode.to_string(),
+            role: "primary".into(),
         };
         let volume = self.attach(&group, spec)?;
         if holds_data {
@@ -429,6 +533,7 @@ impl Registry {
         let mode = parse_mode(mode).map_err(ApiError::Invalid)?;
         let _changes = self.changes.lock();
         let volume = self.volume(name)?;
+        volume.refuse_on_replica("its IO mode is set")?;
         volume.group.write_path.set_mode(name, mode)?;
         volume.spec.lock().mode = mode.to_string();
         self.store_catalog()?;
@@ -463,7 +568,9 @@ impl Registry {
                 exports.join(", ")
             )));
         }
-        volume.group.write_path.detach(name)?;
+        if !volume.is_replica() {
+            volume.group.write_path.detach(name)?;
+        }
         self.state.write().volumes.remove(name);
         self.store_catalog()?;
         let spec = volume.spec.lock().clone();
@@ -590,6 +697,7 @@ impl Registry {
 
     /// Sets a tag after a flush, so it marks a crash-consistent point.
     pub fn create_tag(&self, volume: &Volume, name: &str, body: TagBody) -> ApiResult<Tag> {
+        volume.refuse_on_replica("tags are set")?;
         if name.is_empty() || name.len() > 256 || name.chars().any(|c| c.is_control()) {
             return Err(ApiError::Invalid(format!(
                 "tag name {name:?} must be 1 to 256 printable characters"
@@ -620,6 +728,7 @@ impl Registry {
         seq: Seq,
         mut body: TagBody,
     ) -> ApiResult<Tag> {
+        volume.refuse_on_replica("tags are set")?;
         let history = volume.history();
         if seq < history.horizon_seq || seq > history.newest_seq {
             return Err(ApiError::OutOfRange(format!(
@@ -655,6 +764,7 @@ impl Registry {
 
     /// Deletes a tag.
     pub fn delete_tag(&self, volume: &Volume, name: &str) -> ApiResult<()> {
+        volume.refuse_on_replica("tags are deleted")?;
         self.tag(volume, name)?;
         let handle = volume.journal().delete_tag(volume.id()?, name)?;
         handle.wait_timeout(self.config.sync_timeout)?;

@@ -34,6 +34,7 @@ pub fn rollback(
     to: &PointSpec,
 ) -> ApiResult<RollbackReport> {
     let name = &volume.name;
+    volume.refuse_on_replica("roll it back")?;
     let writers = volume.writers.load(std::sync::atomic::Ordering::SeqCst);
     if writers > 0 {
         return Err(ApiError::Busy(format!(
