@@ -85,6 +85,9 @@ impl Journal {
             prev_seq: from.saturating_sub(1),
             cursor,
         };
+        // The newest seq known to come before `from` where a fresh scan
+        // starts (its segment's earlier records are checked as it goes).
+        let mut floor = 0;
         let start = match cursor.filter(|c| c.next_seq == from) {
             Some(c) => c,
             None => {
@@ -99,6 +102,16 @@ impl Journal {
                     };
                     return Ok(empty(at));
                 };
+                // The record before the segment's first: the newest of
+                // the segments before it, or one folded into the base.
+                let before = catalogue
+                    .values()
+                    .map(|e| e.last_seq)
+                    .filter(|&s| s < from)
+                    .max()
+                    .unwrap_or(0)
+                    .max(history.horizon_seq);
+                floor = before;
                 RawCursor {
                     segment: entry.id,
                     offset: SEGMENT_HEADER_LEN as u64,
@@ -133,7 +146,7 @@ impl Journal {
                         continue;
                     }
                     let raw = segment.bytes(*offset, header.encoded_len())?.to_vec();
-                    prev_seq.get_or_insert(last_seq);
+                    prev_seq.get_or_insert(last_seq.max(floor));
                     last_seq = header.seq;
                     bytes += raw.len();
                     records.push(RawRecord {
