@@ -463,6 +463,35 @@ pub fn run_any(program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
+/// fio writes `size` in `bs` blocks (`rw`: randwrite or write) at QD16
+/// to the NBD export `uri`, reads it back and checks every block's CRC;
+/// panics with fio's output, prefixed by `what`, when a block is wrong.
+pub fn fio_verify(uri: &str, rw: &str, bs: &str, size: &str, what: &str) {
+    let out = run_any(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--size={size}"),
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--randseed=42",
+            "--verify_state_save=0",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{what}: fio {rw} {bs} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Copies an NBD export to a local file with nbdcopy.
 pub fn nbd_to_file(uri: &str, path: &Path) {
     run("nbdcopy", &[uri, &path.display().to_string()]);

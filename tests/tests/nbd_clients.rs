@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use tidemark_tests::raw_nbd::Conn;
-use tidemark_tests::{require, run, run_any, Daemon};
+use tidemark_tests::{fio_verify, require, run, run_any, Daemon};
 
 #[test]
 fn fio_verifies_random_and_sequential_writes_in_every_mode() {
@@ -20,29 +20,7 @@ fn fio_verifies_random_and_sequential_writes_in_every_mode() {
         d.create_volume(&volume, "64M", mode);
         let uri = d.uri(&volume);
         for (rw, bs, size) in [("randwrite", "4k", "16M"), ("write", "1M", "48M")] {
-            let out = run_any(
-                "fio",
-                &[
-                    "--name=verify",
-                    "--ioengine=nbd",
-                    &format!("--uri={uri}"),
-                    &format!("--rw={rw}"),
-                    &format!("--bs={bs}"),
-                    &format!("--size={size}"),
-                    "--iodepth=16",
-                    "--verify=crc32c",
-                    "--do_verify=1",
-                    "--verify_fatal=1",
-                    "--randseed=42",
-                    "--verify_state_save=0",
-                ],
-            );
-            assert!(
-                out.status.success(),
-                "fio {rw} {bs} on a {mode} volume failed:\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            fio_verify(&uri, rw, bs, size, &format!("a {mode} volume"));
         }
         // What fio wrote is journalled: the latest point equals the live volume.
         let live = d.path(&format!("{volume}.live"));

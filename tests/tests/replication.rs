@@ -201,28 +201,12 @@ fn fio_in_each_mode_leaves_both_sites_equal() {
         sites.add(&volume, mode);
         sites.caught_up(&volume, 30);
         let uri = sites.primary.uri(&volume);
-        let out = tidemark_tests::run_any(
-            "fio",
-            &[
-                "--name=verify",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--size=16M",
-                "--iodepth=16",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--randseed=42",
-                "--verify_state_save=0",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "fio on a {mode}-replicated volume failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        tidemark_tests::fio_verify(
+            &uri,
+            "randwrite",
+            "4k",
+            "16M",
+            &format!("a {mode}-replicated volume"),
         );
         // A tag travels with the records: same name, same seq.
         sites.primary.ok(&["tag", "create", &volume, "after-fio"]);

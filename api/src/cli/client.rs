@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Write};
 use serde_json::json;
 use tidemark_proto::v1 as pb;
 use tidemark_proto::v1::tidemark_client::TidemarkClient;
+use tidemark_replicator::link::error_chain;
 use tonic::transport::Channel;
 
 use super::args::{Command, ReplicaCommand, TagCommand, VolumeCommand};
@@ -161,19 +162,6 @@ async fn connect(connection: &Connection) -> Result<Client, Failure> {
     Ok(TidemarkClient::with_interceptor(channel, Bearer(token))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))
-}
-
-/// An error with its causes, for messages (TLS failures hide the useful
-/// part in a source).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Runs one client command against the daemon `connection` names.

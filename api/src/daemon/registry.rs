@@ -325,17 +325,23 @@ impl Registry {
 
     /// Attaches the production volume of `spec` to its group.
     fn attach(&self, group: &Arc<Group>, spec: VolumeSpec) -> ApiResult<Arc<Volume>> {
-        if spec.is_replica() {
-            // No production volume: the journal is the replica.
-            return Ok(Arc::new(Volume {
-                name: spec.name.clone(),
-                size: spec.size,
-                group: group.clone(),
-                spec: Mutex::new(spec),
-                writers: AtomicU32::new(0),
-                tagger: self.tagger.clone(),
-            }));
+        // A replica has no production volume: the journal is the replica.
+        if !spec.is_replica() {
+            self.attach_device(group, &spec)?;
         }
+        Ok(Arc::new(Volume {
+            name: spec.name.clone(),
+            size: spec.size,
+            group: group.clone(),
+            spec: Mutex::new(spec),
+            writers: AtomicU32::new(0),
+            tagger: self.tagger.clone(),
+        }))
+    }
+
+    /// Opens the production device of `spec` and puts it in `group`'s
+    /// write path.
+    fn attach_device(&self, group: &Arc<Group>, spec: &VolumeSpec) -> ApiResult<()> {
         let mode = parse_mode(&spec.mode).map_err(ApiError::Invalid)?;
         let device = FileDevice::open(&spec.backing, spec.size).map_err(|e| {
             ApiError::Failed(format!(
@@ -350,14 +356,7 @@ impl Registry {
         if !report.regions.is_empty() {
             tracing::warn!(volume = %spec.name, regions = report.regions.len(), bytes = report.bytes, "resynced regions a crash left unjournalled");
         }
-        Ok(Arc::new(Volume {
-            name: spec.name.clone(),
-            size: spec.size,
-            group: group.clone(),
-            spec: Mutex::new(spec),
-            writers: AtomicU32::new(0),
-            tagger: self.tagger.clone(),
-        }))
+        Ok(())
     }
 
     /// The open group `name`.

@@ -59,15 +59,7 @@ pub fn store<T: Serialize>(
     version: u32,
     content: &T,
 ) -> io::Result<()> {
-    let envelope = Envelope {
-        format: format.to_string(),
-        version,
-        crc32c: crc_of(content).map_err(io::Error::other)?,
-        content,
-    };
-    let mut bytes = serde_json::to_vec_pretty(&envelope).map_err(io::Error::other)?;
-    bytes.push(b'\n');
-    super::write_atomically(fs, path, &bytes)
+    super::write_atomically(fs, path, &encode(format, version, content)?)
 }
 
 /// Like [`store`], for a document only its owner may read (it holds
@@ -79,6 +71,11 @@ pub fn store_private<T: Serialize>(
     version: u32,
     content: &T,
 ) -> io::Result<()> {
+    super::write_atomically_private(fs, path, &encode(format, version, content)?)
+}
+
+/// `content` in its envelope, as the bytes of the file.
+fn encode<T: Serialize>(format: &str, version: u32, content: &T) -> io::Result<Vec<u8>> {
     let envelope = Envelope {
         format: format.to_string(),
         version,
@@ -87,7 +84,7 @@ pub fn store_private<T: Serialize>(
     };
     let mut bytes = serde_json::to_vec_pretty(&envelope).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    super::write_atomically_private(fs, path, &bytes)
+    Ok(bytes)
 }
 
 /// Reads document `format` from `path`: `None` if there is no file, its
