@@ -1411,9 +1411,29 @@ impl Journal {
         })
     }
 
+    /// The next record gets a seq above `seq` (seqs only ever rise; they
+    /// need not be contiguous). A new primary does this before it rebases
+    /// a former primary whose own branch reaches `seq`, so the state it
+    /// sends is at a seq the branch never had.
+    pub fn skip_seqs_past(&self, seq: Seq) {
+        let mut sequencer = self.inner.sequencer.lock();
+        if sequencer.next_seq <= seq {
+            sequencer.next_seq = seq + 1;
+        }
+    }
+
     /// Where each epoch began: (epoch, first seq), oldest first.
     pub fn epoch_history(&self) -> Vec<crate::manifest::EpochStart> {
         self.shared().manifest.read().epochs.clone()
+    }
+
+    /// The epoch history with the newest seq: what another site compares
+    /// its own with (see [`crate::epochs::common_point`]).
+    pub fn epochs(&self) -> crate::epochs::History {
+        crate::epochs::History {
+            epochs: self.epoch_history(),
+            newest: self.history().newest_seq,
+        }
     }
 
     /// The journal this one replicates (its group id), once set.

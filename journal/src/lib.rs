@@ -38,6 +38,7 @@
 //! - [`fs`] — the filesystem behind a trait: [`fs::RealFs`], and
 //!   [`fs::SimFs`], which loses power on command for crash tests;
 //!   [`fs::write_atomically`] replaces a small file crash-safely.
+//! - [`epochs`] — epoch histories and the point two sites agree on.
 //! - [`point`], [`volume`], [`clock`], [`error`] — the vocabulary.
 //!
 //! The on-disk format is specified in `docs/format.md`.
@@ -47,6 +48,7 @@ pub mod base;
 pub mod changes;
 pub mod clock;
 pub mod dirty_map;
+pub mod epochs;
 pub mod error;
 pub mod file_cache;
 pub mod fs;

@@ -9,6 +9,7 @@
 //!   adaptive and degraded modes, RPO alerts, periodic verification.
 //! - [`receiver`] — the replica's side: applies a stream to the group's
 //!   journal here with the primary's seqs, and acknowledges durability.
+//! - [`fence`] — a newer primary's refusal, which demotes the sender.
 //! - [`gate`] — what sync writes wait for (the journal's `ReplicaGate`).
 //! - [`link`] — reaching another site's daemon (its token, TLS).
 //! - [`wire`] — records on the wire; [`hash`] — region hashes.
@@ -17,6 +18,7 @@
 //! The wire messages are `ReplicationMessage` / `ReplicationReply` in
 //! `tidemark.proto`, described in `docs/format.md`.
 
+pub mod fence;
 pub mod gate;
 pub mod hash;
 pub mod link;
@@ -26,6 +28,7 @@ pub mod shipper;
 pub mod status;
 pub mod wire;
 
+pub use fence::{Fence, FenceSink};
 pub use gate::GroupGate;
 pub use link::Peer;
 pub use receiver::{Receivers, ReplicaHost};

@@ -24,10 +24,16 @@ use crate::wire;
 /// What the receiver needs from the daemon it runs in.
 pub trait ReplicaHost: Send + Sync {
     /// The journal of the group `hello` names, kept here as a replica:
-    /// made (with its volumes, by id) if this site does not hold it yet.
-    /// An error (the group is a primary here, its volumes differ) refuses
-    /// the stream with that sentence.
-    fn replica_journal(&self, hello: &msg::Hello) -> Result<Journal, String>;
+    /// made (with its volumes, by id) if this site does not hold it yet;
+    /// a group primary here at an older epoch than the hello's is demoted
+    /// first. An error refuses the stream (a group primary here at the
+    /// same or a newer epoch refuses it with a fence, see [`crate::fence`]).
+    fn replica_journal(&self, hello: &msg::Hello) -> Result<Journal, Box<Status>>;
+
+    /// The primary of `group` said something (records or a heartbeat);
+    /// `newest` is its newest seq as it says (0: not said). Feeds the
+    /// failure detector.
+    fn heard(&self, group: &str, newest: Seq);
 }
 
 /// The replication streams open on this site, one per group: a new one for
@@ -61,6 +67,14 @@ fn position(journal: &Journal) -> Reply {
         epoch: journal.epoch(),
         source_id: journal.source_id(),
         rebasing: journal.rebasing().is_some(),
+        epochs: journal
+            .epoch_history()
+            .into_iter()
+            .map(|e| pb::EpochStart {
+                epoch: e.epoch,
+                first_seq: e.first_seq,
+            })
+            .collect(),
     })
 }
 
@@ -77,6 +91,14 @@ impl Receivers {
     /// A new, empty set.
     pub fn new() -> Arc<Receivers> {
         Arc::new(Receivers::default())
+    }
+
+    /// Ends the stream open for `group`, if any (the group was promoted
+    /// here: its old primary's records must stop at once).
+    pub fn end(&self, group: &str) {
+        if let Some(stop) = self.open.lock().remove(group) {
+            let _ = stop.send(true);
+        }
     }
 
     /// Takes a replication stream: reads the hello, answers with where this
@@ -105,9 +127,13 @@ impl Receivers {
         }
         let group = hello.group.clone();
         let journal = {
-            let hello = hello.clone();
-            blocking(move || host.replica_journal(&hello)).await?
+            let (hello, host) = (hello.clone(), host.clone());
+            tokio::task::spawn_blocking(move || host.replica_journal(&hello))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| *e)?
         };
+        host.heard(&group, hello.newest_seq);
         if journal.source_id() != 0 && journal.source_id() != hello.source_id {
             return Err(refuse(format!(
                 "this site's copy of group {group} follows another journal (id {:#x}, the primary's is {:#x})",
@@ -154,7 +180,7 @@ impl Receivers {
         );
         let me = self.clone();
         tokio::spawn(async move {
-            let outcome = apply(&journal, hello.epoch, inbound, &out, stopped).await;
+            let outcome = apply(&journal, &*host, hello.epoch, inbound, &out, stopped).await;
             if let Err(status) = outcome {
                 tracing::warn!(group, error = %status.message(), "replication stream refused");
                 let _ = out.send(Err(status)).await;
@@ -175,6 +201,7 @@ impl Receivers {
 /// it comes.
 async fn apply(
     journal: &Journal,
+    host: &dyn ReplicaHost,
     stream_epoch: u64,
     mut inbound: tonic::Streaming<pb::ReplicationMessage>,
     out: &Replies,
@@ -189,6 +216,12 @@ async fn apply(
             tokio::select! {
                 message = inbound.message() => match message {
                     Ok(Some(pb::ReplicationMessage { message: Some(m) })) => {
+                        let newest = match &m {
+                            Message::Records(r) => r.last_seq,
+                            Message::Heartbeat(h) => h.newest_seq,
+                            _ => 0,
+                        };
+                        host.heard(&journal.group(), newest);
                         handle(journal, stream_epoch, m, out).await?;
                     }
                     Ok(Some(_)) => return Err(Status::invalid_argument("an empty replication message")),

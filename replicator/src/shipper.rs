@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+use tidemark_journal::epochs;
+use tidemark_journal::manifest::EpochStart;
 use tidemark_journal::{Journal, Point, RawCursor, Seq, Timestamp};
 use tidemark_proto::v1 as pb;
 use tidemark_proto::v1::replication_message::{self as msg, Message};
@@ -22,6 +24,7 @@ use tidemark_proto::v1::replication_reply::Reply;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::fence::{self, Fence, FenceSink};
 use crate::hash::{self, REGION};
 use crate::link::{self, Peer};
 use crate::settings::{OnReplicaDown, ReplicaMode, ReplicationSettings};
@@ -101,6 +104,8 @@ pub(crate) struct ShipperShared {
     pub(crate) journal: Journal,
     pub(crate) settings: Arc<ReplicationSettings>,
     events: EventSink,
+    /// Told when the replica turns out to be a newer primary.
+    fenced: FenceSink,
     progress: Mutex<Progress>,
     acked: Condvar,
     hold: String,
@@ -144,6 +149,7 @@ impl Shipper {
         mode: ReplicaMode,
         settings: Arc<ReplicationSettings>,
         events: EventSink,
+        fenced: FenceSink,
     ) -> Shipper {
         let history = journal.history();
         let shared = Arc::new(ShipperShared {
@@ -153,6 +159,7 @@ impl Shipper {
             mode,
             settings,
             events,
+            fenced,
             progress: Mutex::new(Progress {
                 state: LinkState::Connecting,
                 acked_seq: 0,
@@ -278,6 +285,38 @@ enum End {
 impl From<String> for End {
     fn from(e: String) -> End {
         End::Failed(e)
+    }
+}
+
+/// Reads the state a rebase sends: the base image at the horizon, or the
+/// volume at a later seq.
+fn read_state(
+    journal: &Journal,
+    id: u32,
+    name: &str,
+    seq: Seq,
+    offset: u64,
+    buf: &mut [u8],
+) -> tidemark_journal::Result<()> {
+    if seq <= journal.history().horizon_seq {
+        journal.read_base(id, offset, buf)
+    } else {
+        journal.read(name, offset, buf, Point::Seq(seq)).map(|_| ())
+    }
+}
+
+/// A replica's epoch history, from its position.
+fn their_history(p: &pb::replication_reply::Position) -> epochs::History {
+    epochs::History {
+        epochs: p
+            .epochs
+            .iter()
+            .map(|e| EpochStart {
+                epoch: e.epoch,
+                first_seq: e.first_seq,
+            })
+            .collect(),
+        newest: p.durable_seq,
     }
 }
 
@@ -513,6 +552,15 @@ impl ShipperShared {
                 newest_seq: history.newest_seq,
                 source_id: self.journal.group_id(),
                 version: 1,
+                epochs: self
+                    .journal
+                    .epoch_history()
+                    .into_iter()
+                    .map(|e| pb::EpochStart {
+                        epoch: e.epoch,
+                        first_seq: e.first_seq,
+                    })
+                    .collect(),
             })),
         }
     }
@@ -537,7 +585,14 @@ impl ShipperShared {
         let mut inbound = tokio::select! {
             r = call => match r {
                 Ok(r) => r.into_inner(),
-                Err(s) => return End::Failed(format!("the replica refused the stream: {}", status_text(&s))),
+                Err(s) => {
+                    if let Some(fence) = fence::from_status(&s, &self.group, &self.peer.address) {
+                        if fence.epoch > self.journal.epoch() {
+                            (self.fenced)(fence);
+                        }
+                    }
+                    return End::Failed(format!("the replica refused the stream: {}", status_text(&s)));
+                }
             },
             _ = stop.changed() => return End::Stopped,
         };
@@ -572,12 +627,29 @@ impl ShipperShared {
             hold = ?self.journal.holds().get(&self.hold),
             "replication link up"
         );
-        let lacks_history = position.durable_seq < history.horizon_seq
+        // A replica whose history left ours (it was a primary once, and
+        // wrote what we never had) is rebased onto ours; the daemon kept
+        // what it wrote as a branch when it was demoted.
+        let common = epochs::common_point(&self.journal.epochs(), &their_history(&position));
+        let diverged = position.durable_seq > common;
+        let lacks_history = diverged
+            || position.durable_seq < history.horizon_seq
             || position.durable_seq > history.newest_seq
             || position.rebasing
             || (position.durable_seq == 0 && history.horizon_seq == 0 && position.horizon_seq > 0);
         let start = if lacks_history || (position.durable_seq == 0 && history.horizon_seq > 0) {
-            match self.rebase(&out, &mut inbound, stop, &position).await {
+            let target = if diverged {
+                match self.past_the_branch(&position, common).await {
+                    Ok(target) => target,
+                    Err(e) => return e,
+                }
+            } else {
+                (history.horizon_seq, history.horizon_time)
+            };
+            match self
+                .rebase(&out, &mut inbound, stop, &position, target)
+                .await
+            {
                 Ok(next) => next,
                 Err(e) => return e,
             }
@@ -624,6 +696,12 @@ impl ShipperShared {
             ));
         }
         if p.epoch > self.journal.epoch() {
+            (self.fenced)(Fence {
+                group: self.group.clone(),
+                epoch: p.epoch,
+                history: their_history(p),
+                by: self.peer.address.clone(),
+            });
             return Err(format!(
                 "the replica's copy of group {} is at epoch {}, newer than this site's {}: this site is not the primary",
                 self.group,
@@ -649,15 +727,54 @@ impl ShipperShared {
         .map_err(|e| e.to_string())?
     }
 
-    /// Rebases the replica onto this site's base images: it answers with
-    /// its region hashes, the regions that differ are sent. Returns the
-    /// first seq to stream.
+    /// A replica that was a primary once holds a branch of its own past
+    /// `common`, the point both agree on: it is rebased onto this site's
+    /// newest state, at a seq above its branch (seqs are skipped here if
+    /// need be, and the divergence is an event on the timeline, which the
+    /// replica receives too). Returns the seq to rebase at.
+    async fn past_the_branch(
+        &self,
+        position: &pb::replication_reply::Position,
+        common: Seq,
+    ) -> Result<(Seq, Timestamp), End> {
+        let branch_end = position.durable_seq;
+        self.journal.skip_seqs_past(branch_end);
+        tracing::warn!(group = %self.group, replica = %self.peer.address, common, branch_end, "the replica holds a branch of its own: rebasing it onto this site");
+        self.event(
+            "replica-diverged",
+            serde_json::json!({
+                "replica": self.peer.address,
+                "common_seq": common,
+                "branch": {"from": common + 1, "to": branch_end},
+                "replica_epoch": position.epoch,
+            }),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let history = self.journal.history();
+            let newest = history.newest_seq;
+            if newest > branch_end {
+                return Ok((newest, history.newest_time));
+            }
+            if Instant::now() > deadline {
+                return Err(End::Failed(format!(
+                    "the replica's branch reaches seq {branch_end}; this site's newest is still {newest}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Rebases the replica onto this site's state at `target` (at least
+    /// the horizon): it answers with its region hashes, the regions that
+    /// differ are sent. Returns the first seq to stream.
     async fn rebase(
         self: &Arc<Self>,
         out: &mpsc::Sender<pb::ReplicationMessage>,
         inbound: &mut tonic::Streaming<pb::ReplicationReply>,
         stop: &mut watch::Receiver<bool>,
         position: &pb::replication_reply::Position,
+        target: (Seq, Timestamp),
     ) -> Result<Seq, End> {
         let initial = position.durable_seq == 0 && !position.rebasing;
         self.set_state(if initial {
@@ -666,20 +783,25 @@ impl ShipperShared {
             LinkState::Resyncing
         });
         let history = self.journal.history();
-        let horizon = history.horizon_seq;
-        // The base images must hold still while they are read.
+        let horizon = history.horizon_seq.max(target.0);
+        // The state sent must hold still while it is read.
         self.keep_hold(horizon).await?;
         let history = self.journal.history();
-        if history.horizon_seq != horizon {
+        if history.horizon_seq > horizon {
             return Err(End::Failed(
                 "retention moved the horizon during a rebase".into(),
             ));
         }
+        let time = if horizon == target.0 {
+            target.1
+        } else {
+            history.horizon_time
+        };
         send(
             out,
             Message::Rebase(msg::Rebase {
                 horizon_seq: horizon,
-                horizon_ns: history.horizon_time.as_nanos(),
+                horizon_ns: time.as_nanos(),
                 region_size: REGION as u32,
             }),
         )
@@ -707,9 +829,10 @@ impl ShipperShared {
             })?;
             let journal = self.journal.clone();
             let (id, size) = (volume.id, volume.size);
+            let name = volume.name.clone();
             let ours = tokio::task::spawn_blocking(move || {
                 hash::region_hashes(size, REGION, |offset, buf| {
-                    journal.read_base(id, offset, buf)
+                    read_state(&journal, id, &name, horizon, offset, buf)
                 })
             })
             .await
@@ -722,9 +845,10 @@ impl ShipperShared {
                 let offset = i as u64 * REGION;
                 let len = REGION.min(size - offset) as usize;
                 let journal = self.journal.clone();
+                let name = volume.name.clone();
                 let data = tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0u8; len];
-                    journal.read_base(id, offset, &mut buf).map(|()| buf)
+                    read_state(&journal, id, &name, horizon, offset, &mut buf).map(|()| buf)
                 })
                 .await
                 .map_err(|e| End::Failed(e.to_string()))?
