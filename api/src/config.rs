@@ -28,6 +28,8 @@ struct File {
     #[serde(default)]
     replication: ReplicationFile,
     #[serde(default)]
+    failover: FailoverFile,
+    #[serde(default)]
     volumes: VolumesFile,
     #[serde(default)]
     journal: JournalFile,
@@ -49,6 +51,42 @@ struct ReplicationFile {
     max_lag: Option<String>,
     adaptive_latency: Option<String>,
     adaptive_lag: Option<String>,
+    advertise: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverFile {
+    auto: Option<bool>,
+    heartbeat: Option<String>,
+    phi_threshold: Option<f64>,
+    min_std_dev: Option<String>,
+    acceptable_pause: Option<String>,
+    takeover_hook: Option<String>,
+    promote_at: Option<String>,
+    anomaly_window: Option<String>,
+    #[serde(default)]
+    probe: Vec<ProbeFile>,
+    #[serde(default)]
+    trigger: Vec<TriggerFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProbeFile {
+    kind: String,
+    target: String,
+    interval: Option<String>,
+    failures: Option<u32>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerFile {
+    command: String,
+    interval: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,6 +229,11 @@ pub struct Config {
     pub nbd_buffer_memory: u64,
     /// The `[replication]` table.
     pub replication: tidemark_replicator::ReplicationSettings,
+    /// The `[failover]` table.
+    pub failover: tidemark_failover::FailoverSettings,
+    /// `[replication] advertise`: where other sites reach this daemon's
+    /// gRPC API (default: the address it listens on).
+    pub advertise: Option<String>,
     /// Mode of volumes created without `--mode`.
     pub default_mode: IoMode,
     /// Segment size of new journals.
@@ -271,12 +314,6 @@ impl Config {
             Some(text) => parse_size(text).map_err(|e| format!("{field}: {e}")),
             None => Ok(default),
         };
-        let duration = |field: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
-            value
-                .as_deref()
-                .map(|text| parse_duration(text).map_err(|e| format!("{field}: {e}")))
-                .transpose()
-        };
         let j = &file.journal;
         let r = &file.retention;
         let cache_tiers = match j.cache_tiers.as_deref().unwrap_or("both") {
@@ -334,8 +371,12 @@ impl Config {
         if replication.heartbeat.is_zero() {
             return Err("replication.heartbeat must be longer than 0".into());
         }
+        let failover = failover_settings(&file.failover)?;
+        let advertise = rf.advertise.clone().filter(|a| !a.trim().is_empty());
         Ok(Config {
+            advertise,
             replication,
+            failover,
             token_file: o.token_file.clone().or(file.api.token_file),
             tls,
             nbd_connections,
@@ -584,6 +625,95 @@ fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     let line = before.matches('\n').count() + 1;
     let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
     format!(" (line {line}, column {column})")
+}
+
+/// An optional duration of the file, with its field named in the error.
+fn duration(field: &str, value: &Option<String>) -> Result<Option<Duration>, String> {
+    value
+        .as_deref()
+        .map(|text| parse_duration(text).map_err(|e| format!("{field}: {e}")))
+        .transpose()
+}
+
+/// The `[failover]` table, checked.
+fn failover_settings(f: &FailoverFile) -> Result<tidemark_failover::FailoverSettings, String> {
+    use tidemark_failover::probe::ProbeKind;
+    use tidemark_failover::{FailoverSettings, ProbeSettings, TriggerSettings};
+    let defaults = FailoverSettings::default();
+    let heartbeat = duration("failover.heartbeat", &f.heartbeat)?.unwrap_or(defaults.heartbeat);
+    if heartbeat.is_zero() {
+        return Err("failover.heartbeat must be longer than 0".into());
+    }
+    let mut detector = defaults.detector;
+    detector.first_interval = heartbeat;
+    if let Some(phi) = f.phi_threshold {
+        if !(phi.is_finite() && phi > 0.0) {
+            return Err(format!(
+                "failover.phi_threshold = {phi} must be a positive number"
+            ));
+        }
+        detector.threshold = phi;
+    }
+    if let Some(d) = duration("failover.min_std_dev", &f.min_std_dev)? {
+        detector.min_std_dev = d;
+    }
+    if let Some(d) = duration("failover.acceptable_pause", &f.acceptable_pause)? {
+        detector.acceptable_pause = d;
+    }
+    let promote_at = match f.promote_at.as_deref() {
+        Some(text) => text.parse().map_err(|e| format!("failover.{e}"))?,
+        None => defaults.promote_at,
+    };
+    let mut probes = Vec::new();
+    for (i, p) in f.probe.iter().enumerate() {
+        let at = format!("failover.probe[{i}]");
+        let kind = ProbeKind::parse(&p.kind, &p.target).map_err(|e| format!("{at}: {e}"))?;
+        let interval = duration(&format!("{at}.interval"), &p.interval)?
+            .unwrap_or(std::time::Duration::from_secs(1));
+        if interval.is_zero() {
+            return Err(format!("{at}.interval must be longer than 0"));
+        }
+        let failures = p.failures.unwrap_or(3);
+        if failures == 0 {
+            return Err(format!(
+                "{at}.failures = 0: a probe must fail at least once to count"
+            ));
+        }
+        probes.push(ProbeSettings {
+            kind,
+            interval,
+            failures,
+            timeout: duration(&format!("{at}.timeout"), &p.timeout)?.unwrap_or(interval),
+        });
+    }
+    let mut triggers = Vec::new();
+    for (i, t) in f.trigger.iter().enumerate() {
+        let at = format!("failover.trigger[{i}]");
+        if t.command.trim().is_empty() {
+            return Err(format!("{at}.command is empty"));
+        }
+        let interval = duration(&format!("{at}.interval"), &t.interval)?
+            .unwrap_or(std::time::Duration::from_secs(5));
+        if interval.is_zero() {
+            return Err(format!("{at}.interval must be longer than 0"));
+        }
+        triggers.push(TriggerSettings {
+            command: t.command.clone(),
+            interval,
+            timeout: duration(&format!("{at}.timeout"), &t.timeout)?.unwrap_or(interval),
+        });
+    }
+    Ok(FailoverSettings {
+        auto: f.auto.unwrap_or(false),
+        heartbeat,
+        detector,
+        takeover_hook: f.takeover_hook.clone().filter(|c| !c.trim().is_empty()),
+        promote_at,
+        anomaly_window: duration("failover.anomaly_window", &f.anomaly_window)?
+            .unwrap_or(defaults.anomaly_window),
+        probes,
+        triggers,
+    })
 }
 
 #[cfg(test)]

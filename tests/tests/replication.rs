@@ -717,6 +717,7 @@ fn bad_peers_and_bad_records_are_refused_and_both_sites_keep_serving() {
                     newest_seq: 3,
                     source_id: journal.group_id(),
                     version: 1,
+                    epochs: Vec::new(),
                 },
             )),
         };

@@ -115,6 +115,27 @@ pub enum Command {
     /// Replicate volumes to a second site, and see how far behind it is.
     #[command(subcommand)]
     Replica(ReplicaCommand),
+    /// Take over as the primary of a volume's group (on the replica site):
+    /// the epoch is raised, the live export accepts writes.
+    Failover {
+        /// A volume of the group (the whole group is promoted).
+        volume: String,
+        /// The point to promote at (default: as [failover] promote_at says).
+        #[arg(long, value_parser = point, allow_hyphen_values = true)]
+        at: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hand a volume's group over to the site it replicates to (on the
+    /// primary): writes stop, the replica catches up, the roles flip.
+    Failback {
+        /// A volume of the group.
+        volume: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `tidemark replica …` (on the primary site).

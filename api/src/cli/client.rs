@@ -276,6 +276,30 @@ async fn run(client: &mut Client, command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Replica(command) => replica(client, command).await,
+        Command::Failover { volume, at, json } => {
+            let p = client
+                .failover(pb::FailoverRequest {
+                    volume,
+                    at: at.unwrap_or_default(),
+                    reason: String::new(),
+                })
+                .await?
+                .into_inner();
+            print_promotion(&p, json, "is the primary here now");
+            Ok(())
+        }
+        Command::Failback { volume, json } => {
+            let p = client
+                .failback(pb::FailbackRequest { volume })
+                .await?
+                .into_inner();
+            print_promotion(
+                &p,
+                json,
+                "is the other site's now; this site is its replica",
+            );
+            Ok(())
+        }
         Command::Status { json } => {
             let s = client.status(pb::StatusRequest {}).await?.into_inner();
             if json {
@@ -287,6 +311,7 @@ async fn run(client: &mut Client, command: Command) -> Result<(), Failure> {
                     "nbd": s.nbd,
                     "data_dir": s.data_dir,
                     "exports": s.exports.iter().map(|e| json!({"name": e.name, "uri": e.uri, "seq": e.seq, "writable": e.writable})).collect::<Vec<_>>(),
+                    "failover": s.failover.as_ref().map(output::failover_json),
                 }));
             } else {
                 println!(
@@ -306,6 +331,27 @@ async fn run(client: &mut Client, command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
+    }
+}
+
+fn print_promotion(p: &pb::FailoverResponse, json: bool, what: &str) {
+    if json {
+        print_json(&json!({
+            "group": p.group,
+            "epoch": p.epoch,
+            "seq": p.seq,
+            "point": p.point,
+            "volumes": p.volumes,
+        }));
+    } else {
+        println!(
+            "group {} {what}: epoch {}, at seq {} ({}); volumes {}",
+            p.group,
+            p.epoch,
+            p.seq,
+            p.point,
+            p.volumes.join(", ")
+        );
     }
 }
 

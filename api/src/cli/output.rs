@@ -131,3 +131,22 @@ pub fn volumes_table(volumes: &[pb::Volume]) {
         &rows,
     );
 }
+
+/// `status --json` → `failover`.
+pub fn failover_json(f: &pb::FailoverStatus) -> serde_json::Value {
+    json!({
+        "auto": f.auto,
+        "phi": f.phi,
+        "last_heartbeat_seconds": (f.last_heartbeat_seconds >= 0.0).then_some(f.last_heartbeat_seconds),
+        "witness": f.witness,
+        "takeovers": f.takeovers,
+        "demotions": f.demotions,
+        "probes": f.probes.iter().map(|p| json!({
+            "kind": p.kind,
+            "target": p.target,
+            "failures_in_a_row": p.failures_in_a_row,
+            "failures": p.failures,
+            "last_error": (!p.last_error.is_empty()).then_some(&p.last_error),
+        })).collect::<Vec<_>>(),
+    })
+}

@@ -63,6 +63,11 @@ impl Token {
         }
     }
 
+    /// The secret, for a new primary that must reach this site.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
     /// A token with this secret (tests).
     pub fn from_secret(secret: &str) -> Token {
         Token {

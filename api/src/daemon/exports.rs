@@ -98,6 +98,7 @@ impl Export {
     /// True unless writes are accepted.
     pub fn read_only(&self) -> bool {
         matches!(self.target, Target::Point { .. } | Target::ReplicaLive)
+            || (self.is_live() && self.volume.is_replica())
     }
 
     /// True for the live volume.
@@ -115,6 +116,9 @@ impl Export {
         let Target::Live { .. } = self.target else {
             return None;
         };
+        if self.volume.is_replica() {
+            return Some(Err(self.demoted()));
+        }
         let ack = self
             .volume
             .group
@@ -182,6 +186,13 @@ impl Export {
         }
     }
 
+    fn demoted(&self) -> ApiError {
+        ApiError::Invalid(format!(
+            "volume {} was demoted on this site: another site took over as its primary",
+            self.name
+        ))
+    }
+
     fn refuse_read_only(&self) -> ApiResult<()> {
         Err(ApiError::Invalid(match self.target {
             Target::ReplicaLive => format!(
@@ -196,6 +207,8 @@ impl Export {
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> ApiResult<()> {
         self.check(offset, data.len() as u64)?;
         match &self.target {
+            // Demoted since the export opened: a newer primary writes now.
+            Target::Live { .. } if self.volume.is_replica() => Err(self.demoted()),
             Target::Live { .. } => {
                 let ack =
                     self.volume
@@ -219,6 +232,7 @@ impl Export {
             return Ok(());
         }
         match &self.target {
+            Target::Live { .. } if self.volume.is_replica() => Err(self.demoted()),
             Target::Live { .. } => {
                 let wp = &self.volume.group.write_path;
                 let ack = if trim {

@@ -436,14 +436,43 @@ impl Tidemark for Service {
                 .map(|g| g.journal().epoch())
                 .max()
                 .unwrap_or(0);
-            let role = if d.registry.groups().iter().any(|g| !g.replica)
+            let role = if d.registry.groups().iter().any(|g| !g.is_replica())
                 || d.registry.groups().is_empty()
             {
                 "primary"
             } else {
                 "replica"
             };
+            let f = d.registry.failover.status();
+            let failover = pb::FailoverStatus {
+                auto: f.auto,
+                phi: f.phi,
+                last_heartbeat_seconds: f.last_heartbeat_seconds.unwrap_or(-1.0),
+                witness: "none".into(),
+                probes: f
+                    .probes
+                    .into_iter()
+                    .map(|p| pb::ProbeStatus {
+                        kind: p.kind,
+                        target: p.target,
+                        failures_in_a_row: p.failures_in_a_row,
+                        failures: p.failures,
+                        last_error: p.last_error.unwrap_or_default(),
+                    })
+                    .collect(),
+                takeovers: d
+                    .registry
+                    .failover
+                    .takeovers
+                    .load(std::sync::atomic::Ordering::SeqCst),
+                demotions: d
+                    .registry
+                    .failover
+                    .demotions
+                    .load(std::sync::atomic::Ordering::SeqCst),
+            };
             Ok(pb::StatusResponse {
+                failover: Some(failover),
                 volumes,
                 role: role.into(),
                 epoch,
@@ -524,6 +553,50 @@ impl Tidemark for Service {
             .await
             .map_err(Status::from)?;
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn failover(
+        &self,
+        request: Request<pb::FailoverRequest>,
+    ) -> Result<Response<pb::FailoverResponse>, Status> {
+        let r = request.into_inner();
+        let registry = self.daemon.registry.clone();
+        let p = tokio::task::spawn_blocking(move || {
+            let volume = registry.volume(&r.volume)?;
+            let at = (!r.at.trim().is_empty()).then_some(r.at.as_str());
+            let (reason, detector) = if r.reason.is_empty() {
+                ("manual: tidemark failover".to_string(), "manual")
+            } else {
+                (r.reason.clone(), "failback")
+            };
+            registry.promote(&volume.group.name, at, &reason, detector)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::from)?;
+        Ok(Response::new(pb::FailoverResponse {
+            group: p.group,
+            epoch: p.epoch,
+            seq: p.seq,
+            point: p.point,
+            volumes: p.volumes,
+        }))
+    }
+
+    async fn failback(
+        &self,
+        request: Request<pb::FailbackRequest>,
+    ) -> Result<Response<pb::FailoverResponse>, Status> {
+        let r = request.into_inner();
+        let registry = self.daemon.registry.clone();
+        let p = registry.failback(&r.volume).await.map_err(Status::from)?;
+        Ok(Response::new(pb::FailoverResponse {
+            group: p.group,
+            epoch: p.epoch,
+            seq: p.seq,
+            point: p.point,
+            volumes: p.volumes,
+        }))
     }
 
     async fn verify_replica(

@@ -315,6 +315,11 @@ impl Metrics {
             }
         }
         self.render_replicas(&mut out, registry, &volumes);
+        render_failover(
+            &mut out,
+            registry,
+            &groups.iter().map(|g| g.name.clone()).collect::<Vec<_>>(),
+        );
 
         help(
             &mut out,
@@ -467,5 +472,69 @@ impl Metrics {
                 }
             }
         }
+    }
+}
+
+/// The watch over primaries and the role changes.
+fn render_failover(out: &mut String, registry: &Registry, groups: &[String]) {
+    use std::fmt::Write as _;
+    let f = &registry.failover;
+    help(
+        out,
+        "tidemark_failover_phi",
+        "gauge",
+        "Suspicion that the group's primary is down (phi accrual; replica groups).",
+    );
+    for g in groups {
+        if registry.group_by_name(g).is_ok_and(|g| g.is_replica()) {
+            let _ = writeln!(
+                out,
+                "tidemark_failover_phi{{group=\"{g}\"}} {}",
+                f.monitor.phi(g)
+            );
+        }
+    }
+    let status = f.status();
+    if let Some(age) = status.last_heartbeat_seconds {
+        help(
+            out,
+            "tidemark_failover_last_heartbeat_seconds",
+            "gauge",
+            "Seconds since a primary last said something to this site.",
+        );
+        let _ = writeln!(out, "tidemark_failover_last_heartbeat_seconds {age}");
+    }
+    for (name, text, value) in [
+        (
+            "tidemark_takeovers_total",
+            "Takeovers carried out by this site.",
+            &f.takeovers,
+        ),
+        (
+            "tidemark_demotions_total",
+            "Demotions of this site by a newer primary.",
+            &f.demotions,
+        ),
+    ] {
+        help(out, name, "counter", text);
+        let _ = writeln!(
+            out,
+            "{name} {}",
+            value.load(std::sync::atomic::Ordering::SeqCst)
+        );
+    }
+    help(
+        out,
+        "tidemark_failover_probe_failures",
+        "gauge",
+        "Failures in a row of each failover probe and trigger.",
+    );
+    for p in &status.probes {
+        let target = p.target.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(
+            out,
+            "tidemark_failover_probe_failures{{kind=\"{}\",target=\"{target}\"}} {}",
+            p.kind, p.failures_in_a_row
+        );
     }
 }

@@ -20,6 +20,7 @@ pub mod access;
 pub mod catalog;
 pub mod error;
 pub mod exports;
+pub mod failover;
 pub mod grpc;
 pub mod http;
 pub mod initial_sync;
@@ -106,6 +107,14 @@ async fn run(config: Config) -> Result<(), String> {
             })?
     };
     check_tagging_targets(&config, &registry)?;
+    let _ = registry.failover.site.set(failover::SiteAddress {
+        nbd: nbd_addr,
+        grpc: config.advertise.clone().unwrap_or_else(|| {
+            let scheme = if tls.is_some() { "https://" } else { "" };
+            format!("{scheme}{grpc_addr}")
+        }),
+        token: token.secret().to_string(),
+    });
     registry.replication.start_all(&registry);
     let mut tagging = config.tagging.clone();
     tagging.state_dir = config.data_dir.join("tagging");
@@ -122,6 +131,7 @@ async fn run(config: Config) -> Result<(), String> {
         tagger: tagger.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    failover::Failover::start(&registry, stop_rx.clone());
 
     let nbd_task = tokio::spawn(crate::nbd::serve(nbd, daemon.clone(), stop_rx.clone()));
     let grpc_task = {

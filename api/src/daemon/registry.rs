@@ -33,8 +33,9 @@ pub struct Group {
     /// The write path (which owns the journal).
     pub write_path: WritePath,
     /// This site keeps the group as another site's replica: its journal
-    /// is fed by the primary, and nothing here writes to it.
-    pub replica: bool,
+    /// is fed by the primary, and nothing here writes to it. Flips on a
+    /// takeover (false) and a demotion (true).
+    pub replica: std::sync::atomic::AtomicBool,
     /// What its sync writes wait for besides the journal: its replicas.
     pub gate: Arc<tidemark_replicator::GroupGate>,
 }
@@ -46,6 +47,11 @@ impl std::fmt::Debug for Group {
 }
 
 impl Group {
+    /// True while this site keeps the group as another site's replica.
+    pub fn is_replica(&self) -> bool {
+        self.replica.load(Ordering::SeqCst)
+    }
+
     /// The group's journal.
     pub fn journal(&self) -> &Journal {
         self.write_path.journal()
@@ -53,7 +59,7 @@ impl Group {
 
     /// `primary` or `replica`.
     pub fn role(&self) -> &'static str {
-        if self.replica {
+        if self.is_replica() {
             "replica"
         } else {
             "primary"
@@ -86,7 +92,7 @@ impl Volume {
 
     /// True if this site keeps the volume as another site's replica.
     pub fn is_replica(&self) -> bool {
-        self.group.replica
+        self.group.is_replica()
     }
 
     /// Refuses a change on a replica: the primary makes them, and they
@@ -209,6 +215,8 @@ pub struct Registry {
     pub tagger: Arc<OnceLock<Arc<Tagger>>>,
     /// Where groups replicate to, and the streams of groups replicated here.
     pub replication: super::replication::Replication,
+    /// The watch over primaries, takeovers and demotions.
+    pub failover: super::failover::Failover,
 }
 
 impl Registry {
@@ -226,8 +234,10 @@ impl Registry {
         let catalog_path = dir.join("volumes.json");
         let specs = catalog::load(&RealFs, &catalog_path)?;
         let replication = super::replication::Replication::load(dir, config.replication.clone())?;
+        let failover = super::failover::Failover::new(config.failover.clone());
         let registry = Arc::new(Registry {
             replication,
+            failover,
             exports: Exports::new(dir.join("overlays")),
             tagger: Arc::new(OnceLock::new()),
             catalog_path,
@@ -266,7 +276,7 @@ impl Registry {
     /// other role is refused.
     pub(crate) fn group_as(&self, name: &str, replica: bool) -> ApiResult<Arc<Group>> {
         if let Some(group) = self.state.read().groups.get(name) {
-            if group.replica != replica {
+            if group.is_replica() != replica {
                 return Err(ApiError::Exists(format!(
                     "group {name} is a {} on this site",
                     group.role()
@@ -313,7 +323,7 @@ impl Registry {
         let group = Arc::new(Group {
             name: name.to_string(),
             write_path,
-            replica,
+            replica: std::sync::atomic::AtomicBool::new(replica),
             gate,
         });
         self.state
@@ -341,7 +351,7 @@ impl Registry {
 
     /// Opens the production device of `spec` and puts it in `group`'s
     /// write path.
-    fn attach_device(&self, group: &Arc<Group>, spec: &VolumeSpec) -> ApiResult<()> {
+    pub(crate) fn attach_device(&self, group: &Arc<Group>, spec: &VolumeSpec) -> ApiResult<()> {
         let mode = parse_mode(&spec.mode).map_err(ApiError::Invalid)?;
         let device = FileDevice::open(&spec.backing, spec.size).map_err(|e| {
             ApiError::Failed(format!(

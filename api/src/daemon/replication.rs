@@ -15,7 +15,8 @@ use tidemark_journal::fs::{document, RealFs};
 use tidemark_journal::{Journal, Seq, VolumeInfo};
 use tidemark_proto::v1::replication_message::Hello;
 use tidemark_replicator::{
-    Peer, ReplicaHost, ReplicaMode, ReplicaStatus, ReplicationSettings, Shipper, Verification,
+    Fence, Peer, ReplicaHost, ReplicaMode, ReplicaStatus, ReplicationSettings, Shipper,
+    Verification,
 };
 
 use super::catalog::VolumeSpec;
@@ -119,6 +120,20 @@ impl Replication {
                 handle.spawn_blocking(move || registry.record_group_event(&group, &name, &body));
             })
         };
+        let fenced: tidemark_replicator::FenceSink = {
+            let registry = Arc::downgrade(registry);
+            let handle = tokio::runtime::Handle::current();
+            Arc::new(move |fence: Fence| {
+                let Some(registry) = registry.upgrade() else {
+                    return;
+                };
+                handle.spawn_blocking(move || {
+                    if let Err(e) = registry.demote(&fence) {
+                        tracing::error!(group = %fence.group, error = %e, "cannot demote the group");
+                    }
+                });
+            })
+        };
         let shipper = Shipper::start(
             &spec.group,
             group.journal().clone(),
@@ -126,6 +141,7 @@ impl Replication {
             mode,
             self.settings.clone(),
             events,
+            fenced,
         );
         group.gate.add(&shipper);
         self.shippers
@@ -188,32 +204,53 @@ impl Replication {
     /// site it replicated to) and lets retention go on without them.
     pub async fn remove(&self, volume: &Volume) -> ApiResult<()> {
         let group = volume.group.name.clone();
+        if self.remove_group(&volume.group).await.is_empty() {
+            return Err(ApiError::NotFound(format!(
+                "volume {} (group {group}) does not replicate anywhere",
+                volume.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stops replicating `group` anywhere; returns what it replicated to.
+    pub async fn remove_group(&self, of: &super::registry::Group) -> Vec<ReplicaSpec> {
+        let group = of.name.as_str();
         let removed: Vec<ReplicaSpec> = {
             let mut specs = self.specs.lock();
             let (gone, kept): (Vec<_>, Vec<_>) =
                 specs.iter().cloned().partition(|s| s.group == group);
             if gone.is_empty() {
-                return Err(ApiError::NotFound(format!(
-                    "volume {} (group {group}) does not replicate anywhere",
-                    volume.name
-                )));
+                return gone;
             }
-            self.store(&kept)?;
+            if let Err(e) = self.store(&kept) {
+                tracing::error!(group, error = %e, "cannot store the list of replicas");
+            }
             *specs = kept;
             gone
         };
-        for spec in removed {
-            volume.group.gate.remove(&spec.address);
+        for spec in &removed {
             let shipper = self
                 .shippers
                 .lock()
-                .remove(&(group.clone(), spec.address.clone()));
+                .remove(&(group.to_string(), spec.address.clone()));
+            of.gate.remove(&spec.address);
             if let Some(shipper) = shipper {
                 shipper.stop(true).await;
             }
             tracing::info!(group, replica = %spec.address, "replication removed");
         }
-        Ok(())
+        removed
+    }
+
+    /// Where `group` replicates to.
+    pub fn specs_of(&self, group: &str) -> Vec<ReplicaSpec> {
+        self.specs
+            .lock()
+            .iter()
+            .filter(|s| s.group == group)
+            .cloned()
+            .collect()
     }
 
     /// The status of the replica of `group` at `address`.
@@ -305,8 +342,55 @@ impl Replication {
 pub struct ReplicaSite(pub Arc<Registry>);
 
 impl ReplicaHost for ReplicaSite {
-    fn replica_journal(&self, hello: &Hello) -> Result<Journal, String> {
-        self.0.replica_group(hello).map_err(|e| e.to_string())
+    fn replica_journal(&self, hello: &Hello) -> Result<Journal, Box<tonic::Status>> {
+        let registry = &self.0;
+        // A group primary here: an older epoch than the stream's makes
+        // this site its replica; the same or a newer one fences the sender.
+        if let Ok(group) = registry.group_by_name(&hello.group) {
+            if !group.is_replica() {
+                let journal = group.journal();
+                let ours = journal.epochs();
+                if hello.epoch > journal.epoch() {
+                    let fence = Fence {
+                        group: hello.group.clone(),
+                        epoch: hello.epoch,
+                        history: tidemark_journal::epochs::History {
+                            epochs: hello
+                                .epochs
+                                .iter()
+                                .map(|e| tidemark_journal::manifest::EpochStart {
+                                    epoch: e.epoch,
+                                    first_seq: e.first_seq,
+                                })
+                                .collect(),
+                            newest: hello.newest_seq,
+                        },
+                        by: "the new primary's stream".into(),
+                    };
+                    registry
+                        .demote(&fence)
+                        .map_err(|e| Box::new(tonic::Status::failed_precondition(e.to_string())))?;
+                } else {
+                    return Err(Box::new(tidemark_replicator::fence::refusal(
+                        format!(
+                            "group {} is the primary here at epoch {}, not older than the stream's {}: the sender is not the primary",
+                            hello.group,
+                            journal.epoch(),
+                            hello.epoch
+                        ),
+                        journal.epoch(),
+                        &ours,
+                    )));
+                }
+            }
+        }
+        registry
+            .replica_group(hello)
+            .map_err(|e| Box::new(tonic::Status::failed_precondition(e.to_string())))
+    }
+
+    fn heard(&self, group: &str, newest: Seq) {
+        self.0.failover.monitor.heard(group, newest);
     }
 }
 

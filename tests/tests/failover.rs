@@ -1,0 +1,466 @@
+//! Failover between two real daemons on loopback: a replica takes over by
+//! itself when its primary is killed (heartbeats and the phi detector), or
+//! when a probe of the protected service or a trigger says so, or by
+//! hand; every acknowledged write is on the new primary and its live
+//! export takes writes. A primary that comes back after a takeover learns
+//! the higher epoch, refuses writes at once, keeps what it wrote alone as
+//! a branch, and becomes the new primary's replica.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tidemark_tests::proxy::Proxy;
+use tidemark_tests::raw_nbd::Conn;
+use tidemark_tests::{tail, write_load, Daemon, TEST_CONFIG};
+
+/// A primary's configuration: heartbeats every 100 ms.
+fn primary_config() -> String {
+    format!("{TEST_CONFIG}\n[replication]\nheartbeat = \"100ms\"\nsync_timeout = \"5s\"\n")
+}
+
+/// A replica site's configuration; `failover` adds to `[failover]`.
+fn replica_config(failover: &str) -> String {
+    format!(
+        "{TEST_CONFIG}\n[replication]\nheartbeat = \"100ms\"\n\n[failover]\nheartbeat = \"100ms\"\nacceptable_pause = \"300ms\"\nmin_std_dev = \"50ms\"\n{failover}"
+    )
+}
+
+struct Sites {
+    primary: Daemon,
+    replica: Daemon,
+    link: Proxy,
+}
+
+impl Sites {
+    fn start(failover: &str) -> Sites {
+        let replica = Daemon::with_config(&replica_config(failover));
+        let link = Proxy::start(&replica.grpc);
+        let primary = Daemon::with_config(&primary_config());
+        Sites {
+            primary,
+            replica,
+            link,
+        }
+    }
+
+    fn add(&self, volume: &str, mode: &str) {
+        let token = self.replica.token_file().display().to_string();
+        self.primary.ok(&[
+            "replica",
+            "add",
+            volume,
+            "--to",
+            &self.link.address,
+            "--mode",
+            mode,
+            "--token-file",
+            &token,
+        ]);
+    }
+
+    fn caught_up(&self, volume: &str) {
+        self.primary.eventually(30, "the replica catches up", || {
+            let show = self.primary.json(&["volume", "show", volume, "--json"]);
+            show["replica"]["state"] == "streaming"
+                && show["replica"]["acked_seq"] == show["newest_seq"]
+        });
+    }
+}
+
+/// The role of `volume` on `d`.
+fn role(d: &Daemon, volume: &str) -> String {
+    d.json(&["volume", "show", volume, "--json"])["role"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits until `volume` is primary on `d`; returns how long that took.
+fn wait_primary(d: &Daemon, volume: &str, secs: u64) -> Duration {
+    let started = Instant::now();
+    while role(d, volume) != "primary" {
+        assert!(
+            started.elapsed() < Duration::from_secs(secs),
+            "{volume} was not promoted within {secs} s; log:\n{}",
+            tail(&d.log_text(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed()
+}
+
+/// The bodies of the events named `name` on `d`'s timeline of `volume`.
+fn events(d: &Daemon, volume: &str, name: &str) -> Vec<Value> {
+    d.json(&["timeline", volume, "--json"])["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == name)
+        .map(|e| serde_json::from_str(e["detail"].as_str().unwrap_or("{}")).unwrap_or(Value::Null))
+        .collect()
+}
+
+/// Writes `data` at `offset` of the live export; the NBD error (0: none).
+fn write_at(d: &Daemon, volume: &str, offset: u64, data: &[u8]) -> u32 {
+    let mut c = Conn::open(&d.nbd);
+    c.flags();
+    c.go(volume).unwrap();
+    c.request(1, 1, offset, data.len() as u32, data);
+    c.reply(0).unwrap().1
+}
+
+/// Reads `len` bytes at `offset` of `export`.
+fn read_at(d: &Daemon, export: &str, offset: u64, len: usize) -> Vec<u8> {
+    let mut c = Conn::open(&d.nbd);
+    c.flags();
+    c.go(export).unwrap();
+    c.request(0, 1, offset, len as u32, &[]);
+    let (_, error, data) = c.reply(len).unwrap();
+    assert_eq!(error, 0, "read of {export} failed");
+    data
+}
+
+/// `kill -9` of the primary during pipelined sync writes: the replica
+/// notices the silence and takes over by itself; every acknowledged write
+/// is on its live export, which takes writes; the takeover is on the
+/// timeline with its reason and the hook ran with the NBD URI.
+#[test]
+fn the_replica_takes_over_by_itself_when_the_primary_is_killed() {
+    let hook_dir = tempfile::tempdir().unwrap();
+    let hook_file = hook_dir.path().join("uri");
+    let mut sites = Sites::start(&format!(
+        "auto = true\ntakeover_hook = \"echo $TIDEMARK_URI $TIDEMARK_EPOCH > {}\"\n",
+        hook_file.display()
+    ));
+    let volume = "db";
+    sites.primary.create_volume(volume, "16M", "sync");
+    sites.add(volume, "sync");
+    sites.caught_up(volume);
+    assert_eq!(role(&sites.replica, volume), "replica");
+    // A second of heartbeats teaches the detector the link's rhythm.
+    std::thread::sleep(Duration::from_secs(1));
+    let status = sites.replica.json(&["status", "--json"]);
+    assert_eq!(status["failover"]["auto"], true, "{status}");
+    assert!(
+        status["failover"]["last_heartbeat_seconds"]
+            .as_f64()
+            .unwrap()
+            < 1.0,
+        "{status}"
+    );
+
+    let acked = Arc::new(Mutex::new(HashMap::new()));
+    let pending = Arc::new(Mutex::new(HashMap::new()));
+    let (addr, a, p) = (sites.primary.nbd.clone(), acked.clone(), pending.clone());
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = done.clone();
+    let writer = std::thread::spawn(move || {
+        write_load::run(&addr, "db", 4096, 42, &a, &p);
+        done2.store(true, Ordering::SeqCst);
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the load stopped before the kill"
+    );
+    sites.primary.kill9();
+    let killed = Instant::now();
+    writer.join().unwrap();
+    wait_primary(&sites.replica, volume, 30);
+    eprintln!(
+        "primary killed -> replica primary in {:?}",
+        killed.elapsed()
+    );
+
+    let blocks = write_load::check(
+        &sites.replica.nbd,
+        volume,
+        &acked,
+        &pending,
+        "after takeover",
+    );
+    eprintln!("{blocks} acknowledged blocks found on the new primary");
+    // The new primary takes writes, and they read back.
+    assert_eq!(write_at(&sites.replica, volume, 0, &[0xAB; 4096]), 0);
+    assert_eq!(read_at(&sites.replica, volume, 0, 4096), vec![0xAB; 4096]);
+    assert_eq!(
+        read_at(&sites.replica, &format!("{volume}@latest"), 0, 4096),
+        vec![0xAB; 4096]
+    );
+    let takeover = events(&sites.replica, volume, "takeover");
+    assert_eq!(takeover.len(), 1, "{takeover:?}");
+    assert_eq!(takeover[0]["detector"], "host", "{takeover:?}");
+    assert!(
+        takeover[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no heartbeat"),
+        "{takeover:?}"
+    );
+    assert_eq!(takeover[0]["epoch"], 1);
+    let status = sites.replica.json(&["status", "--json"]);
+    assert_eq!(status["failover"]["takeovers"], 1, "{status}");
+    assert_eq!(status["epoch"], 1, "{status}");
+    let (_, metrics) = sites.replica.http_get("/metrics");
+    assert!(metrics.contains("tidemark_takeovers_total 1"), "{metrics}");
+    sites.replica.eventually(10, "the takeover hook ran", || {
+        std::fs::read_to_string(&hook_file)
+            .is_ok_and(|s| s.trim() == format!("nbd://{}/{volume} 1", sites.replica.nbd))
+    });
+    // Promoted volumes survive a restart as primaries.
+    sites.replica.restart();
+    assert_eq!(role(&sites.replica, volume), "primary");
+    assert_eq!(read_at(&sites.replica, volume, 0, 4096), vec![0xAB; 4096]);
+}
+
+/// A partition: the primary writes on alone, the replica is promoted by
+/// hand and written. When the link heals, the old primary learns the
+/// higher epoch, refuses writes at once (EPERM), keeps what it wrote alone
+/// as a branch image, and becomes the new primary's replica, equal to it.
+#[test]
+fn an_old_primary_that_returns_is_demoted_keeps_its_branch_and_follows() {
+    let sites = Sites::start("");
+    let volume = "app";
+    sites.primary.create_volume(volume, "8M", "async");
+    sites.add(volume, "async");
+    assert_eq!(write_at(&sites.primary, volume, 0, &[1u8; 65536]), 0);
+    sites.caught_up(volume);
+
+    // Partition; the primary goes on alone.
+    sites.link.drop_link();
+    assert_eq!(write_at(&sites.primary, volume, 1 << 20, &[2u8; 65536]), 0);
+    // Manual takeover on the replica site; refused where it is primary.
+    let out = sites.primary.cli(&["failover", volume]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already the primary"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sites
+        .replica
+        .cli(&["failover", volume, "--at", "no-such-point"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        role(&sites.replica, volume),
+        "replica",
+        "a bad point promoted"
+    );
+    let promoted = sites.replica.json(&["failover", volume, "--json"]);
+    assert_eq!(promoted["epoch"], 1, "{promoted}");
+    assert_eq!(role(&sites.replica, volume), "primary");
+    assert_eq!(write_at(&sites.replica, volume, 2 << 20, &[3u8; 65536]), 0);
+    let takeover = events(&sites.replica, volume, "takeover");
+    assert_eq!(takeover[0]["detector"], "manual", "{takeover:?}");
+
+    // Heal: the old primary's stream meets the newer epoch.
+    sites.link.restore();
+    sites
+        .primary
+        .eventually(30, "the old primary is demoted", || {
+            sites.primary.json(&["status", "--json"])["failover"]["demotions"] == 1
+        });
+    assert_eq!(role(&sites.primary, volume), "replica");
+    // Its live export refuses writes with EPERM from now on.
+    let mut c = Conn::open(&sites.primary.nbd);
+    c.flags();
+    c.go(volume).unwrap();
+    c.request(1, 9, 0, 4096, &[9u8; 4096]);
+    assert_eq!(
+        c.reply(0).unwrap().1,
+        1,
+        "a demoted primary accepted a write"
+    );
+    // What it wrote alone is kept as a branch image.
+    let branch = sites.primary.path("data/branches/app.epoch-0.img");
+    let image = std::fs::read(&branch)
+        .unwrap_or_else(|e| panic!("no branch image {}: {e}", branch.display()));
+    assert_eq!(&image[1 << 20..(1 << 20) + 65536], &[2u8; 65536][..]);
+
+    // The new primary replicates to it, and the two end equal.
+    sites
+        .replica
+        .eventually(30, "the new primary replicates back", || {
+            sites.replica.json(&["volume", "show", volume, "--json"])["replica"]["state"]
+                == "streaming"
+        });
+    sites.replica.eventually(30, "the old primary follows", || {
+        let show = sites.replica.json(&["volume", "show", volume, "--json"]);
+        show["replica"]["acked_seq"] == show["newest_seq"]
+    });
+    let latest = format!("{volume}@latest");
+    for (offset, byte) in [(0u64, 1u8), (1 << 20, 0), (2 << 20, 3)] {
+        assert_eq!(
+            read_at(&sites.primary, &latest, offset, 65536),
+            vec![byte; 65536],
+            "the old primary at offset {offset} does not follow the new one"
+        );
+    }
+    let v = sites.replica.json(&["replica", "verify", volume, "--json"]);
+    assert_eq!(v["equal"], true, "{v}");
+    assert_eq!(
+        sites.primary.json(&["status", "--json"])["epoch"],
+        1,
+        "the old primary did not take the new epoch"
+    );
+    assert!(sites.primary.healthy() && sites.replica.healthy());
+}
+
+/// An application probe that fails `failures` times in a row takes over;
+/// so does a trigger command that exits non-zero. A probe that fails less
+/// often than that never does.
+#[test]
+fn a_failing_probe_or_a_trigger_takes_over() {
+    // The protected service: a listener the test closes.
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = service.local_addr().unwrap().to_string();
+    let sites = Sites::start(&format!(
+        "auto = true\n[[failover.probe]]\nkind = \"tcp\"\ntarget = \"{target}\"\ninterval = \"100ms\"\nfailures = 3\n"
+    ));
+    sites.primary.create_volume("svc", "8M", "async");
+    sites.add("svc", "async");
+    sites.caught_up("svc");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(role(&sites.replica, "svc"), "replica");
+    let status = sites.replica.json(&["status", "--json"]);
+    let probe = &status["failover"]["probes"][0];
+    assert_eq!(probe["kind"], "tcp", "{status}");
+    assert_eq!(probe["failures_in_a_row"], 0, "{status}");
+    drop(service);
+    wait_primary(&sites.replica, "svc", 20);
+    let takeover = events(&sites.replica, "svc", "takeover");
+    assert_eq!(takeover[0]["detector"], "probe", "{takeover:?}");
+    assert!(
+        takeover[0]["reason"].as_str().unwrap().contains(&target),
+        "{takeover:?}"
+    );
+
+    // A trigger: non-zero exit once a file exists.
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("primary-is-dead");
+    let sites = Sites::start(&format!(
+        "auto = true\n[[failover.trigger]]\ncommand = \"test ! -e {}\"\ninterval = \"100ms\"\n",
+        flag.display()
+    ));
+    sites.primary.create_volume("job", "8M", "async");
+    sites.add("job", "async");
+    sites.caught_up("job");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(role(&sites.replica, "job"), "replica");
+    std::fs::write(&flag, "").unwrap();
+    wait_primary(&sites.replica, "job", 20);
+    let takeover = events(&sites.replica, "job", "takeover");
+    assert_eq!(takeover[0]["detector"], "trigger", "{takeover:?}");
+}
+
+/// Without `auto`, a dead primary is reported (phi rises) but nothing is
+/// promoted; bad `[failover]` settings are refused at start, naming the
+/// field.
+#[test]
+fn without_auto_a_dead_primary_is_only_reported_and_bad_settings_are_refused() {
+    let mut sites = Sites::start("");
+    sites.primary.create_volume("v", "8M", "async");
+    sites.add("v", "async");
+    sites.caught_up("v");
+    std::thread::sleep(Duration::from_secs(1));
+    sites.primary.kill9();
+    sites
+        .replica
+        .eventually(20, "phi rises past the threshold", || {
+            sites.replica.json(&["status", "--json"])["failover"]["phi"]
+                .as_f64()
+                .unwrap()
+                > 8.0
+        });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(role(&sites.replica, "v"), "replica");
+    for (bad, field) in [
+        ("promote_at = \"whenever\"", "promote_at"),
+        ("phi_threshold = -1.0", "phi_threshold"),
+        (
+            "[[failover.probe]]\nkind = \"ping\"\ntarget = \"x\"",
+            "failover.probe[0]",
+        ),
+        (
+            "[[failover.probe]]\nkind = \"tcp\"\ntarget = \"localhost\"",
+            "HOST:PORT",
+        ),
+    ] {
+        let (code, err) = Daemon::refuses_to_start(&format!("{TEST_CONFIG}\n[failover]\n{bad}\n"));
+        assert_ne!(code, Some(0));
+        assert!(err.contains(field), "{bad}: {err}");
+    }
+}
+
+/// Failback after a takeover: the new primary hands the group back with
+/// `tidemark failback`; writes stop there, the old primary catches up,
+/// the roles return with a new epoch and nothing acknowledged is lost.
+#[test]
+fn failback_after_a_takeover_returns_the_roles_and_loses_nothing() {
+    let sites = Sites::start("");
+    let volume = "fb";
+    sites.primary.create_volume(volume, "8M", "sync");
+    sites.add(volume, "sync");
+    assert_eq!(write_at(&sites.primary, volume, 0, &[1u8; 65536]), 0);
+    sites.caught_up(volume);
+    // Takeover by hand while both live: the old primary is demoted and
+    // follows the new one.
+    sites.replica.json(&["failover", volume, "--json"]);
+    sites
+        .primary
+        .eventually(30, "the old primary is demoted", || {
+            sites.primary.json(&["status", "--json"])["failover"]["demotions"] == 1
+        });
+    assert_eq!(write_at(&sites.replica, volume, 65536, &[2u8; 65536]), 0);
+    sites.replica.eventually(30, "the old primary follows", || {
+        let show = sites.replica.json(&["volume", "show", volume, "--json"]);
+        show["replica"]["state"] == "streaming"
+            && show["replica"]["acked_seq"] == show["newest_seq"]
+    });
+
+    let diverged_before = events(&sites.replica, volume, "replica-diverged").len();
+    // Failback: refused where the group is a replica; done on its primary.
+    let out = sites.primary.cli(&["failback", volume]);
+    assert!(!out.status.success());
+    let back = sites.replica.json(&["failback", volume, "--json"]);
+    assert_eq!(back["epoch"], 2, "{back}");
+    assert_eq!(role(&sites.primary, volume), "primary");
+    sites
+        .replica
+        .eventually(30, "the site that failed back is a replica", || {
+            role(&sites.replica, volume) == "replica"
+        });
+    // Every acknowledged write is on the primary again, and it takes more.
+    assert_eq!(read_at(&sites.primary, volume, 0, 65536), vec![1u8; 65536]);
+    assert_eq!(
+        read_at(&sites.primary, volume, 65536, 65536),
+        vec![2u8; 65536]
+    );
+    assert_eq!(write_at(&sites.primary, volume, 131072, &[3u8; 4096]), 0);
+    // The other site refuses writes and follows, without a resync.
+    assert_eq!(write_at(&sites.replica, volume, 0, &[9u8; 4096]), 1);
+    sites
+        .primary
+        .eventually(30, "the replica follows again", || {
+            let show = sites.primary.json(&["volume", "show", volume, "--json"]);
+            show["replica"]["state"] == "streaming"
+                && show["replica"]["acked_seq"] == show["newest_seq"]
+        });
+    // No resync: nothing diverged this time.
+    assert_eq!(
+        events(&sites.primary, volume, "replica-diverged").len(),
+        diverged_before
+    );
+    let takeovers = events(&sites.primary, volume, "takeover");
+    assert!(
+        takeovers.iter().any(|t| t["detector"] == "failback"),
+        "{takeovers:?}"
+    );
+    let v = sites.primary.json(&["replica", "verify", volume, "--json"]);
+    assert_eq!(v["equal"], true, "{v}");
+}
