@@ -38,6 +38,9 @@ const MARK_AHEAD: usize = 15;
 struct Region {
     /// Writes to the region begun and not yet settled.
     inflight: u32,
+    /// Resyncs of the region begun and not yet settled: their records may
+    /// still fail, so the region may not be cleared meanwhile.
+    resyncing: u32,
     /// The newest seq of a record of a change to the region.
     newest_seq: Seq,
     /// A change to the region was not journalled (the cache was full): the
@@ -288,14 +291,47 @@ impl DirtyMap {
         }
     }
 
-    /// Records that region `r` was resynced into the journal at `seq`.
-    pub fn resynced(&self, r: usize, seq: Seq) {
+    /// Records that region `r` was re-read for a resync whose records (up
+    /// to `seq`) are on their way to the journal: changes until now are
+    /// covered by them, if they become durable. Called under the region's
+    /// write lock; [`DirtyMap::resync_settle`] says how it ended.
+    pub fn resync_begin(&self, r: usize, seq: Seq) {
         let mut state = self.state.lock();
         let generation = state.generation;
         if let Some(region) = state.regions.get_mut(r) {
             region.unjournaled = false;
+            region.resyncing += 1;
             region.newest_seq = region.newest_seq.max(seq);
             region.generation = generation;
+        }
+    }
+
+    /// Settles resyncs begun with [`DirtyMap::resync_begin`]: if their
+    /// records are not all durable (`journalled` false: failed, or not in
+    /// time), the regions wait for a resync again.
+    pub fn resync_settle(&self, regions: &[usize], journalled: bool) {
+        let mut state = self.state.lock();
+        for &r in regions {
+            if let Some(region) = state.regions.get_mut(r) {
+                region.resyncing = region.resyncing.saturating_sub(1);
+                if !journalled {
+                    region.unjournaled = true;
+                }
+            }
+        }
+    }
+
+    /// Records that a write settled as journalled was not after all: the
+    /// journal failed its record. Its regions wait for a resync again. (They
+    /// are still marked: a region is cleared only once the journal is
+    /// durable past its records, and a failed record is answered before
+    /// any later one becomes durable.)
+    pub fn unjournal(&self, offset: u64, len: u64) {
+        let mut state = self.state.lock();
+        for r in self.regions_of(offset, len) {
+            if let Some(region) = state.regions.get_mut(r) {
+                region.unjournaled = true;
+            }
         }
     }
 
@@ -319,6 +355,7 @@ impl DirtyMap {
             let region = state.regions[r];
             if region.marked
                 && region.inflight == 0
+                && region.resyncing == 0
                 && !region.unjournaled
                 && region.newest_seq <= durable
                 && region.generation + min_idle <= flushed_generation
@@ -354,6 +391,22 @@ impl DirtyMap {
         (0..state.regions.len())
             .filter(|&r| {
                 state.regions[r].unjournaled && (with_in_flight || state.regions[r].inflight == 0)
+            })
+            .collect()
+    }
+
+    /// Regions that may hold a change not durable in the journal when the
+    /// journal is durable through `durable`: one left to a resync, written
+    /// or resynced right now, or with a record newer than `durable`.
+    pub fn not_durable(&self, durable: Seq) -> Vec<usize> {
+        let state = self.state.lock();
+        (0..state.regions.len())
+            .filter(|&r| {
+                let region = &state.regions[r];
+                region.unjournaled
+                    || region.inflight > 0
+                    || region.resyncing > 0
+                    || region.newest_seq > durable
             })
             .collect()
     }
@@ -454,9 +507,47 @@ mod tests {
         );
         assert_eq!(map.marked(), vec![0]);
         assert_eq!(map.unjournaled(false), vec![0]);
-        map.resynced(0, 5);
+        assert_eq!(map.not_durable(100), vec![0]);
+        map.resync_begin(0, 5);
+        let g = map.start_clean();
+        assert_eq!(
+            map.clean(5, g, 0).expect("clean"),
+            0,
+            "the resync's records may still fail"
+        );
+        map.resync_settle(&[0], true);
+        assert_eq!(map.not_durable(4), vec![0]);
+        assert!(map.not_durable(5).is_empty());
         let g = map.start_clean();
         assert_eq!(map.clean(5, g, 0).expect("clean"), 1);
+    }
+
+    #[test]
+    fn a_failed_resync_or_record_leaves_the_region_to_a_resync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let map = DirtyMap::open(
+            &crate::fs::RealFs,
+            &dir.path().join("m"),
+            &volume(),
+            1 << 20,
+        )
+        .expect("open");
+        map.begin(0, 4096).expect("begin");
+        map.settle(0, 4096, None, true);
+        map.resync_begin(0, 5);
+        map.resync_settle(&[0], false);
+        assert_eq!(map.unjournaled(false), vec![0]);
+        let g = map.start_clean();
+        map.clean(100, g, 0).expect("clean");
+        assert_eq!(map.marked(), vec![0], "the failed resync keeps the mark");
+
+        map.begin(1 << 20, 4096).expect("begin");
+        map.settle(1 << 20, 4096, Some(7), true);
+        map.unjournal(1 << 20, 4096);
+        let g = map.start_clean();
+        map.clean(100, g, 0).expect("clean");
+        assert_eq!(map.marked(), vec![0, 1], "a failed record keeps the mark");
+        assert_eq!(map.not_durable(100), vec![0, 1]);
     }
 
     #[test]

@@ -168,6 +168,18 @@ pub enum Error {
         waited: std::time::Duration,
     },
 
+    /// Writes on the production volumes whose changes are not durable in
+    /// the journal as the write path closes (its disk full or failing).
+    /// Not lost: the dirty maps keep their regions marked, and the next
+    /// attach resyncs them from the production volumes.
+    #[error("writes not durable in the journal: {regions} ({reason}); the dirty map keeps their regions marked for a resync")]
+    NotJournalled {
+        /// The regions, per volume, as byte ranges.
+        regions: String,
+        /// Why: the first error met, or how far the journal is durable.
+        reason: String,
+    },
+
     /// The journal's history is being replaced by another site's (a
     /// replica catching up); no point is real until that finishes.
     #[error("journal {0} is being rebased onto another site's history; no point can be read until that finishes")]

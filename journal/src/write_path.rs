@@ -42,6 +42,7 @@ use crate::memory_cache::Admission;
 use crate::point::{Point, Seq};
 use crate::production::BlockDevice;
 use crate::volume::VolumeInfo;
+use crate::writer::AppendHandle;
 
 /// What a sync write waits for besides this journal: the consistency
 /// group's replicas. The replicator implements it; the write path knows no
@@ -194,10 +195,37 @@ struct Protected {
     counters: Counters,
     /// Background maintenance rounds so far.
     rounds: AtomicU64,
+    /// Records of acknowledged async writes whose fate is not known yet.
+    pending: Mutex<PendingRecords>,
 }
 
 /// Background rounds between two cleanings of a dirty map.
 const CLEAN_EVERY_ROUNDS: u64 = 5;
+
+/// Pending async records kept before a write reaps them itself (rounds
+/// normally do), at least.
+const REAP_AT_LEAST: usize = 4096;
+
+/// The records of acknowledged async writes, until the journal answers
+/// them. Nobody waits for them, yet the journal may fail one (a segment it
+/// cannot make, on a full disk) and go on with later records: then the
+/// write's regions must wait for a resync rather than be cleared because
+/// the journal is durable past the record's seq.
+#[derive(Debug)]
+struct PendingRecords {
+    records: Vec<PendingRecord>,
+    /// Length at which a write reaps them (amortized: twice what was left
+    /// at the last reap).
+    reap_at: usize,
+}
+
+#[derive(Debug)]
+struct PendingRecord {
+    /// The write the record belongs to.
+    offset: u64,
+    len: u64,
+    handle: AppendHandle,
+}
 
 impl Protected {
     /// Locks the regions `offset..offset+len` touches, in ascending order.
@@ -346,6 +374,10 @@ impl WritePath {
             )),
             counters: Counters::default(),
             rounds: AtomicU64::new(0),
+            pending: Mutex::new(PendingRecords {
+                records: Vec::new(),
+                reap_at: REAP_AT_LEAST,
+            }),
             info,
             device,
             dirty,
@@ -520,9 +552,11 @@ impl WritePath {
     /// Stops the background round, resyncs what is left unjournalled, and
     /// cleans the dirty maps as far as the journal allows — within a
     /// bounded time: each wait for the journal gives up after
-    /// `sync_timeout` (a full disk), and then the error says what is not
-    /// durable; the dirty maps still mark it, so the next start resyncs it
-    /// from the production volumes.
+    /// `sync_timeout` (a full disk). Succeeds only if every change on the
+    /// production volumes is durable in the journal; otherwise the error
+    /// ([`Error::NotJournalled`]) names the regions that are not, which
+    /// the dirty maps still mark, so the next start resyncs them from the
+    /// production volumes.
     pub fn close(&self) -> Result<()> {
         self.inner.stop.store(true, Ordering::SeqCst);
         {
@@ -534,8 +568,25 @@ impl WritePath {
             let _ = handle.join();
         }
         let timeout = self.inner.options.sync_timeout;
-        self.inner.journal.sync_within(timeout)?;
-        self.inner.round(true, Admission::WaitFor(timeout))
+        let outcome = self
+            .inner
+            .journal
+            .sync_within(timeout)
+            .and_then(|_| self.inner.round(true, Admission::WaitFor(timeout)));
+        // Not the outcome alone: an earlier round (the background one this
+        // close stopped) or a write may have left regions that this one
+        // could not journal either, or records the journal failed.
+        let (left, durable) = self.inner.not_durable();
+        if left.is_empty() {
+            return outcome;
+        }
+        Err(Error::NotJournalled {
+            regions: left.join("; "),
+            reason: match outcome {
+                Err(e) => e.to_string(),
+                Ok(()) => format!("the journal is durable through seq {durable}"),
+            },
+        })
     }
 
     fn apply(&self, volume: &str, offset: u64, op: Op<'_>, fua: bool) -> Result<Acknowledged> {
@@ -736,6 +787,7 @@ impl Inner {
         }
         let mut seq = None;
         let mut stored_bytes = 0;
+        let mut handles = Vec::new();
         for change in op.changes(offset, self.journal.max_record_len()) {
             match self
                 .journal
@@ -744,6 +796,7 @@ impl Inner {
                 Ok(handle) => {
                     seq = Some(handle.seq());
                     stored_bytes += handle.stored_bytes();
+                    handles.push(handle);
                 }
                 Err(e) => {
                     if !matches!(e, Error::CacheFull { .. }) {
@@ -752,11 +805,15 @@ impl Inner {
                     v.counters.cache_fallbacks.fetch_add(1, Ordering::Relaxed);
                     seq = None;
                     stored_bytes = 0;
+                    handles.clear();
                     break;
                 }
             }
         }
         drop(stripes);
+        // Before the write settles: a round that finds its regions settled
+        // also finds its records (see `Inner::reap`).
+        self.track(v, offset, len, handles);
         v.dirty.settle(offset, len, seq, true);
         Ok(Acknowledged {
             mode: IoMode::Async,
@@ -791,15 +848,105 @@ impl Inner {
         }
     }
 
+    /// Keeps the records of an acknowledged async write until the journal
+    /// answers them; reaps the kept ones now and then.
+    fn track(&self, v: &Protected, offset: u64, len: u64, handles: Vec<AppendHandle>) {
+        if handles.is_empty() {
+            return;
+        }
+        let mut pending = v.pending.lock();
+        pending
+            .records
+            .extend(handles.into_iter().map(|handle| PendingRecord {
+                offset,
+                len,
+                handle,
+            }));
+        if pending.records.len() >= pending.reap_at {
+            let durable = self.journal.history().newest_seq;
+            self.reap(v, &mut pending, durable);
+        }
+    }
+
+    /// Takes the journal's answers to `v`'s async records: a write whose
+    /// record failed waits for a resync. `durable` must be read before (and
+    /// `pending` held until the dirty map is cleaned with it): the journal
+    /// answers a failed record before any later one becomes durable, so a
+    /// record at or below `durable` that has no answer yet will be durable,
+    /// and every failure the cleaning could be misled by is seen here.
+    fn reap(&self, v: &Protected, pending: &mut PendingRecords, durable: Seq) {
+        let mut failed = 0u64;
+        let mut first_error = None;
+        pending
+            .records
+            .retain_mut(|record| match record.handle.try_wait() {
+                Some(Ok(_)) => false,
+                Some(Err(e)) => {
+                    v.dirty.unjournal(record.offset, record.len);
+                    failed += 1;
+                    first_error.get_or_insert(e);
+                    false
+                }
+                None => record.handle.seq() > durable,
+            });
+        pending.reap_at = (pending.records.len() * 2).max(REAP_AT_LEAST);
+        if let Some(e) = first_error {
+            tracing::warn!(volume = %v.info.name, records = failed, error = %e, "the journal failed records of acknowledged async writes; their regions will be resynced");
+        }
+    }
+
+    /// Reaps `v`'s async records against the journal's durable seq now.
+    fn reap_now(&self, v: &Protected) {
+        let mut pending = v.pending.lock();
+        let durable = self.journal.history().newest_seq;
+        self.reap(v, &mut pending, durable);
+    }
+
+    /// What may not be durable in the journal, one sentence per volume
+    /// (none when everything is), and the durable seq it was judged by.
+    fn not_durable(&self) -> (Vec<String>, Seq) {
+        let mut volumes: Vec<Arc<Protected>> = self.volumes.read().values().cloned().collect();
+        volumes.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        let mut durable = 0;
+        let mut left = Vec::new();
+        for v in volumes {
+            let mut pending = v.pending.lock();
+            durable = self.journal.history().newest_seq;
+            self.reap(&v, &mut pending, durable);
+            let regions = v.dirty.not_durable(durable);
+            drop(pending);
+            if !regions.is_empty() {
+                left.push(describe_regions(&v, &regions));
+            }
+        }
+        (left, durable)
+    }
+
     /// Re-reads `regions` from the production volume and journals, as
     /// resync writes, every 4 KiB block that differs from the journal's
-    /// newest point; then records a `resync` event naming the window.
+    /// newest point; then records a `resync` event naming the window. If
+    /// its records do not all become durable (in time, with
+    /// `Admission::WaitFor`), the regions wait for a resync again.
     fn resync(
         &self,
         v: &Protected,
         regions: &[usize],
         reason: &str,
         admission: Admission,
+    ) -> Result<ResyncReport> {
+        let mut begun = Vec::new();
+        let outcome = self.resync_regions(v, regions, reason, admission, &mut begun);
+        v.dirty.resync_settle(&begun, outcome.is_ok());
+        outcome
+    }
+
+    fn resync_regions(
+        &self,
+        v: &Protected,
+        regions: &[usize],
+        reason: &str,
+        admission: Admission,
+        begun: &mut Vec<usize>,
     ) -> Result<ResyncReport> {
         let mut report = ResyncReport {
             volume: v.info.name.clone(),
@@ -855,7 +1002,8 @@ impl Inner {
             }
             // Still under the region's lock: a write that comes after this
             // is not covered by the resync and must count on its own.
-            v.dirty.resynced(r, newest);
+            v.dirty.resync_begin(r, newest);
+            begun.push(r);
             first_offset = first_offset.min(offset);
             end_offset = end_offset.max(offset + len as u64);
             report.regions.push(r);
@@ -873,11 +1021,22 @@ impl Inner {
             }),
             admission,
         )?;
+        // Bounded like the appends, so a full disk cannot hold a close.
+        let deadline = match admission {
+            Admission::WaitFor(timeout) => Some(Instant::now() + timeout),
+            Admission::Wait | Admission::NoWait => None,
+        };
+        let wait = |handle: AppendHandle| match deadline {
+            Some(deadline) => {
+                handle.wait_timeout(deadline.saturating_duration_since(Instant::now()))
+            }
+            None => handle.wait(),
+        };
         let mut last = event.seq();
         for handle in handles {
-            last = last.max(handle.wait()?.seq);
+            last = last.max(wait(handle)?.seq);
         }
-        let seq = event.wait()?.seq.max(last);
+        let seq = wait(event)?.seq.max(last);
         v.counters
             .resynced_regions
             .fetch_add(report.regions.len() as u64, Ordering::Relaxed);
@@ -919,6 +1078,8 @@ impl Inner {
                     .observe(started.elapsed(), self.backlog(), Instant::now());
             self.record_switch(v, switch);
         }
+        // Writes whose records the journal failed are resynced too.
+        self.reap_now(v);
         let unjournaled = v.dirty.unjournaled(false);
         if !unjournaled.is_empty() {
             self.resync(v, &unjournaled, "cache-full", admission)?;
@@ -936,7 +1097,11 @@ impl Inner {
         v.device
             .flush()
             .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
+        // Held until cleaned: a write that settles meanwhile has its
+        // records reaped first, or is not cleaned (see `Inner::reap`).
+        let mut pending = v.pending.lock();
         let durable = self.journal.history().newest_seq;
+        self.reap(v, &mut pending, durable);
         v.dirty
             .clean(durable, generation, if forced { 0 } else { 1 })?;
         Ok(())
@@ -958,4 +1123,37 @@ impl Inner {
             let _ = self.round(false, Admission::WaitFor(self.options.sync_timeout));
         }
     }
+}
+
+/// `regions` of `v` for an operator: the volume, how many, and the byte
+/// ranges they cover (the first few).
+fn describe_regions(v: &Protected, regions: &[usize]) -> String {
+    const SHOWN: usize = 8;
+    let region_size = v.dirty.region_size();
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for &r in regions {
+        match ranges.last_mut() {
+            Some((_, last)) if *last + 1 == r => *last = r,
+            _ => ranges.push((r, r)),
+        }
+    }
+    let mut shown: Vec<String> = ranges
+        .iter()
+        .take(SHOWN)
+        .map(|&(first, last)| {
+            let start = first as u64 * region_size;
+            let end = ((last as u64 + 1) * region_size).min(v.info.size);
+            format!("{start}..{end}")
+        })
+        .collect();
+    if ranges.len() > SHOWN {
+        shown.push(format!("and {} more ranges", ranges.len() - SHOWN));
+    }
+    format!(
+        "volume {}: {} region{} of {region_size} bytes at bytes {}",
+        v.info.name,
+        regions.len(),
+        if regions.len() == 1 { "" } else { "s" },
+        shown.join(", ")
+    )
 }

@@ -246,6 +246,25 @@ impl AppendHandle {
         }
     }
 
+    /// The journal's answer, if it has come, without blocking: `None` while
+    /// the record is on its way, and always for a record in the file cache
+    /// (which has no answer of its own: it reaches the journal, or a
+    /// failure stops the journal). After `Some`, the handle is spent.
+    pub fn try_wait(&mut self) -> Option<Result<Appended>> {
+        let appended = self.appended();
+        match &self.durability {
+            Durability::FileCache(..) => None,
+            Durability::Journal(reply) => match reply.try_recv() {
+                Ok(Ok(())) => Some(Ok(appended)),
+                Ok(Err(e)) => Some(Err(e)),
+                Err(oneshot::TryRecvError::Empty) => None,
+                Err(oneshot::TryRecvError::Disconnected) => {
+                    Some(Err(Error::Closed(self.closed.clone())))
+                }
+            },
+        }
+    }
+
     /// Blocks until the record is durable, or `timeout` has passed
     /// ([`Error::NotDurable`]; the record may still become durable later).
     pub fn wait_timeout(self, timeout: std::time::Duration) -> Result<Appended> {

@@ -663,3 +663,114 @@ fn close_on_a_full_disk_ends_in_bounded_time_and_the_next_open_resyncs() {
     );
     assert_production_equals_journal(&path);
 }
+
+/// Incompressible data, so each record takes its full size in a segment.
+fn random_bytes(rng: &mut rand::rngs::SmallRng, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    rng.fill(&mut data[..]);
+    data
+}
+
+/// Async writes whose records the journal fails after they were
+/// acknowledged (here: no room for the next segment) are not forgotten:
+/// records after them becoming durable does not let the dirty map clear
+/// their regions; the next round resyncs them instead.
+#[test]
+fn async_records_the_journal_failed_are_resynced_not_cleaned_away() {
+    let s = setup(IoMode::Async, 8 << 20, small_regions());
+    let mut rng = rng(13);
+    // The first segment takes a few of these; the batches after it fail.
+    s.faults.fail_creates(ENOSPC);
+    for i in 0..32u64 {
+        let data = random_bytes(&mut rng, 32 << 10);
+        let ack = s
+            .path
+            .write("vol", i * (32 << 10), &data, false)
+            .expect("async writes are acknowledged");
+        assert!(ack.seq.is_some(), "the cache has room for every record");
+    }
+    s.path.journal().sync().expect("sync");
+    // Space again: a later record is durable, past the failed ones.
+    s.faults.fail_creates(0);
+    let data = random_bytes(&mut rng, 4096);
+    s.path
+        .write("vol", SIZE - 4096, &data, false)
+        .expect("write");
+    s.path.journal().sync().expect("sync");
+    s.path.maintain_now().expect("maintenance");
+    assert_production_equals_journal(&s.path);
+    s.path.close().expect("everything is journalled now");
+}
+
+/// A resync whose records the journal fails (the maintenance round on a
+/// full disk) leaves its regions waiting for the next resync: a close
+/// afterwards, on the still full disk, does not claim them durable but
+/// names them, and the next open (with space) resyncs them.
+#[test]
+fn a_failed_resync_leaves_its_regions_unjournalled_and_close_names_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let options = || JournalOptions {
+        io_hooks: faults.clone(),
+        memory_cache_bytes: 64 << 10,
+        ..small_options(
+            Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+            RecoveryMode::Strict,
+        )
+    };
+    let production = dir.path().join("production.img");
+    let path_options = WritePathOptions {
+        sync_timeout: Duration::from_secs(2),
+        ..small_regions()
+    };
+    let (journal, _) = Journal::open(&dir.path().join("journal"), options()).expect("open");
+    journal.create_volume("vol", SIZE).expect("volume");
+    let path = WritePath::new(journal, path_options).expect("write path");
+    let device = Arc::new(FileDevice::open(&production, SIZE).expect("device"));
+    path.attach("vol", device, IoMode::Async).expect("attach");
+    // No room for a second segment, and a journal too slow for the
+    // writes: most of them are left to a resync.
+    faults.fail_creates(ENOSPC);
+    faults.set_write_delay(Duration::from_millis(100));
+    let mut rng = rng(14);
+    let mut unjournalled = 0;
+    for i in 0..24u64 {
+        let data = random_bytes(&mut rng, 32 << 10);
+        let ack = path
+            .write("vol", i * (64 << 10), &data, false)
+            .expect("async writes are acknowledged");
+        unjournalled += u64::from(ack.seq.is_none());
+    }
+    assert!(unjournalled >= 16, "{unjournalled} writes left to a resync");
+    faults.set_write_delay(Duration::ZERO);
+    path.journal().sync().expect("sync");
+    // The resync does not fit the first segment.
+    let err = path
+        .maintain_now()
+        .expect_err("a resync on a full disk fails");
+    assert!(err.is_disk_full(), "{err}");
+
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let closer = std::thread::spawn(move || {
+        let outcome = path.close();
+        let _ = done_tx.send(outcome.map_err(|e| e.to_string()));
+        path
+    });
+    let outcome = done_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("close did not end within 30 s on a full disk");
+    let err = outcome.expect_err("close must not claim the failed resync's regions durable");
+    assert!(err.contains("not durable") && err.contains("vol"), "{err}");
+    drop(closer.join().expect("closer"));
+
+    faults.fail_creates(0);
+    let (journal, _) = Journal::open(&dir.path().join("journal"), options()).expect("reopen");
+    let path = WritePath::new(journal, small_regions()).expect("write path");
+    let device = Arc::new(FileDevice::open(&production, SIZE).expect("device"));
+    let report = path.attach("vol", device, IoMode::Async).expect("attach");
+    assert!(
+        !report.regions.is_empty(),
+        "the marked regions are resynced"
+    );
+    assert_production_equals_journal(&path);
+}
