@@ -5,8 +5,9 @@
 set -euo pipefail
 
 # Debian packages: libclang-dev (bindgen for RocksDB), protobuf-compiler
-# (tonic), and the tools the tests and benches drive.
-TIDEMARK_PACKAGES=(libclang-dev protobuf-compiler fio libnbd-bin nbdkit e2fsprogs qemu-utils util-linux mount python3 openssl)
+# (tonic), and the tools the tests and benches drive (etcd-server: the
+# failover witness the tests start on their own ports).
+TIDEMARK_PACKAGES=(libclang-dev protobuf-compiler fio libnbd-bin nbdkit e2fsprogs qemu-utils util-linux mount python3 openssl etcd-server)
 
 missing=()
 for pkg in "${TIDEMARK_PACKAGES[@]}"; do

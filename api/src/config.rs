@@ -69,6 +69,16 @@ struct FailoverFile {
     probe: Vec<ProbeFile>,
     #[serde(default)]
     trigger: Vec<TriggerFile>,
+    witness: Option<WitnessFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WitnessFile {
+    etcd: Vec<String>,
+    key: String,
+    lease: Option<String>,
+    grace: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -703,7 +713,45 @@ fn failover_settings(f: &FailoverFile) -> Result<tidemark_failover::FailoverSett
             timeout: duration(&format!("{at}.timeout"), &t.timeout)?.unwrap_or(interval),
         });
     }
+    let witness = match &f.witness {
+        None => None,
+        Some(w) => {
+            if w.etcd.is_empty() {
+                return Err("failover.witness.etcd needs at least one endpoint".into());
+            }
+            for e in &w.etcd {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    return Err(format!(
+                        "failover.witness.etcd endpoint {e:?} must start with http:// or https://"
+                    ));
+                }
+            }
+            if w.key.trim().is_empty() {
+                return Err("failover.witness.key is empty".into());
+            }
+            let lease = duration("failover.witness.lease", &w.lease)?
+                .unwrap_or(std::time::Duration::from_secs(5));
+            let grace = duration("failover.witness.grace", &w.grace)?.unwrap_or(lease / 5);
+            if lease < std::time::Duration::from_secs(2) {
+                return Err(format!(
+                    "failover.witness.lease = {lease:?} is below etcd's 2 s minimum"
+                ));
+            }
+            if grace >= lease {
+                return Err(format!(
+                    "failover.witness.grace = {grace:?} must be shorter than the lease ({lease:?})"
+                ));
+            }
+            Some(tidemark_failover::WitnessSettings {
+                endpoints: w.etcd.clone(),
+                key: w.key.clone(),
+                lease,
+                grace,
+            })
+        }
+    };
     Ok(FailoverSettings {
+        witness,
         auto: f.auto.unwrap_or(false),
         heartbeat,
         detector,

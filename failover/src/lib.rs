@@ -10,6 +10,8 @@
 //!   over, with its reason.
 //! - [`epoch`] — epochs as fencing tokens: who demotes, what a takeover
 //!   writes under.
+//! - [`witness`] — the etcd witness: a primary writes only while it holds
+//!   its group's lease, a takeover must win the key.
 //! - [`settings`] — the `[failover]` vocabulary.
 //!
 //! The daemon carries the decisions out (promotion, demotion, the
@@ -21,7 +23,9 @@ pub mod epoch;
 pub mod monitor;
 pub mod probe;
 pub mod settings;
+pub mod witness;
 
 pub use detector::{DetectorSettings, PhiAccrual};
 pub use monitor::{Decision, Monitor, MonitorStatus, ProbeStatus};
 pub use settings::{FailoverSettings, ProbeSettings, PromoteAt, TriggerSettings};
+pub use witness::{Learnt, Witness, WitnessSettings};

@@ -134,6 +134,14 @@ impl Monitor {
         watched.decided = false;
     }
 
+    /// A decision about `group` that could not be carried out (the
+    /// witness refused it): the detector may decide again.
+    pub fn rearm(&self, group: &str) {
+        if let Some(w) = self.groups.lock().get_mut(group) {
+            w.decided = false;
+        }
+    }
+
     /// `group` is no longer watched (promoted here, or removed).
     pub fn forget(&self, group: &str) {
         self.groups.lock().remove(group);

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::detector::DetectorSettings;
 use crate::probe::ProbeKind;
+use crate::witness::WitnessSettings;
 
 /// Where a takeover promotes the group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +88,8 @@ pub struct FailoverSettings {
     pub probes: Vec<ProbeSettings>,
     /// Custom triggers.
     pub triggers: Vec<TriggerSettings>,
+    /// The witness, if any: takeovers and a primary's writes then need it.
+    pub witness: Option<WitnessSettings>,
 }
 
 impl Default for FailoverSettings {
@@ -100,6 +103,7 @@ impl Default for FailoverSettings {
             anomaly_window: Duration::from_secs(3600),
             probes: Vec::new(),
             triggers: Vec::new(),
+            witness: None,
         }
     }
 }

@@ -11,6 +11,7 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+pub mod etcd;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader, Write};

@@ -94,6 +94,15 @@ fn wait_primary(d: &Daemon, volume: &str, secs: u64) -> Duration {
     started.elapsed()
 }
 
+/// The end of a daemon's log without the NBD connection lines.
+fn quiet_tail(log: &str) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains("nbd client connected"))
+        .collect();
+    tail(&lines.join("\n"), 30)
+}
+
 /// The bodies of the events named `name` on `d`'s timeline of `volume`.
 fn events(d: &Daemon, volume: &str, name: &str) -> Vec<Value> {
     d.json(&["timeline", volume, "--json"])["entries"]
@@ -463,4 +472,127 @@ fn failback_after_a_takeover_returns_the_roles_and_loses_nothing() {
     );
     let v = sites.primary.json(&["replica", "verify", volume, "--json"]);
     assert_eq!(v["equal"], true, "{v}");
+}
+
+/// Split brain with a witness (etcd): the link between the sites is cut
+/// while both live. The replica's detector fires but the witness refuses
+/// its takeover while the primary holds the lease. Then the primary is cut
+/// from the witness too: it stops writing before its lease can run out,
+/// and only then the replica wins the key and takes over. Sampled all
+/// along, at no moment do both sites accept a write. Healed, the old
+/// primary is demoted and keeps its own writes as a branch.
+#[test]
+fn with_a_witness_exactly_one_site_accepts_writes_through_a_partition() {
+    let test = "with_a_witness_exactly_one_site_accepts_writes_through_a_partition";
+    let Some(etcd) = tidemark_tests::etcd::Etcd::start(test) else {
+        return;
+    };
+    // The primary reaches the witness through a proxy the test can cut.
+    let to_etcd = Proxy::start(&etcd.address);
+    let witness = |url: &str| {
+        format!(
+            "[failover.witness]\netcd = [\"{url}\"]\nkey = \"/tidemark/s5\"\nlease = \"2s\"\ngrace = \"600ms\"\n"
+        )
+    };
+    let replica = Daemon::with_config(&format!(
+        "{}{}",
+        replica_config("auto = true\n"),
+        witness(&etcd.url)
+    ));
+    let link = Proxy::start(&replica.grpc);
+    let primary = Daemon::with_config(&format!(
+        "{}\n[failover]\n{}",
+        primary_config(),
+        witness(&format!("http://{}", to_etcd.address))
+    ));
+    let sites = Sites {
+        primary,
+        replica,
+        link,
+    };
+    let volume = "s5";
+    sites.primary.create_volume(volume, "8M", "async");
+    sites
+        .primary
+        .eventually(20, "the primary holds the witness's lease", || {
+            write_at(&sites.primary, volume, 0, &[1u8; 4096]) == 0
+        });
+    let status = sites.primary.json(&["status", "--json"]);
+    assert!(
+        status["failover"]["witness"]
+            .as_str()
+            .unwrap()
+            .contains("s5: held"),
+        "{status}"
+    );
+    sites.add(volume, "async");
+    sites.caught_up(volume);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // The sites cannot see each other; both still see the witness.
+    sites.link.drop_link();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        role(&sites.replica, volume),
+        "replica",
+        "took over past the witness"
+    );
+    assert!(
+        sites
+            .replica
+            .log_text()
+            .contains("its primary is alive there"),
+        "the replica never tried: {}",
+        tail(&sites.replica.log_text(), 20)
+    );
+    assert_eq!(write_at(&sites.primary, volume, 4096, &[2u8; 4096]), 0);
+    assert_eq!(write_at(&sites.replica, volume, 4096, &[3u8; 4096]), 1);
+
+    // Now the primary loses the witness too.
+    to_etcd.drop_link();
+    let started = Instant::now();
+    let mut replica_took_over = false;
+    let mut samples = 0;
+    while started.elapsed() < Duration::from_secs(30) {
+        let p = write_at(&sites.primary, volume, 8192, &[4u8; 4096]) == 0;
+        let r = write_at(&sites.replica, volume, 12288, &[5u8; 4096]) == 0;
+        samples += 1;
+        assert!(
+            !(p && r),
+            "both sites accepted a write {:?} after the primary lost the witness",
+            started.elapsed()
+        );
+        if r {
+            replica_took_over = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        replica_took_over,
+        "the replica never took over ({samples} samples); log:\n{}\nprimary log:\n{}",
+        quiet_tail(&sites.replica.log_text()),
+        quiet_tail(&sites.primary.log_text())
+    );
+    eprintln!(
+        "replica took over {:?} after the primary lost the witness",
+        started.elapsed()
+    );
+    // The old primary keeps refusing.
+    assert_eq!(write_at(&sites.primary, volume, 8192, &[6u8; 4096]), 1);
+    let takeover = events(&sites.replica, volume, "takeover");
+    assert_eq!(takeover[0]["epoch"], 1, "{takeover:?}");
+
+    // Heal: the old primary learns the higher epoch and is demoted.
+    to_etcd.restore();
+    sites.link.restore();
+    sites
+        .primary
+        .eventually(30, "the old primary is demoted", || {
+            sites.primary.json(&["status", "--json"])["failover"]["demotions"] == 1
+        });
+    assert_eq!(role(&sites.primary, volume), "replica");
+    assert!(sites.primary.path("data/branches/s5.epoch-0.img").exists());
+    assert_eq!(write_at(&sites.primary, volume, 0, &[7u8; 4096]), 1);
+    assert_eq!(write_at(&sites.replica, volume, 0, &[8u8; 4096]), 0);
 }

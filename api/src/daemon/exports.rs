@@ -98,7 +98,7 @@ impl Export {
     /// True unless writes are accepted.
     pub fn read_only(&self) -> bool {
         matches!(self.target, Target::Point { .. } | Target::ReplicaLive)
-            || (self.is_live() && self.volume.is_replica())
+            || (self.is_live() && !self.volume_writable())
     }
 
     /// True for the live volume.
@@ -116,7 +116,7 @@ impl Export {
         let Target::Live { .. } = self.target else {
             return None;
         };
-        if self.volume.is_replica() {
+        if !self.volume_writable() {
             return Some(Err(self.demoted()));
         }
         let ack = self
@@ -186,11 +186,24 @@ impl Export {
         }
     }
 
+    /// The live volume takes writes: this site is its primary and, with
+    /// a witness, holds the group's lease.
+    fn volume_writable(&self) -> bool {
+        !self.volume.is_replica() && self.volume.group.witness_allows()
+    }
+
     fn demoted(&self) -> ApiError {
-        ApiError::Invalid(format!(
-            "volume {} was demoted on this site: another site took over as its primary",
-            self.name
-        ))
+        if self.volume.is_replica() {
+            ApiError::Invalid(format!(
+                "volume {} was demoted on this site: another site took over as its primary",
+                self.name
+            ))
+        } else {
+            ApiError::Invalid(format!(
+                "volume {}: this site does not hold the witness's lease for group {}; writes wait until it does",
+                self.name, self.volume.group.name
+            ))
+        }
     }
 
     fn refuse_read_only(&self) -> ApiResult<()> {
@@ -208,7 +221,7 @@ impl Export {
         self.check(offset, data.len() as u64)?;
         match &self.target {
             // Demoted since the export opened: a newer primary writes now.
-            Target::Live { .. } if self.volume.is_replica() => Err(self.demoted()),
+            Target::Live { .. } if !self.volume_writable() => Err(self.demoted()),
             Target::Live { .. } => {
                 let ack =
                     self.volume
@@ -232,7 +245,7 @@ impl Export {
             return Ok(());
         }
         match &self.target {
-            Target::Live { .. } if self.volume.is_replica() => Err(self.demoted()),
+            Target::Live { .. } if !self.volume_writable() => Err(self.demoted()),
             Target::Live { .. } => {
                 let wp = &self.volume.group.write_path;
                 let ack = if trim {

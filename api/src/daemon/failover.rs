@@ -21,7 +21,9 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use tidemark_failover::epoch::{self, Verdict};
-use tidemark_failover::{Decision, FailoverSettings, Monitor, MonitorStatus, PromoteAt};
+use tidemark_failover::{
+    Decision, FailoverSettings, Learnt, Monitor, MonitorStatus, PromoteAt, Witness,
+};
 use tidemark_journal::epochs::common_point;
 use tidemark_journal::fs::{Fs, RealFs};
 use tidemark_journal::{Seq, Timestamp};
@@ -59,6 +61,8 @@ pub struct Failover {
     changing: Mutex<()>,
     /// Set once the daemon listens.
     pub site: OnceLock<SiteAddress>,
+    /// The witness, when `[failover.witness]` names one (set at start).
+    pub witness: Arc<OnceLock<Arc<Witness>>>,
 }
 
 /// A takeover's outcome.
@@ -87,6 +91,7 @@ impl Failover {
             demotions: AtomicU64::new(0),
             changing: Mutex::new(()),
             site: OnceLock::new(),
+            witness: Arc::new(OnceLock::new()),
         }
     }
 
@@ -95,9 +100,22 @@ impl Failover {
         self.monitor.status(None)
     }
 
-    /// Runs the watch and carries out its decisions until `stop`.
+    /// Runs the watch and carries out its decisions until `stop`; with a
+    /// witness, holds every group this site is the primary of.
     pub fn start(registry: &Arc<Registry>, stop: tokio::sync::watch::Receiver<bool>) {
         let failover = &registry.failover;
+        if let (Some(settings), Some(site)) = (
+            failover.monitor.settings().witness.clone(),
+            failover.site.get(),
+        ) {
+            let witness = Witness::new(settings, site.grpc.clone());
+            let _ = failover.witness.set(witness);
+            for group in registry.groups() {
+                if !group.is_replica() {
+                    registry.hold_witness(&group.name, group.journal().epoch());
+                }
+            }
+        }
         tokio::spawn(failover.monitor.clone().run(stop));
         let Some(mut decisions) = failover.decisions.lock().take() else {
             return;
@@ -118,16 +136,34 @@ impl Failover {
                         .collect(),
                 };
                 for group in groups {
-                    let (registry, decision) = (registry.clone(), decision.clone());
+                    let (promoting, decided) = (registry.clone(), decision.clone());
                     let outcome = tokio::task::spawn_blocking(move || {
-                        registry.promote(&group, None, &decision.reason, decision.detector)
+                        promoting.promote(&group, None, &decided.reason, decided.detector)
                     })
                     .await;
                     match outcome {
                         Ok(Ok(p)) => {
                             tracing::warn!(group = %p.group, epoch = p.epoch, seq = p.seq, "took over")
                         }
-                        Ok(Err(e)) => tracing::error!(error = %e, "takeover failed"),
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "takeover failed");
+                            // The witness may let a later attempt through
+                            // (once the primary's lease runs out): the
+                            // detector may decide again after a while.
+                            if let Some(group) = &decision.group {
+                                let monitor = registry.failover.monitor.clone();
+                                let wait = monitor
+                                    .settings()
+                                    .witness
+                                    .as_ref()
+                                    .map_or(std::time::Duration::from_secs(1), |w| w.lease / 2);
+                                let group = group.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(wait).await;
+                                    monitor.rearm(&group);
+                                });
+                            }
+                        }
                         Err(e) => tracing::error!(error = %e, "takeover failed"),
                     }
                 }
@@ -137,6 +173,41 @@ impl Failover {
 }
 
 impl Registry {
+    /// With a witness: holds `group`'s key for this site, a primary at
+    /// `epoch`, and demotes the group if another site holds it at a
+    /// higher epoch.
+    pub fn hold_witness(self: &Arc<Self>, group: &str, epoch: u64) {
+        let Some(witness) = self.failover.witness.get() else {
+            return;
+        };
+        let registry = Arc::downgrade(self);
+        let name = group.to_string();
+        witness.hold(
+            group,
+            epoch,
+            Arc::new(move |learnt: Learnt| {
+                let Learnt::Newer(holder) = learnt;
+                let Some(registry) = registry.upgrade() else {
+                    return;
+                };
+                let fence = Fence {
+                    group: name.clone(),
+                    epoch: holder.epoch,
+                    history: tidemark_journal::epochs::History {
+                        epochs: Vec::new(),
+                        newest: 0,
+                    },
+                    by: format!("the witness (held by {})", holder.site),
+                };
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = registry.demote(&fence) {
+                        tracing::error!(group = %fence.group, error = %e, "cannot demote the group");
+                    }
+                });
+            }),
+        );
+    }
+
     /// Promotes `group` to primary on this site: at `at` (a POINT), or as
     /// `[failover] promote_at` says. `reason` and `detector` say why.
     pub fn promote(
@@ -183,9 +254,15 @@ impl Registry {
             }
             None => self.promotion_point(&first)?,
         };
-        // The new epoch is durable before the first write under it.
+        // The new epoch is durable before the first write under it; with
+        // a witness, only after winning the group's key at that epoch.
         let old_epoch = journal.epoch();
         let new_epoch = epoch::next_epoch(old_epoch, old_epoch);
+        if let Some(witness) = self.failover.witness.get() {
+            tokio::runtime::Handle::current()
+                .block_on(witness.claim(&group.name, new_epoch))
+                .map_err(ApiError::Busy)?;
+        }
         journal.set_epoch(new_epoch)?;
         // Production files holding the newest point, then primary.
         let mut specs = Vec::new();
@@ -348,6 +425,9 @@ impl Registry {
         }
         // Writes are refused from this moment on.
         group.replica.store(true, Ordering::SeqCst);
+        if let Some(witness) = self.failover.witness.get() {
+            witness.release(&group.name);
+        }
         let volumes: Vec<Arc<Volume>> = self
             .volumes()
             .into_iter()
@@ -468,7 +548,17 @@ impl Registry {
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        // The other site takes over at exactly our newest point.
+        // The other site takes over at exactly our newest point; it must
+        // be able to win the witness's key, so this site lets it go.
+        if let Some(witness) = self.failover.witness.get() {
+            witness.release(&group.name);
+        }
+        let undo = |e: ApiError| {
+            if self.failover.witness.get().is_some() {
+                self.hold_witness(&group.name, group.journal().epoch());
+            }
+            undo(e)
+        };
         let link = tidemark_replicator::Peer {
             address: peer.address.clone(),
             token: peer.token.clone(),

@@ -124,6 +124,9 @@ impl Tidemark for Service {
                 Some(&r.mode),
                 Some(&r.group),
             )?;
+            // With a witness, a new group's writes wait for its lease.
+            d.registry
+                .hold_witness(&v.group.name, v.group.journal().epoch());
             Ok(volume_proto(d, &v))
         })
         .await
@@ -448,7 +451,12 @@ impl Tidemark for Service {
                 auto: f.auto,
                 phi: f.phi,
                 last_heartbeat_seconds: f.last_heartbeat_seconds.unwrap_or(-1.0),
-                witness: "none".into(),
+                witness: d
+                    .registry
+                    .failover
+                    .witness
+                    .get()
+                    .map_or_else(|| "none".to_string(), |w| w.state()),
                 probes: f
                     .probes
                     .into_iter()

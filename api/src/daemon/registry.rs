@@ -38,6 +38,9 @@ pub struct Group {
     pub replica: std::sync::atomic::AtomicBool,
     /// What its sync writes wait for besides the journal: its replicas.
     pub gate: Arc<tidemark_replicator::GroupGate>,
+    /// The failover witness, when one is configured: a primary writes
+    /// only while it holds the group's lease there.
+    pub witness: Arc<OnceLock<Arc<tidemark_failover::Witness>>>,
 }
 
 impl std::fmt::Debug for Group {
@@ -47,6 +50,12 @@ impl std::fmt::Debug for Group {
 }
 
 impl Group {
+    /// False while a configured witness does not let this site write the
+    /// group (its lease is lost or not held yet).
+    pub fn witness_allows(&self) -> bool {
+        self.witness.get().is_none_or(|w| w.allows(&self.name))
+    }
+
     /// True while this site keeps the group as another site's replica.
     pub fn is_replica(&self) -> bool {
         self.replica.load(Ordering::SeqCst)
@@ -325,6 +334,7 @@ impl Registry {
             write_path,
             replica: std::sync::atomic::AtomicBool::new(replica),
             gate,
+            witness: self.failover.witness.clone(),
         });
         self.state
             .write()
