@@ -70,6 +70,18 @@ struct FailoverFile {
     #[serde(default)]
     trigger: Vec<TriggerFile>,
     witness: Option<WitnessFile>,
+    #[serde(default)]
+    plan: Vec<PlanFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    group: String,
+    then_wait: Option<String>,
+    /// `tcp:HOST:PORT`, `http:URL` or `command:CMD`.
+    then_probe: Option<String>,
+    then_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -750,7 +762,39 @@ fn failover_settings(f: &FailoverFile) -> Result<tidemark_failover::FailoverSett
             })
         }
     };
+    let mut plan = Vec::new();
+    for (i, step) in f.plan.iter().enumerate() {
+        let at = format!("failover.plan[{i}]");
+        if step.group.trim().is_empty() {
+            return Err(format!("{at}.group is empty"));
+        }
+        if plan
+            .iter()
+            .any(|s: &tidemark_failover::PlanStep| s.group == step.group)
+        {
+            return Err(format!("{at}: group {} is in the plan twice", step.group));
+        }
+        let then_probe = match step.then_probe.as_deref() {
+            None => None,
+            Some(text) => {
+                let (kind, target) = text.split_once(':').ok_or_else(|| {
+                    format!(
+                        "{at}.then_probe = {text:?} must be tcp:HOST:PORT, http:URL or command:CMD"
+                    )
+                })?;
+                Some(ProbeKind::parse(kind, target).map_err(|e| format!("{at}.then_probe: {e}"))?)
+            }
+        };
+        plan.push(tidemark_failover::PlanStep {
+            group: step.group.clone(),
+            then_wait: duration(&format!("{at}.then_wait"), &step.then_wait)?,
+            then_probe,
+            then_timeout: duration(&format!("{at}.then_timeout"), &step.then_timeout)?
+                .unwrap_or(std::time::Duration::from_secs(60)),
+        });
+    }
     Ok(FailoverSettings {
+        plan,
         witness,
         auto: f.auto.unwrap_or(false),
         heartbeat,

@@ -27,5 +27,5 @@ pub mod witness;
 
 pub use detector::{DetectorSettings, PhiAccrual};
 pub use monitor::{Decision, Monitor, MonitorStatus, ProbeStatus};
-pub use settings::{FailoverSettings, ProbeSettings, PromoteAt, TriggerSettings};
+pub use settings::{FailoverSettings, PlanStep, ProbeSettings, PromoteAt, TriggerSettings};
 pub use witness::{Learnt, Witness, WitnessSettings};

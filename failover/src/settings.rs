@@ -69,6 +69,21 @@ pub struct TriggerSettings {
     pub timeout: Duration,
 }
 
+/// One step of the takeover plan (`[[failover.plan]]`): a group, then
+/// what to wait for before the next step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanStep {
+    /// The consistency group promoted in this step.
+    pub group: String,
+    /// A fixed wait after it.
+    pub then_wait: Option<Duration>,
+    /// A probe that must pass after it (e.g. the database accepting
+    /// connections) before the next step...
+    pub then_probe: Option<ProbeKind>,
+    /// ...within this long (then the plan goes on, with a warning).
+    pub then_timeout: Duration,
+}
+
 /// The `[failover]` settings.
 #[derive(Clone, Debug)]
 pub struct FailoverSettings {
@@ -90,6 +105,8 @@ pub struct FailoverSettings {
     pub triggers: Vec<TriggerSettings>,
     /// The witness, if any: takeovers and a primary's writes then need it.
     pub witness: Option<WitnessSettings>,
+    /// The order groups are taken over in, when more than one is.
+    pub plan: Vec<PlanStep>,
 }
 
 impl Default for FailoverSettings {
@@ -104,6 +121,7 @@ impl Default for FailoverSettings {
             probes: Vec::new(),
             triggers: Vec::new(),
             witness: None,
+            plan: Vec::new(),
         }
     }
 }

@@ -413,6 +413,21 @@ impl WritePath {
         Ok(())
     }
 
+    /// Lets go of `volume`'s production device without journalling
+    /// anything more: the group was demoted, another site's records follow
+    /// and any record made here now would be one the new primary never
+    /// had. What the production volume holds beyond the journal stays
+    /// there (the daemon keeps it as a branch image).
+    pub fn release(&self, volume: &str) -> Result<()> {
+        let v = self.volume(volume)?;
+        self.inner.journal.sync()?;
+        v.device
+            .flush()
+            .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
+        self.inner.volumes.write().remove(volume);
+        Ok(())
+    }
+
     fn volume(&self, name: &str) -> Result<Arc<Protected>> {
         self.inner
             .volumes

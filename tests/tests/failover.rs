@@ -317,6 +317,18 @@ fn an_old_primary_that_returns_is_demoted_keeps_its_branch_and_follows() {
         1,
         "the old primary did not take the new epoch"
     );
+    // The demotion is on the new primary's timeline, and so on both.
+    sites.replica.eventually(10, "a demotion event", || {
+        !events(&sites.replica, volume, "demotion").is_empty()
+    });
+    let demotion = &events(&sites.replica, volume, "demotion")[0];
+    assert_eq!(demotion["epoch"], 1, "{demotion}");
+    assert!(
+        demotion["branch"]["images"][0]
+            .as_str()
+            .is_some_and(|p| p.ends_with("app.epoch-0.img")),
+        "{demotion}"
+    );
     assert!(sites.primary.healthy() && sites.replica.healthy());
 }
 
@@ -463,12 +475,22 @@ fn failback_after_a_takeover_returns_the_roles_and_loses_nothing() {
     // No resync: nothing diverged this time.
     assert_eq!(
         events(&sites.primary, volume, "replica-diverged").len(),
-        diverged_before
+        diverged_before,
+        "{}\n---\n{}",
+        quiet_tail(&sites.primary.log_text()),
+        quiet_tail(&sites.replica.log_text())
     );
     let takeovers = events(&sites.primary, volume, "takeover");
     assert!(
         takeovers.iter().any(|t| t["detector"] == "failback"),
         "{takeovers:?}"
+    );
+    let failbacks = events(&sites.primary, volume, "failback");
+    assert_eq!(
+        failbacks.len(),
+        1,
+        "{failbacks:?}\n{}",
+        sites.primary.json(&["timeline", volume, "--json"])
     );
     let v = sites.primary.json(&["replica", "verify", volume, "--json"]);
     assert_eq!(v["equal"], true, "{v}");
@@ -595,4 +617,38 @@ fn with_a_witness_exactly_one_site_accepts_writes_through_a_partition() {
     assert!(sites.primary.path("data/branches/s5.epoch-0.img").exists());
     assert_eq!(write_at(&sites.primary, volume, 0, &[7u8; 4096]), 1);
     assert_eq!(write_at(&sites.replica, volume, 0, &[8u8; 4096]), 0);
+}
+
+/// A takeover plan: the database's group comes up first, and the
+/// application's only once the plan's probe of the database passes.
+#[test]
+fn a_takeover_plan_brings_groups_up_in_order() {
+    // The "database" the plan waits for: not listening yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let db_service = format!("127.0.0.1:{port}");
+    let mut sites = Sites::start(&format!(
+        "auto = true\n[[failover.plan]]\ngroup = \"db\"\nthen_probe = \"tcp:{db_service}\"\nthen_timeout = \"30s\"\n[[failover.plan]]\ngroup = \"app\"\n"
+    ));
+    for volume in ["db", "app"] {
+        sites.primary.create_volume(volume, "8M", "async");
+        sites.add(volume, "async");
+        sites.caught_up(volume);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    sites.primary.kill9();
+    wait_primary(&sites.replica, "db", 30);
+    // The application waits for the database's service.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        role(&sites.replica, "app"),
+        "replica",
+        "the application was promoted before the database's probe passed"
+    );
+    let _db = std::net::TcpListener::bind(&db_service).unwrap();
+    wait_primary(&sites.replica, "app", 30);
+    assert!(sites.replica.healthy());
 }

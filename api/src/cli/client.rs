@@ -715,6 +715,7 @@ async fn replica(client: &mut Client, command: ReplicaCommand) -> Result<(), Fai
                     mode,
                     token: token.trim().to_string(),
                     ca_pem,
+                    demotion: String::new(),
                 })
                 .await?
                 .into_inner();

@@ -126,16 +126,30 @@ impl Failover {
                 let Some(registry) = registry.upgrade() else {
                     return;
                 };
+                let replicas: Vec<String> = registry
+                    .groups()
+                    .iter()
+                    .filter(|g| g.is_replica())
+                    .map(|g| g.name.clone())
+                    .collect();
+                let plan = &registry.failover.monitor.settings().plan;
+                let in_plan = |g: &str| plan.iter().any(|s| s.group == g);
+                // A group of the plan takes the whole plan over, in its
+                // order; a probe or trigger takes every replica group.
                 let groups: Vec<String> = match &decision.group {
-                    Some(g) => vec![g.clone()],
-                    None => registry
-                        .groups()
-                        .iter()
-                        .filter(|g| g.is_replica())
-                        .map(|g| g.name.clone())
-                        .collect(),
+                    Some(g) if !in_plan(g) => vec![g.clone()],
+                    Some(_) => plan.iter().map(|s| s.group.clone()).collect(),
+                    None => {
+                        let mut all: Vec<String> = plan.iter().map(|s| s.group.clone()).collect();
+                        all.extend(replicas.iter().filter(|g| !in_plan(g)).cloned());
+                        all
+                    }
                 };
                 for group in groups {
+                    if !replicas.contains(&group) {
+                        continue;
+                    }
+                    let step = plan.iter().find(|s| s.group == group).cloned();
                     let (promoting, decided) = (registry.clone(), decision.clone());
                     let outcome = tokio::task::spawn_blocking(move || {
                         promoting.promote(&group, None, &decided.reason, decided.detector)
@@ -143,7 +157,10 @@ impl Failover {
                     .await;
                     match outcome {
                         Ok(Ok(p)) => {
-                            tracing::warn!(group = %p.group, epoch = p.epoch, seq = p.seq, "took over")
+                            tracing::warn!(group = %p.group, epoch = p.epoch, seq = p.seq, "took over");
+                            if let Some(step) = step {
+                                after_step(&step).await;
+                            }
                         }
                         Ok(Err(e)) => {
                             tracing::error!(error = %e, "takeover failed");
@@ -169,6 +186,30 @@ impl Failover {
                 }
             }
         });
+    }
+}
+
+/// Waits what a plan step says before the next group is taken over.
+async fn after_step(step: &tidemark_failover::PlanStep) {
+    if let Some(wait) = step.then_wait {
+        tracing::info!(group = %step.group, ?wait, "takeover plan: waiting before the next group");
+        tokio::time::sleep(wait).await;
+    }
+    if let Some(probe) = &step.then_probe {
+        let deadline = std::time::Instant::now() + step.then_timeout;
+        loop {
+            match probe.check(std::time::Duration::from_secs(2)).await {
+                Ok(()) => {
+                    tracing::info!(group = %step.group, probe = probe.target(), "takeover plan: the probe passed; next group");
+                    return;
+                }
+                Err(e) if std::time::Instant::now() > deadline => {
+                    tracing::warn!(group = %step.group, probe = probe.target(), error = %e, "takeover plan: the probe did not pass in time; going on");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            }
+        }
     }
 }
 
@@ -408,9 +449,17 @@ impl Registry {
 
     /// This site learnt of a newer primary of `fence.group`: unless it is
     /// not newer, the group stops taking writes at once and becomes that
-    /// primary's replica; what it wrote past the point both agree on is
-    /// kept as a branch image. Runs on a blocking thread.
+    /// primary's replica; its production volumes — which may hold what it
+    /// wrote past the point both agree on, journalled or (async writes
+    /// left to a resync) not — are kept as branch images. Runs on a
+    /// blocking thread.
     pub fn demote(self: &Arc<Self>, fence: &Fence) -> ApiResult<()> {
+        self.demote_as(fence, true)
+    }
+
+    /// `demote`; `keep_branch` false only for a failback, where the other
+    /// site acknowledged every record first.
+    fn demote_as(self: &Arc<Self>, fence: &Fence, keep_branch: bool) -> ApiResult<()> {
         let _one = self.failover.changing.lock();
         let group = self.group_by_name(&fence.group)?;
         let journal = group.journal().clone();
@@ -433,9 +482,9 @@ impl Registry {
             .into_iter()
             .filter(|v| Arc::ptr_eq(&v.group, &group))
             .collect();
-        for volume in &volumes {
-            let _ = group.write_path.flush(&volume.name);
-        }
+        // What was appended is made durable; no flush record is added (it
+        // would be a record the new primary never had). The branch image
+        // is the production volume, which holds every acknowledged write.
         let _ = journal.sync();
         let ours = journal.epochs();
         let common = common_point(&ours, &fence.history);
@@ -448,8 +497,8 @@ impl Registry {
             let _changes = self.changes_lock();
             for volume in &volumes {
                 let mut spec: VolumeSpec = volume.spec.lock().clone();
-                let _ = group.write_path.detach(&volume.name);
-                if orphaned && !spec.backing.as_os_str().is_empty() {
+                let _ = group.write_path.release(&volume.name);
+                if (orphaned || keep_branch) && !spec.backing.as_os_str().is_empty() {
                     let branch = self.branch_path(&volume.name, own);
                     branch_from(&spec.backing, &branch, spec.owns_backing)?;
                     branches.push(branch.display().to_string());
@@ -464,8 +513,12 @@ impl Registry {
             self.persist_catalog()?;
         }
         self.failover.demotions.fetch_add(1, Ordering::SeqCst);
-        let orphan = orphaned.then(|| {
-            serde_json::json!({"from": common + 1, "to": ours.newest, "epoch": own, "images": branches})
+        // The seq range is what the journal holds past the common point
+        // (none: the images may still hold async writes never journalled).
+        let orphan = (!branches.is_empty()).then(|| {
+            let range =
+                orphaned.then(|| serde_json::json!({"from": common + 1, "to": ours.newest}));
+            serde_json::json!({"records": range, "epoch": own, "images": branches})
         });
         tracing::warn!(
             group = %group.name,
@@ -478,7 +531,7 @@ impl Registry {
         );
         // The new primary replicates to us from here on.
         if let Some(peer) = removed.first() {
-            self.ask_to_replicate_back(&group.name, &volumes, peer, fence, orphan);
+            self.ask_to_replicate_back(own, &group.name, &volumes, peer, fence, orphan);
         }
         Ok(())
     }
@@ -508,6 +561,19 @@ impl Registry {
                     volume.name, group.name
                 ))
             })?;
+        // On the timeline (and so on the other site) before writes stop.
+        let body = serde_json::json!({
+            "to": peer.address,
+            "epoch": group.journal().epoch(),
+            "reason": "tidemark failback: a planned switchover",
+        })
+        .to_string();
+        {
+            let (volume, timeout) = (volume.clone(), self.sync_timeout());
+            tokio::task::spawn_blocking(move || volume.record_event("failback", &body, timeout))
+                .await
+                .map_err(|e| ApiError::Failed(e.to_string()))??;
+        }
         // Writes are refused from here on; what was acknowledged is
         // journalled before the replica is asked to catch up.
         group.replica.store(true, Ordering::SeqCst);
@@ -606,7 +672,7 @@ impl Registry {
             by: peer.address.clone(),
         };
         let registry = self.clone();
-        tokio::task::spawn_blocking(move || registry.demote(&fence))
+        tokio::task::spawn_blocking(move || registry.demote_as(&fence, false))
             .await
             .map_err(|e| ApiError::Failed(e.to_string()))??;
         tracing::warn!(group = %group.name, to = %peer.address, epoch = promoted.epoch, seq = newest, "failback done: this site is the replica now");
@@ -629,6 +695,7 @@ impl Registry {
 
     fn ask_to_replicate_back(
         &self,
+        own_epoch: u64,
         group: &str,
         volumes: &[Arc<Volume>],
         peer: &super::replication::ReplicaSpec,
@@ -644,13 +711,24 @@ impl Registry {
         let peer = peer.clone();
         let group = group.to_string();
         let new_epoch = fence.epoch;
+        let fence_by = fence.by.clone();
+        let old_epoch = own_epoch;
         tokio::runtime::Handle::current().spawn(async move {
+            let demotion = serde_json::json!({
+                "site": site.grpc,
+                "reason": format!("{} holds group {group} at epoch {new_epoch}", fence_by),
+                "epoch": new_epoch,
+                "previous_epoch": old_epoch,
+                "branch": orphan,
+            })
+            .to_string();
             let request = tidemark_proto::v1::AddReplicaRequest {
                 volume,
                 address: site.grpc.clone(),
                 mode: peer.mode.clone(),
                 token: site.token.clone(),
                 ca_pem: String::new(),
+                demotion,
             };
             let link = tidemark_replicator::Peer {
                 address: peer.address.clone(),

@@ -521,12 +521,25 @@ impl Tidemark for Service {
                     .await
                     .map_err(Status::failed_precondition)?;
             }
-            tokio::task::block_in_place(|| {
+            let status = tokio::task::block_in_place(|| {
                 registry
                     .replication
                     .add(&registry, &volume, &r.address, &r.mode, &r.token, ca)
             })
-            .map_err(Status::from)?
+            .map_err(Status::from)?;
+            if !r.demotion.is_empty() {
+                // The old primary this site took over from: its demotion
+                // goes on the timeline here (and travels to it).
+                let (registry, group, body) = (
+                    registry.clone(),
+                    volume.group.name.clone(),
+                    r.demotion.clone(),
+                );
+                tokio::task::spawn_blocking(move || {
+                    registry.record_group_event(&group, "demotion", &body)
+                });
+            }
+            status
         };
         Ok(Response::new(replica_proto(&r.volume, &status)))
     }
