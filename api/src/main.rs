@@ -11,22 +11,34 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Serve(args) => serve(args),
-        command => match tidemark::cli::run_client(
-            &tidemark::cli::Connection {
-                server: cli.server,
-                token: cli.token,
-                ca: cli.ca,
-            },
-            command,
-        ) {
-            Ok(()) => 0,
-            Err(failure) => {
-                eprintln!("tidemark: {}", failure.message);
-                failure.code
+        command => {
+            // A reader that closes the pipe early (`tidemark … | head`,
+            // `grep -q`) ends the CLI quietly, as it does other tools,
+            // instead of a panic on the next print.
+            // SAFETY: restoring the default disposition of one signal,
+            // before any thread is started.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             }
-        },
+            client(cli.server, cli.token, cli.ca, command)
+        }
     };
     std::process::exit(code);
+}
+
+fn client(
+    server: String,
+    token: Option<String>,
+    ca: Option<std::path::PathBuf>,
+    command: Command,
+) -> i32 {
+    match tidemark::cli::run_client(&tidemark::cli::Connection { server, token, ca }, command) {
+        Ok(()) => 0,
+        Err(failure) => {
+            eprintln!("tidemark: {}", failure.message);
+            failure.code
+        }
+    }
 }
 
 fn serve(args: tidemark::cli::args::ServeArgs) -> i32 {

@@ -336,3 +336,21 @@ fn protecting_a_volume_that_holds_data_starts_with_an_initial_sync() {
     d.ok(&["volume", "delete", "old", "--yes"]);
     assert!(std::fs::read(&backing).unwrap() == data);
 }
+
+/// A reader that closes the pipe before the CLI prints (`| grep -q`,
+/// `| head`) ends it quietly, without a panic.
+#[test]
+fn a_closed_output_pipe_ends_the_cli_quietly() {
+    let d = Daemon::start();
+    d.create_volume("piped", "8M", "sync");
+    let mut child = d
+        .cli_command(&["volume", "list", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
