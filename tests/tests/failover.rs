@@ -153,6 +153,11 @@ fn the_replica_takes_over_by_itself_when_the_primary_is_killed() {
     assert_eq!(role(&sites.replica, volume), "replica");
     // A second of heartbeats teaches the detector the link's rhythm.
     std::thread::sleep(Duration::from_secs(1));
+    let show = sites.replica.json(&["volume", "show", volume, "--json"]);
+    assert!(
+        show["failover"]["phi"].as_f64().is_some_and(|p| p < 8.0),
+        "volume show --json lacks failover.phi: {show}"
+    );
     let status = sites.replica.json(&["status", "--json"]);
     assert_eq!(status["failover"]["auto"], true, "{status}");
     assert!(

@@ -433,6 +433,9 @@ async fn volume(client: &mut Client, command: VolumeCommand) -> Result<(), Failu
                 value["journal_bytes"] = json!(d.journal_bytes);
                 value["nbd_clients"] = json!(d.nbd_clients);
                 value["tags"] = json!(d.tags);
+                if let Some(f) = &d.failover {
+                    value["failover"] = output::failover_json(f);
+                }
                 if let Some(first) = d.replicas.first() {
                     value["replica"] = replica_json(first);
                     value["replicas"] =

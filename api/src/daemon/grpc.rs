@@ -181,6 +181,7 @@ impl Tidemark for Service {
                     cache_fallbacks: stats.cache_fallbacks,
                 }),
                 journal_bytes: v.journal().journal_bytes(),
+                failover: Some(failover_proto(d, Some(&v.group.name))),
                 nbd_clients: v.writers.load(std::sync::atomic::Ordering::Relaxed),
                 tags: d.registry.tags(&v)?.len() as u32,
                 replicas: d
@@ -446,39 +447,7 @@ impl Tidemark for Service {
             } else {
                 "replica"
             };
-            let f = d.registry.failover.status();
-            let failover = pb::FailoverStatus {
-                auto: f.auto,
-                phi: f.phi,
-                last_heartbeat_seconds: f.last_heartbeat_seconds.unwrap_or(-1.0),
-                witness: d
-                    .registry
-                    .failover
-                    .witness
-                    .get()
-                    .map_or_else(|| "none".to_string(), |w| w.state()),
-                probes: f
-                    .probes
-                    .into_iter()
-                    .map(|p| pb::ProbeStatus {
-                        kind: p.kind,
-                        target: p.target,
-                        failures_in_a_row: p.failures_in_a_row,
-                        failures: p.failures,
-                        last_error: p.last_error.unwrap_or_default(),
-                    })
-                    .collect(),
-                takeovers: d
-                    .registry
-                    .failover
-                    .takeovers
-                    .load(std::sync::atomic::Ordering::SeqCst),
-                demotions: d
-                    .registry
-                    .failover
-                    .demotions
-                    .load(std::sync::atomic::Ordering::SeqCst),
-            };
+            let failover = failover_proto(d, None);
             Ok(pb::StatusResponse {
                 failover: Some(failover),
                 volumes,
@@ -812,4 +781,32 @@ fn ingest_one(volume: &Volume, message: pb::IngestRequest) -> ApiResult<(u64, St
         None => return Err(ApiError::Invalid("ingest message without an operation".into())),
     };
     Ok((ack.seq.unwrap_or(0), ack.mode.to_string()))
+}
+
+/// This site's watch over its primaries (over `group`'s only, if given).
+fn failover_proto(d: &Daemon, group: Option<&str>) -> pb::FailoverStatus {
+    let failover = &d.registry.failover;
+    let f = failover.monitor.status(group);
+    pb::FailoverStatus {
+        auto: f.auto,
+        phi: f.phi,
+        last_heartbeat_seconds: f.last_heartbeat_seconds.unwrap_or(-1.0),
+        witness: failover
+            .witness
+            .get()
+            .map_or_else(|| "none".to_string(), |w| w.state()),
+        probes: f
+            .probes
+            .into_iter()
+            .map(|p| pb::ProbeStatus {
+                kind: p.kind,
+                target: p.target,
+                failures_in_a_row: p.failures_in_a_row,
+                failures: p.failures,
+                last_error: p.last_error.unwrap_or_default(),
+            })
+            .collect(),
+        takeovers: failover.takeovers.load(std::sync::atomic::Ordering::SeqCst),
+        demotions: failover.demotions.load(std::sync::atomic::Ordering::SeqCst),
+    }
 }
