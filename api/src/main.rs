@@ -12,18 +12,32 @@ fn main() {
     let code = match cli.command {
         Command::Serve(args) => serve(args),
         command => {
-            // A reader that closes the pipe early (`tidemark … | head`,
-            // `grep -q`) ends the CLI quietly, as it does other tools,
-            // instead of a panic on the next print.
-            // SAFETY: restoring the default disposition of one signal,
-            // before any thread is started.
-            unsafe {
-                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            }
+            quiet_on_closed_stdout();
             client(cli.server, cli.token, cli.ca, command)
         }
     };
     std::process::exit(code);
+}
+
+/// A reader that closes the pipe early (`tidemark … | head`, `grep -q`)
+/// ends the CLI quietly with status 141, as SIGPIPE ends other tools,
+/// instead of a panic message. SIGPIPE itself stays ignored: a peer that
+/// closes a network connection must be an error the CLI reports, not a
+/// signal that kills it.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 fn client(
