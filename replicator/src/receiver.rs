@@ -67,14 +67,7 @@ fn position(journal: &Journal) -> Reply {
         epoch: journal.epoch(),
         source_id: journal.source_id(),
         rebasing: journal.rebasing().is_some(),
-        epochs: journal
-            .epoch_history()
-            .into_iter()
-            .map(|e| pb::EpochStart {
-                epoch: e.epoch,
-                first_seq: e.first_seq,
-            })
-            .collect(),
+        epochs: wire::epochs_to_wire(&journal.epoch_history()),
     })
 }
 

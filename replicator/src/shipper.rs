@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use tidemark_journal::epochs;
-use tidemark_journal::manifest::EpochStart;
 use tidemark_journal::{Journal, Point, RawCursor, Seq, Timestamp};
 use tidemark_proto::v1 as pb;
 use tidemark_proto::v1::replication_message::{self as msg, Message};
@@ -307,17 +306,7 @@ fn read_state(
 
 /// A replica's epoch history, from its position.
 fn their_history(p: &pb::replication_reply::Position) -> epochs::History {
-    epochs::History {
-        epochs: p
-            .epochs
-            .iter()
-            .map(|e| EpochStart {
-                epoch: e.epoch,
-                first_seq: e.first_seq,
-            })
-            .collect(),
-        newest: p.durable_seq,
-    }
+    wire::history_from_wire(&p.epochs, p.durable_seq)
 }
 
 fn status_text(status: &tonic::Status) -> String {
@@ -552,15 +541,7 @@ impl ShipperShared {
                 newest_seq: history.newest_seq,
                 source_id: self.journal.group_id(),
                 version: 1,
-                epochs: self
-                    .journal
-                    .epoch_history()
-                    .into_iter()
-                    .map(|e| pb::EpochStart {
-                        epoch: e.epoch,
-                        first_seq: e.first_seq,
-                    })
-                    .collect(),
+                epochs: wire::epochs_to_wire(&self.journal.epoch_history()),
             })),
         }
     }

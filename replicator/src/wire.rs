@@ -4,9 +4,38 @@
 //! takes them apart and checks every one (each record carries its own
 //! CRC too).
 
+use tidemark_journal::epochs::History;
+use tidemark_journal::manifest::EpochStart;
 use tidemark_journal::record::decode_record;
 use tidemark_journal::{RawRecord, Seq};
+use tidemark_proto::v1 as pb;
 use tidemark_proto::v1::replication_message::Records;
+
+/// An epoch history as hellos and positions carry it.
+pub fn epochs_to_wire(epochs: &[EpochStart]) -> Vec<pb::EpochStart> {
+    epochs
+        .iter()
+        .map(|e| pb::EpochStart {
+            epoch: e.epoch,
+            first_seq: e.first_seq,
+        })
+        .collect()
+}
+
+/// A site's history from the epochs a hello or position carries and its
+/// newest seq.
+pub fn history_from_wire(epochs: &[pb::EpochStart], newest: Seq) -> History {
+    History {
+        epochs: epochs
+            .iter()
+            .map(|e| EpochStart {
+                epoch: e.epoch,
+                first_seq: e.first_seq,
+            })
+            .collect(),
+        newest,
+    }
+}
 
 /// Packs shipped records (all of one epoch) into a message.
 pub fn pack(prev_seq: Seq, records: &[RawRecord]) -> Option<Records> {

@@ -282,6 +282,23 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// `replica add VOLUME --to ADDRESS --mode MODE` with the replica
+    /// site's token file; returns what the CLI printed.
+    pub fn add_replica(&self, volume: &str, to: &str, mode: &str, token_file: &Path) -> String {
+        let token = token_file.display().to_string();
+        self.ok(&[
+            "replica",
+            "add",
+            volume,
+            "--to",
+            to,
+            "--mode",
+            mode,
+            "--token-file",
+            &token,
+        ])
+    }
+
     /// Runs `tidemark ARGS --json` (ARGS must include `--json`) and parses it.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let text = self.ok(args);

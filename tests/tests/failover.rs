@@ -49,18 +49,8 @@ impl Sites {
     }
 
     fn add(&self, volume: &str, mode: &str) {
-        let token = self.replica.token_file().display().to_string();
-        self.primary.ok(&[
-            "replica",
-            "add",
-            volume,
-            "--to",
-            &self.link.address,
-            "--mode",
-            mode,
-            "--token-file",
-            &token,
-        ]);
+        self.primary
+            .add_replica(volume, &self.link.address, mode, &self.replica.token_file());
     }
 
     fn caught_up(&self, volume: &str) {

@@ -54,18 +54,8 @@ impl Sites {
 
     /// `replica add VOLUME --to PROXY --mode MODE` on the primary.
     fn add(&self, volume: &str, mode: &str) -> String {
-        let token = self.replica.token_file().display().to_string();
-        self.primary.ok(&[
-            "replica",
-            "add",
-            volume,
-            "--to",
-            &self.link.address,
-            "--mode",
-            mode,
-            "--token-file",
-            &token,
-        ])
+        self.primary
+            .add_replica(volume, &self.link.address, mode, &self.replica.token_file())
     }
 
     /// The primary's `volume show --json` for `volume`.
@@ -583,7 +573,8 @@ fn a_sync_replica_that_goes_away_degrades_then_returns_or_blocks() {
     );
     let r = sites.replica_of(volume);
     assert_eq!(r["effective_mode"], "async", "{r}");
-    assert!(!events(&sites.primary, volume, "replica-degraded").is_empty());
+    // (Events are recorded beside the write path: wait for it.)
+    wait_event(&sites.primary, volume, "replica-degraded", |_| true);
     // Further writes do not wait.
     let started = Instant::now();
     write_at(&sites.primary, volume, 65536, &[8u8; 65536]);
@@ -593,7 +584,7 @@ fn a_sync_replica_that_goes_away_degrades_then_returns_or_blocks() {
     sites.primary.eventually(10, "back to sync", || {
         sites.replica_of(volume)["effective_mode"] == "sync"
     });
-    assert!(!events(&sites.primary, volume, "replica-caught-up").is_empty());
+    wait_event(&sites.primary, volume, "replica-caught-up", |_| true);
     sites.assert_equal(volume);
 
     // on_replica_down = "block": a write waits for as long as the replica

@@ -80,6 +80,18 @@ pub struct Promotion {
     pub volumes: Vec<String>,
 }
 
+impl From<Promotion> for tidemark_proto::v1::FailoverResponse {
+    fn from(p: Promotion) -> Self {
+        tidemark_proto::v1::FailoverResponse {
+            group: p.group,
+            epoch: p.epoch,
+            seq: p.seq,
+            point: p.point,
+            volumes: p.volumes,
+        }
+    }
+}
+
 impl Failover {
     /// The watch as configured (nothing runs yet).
     pub fn new(settings: FailoverSettings) -> Failover {

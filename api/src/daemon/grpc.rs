@@ -564,13 +564,7 @@ impl Tidemark for Service {
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(Status::from)?;
-        Ok(Response::new(pb::FailoverResponse {
-            group: p.group,
-            epoch: p.epoch,
-            seq: p.seq,
-            point: p.point,
-            volumes: p.volumes,
-        }))
+        Ok(Response::new(p.into()))
     }
 
     async fn failback(
@@ -580,13 +574,7 @@ impl Tidemark for Service {
         let r = request.into_inner();
         let registry = self.daemon.registry.clone();
         let p = registry.failback(&r.volume).await.map_err(Status::from)?;
-        Ok(Response::new(pb::FailoverResponse {
-            group: p.group,
-            epoch: p.epoch,
-            seq: p.seq,
-            point: p.point,
-            volumes: p.volumes,
-        }))
+        Ok(Response::new(p.into()))
     }
 
     async fn verify_replica(

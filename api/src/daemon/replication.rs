@@ -354,17 +354,10 @@ impl ReplicaHost for ReplicaSite {
                     let fence = Fence {
                         group: hello.group.clone(),
                         epoch: hello.epoch,
-                        history: tidemark_journal::epochs::History {
-                            epochs: hello
-                                .epochs
-                                .iter()
-                                .map(|e| tidemark_journal::manifest::EpochStart {
-                                    epoch: e.epoch,
-                                    first_seq: e.first_seq,
-                                })
-                                .collect(),
-                            newest: hello.newest_seq,
-                        },
+                        history: tidemark_replicator::wire::history_from_wire(
+                            &hello.epochs,
+                            hello.newest_seq,
+                        ),
                         by: "the new primary's stream".into(),
                     };
                     registry
