@@ -232,11 +232,16 @@ fn holds_and_retention_survive_power_cuts() {
         let cut = power_cut(&mut rng, seed);
         fs.cut_after(rng.random_range(1..60), cut);
         let mut holds = std::collections::BTreeMap::new();
+        // A set_hold failing at the cut may still have reached the disk
+        // (its rename did, the directory fsync did not): that hold may
+        // read as before or as attempted.
+        let mut attempted: Option<(String, u64)> = None;
         let mut horizon = 0;
         for i in 0..20u64 {
             let name = format!("h{}", i % 4);
             let seq = rng.random_range(horizon..=model.newest());
             if journal.set_hold(&name, seq).is_err() {
+                attempted = Some((name, seq));
                 break;
             }
             holds.insert(name, seq);
@@ -251,9 +256,10 @@ fn holds_and_retention_survive_power_cuts() {
         let journal = reopen(&fs, "memory", seed);
         let kept = journal.holds();
         for (name, seq) in &holds {
-            assert_eq!(
-                kept.get(name),
-                Some(seq),
+            let got = kept.get(name);
+            let in_doubt = matches!(&attempted, Some((n, s)) if n == name && got == Some(s));
+            assert!(
+                got == Some(seq) || in_doubt,
                 "seed {seed}: hold {name} at {seq} lost ({kept:?})"
             );
         }

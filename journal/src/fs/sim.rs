@@ -631,6 +631,9 @@ impl Fs for SimFs {
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         self.tick()?;
         let mut state = self.state.lock();
+        // A cut another thread fired since our tick has taken its snapshot
+        // already: this fsync never happened.
+        self.alive()?;
         if !matches!(state.names.get(path), Some(Node::Dir)) {
             return Err(not_found(path));
         }
@@ -729,7 +732,9 @@ impl FsFile for SimFile {
 
     fn sync_data(&self) -> io::Result<()> {
         self.fs.tick()?;
-        self.inode.state.lock().sync();
+        let mut state = self.inode.state.lock();
+        self.fs.alive()?;
+        state.sync();
         Ok(())
     }
 
@@ -805,10 +810,9 @@ pub(super) struct SimMapping {
 impl SimMapping {
     pub(super) fn flush_range(&self, offset: usize, len: usize) -> io::Result<()> {
         self.fs.tick()?;
-        self.inode
-            .state
-            .lock()
-            .make_durable(offset, offset.saturating_add(len));
+        let mut state = self.inode.state.lock();
+        self.fs.alive()?;
+        state.make_durable(offset, offset.saturating_add(len));
         Ok(())
     }
 }
