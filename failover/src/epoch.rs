@@ -117,6 +117,17 @@ mod tests {
             .count() as Seq
     }
 
+    /// The common point from the two histories is the true one.
+    fn assert_common_is_true(sites: &[Site; 2], seed: u64) {
+        assert_eq!(
+            common_point(&sites[0].history(), &sites[1].history()),
+            truly_common(&sites[0], &sites[1]),
+            "seed {seed}: {:?} vs {:?}",
+            sites[0],
+            sites[1]
+        );
+    }
+
     /// Two sites trading the primary role at random — writes, partial
     /// shipping, takeovers (with the unshipped tail lost), split brain
     /// (both writing) and resyncs: the common point from the histories is
@@ -167,14 +178,7 @@ mod tests {
                         primary = other;
                     }
                     _ => {
-                        let common = common_point(&sites[0].history(), &sites[1].history());
-                        assert_eq!(
-                            common,
-                            truly_common(&sites[0], &sites[1]),
-                            "seed {seed}: {:?} vs {:?}",
-                            sites[0],
-                            sites[1]
-                        );
+                        assert_common_is_true(&sites, seed);
                         // The old side demotes and resyncs.
                         assert_eq!(
                             judge(sites[other].epoch, sites[primary].epoch),
@@ -189,14 +193,7 @@ mod tests {
                         assert_eq!(sites[other].records, p.records, "seed {seed}");
                     }
                 }
-                let common = common_point(&sites[0].history(), &sites[1].history());
-                assert_eq!(
-                    common,
-                    truly_common(&sites[0], &sites[1]),
-                    "seed {seed}: {:?} vs {:?}",
-                    sites[0],
-                    sites[1]
-                );
+                assert_common_is_true(&sites, seed);
             }
         }
     }

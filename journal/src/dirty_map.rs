@@ -434,6 +434,11 @@ mod tests {
         }
     }
 
+    /// A new map of `volume()` in `dir`, 1 MiB regions.
+    fn fresh_map(dir: &Path) -> DirtyMap {
+        DirtyMap::open(&crate::fs::RealFs, &dir.join("m"), &volume(), 1 << 20).expect("open")
+    }
+
     #[test]
     fn marks_survive_a_reopen_and_clear_only_when_durable_and_flushed() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -464,13 +469,7 @@ mod tests {
     #[test]
     fn background_cleaning_leaves_regions_written_since_the_last_one() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let map = DirtyMap::open(
-            &crate::fs::RealFs,
-            &dir.path().join("m"),
-            &volume(),
-            1 << 20,
-        )
-        .expect("open");
+        let map = fresh_map(dir.path());
         map.begin(0, 4096).expect("begin");
         map.settle(0, 4096, Some(1), true);
         let g = map.start_clean();
@@ -490,13 +489,7 @@ mod tests {
     #[test]
     fn unjournaled_changes_wait_for_a_resync() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let map = DirtyMap::open(
-            &crate::fs::RealFs,
-            &dir.path().join("m"),
-            &volume(),
-            1 << 20,
-        )
-        .expect("open");
+        let map = fresh_map(dir.path());
         map.begin(0, 4096).expect("begin");
         map.settle(0, 4096, None, true);
         let g = map.start_clean();
@@ -525,13 +518,7 @@ mod tests {
     #[test]
     fn a_failed_resync_or_record_leaves_the_region_to_a_resync() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let map = DirtyMap::open(
-            &crate::fs::RealFs,
-            &dir.path().join("m"),
-            &volume(),
-            1 << 20,
-        )
-        .expect("open");
+        let map = fresh_map(dir.path());
         map.begin(0, 4096).expect("begin");
         map.settle(0, 4096, None, true);
         map.resync_begin(0, 5);

@@ -402,15 +402,22 @@ impl WritePath {
     /// Detaches `volume`: flushes its production volume, journals what
     /// its dirty map still marks, and forgets it. Its journal history stays.
     pub fn detach(&self, volume: &str) -> Result<()> {
+        let v = self.settle_for_leaving(volume)?;
+        let marked = v.dirty.marked();
+        self.inner.resync(&v, &marked, "detach", Admission::Wait)?;
+        self.inner.volumes.write().remove(volume);
+        Ok(())
+    }
+
+    /// What both ways of letting go of a volume do first: the journal
+    /// durable, the production volume flushed.
+    fn settle_for_leaving(&self, volume: &str) -> Result<Arc<Protected>> {
         let v = self.volume(volume)?;
         self.inner.journal.sync()?;
         v.device
             .flush()
             .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
-        let marked = v.dirty.marked();
-        self.inner.resync(&v, &marked, "detach", Admission::Wait)?;
-        self.inner.volumes.write().remove(volume);
-        Ok(())
+        Ok(v)
     }
 
     /// Lets go of `volume`'s production device without journalling
@@ -419,11 +426,7 @@ impl WritePath {
     /// had. What the production volume holds beyond the journal stays
     /// there (the daemon keeps it as a branch image).
     pub fn release(&self, volume: &str) -> Result<()> {
-        let v = self.volume(volume)?;
-        self.inner.journal.sync()?;
-        v.device
-            .flush()
-            .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
+        self.settle_for_leaving(volume)?;
         self.inner.volumes.write().remove(volume);
         Ok(())
     }

@@ -4,25 +4,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use common::*;
 use rand::Rng;
-use tidemark_journal::{Journal, JournalOptions, ManualClock, RecoveryMode, Timestamp};
-
-const START: i64 = 1_800_000_000_000_000_000;
-
-fn options(large_range_blocks: u64) -> JournalOptions {
-    JournalOptions {
-        large_range_blocks,
-        max_batch_bytes: 1 << 20,
-        segment_size: 4 << 20,
-        ..small_options(
-            Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
-            RecoveryMode::Strict,
-        )
-    }
-}
+use tidemark_journal::Journal;
 
 fn spans(journal: &Journal, seq: u64) -> Vec<(u64, u64)> {
     journal
@@ -38,7 +23,7 @@ fn changed_spans_equal_a_model() {
         let _guard = SeedGuard(seed, "changed_spans_equal_a_model");
         let mut rng = rng(seed);
         let dir = tempfile::tempdir().expect("tempdir");
-        let (journal, _) = Journal::open(dir.path(), options(4)).expect("open");
+        let (journal, _) = Journal::open(dir.path(), changes_options(4)).expect("open");
         let size = 2 << 20;
         let volume = journal.create_volume("vol", size).expect("volume").id;
         // Seq → 4 KiB blocks the record touched.

@@ -6,10 +6,9 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use common::*;
-use tidemark_journal::{Change, Journal, JournalOptions, ManualClock, RecoveryMode, Timestamp};
+use tidemark_journal::{Change, Journal};
 
 /// Counts the bytes this test binary's Rust code has allocated.
 struct Counting;
@@ -36,24 +35,10 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-const START: i64 = 1_800_000_000_000_000_000;
-
-fn options(large_range_blocks: u64) -> JournalOptions {
-    JournalOptions {
-        large_range_blocks,
-        max_batch_bytes: 1 << 20,
-        segment_size: 4 << 20,
-        ..small_options(
-            Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
-            RecoveryMode::Strict,
-        )
-    }
-}
-
 #[test]
 fn a_million_changed_blocks_are_listed_in_bounded_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (journal, _) = Journal::open(dir.path(), options(256)).expect("open");
+    let (journal, _) = Journal::open(dir.path(), changes_options(256)).expect("open");
     let records = 4000u64;
     let volume = journal
         .create_volume("vol", records * 256 * 4096)

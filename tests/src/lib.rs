@@ -282,6 +282,23 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// The bodies (parsed) of the timeline events named `name` of `volume`.
+    pub fn events(&self, volume: &str, name: &str) -> Vec<serde_json::Value> {
+        self.json(&["timeline", volume, "--json"])["entries"]
+            .as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter(|e| e["name"] == name)
+                    .map(|e| {
+                        serde_json::from_str(e["detail"].as_str().unwrap_or("{}"))
+                            .unwrap_or(serde_json::Value::Null)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// `replica add VOLUME --to ADDRESS --mode MODE` with the replica
     /// site's token file; returns what the CLI printed.
     pub fn add_replica(&self, volume: &str, to: &str, mode: &str, token_file: &Path) -> String {

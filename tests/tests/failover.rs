@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tidemark_tests::proxy::Proxy;
 use tidemark_tests::raw_nbd::Conn;
 use tidemark_tests::{tail, write_load, Daemon, TEST_CONFIG};
@@ -91,17 +90,6 @@ fn quiet_tail(log: &str) -> String {
         .filter(|l| !l.contains("nbd client connected"))
         .collect();
     tail(&lines.join("\n"), 30)
-}
-
-/// The bodies of the events named `name` on `d`'s timeline of `volume`.
-fn events(d: &Daemon, volume: &str, name: &str) -> Vec<Value> {
-    d.json(&["timeline", volume, "--json"])["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["name"] == name)
-        .map(|e| serde_json::from_str(e["detail"].as_str().unwrap_or("{}")).unwrap_or(Value::Null))
-        .collect()
 }
 
 /// Writes `data` at `offset` of the live export; the NBD error (0: none).
@@ -196,7 +184,7 @@ fn the_replica_takes_over_by_itself_when_the_primary_is_killed() {
         read_at(&sites.replica, &format!("{volume}@latest"), 0, 4096),
         vec![0xAB; 4096]
     );
-    let takeover = events(&sites.replica, volume, "takeover");
+    let takeover = sites.replica.events(volume, "takeover");
     assert_eq!(takeover.len(), 1, "{takeover:?}");
     assert_eq!(takeover[0]["detector"], "host", "{takeover:?}");
     assert!(
@@ -259,7 +247,7 @@ fn an_old_primary_that_returns_is_demoted_keeps_its_branch_and_follows() {
     assert_eq!(promoted["epoch"], 1, "{promoted}");
     assert_eq!(role(&sites.replica, volume), "primary");
     assert_eq!(write_at(&sites.replica, volume, 2 << 20, &[3u8; 65536]), 0);
-    let takeover = events(&sites.replica, volume, "takeover");
+    let takeover = sites.replica.events(volume, "takeover");
     assert_eq!(takeover[0]["detector"], "manual", "{takeover:?}");
 
     // Heal: the old primary's stream meets the newer epoch.
@@ -314,9 +302,9 @@ fn an_old_primary_that_returns_is_demoted_keeps_its_branch_and_follows() {
     );
     // The demotion is on the new primary's timeline, and so on both.
     sites.replica.eventually(10, "a demotion event", || {
-        !events(&sites.replica, volume, "demotion").is_empty()
+        !sites.replica.events(volume, "demotion").is_empty()
     });
-    let demotion = &events(&sites.replica, volume, "demotion")[0];
+    let demotion = &sites.replica.events(volume, "demotion")[0];
     assert_eq!(demotion["epoch"], 1, "{demotion}");
     assert!(
         demotion["branch"]["images"][0]
@@ -349,7 +337,7 @@ fn a_failing_probe_or_a_trigger_takes_over() {
     assert_eq!(probe["failures_in_a_row"], 0, "{status}");
     drop(service);
     wait_primary(&sites.replica, "svc", 20);
-    let takeover = events(&sites.replica, "svc", "takeover");
+    let takeover = sites.replica.events("svc", "takeover");
     assert_eq!(takeover[0]["detector"], "probe", "{takeover:?}");
     assert!(
         takeover[0]["reason"].as_str().unwrap().contains(&target),
@@ -370,7 +358,7 @@ fn a_failing_probe_or_a_trigger_takes_over() {
     assert_eq!(role(&sites.replica, "job"), "replica");
     std::fs::write(&flag, "").unwrap();
     wait_primary(&sites.replica, "job", 20);
-    let takeover = events(&sites.replica, "job", "takeover");
+    let takeover = sites.replica.events("job", "takeover");
     assert_eq!(takeover[0]["detector"], "trigger", "{takeover:?}");
 }
 
@@ -439,7 +427,7 @@ fn failback_after_a_takeover_returns_the_roles_and_loses_nothing() {
             && show["replica"]["acked_seq"] == show["newest_seq"]
     });
 
-    let diverged_before = events(&sites.replica, volume, "replica-diverged").len();
+    let diverged_before = sites.replica.events(volume, "replica-diverged").len();
     // Failback: refused where the group is a replica; done on its primary.
     let out = sites.primary.cli(&["failback", volume]);
     assert!(!out.status.success());
@@ -469,18 +457,18 @@ fn failback_after_a_takeover_returns_the_roles_and_loses_nothing() {
         });
     // No resync: nothing diverged this time.
     assert_eq!(
-        events(&sites.primary, volume, "replica-diverged").len(),
+        sites.primary.events(volume, "replica-diverged").len(),
         diverged_before,
         "{}\n---\n{}",
         quiet_tail(&sites.primary.log_text()),
         quiet_tail(&sites.replica.log_text())
     );
-    let takeovers = events(&sites.primary, volume, "takeover");
+    let takeovers = sites.primary.events(volume, "takeover");
     assert!(
         takeovers.iter().any(|t| t["detector"] == "failback"),
         "{takeovers:?}"
     );
-    let failbacks = events(&sites.primary, volume, "failback");
+    let failbacks = sites.primary.events(volume, "failback");
     assert_eq!(
         failbacks.len(),
         1,
@@ -597,7 +585,7 @@ fn with_a_witness_exactly_one_site_accepts_writes_through_a_partition() {
     );
     // The old primary keeps refusing.
     assert_eq!(write_at(&sites.primary, volume, 8192, &[6u8; 4096]), 1);
-    let takeover = events(&sites.replica, volume, "takeover");
+    let takeover = sites.replica.events(volume, "takeover");
     assert_eq!(takeover[0]["epoch"], 1, "{takeover:?}");
 
     // Heal: the old primary learns the higher epoch and is demoted.

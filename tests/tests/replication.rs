@@ -138,25 +138,12 @@ fn random_bytes(rng: &mut rand::rngs::SmallRng, len: usize) -> Vec<u8> {
     data
 }
 
-/// The primary's timeline events named `name` for `volume`, with their
-/// bodies parsed.
-fn events(d: &Daemon, volume: &str, name: &str) -> Vec<Value> {
-    let timeline = d.json(&["timeline", volume, "--json"]);
-    timeline["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["name"] == name)
-        .map(|e| serde_json::from_str(e["detail"].as_str().unwrap_or("{}")).unwrap_or(Value::Null))
-        .collect()
-}
-
 /// Waits for an event named `name` that `matches` on `d`'s timeline of
 /// `volume`; returns its body.
 fn wait_event(d: &Daemon, volume: &str, name: &str, matches: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if let Some(e) = events(d, volume, name).into_iter().find(|e| matches(e)) {
+        if let Some(e) = d.events(volume, name).into_iter().find(|e| matches(e)) {
             return e;
         }
         assert!(
@@ -431,7 +418,7 @@ fn a_broken_link_catches_up_by_journal_then_by_region_hashes() {
         "{r}"
     );
     sites.primary.eventually(10, "an RPO alert", || {
-        !events(&sites.primary, volume, "rpo-alert").is_empty() && alert_file.exists()
+        !sites.primary.events(volume, "rpo-alert").is_empty() && alert_file.exists()
     });
     assert_eq!(
         metric(&sites.primary, "tidemark_replica_rpo_alert", volume),
@@ -862,6 +849,6 @@ fn an_adaptive_replica_follows_the_link_and_is_proven_equal_periodically() {
     assert!(sites.replica_of(volume)["last_verified"]
         .as_str()
         .is_some_and(|s| s.contains("equal")));
-    assert!(events(&sites.primary, volume, "replica-differs").is_empty());
+    assert!(sites.primary.events(volume, "replica-differs").is_empty());
     sites.assert_equal(volume);
 }

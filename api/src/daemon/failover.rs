@@ -21,9 +21,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use tidemark_failover::epoch::{self, Verdict};
-use tidemark_failover::{
-    Decision, FailoverSettings, Learnt, Monitor, MonitorStatus, PromoteAt, Witness,
-};
+use tidemark_failover::{Decision, FailoverSettings, Learnt, Monitor, PromoteAt, Witness};
 use tidemark_journal::epochs::common_point;
 use tidemark_journal::fs::{Fs, RealFs};
 use tidemark_journal::{Seq, Timestamp};
@@ -105,11 +103,6 @@ impl Failover {
             site: OnceLock::new(),
             witness: Arc::new(OnceLock::new()),
         }
-    }
-
-    /// The watch now, for `status --json`.
-    pub fn status(&self) -> MonitorStatus {
-        self.monitor.status(None)
     }
 
     /// Runs the watch and carries out its decisions until `stop`; with a

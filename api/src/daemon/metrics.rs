@@ -494,7 +494,7 @@ fn render_failover(out: &mut String, registry: &Registry, groups: &[String]) {
             );
         }
     }
-    let status = f.status();
+    let status = f.monitor.status(None);
     if let Some(age) = status.last_heartbeat_seconds {
         help(
             out,

@@ -345,3 +345,19 @@ pub fn production_differs_from_journal(
         .expect("read journal");
     production.iter().zip(&journalled).position(|(a, b)| a != b)
 }
+
+/// Options of the changed-since tests: a manual clock, small segments and
+/// batches, and `large_range_blocks` as given.
+pub fn changes_options(large_range_blocks: u64) -> JournalOptions {
+    JournalOptions {
+        large_range_blocks,
+        max_batch_bytes: 1 << 20,
+        segment_size: 4 << 20,
+        ..small_options(
+            Arc::new(ManualClock::new(Timestamp::from_nanos(
+                1_800_000_000_000_000_000,
+            ))),
+            RecoveryMode::Strict,
+        )
+    }
+}
