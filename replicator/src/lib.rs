@@ -14,10 +14,13 @@
 //! - [`link`] — reaching another site's daemon (its token, TLS).
 //! - [`wire`] — records on the wire; [`hash`] — region hashes.
 //! - [`settings`], [`status`] — the vocabulary.
+//! - [`archive`] — the group's history in an S3-compatible object store:
+//!   the archiver, restore from the bucket alone, views served from it.
 //!
 //! The wire messages are `ReplicationMessage` / `ReplicationReply` in
 //! `tidemark.proto`, described in `docs/format.md`.
 
+pub mod archive;
 pub mod fence;
 pub mod gate;
 pub mod hash;

@@ -1,0 +1,337 @@
+//! The archiver against a directory store and a store that fails on
+//! command: every point it claims restores byte for byte, an outage costs
+//! no write and no record, a fold makes a new base version, `keep` deletes
+//! only what no retained point needs, and damage is named.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use tidemark_journal::journal::Change;
+use tidemark_journal::{CacheTiers, Journal, JournalOptions, Point, Seq};
+use tidemark_replicator::archive::catalog::Catalog;
+use tidemark_replicator::archive::restore::restore;
+use tidemark_replicator::archive::store::{FaultyStore, LocalStore};
+use tidemark_replicator::archive::{
+    ArchivePoint, ArchiveSettings, ArchiveView, Archiver, ObjectStore,
+};
+
+const SIZE: u64 = 12 << 20;
+
+fn options() -> JournalOptions {
+    JournalOptions {
+        group: "g".into(),
+        segment_size: 1 << 20,
+        max_record_len: 128 << 10,
+        max_batch_bytes: 256 << 10,
+        direct_io: false,
+        memory_cache_bytes: 8 << 20,
+        cache_tiers: CacheTiers::Memory,
+        ..JournalOptions::default()
+    }
+}
+
+fn settings() -> ArchiveSettings {
+    ArchiveSettings {
+        keep: None,
+        upload_after: Duration::from_millis(200),
+        base_every: Duration::ZERO,
+        max_lag_bytes: 1 << 30,
+        object_bytes: 512 << 10,
+        poll: Duration::from_millis(50),
+    }
+}
+
+fn write_some(journal: &Journal, rng: &mut SmallRng, n: usize) -> Seq {
+    let volume = journal.volume("v").unwrap().id;
+    let mut last = 0;
+    for _ in 0..n {
+        let offset = rng.random_range(0..SIZE / 4096 - 16) * 4096;
+        let change = match rng.random_range(0..10) {
+            0 => Change::Zero {
+                offset,
+                len: 8 * 4096,
+            },
+            1 => Change::Trim { offset, len: 4096 },
+            _ => {
+                let len = rng.random_range(1..16) * 4096;
+                let data: Vec<u8> = (0..len)
+                    .map(|i| (i as u8) ^ (rng.random::<u8>() % 4))
+                    .collect();
+                last = journal
+                    .append(
+                        volume,
+                        Change::Write {
+                            offset,
+                            data: &data,
+                        },
+                    )
+                    .unwrap()
+                    .wait()
+                    .unwrap()
+                    .seq;
+                continue;
+            }
+        };
+        last = journal.append(volume, change).unwrap().wait().unwrap().seq;
+    }
+    last
+}
+
+async fn wait_archived(archiver: &Archiver, seq: Seq) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        archiver.wake();
+        let status = archiver.status();
+        if status.archived_seq >= seq {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "archive stuck at seq {} (wanted {seq}): {:?}",
+            status.archived_seq,
+            status.last_error
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn image(journal: &Journal, seq: Seq) -> Vec<u8> {
+    let mut buf = vec![0u8; SIZE as usize];
+    journal.read("v", 0, &mut buf, Point::Seq(seq)).unwrap();
+    buf
+}
+
+async fn restored(store: &Arc<dyn ObjectStore>, point: ArchivePoint, dir: &Path) -> (Seq, Vec<u8>) {
+    let catalog = Arc::new(Catalog::for_volume(store.clone(), "v").await.unwrap());
+    let seq = catalog.resolve("v", &point).await.unwrap();
+    let path = dir.join(format!("restore-{seq}.img"));
+    restore(catalog, "v", seq, &path, 4, Arc::new(|_, _| {}))
+        .await
+        .unwrap();
+    (seq, std::fs::read(&path).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archived_points_restore_byte_for_byte_through_an_outage_and_a_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _) = Journal::open(&dir.path().join("journal"), options()).unwrap();
+    let volume = journal.create_volume("v", SIZE).unwrap();
+    let mut rng = SmallRng::seed_from_u64(7);
+    let early = write_some(&journal, &mut rng, 200);
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path().join("bucket")));
+    let faulty = Arc::new(FaultyStore::new(local.clone()));
+    let archiver = Archiver::start(
+        "g",
+        journal.clone(),
+        faulty.clone(),
+        settings(),
+        Arc::new(|| true),
+    );
+    let tagged = journal
+        .set_tag(volume.id, "before-outage", b"")
+        .unwrap()
+        .wait()
+        .unwrap()
+        .seq;
+    wait_archived(&archiver, tagged).await;
+    assert_eq!(journal.holds().get("archive"), Some(&tagged));
+
+    // The store goes down: writes go on, the hold keeps the history.
+    faulty.set_down(true);
+    let during = write_some(&journal, &mut rng, 300);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let status = archiver.status();
+    assert!(status.archived_seq < during);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("injected fault"),
+        "{status:?}"
+    );
+    assert_eq!(journal.holds().get("archive"), Some(&tagged));
+    faulty.set_down(false);
+    wait_archived(&archiver, during).await;
+    assert!(archiver.status().last_error.is_none());
+
+    // A fold moves the horizon; a new base version follows.
+    let images: Vec<(Seq, Vec<u8>)> = [early, tagged, during]
+        .iter()
+        .map(|&s| (s, image(&journal, s)))
+        .collect();
+    journal.retain_from(tagged, false).unwrap();
+    let after_fold = write_some(&journal, &mut rng, 50);
+    wait_archived(&archiver, after_fold).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Catalog::load(local.clone(), "g")
+        .await
+        .unwrap()
+        .unwrap()
+        .index
+        .bases
+        .len()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "no base version after the fold");
+        archiver.wake();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let latest = image(&journal, after_fold);
+
+    for (seq, want) in &images {
+        let (got_seq, got) = restored(&local, ArchivePoint::Seq(*seq), dir.path()).await;
+        assert_eq!(got_seq, *seq);
+        assert!(got == *want, "restore at seq {seq} differs");
+    }
+    let (seq, got) = restored(
+        &local,
+        ArchivePoint::Tag("before-outage".into()),
+        dir.path(),
+    )
+    .await;
+    assert_eq!(seq, tagged);
+    assert!(got == images[1].1);
+    let (seq, got) = restored(&local, ArchivePoint::Latest, dir.path()).await;
+    assert!(seq >= after_fold);
+    assert!(got == latest, "restore at latest differs");
+
+    // The same points served on demand.
+    let catalog = Arc::new(Catalog::for_volume(local.clone(), "v").await.unwrap());
+    let view = ArchiveView::open(
+        catalog.clone(),
+        "v",
+        tagged,
+        &dir.path().join("cache"),
+        8 << 20,
+    )
+    .await
+    .unwrap();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; SIZE as usize];
+        for (n, piece) in buf.chunks_mut(1 << 20).enumerate() {
+            view.read(n as u64 * (1 << 20), piece).unwrap();
+        }
+        buf
+    })
+    .await
+    .unwrap();
+    assert!(got == images[1].1, "view at the tag differs");
+
+    // Outside the window, and a corrupted object: named errors.
+    let e = catalog
+        .resolve("v", &ArchivePoint::Seq(u64::MAX))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("outside the archive window"), "{e}");
+    let victim = catalog.index.segments.last().unwrap().key.clone();
+    let path = dir.path().join("bucket").join(&victim);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len() - 10;
+    bytes[n] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let e = restore(
+        catalog.clone(),
+        "v",
+        catalog.index.archived_seq,
+        &dir.path().join("bad.img"),
+        4,
+        Arc::new(|_, _| {}),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains(&victim), "{e}");
+    drop(archiver);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_deletes_only_what_no_retained_point_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _) = Journal::open(&dir.path().join("journal"), options()).unwrap();
+    journal.create_volume("v", SIZE).unwrap();
+    let mut rng = SmallRng::seed_from_u64(8);
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path().join("bucket")));
+    let faulty = Arc::new(FaultyStore::new(local.clone()));
+    let mut s = settings();
+    s.keep = Some(Duration::from_millis(300));
+    s.max_lag_bytes = 256 << 10;
+    let archiver = Archiver::start("g", journal.clone(), faulty.clone(), s, Arc::new(|| true));
+    let first = write_some(&journal, &mut rng, 100);
+    wait_archived(&archiver, first).await;
+    journal.retain_from(first, false).unwrap();
+    let second = write_some(&journal, &mut rng, 100);
+    wait_archived(&archiver, second).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let third = write_some(&journal, &mut rng, 10);
+    wait_archived(&archiver, third).await;
+    // Retention in the bucket: the window starts at a base version after
+    // `first`'s, and everything in it restores.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let catalog = Catalog::load(local.clone(), "g").await.unwrap().unwrap();
+        if catalog.window().unwrap().0 >= first {
+            break;
+        }
+        assert!(Instant::now() < deadline, "keep never deleted anything");
+        archiver.wake();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let want = image(&journal, third);
+    let (_, got) = restored(&local, ArchivePoint::Seq(third), dir.path()).await;
+    assert!(got == want);
+    let catalog = Catalog::load(local.clone(), "g").await.unwrap().unwrap();
+    let keys: Vec<String> = local
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    for segment in &catalog.index.segments {
+        assert!(keys.contains(&segment.key));
+    }
+    assert!(
+        !keys.iter().any(
+            |k| k.contains("/segments/") && !catalog.index.segments.iter().any(|s| &s.key == k)
+        ),
+        "objects no index names remain: {keys:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_down_past_its_limit_leaves_a_gap_and_resumes_from_a_base_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _) = Journal::open(&dir.path().join("journal"), options()).unwrap();
+    journal.create_volume("v", SIZE).unwrap();
+    let mut rng = SmallRng::seed_from_u64(9);
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path().join("bucket")));
+    let faulty = Arc::new(FaultyStore::new(local.clone()));
+    let mut s = settings();
+    s.max_lag_bytes = 256 << 10;
+    let archiver = Archiver::start("g", journal.clone(), faulty.clone(), s, Arc::new(|| true));
+    let third = write_some(&journal, &mut rng, 100);
+    wait_archived(&archiver, third).await;
+    // The store is down long enough for the journal to pass the limit:
+    // retention passes the hold, and the archive records the gap.
+    faulty.set_down(true);
+    let lost = write_some(&journal, &mut rng, 400);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = journal.retain_from(lost, false).unwrap();
+    assert!(!report.gaps.is_empty(), "{report:?}");
+    faulty.set_down(false);
+    let after = write_some(&journal, &mut rng, 10);
+    wait_archived(&archiver, after).await;
+    let catalog = Catalog::load(local.clone(), "g").await.unwrap().unwrap();
+    assert_eq!(catalog.index.gaps.len(), 1, "{:?}", catalog.index.gaps);
+    let e = catalog
+        .resolve("v", &ArchivePoint::Seq(third + 1))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("gap"), "{e}");
+    let (_, got) = restored(&local, ArchivePoint::Seq(after), dir.path()).await;
+    assert!(got == image(&journal, after));
+}
