@@ -6,8 +6,9 @@ set -euo pipefail
 
 # Debian packages: libclang-dev (bindgen for RocksDB), protobuf-compiler
 # (tonic), and the tools the tests and benches drive (etcd-server: the
-# failover witness the tests start on their own ports).
-TIDEMARK_PACKAGES=(libclang-dev protobuf-compiler fio libnbd-bin nbdkit e2fsprogs qemu-utils util-linux mount python3 openssl etcd-server)
+# failover witness the tests start on their own ports; python3-venv: the
+# virtual environment for moto, below).
+TIDEMARK_PACKAGES=(libclang-dev protobuf-compiler fio libnbd-bin nbdkit e2fsprogs qemu-utils util-linux mount python3 python3-venv openssl etcd-server)
 
 missing=()
 for pkg in "${TIDEMARK_PACKAGES[@]}"; do
@@ -23,6 +24,27 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# moto, the S3-compatible server the end-to-end tests start on their own
+# ports, pinned, in its own virtual environment (Debian's python3 refuses
+# pip installs into the system). The tests find it through
+# TIDEMARK_MOTO_SERVER.
+TIDEMARK_MOTO_VERSION=5.2.5
+moto_venv="${XDG_CACHE_HOME:-$HOME/.cache}/tidemark-tools/moto-venv"
+moto_ready() {
+  "$moto_venv/bin/python" -c "import sys, moto, moto.server; sys.exit(moto.__version__ != '$TIDEMARK_MOTO_VERSION')" 2>/dev/null
+}
+if ! moto_ready; then
+  echo "setup: installing moto[server]==$TIDEMARK_MOTO_VERSION in $moto_venv"
+  if ! "$moto_venv/bin/python" -m pip --version >/dev/null 2>&1; then
+    mkdir -p "$(dirname "$moto_venv")"
+    # Debian's python3 (the package above, which python3-venv serves).
+    "$(command -v /usr/bin/python3 || command -v python3)" -m venv --clear "$moto_venv"
+  fi
+  "$moto_venv/bin/python" -m pip install -q --disable-pip-version-check "moto[server]==$TIDEMARK_MOTO_VERSION"
+  moto_ready || { echo "setup: moto $TIDEMARK_MOTO_VERSION did not install in $moto_venv" >&2; exit 1; }
+fi
+export TIDEMARK_MOTO_SERVER="$moto_venv/bin/moto_server"
 
 command -v cargo >/dev/null || { echo "setup: no Rust toolchain (cargo) on PATH; install one with rustup" >&2; exit 1; }
 for component in rustfmt clippy; do

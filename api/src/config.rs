@@ -37,6 +37,34 @@ struct File {
     retention: RetentionFile,
     #[serde(default)]
     tagging: TaggingFile,
+    archive: Option<ArchiveFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArchiveFile {
+    url: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    keep: Option<String>,
+    upload_after: Option<String>,
+    base_every: Option<String>,
+    max_lag: Option<String>,
+    cache: Option<String>,
+    timeout: Option<String>,
+}
+
+/// The `[archive]` table.
+#[derive(Clone, Debug)]
+pub struct ArchiveConfig {
+    /// `url`: where the archive lives.
+    pub location: tidemark_replicator::archive::Location,
+    /// `endpoint`, `region`, `timeout`: how to reach it.
+    pub store: tidemark_replicator::archive::StoreOptions,
+    /// `keep`, `upload_after`, `base_every`, `max_lag`.
+    pub settings: tidemark_replicator::archive::ArchiveSettings,
+    /// `cache`: bytes of chunks each view served from the archive keeps.
+    pub cache_bytes: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -281,6 +309,8 @@ pub struct Config {
     /// Every tagging rule's target, with the rule's name for messages
     /// (checked against the volumes at start-up).
     pub tagging_targets: Vec<(String, Target)>,
+    /// The `[archive]` table, when there is one.
+    pub archive: Option<ArchiveConfig>,
 }
 
 /// Flags of `tidemark serve` that override the file.
@@ -395,7 +425,45 @@ impl Config {
         }
         let failover = failover_settings(&file.failover)?;
         let advertise = rf.advertise.clone().filter(|a| !a.trim().is_empty());
+        let archive = match &file.archive {
+            None => None,
+            Some(a) => {
+                let url = a
+                    .url
+                    .as_deref()
+                    .ok_or("[archive] needs url = \"s3://BUCKET/PREFIX\"")?;
+                let location = tidemark_replicator::archive::Location::parse(url)
+                    .map_err(|e| format!("archive.url: {e}"))?;
+                let defaults = tidemark_replicator::archive::ArchiveSettings::default();
+                let settings = tidemark_replicator::archive::ArchiveSettings {
+                    keep: duration("archive.keep", &a.keep)?,
+                    upload_after: duration("archive.upload_after", &a.upload_after)?
+                        .unwrap_or(defaults.upload_after),
+                    base_every: duration("archive.base_every", &a.base_every)?
+                        .unwrap_or(defaults.base_every),
+                    max_lag_bytes: size("archive.max_lag", &a.max_lag, defaults.max_lag_bytes)?,
+                    ..defaults
+                };
+                if settings.keep.is_some_and(|k| k < settings.base_every) {
+                    return Err(
+                        "archive.keep is shorter than archive.base_every: nothing could ever be deleted"
+                            .into(),
+                    );
+                }
+                Some(ArchiveConfig {
+                    location,
+                    store: tidemark_replicator::archive::StoreOptions {
+                        endpoint: a.endpoint.clone().filter(|e| !e.trim().is_empty()),
+                        region: a.region.clone().filter(|r| !r.trim().is_empty()),
+                        timeout: duration("archive.timeout", &a.timeout)?,
+                    },
+                    settings,
+                    cache_bytes: size("archive.cache", &a.cache, 256 << 20)?,
+                })
+            }
+        };
         Ok(Config {
+            archive,
             advertise,
             replication,
             failover,
@@ -823,6 +891,39 @@ mod tests {
         assert_eq!(c.default_mode, IoMode::Sync);
         assert_eq!(c.memory_cache, 128 << 20);
         assert_eq!(c.file_cache, 4 << 30);
+    }
+
+    #[test]
+    fn the_archive_table_parses_and_bad_values_name_the_field() {
+        let c = Config::parse(
+            "[archive]\nurl = \"s3://bucket/site-a\"\nendpoint = \"http://127.0.0.1:9000\"\nkeep = \"90d\"\nupload_after = \"5s\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        let a = c.archive.unwrap();
+        assert_eq!(a.location.to_string(), "s3://bucket/site-a");
+        assert_eq!(a.store.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(a.settings.keep, Some(Duration::from_secs(90 * 86400)));
+        assert_eq!(a.settings.upload_after, Duration::from_secs(5));
+        assert!(Config::parse("", &Overrides::default())
+            .unwrap()
+            .archive
+            .is_none());
+        for (text, named) in [
+            ("[archive]\nendpoint = \"x\"\n", "url"),
+            ("[archive]\nurl = \"ftp://x\"\n", "archive.url"),
+            (
+                "[archive]\nurl = \"s3://bucket\"\nkeep = \"soon\"\n",
+                "archive.keep",
+            ),
+            (
+                "[archive]\nurl = \"s3://bucket\"\nbucket = \"b\"\n",
+                "bucket",
+            ),
+        ] {
+            let e = Config::parse(text, &Overrides::default()).unwrap_err();
+            assert!(e.contains(named), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -119,6 +119,32 @@ impl fmt::Display for PointSpec {
     }
 }
 
+impl PointSpec {
+    /// The same point as the archive names it (relative times made
+    /// absolute now); `last-verified` is known only to a journal.
+    pub fn to_archive(&self) -> Result<tidemark_replicator::archive::ArchivePoint, String> {
+        use tidemark_replicator::archive::ArchivePoint;
+        Ok(match self {
+            PointSpec::Latest => ArchivePoint::Latest,
+            PointSpec::Seq(seq) => ArchivePoint::Seq(*seq),
+            PointSpec::Time(at) => ArchivePoint::Time(*at),
+            PointSpec::Ago(ago) => ArchivePoint::Time(Timestamp::from_nanos(
+                Timestamp::now()
+                    .as_nanos()
+                    .saturating_sub(i64::try_from(ago.as_nanos()).unwrap_or(i64::MAX)),
+            )),
+            PointSpec::Tag(name) => ArchivePoint::Tag(name.clone()),
+            PointSpec::Before(name) => ArchivePoint::Before(name.clone()),
+            PointSpec::LastVerified => {
+                return Err(
+                    "last-verified is not known to the archive: name the tag (tag:NAME) instead"
+                        .into(),
+                )
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

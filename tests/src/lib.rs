@@ -7,12 +7,15 @@
 //! commands against it, and kills or restarts it. Tests that need a tool
 //! or kernel feature the machine lacks call [`require`] and skip with a
 //! printed reason. [`proxy::Proxy`] stands between two sites and breaks
-//! their link on demand.
+//! their link on demand; [`etcd::Etcd`] and [`s3::Moto`] are real etcd and
+//! S3-compatible servers on their own ports.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 pub mod etcd;
+pub mod ext4;
 pub mod proxy;
+pub mod s3;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

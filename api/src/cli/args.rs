@@ -84,7 +84,8 @@ pub enum Command {
         /// The export's name.
         export: String,
     },
-    /// Materialise a point into a file or device on the daemon's host.
+    /// Materialise a point into a file or device on the daemon's host —
+    /// or, with --from-archive, here, from the bucket alone (no daemon).
     Restore {
         /// The volume.
         volume: String,
@@ -94,7 +95,23 @@ pub enum Command {
         /// Target file or block device.
         #[arg(long)]
         to: PathBuf,
+        /// Restore from this archive (s3://BUCKET/PREFIX), needing no
+        /// daemon and no local data.
+        #[arg(long = "from-archive")]
+        from_archive: Option<String>,
+        /// The S3-compatible endpoint of the archive (omit for AWS).
+        #[arg(long, requires = "from_archive")]
+        endpoint: Option<String>,
+        /// The archive's region (default: the AWS chain, else us-east-1).
+        #[arg(long, requires = "from_archive")]
+        region: Option<String>,
+        /// Chunks downloaded at once.
+        #[arg(long, default_value_t = 16, requires = "from_archive")]
+        parallel: usize,
     },
+    /// The archive of the daemon's groups.
+    #[command(subcommand)]
+    Archive(ArchiveCommand),
     /// Rewind the live volume to a point (journalled, so it can be undone).
     Rollback {
         /// The volume.
@@ -132,6 +149,18 @@ pub enum Command {
     Failback {
         /// A volume of the group.
         volume: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `tidemark archive …`.
+#[derive(Debug, Subcommand)]
+pub enum ArchiveCommand {
+    /// Where each group's archive stands: archived up to which seq and
+    /// time, lag, bytes, objects, the last error.
+    Status {
         /// Print JSON.
         #[arg(long)]
         json: bool,

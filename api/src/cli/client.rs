@@ -8,7 +8,7 @@ use tidemark_proto::v1::tidemark_client::TidemarkClient;
 use tidemark_replicator::link::error_chain;
 use tonic::transport::Channel;
 
-use super::args::{Command, ReplicaCommand, TagCommand, VolumeCommand};
+use super::args::{ArchiveCommand, Command, ReplicaCommand, TagCommand, VolumeCommand};
 use super::output::{self, replica_json, tag_json, timeline_json, volume_json};
 use crate::size::format_size;
 
@@ -31,11 +31,11 @@ impl From<tonic::Status> for Failure {
     }
 }
 
-fn usage(message: String) -> Failure {
+pub(super) fn usage(message: String) -> Failure {
     Failure { code: 2, message }
 }
 
-fn print_json(value: &serde_json::Value) {
+pub(super) fn print_json(value: &serde_json::Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
@@ -173,6 +173,27 @@ pub fn run_client(connection: &Connection, command: Command) -> Result<(), Failu
             code: 1,
             message: format!("cannot start the runtime: {e}"),
         })?;
+    if let Command::Restore {
+        volume,
+        at,
+        to,
+        from_archive: Some(url),
+        endpoint,
+        region,
+        parallel,
+    } = command
+    {
+        // From the bucket alone: no daemon to connect to.
+        return super::archive::restore(super::archive::FromArchive {
+            volume,
+            at,
+            to,
+            url,
+            endpoint,
+            region,
+            parallel,
+        });
+    }
     runtime.block_on(async move {
         let mut client = connect(connection).await?;
         run(&mut client, command).await
@@ -252,7 +273,15 @@ async fn run(client: &mut Client, command: Command) -> Result<(), Failure> {
             println!("unexported {export}");
             Ok(())
         }
-        Command::Restore { volume, at, to } => restore(client, volume, at, to).await,
+        Command::Restore { volume, at, to, .. } => restore(client, volume, at, to).await,
+        Command::Archive(ArchiveCommand::Status { json }) => {
+            let s = client
+                .archive_status(pb::ArchiveStatusRequest {})
+                .await?
+                .into_inner();
+            super::archive::print_status(&s, json);
+            Ok(())
+        }
         Command::Rollback { volume, to, yes } => {
             if !yes {
                 confirm(
@@ -622,6 +651,18 @@ async fn tag(client: &mut Client, command: TagCommand) -> Result<(), Failure> {
     }
 }
 
+/// A progress bar of bytes on the terminal.
+pub(super) fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 async fn restore(
     client: &mut Client,
     volume: String,
@@ -654,16 +695,7 @@ async fn restore(
             return Ok(());
         }
         if terminal {
-            let bar = bar.get_or_insert_with(|| {
-                let bar = indicatif::ProgressBar::new(progress.total_bytes);
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                );
-                bar
-            });
+            let bar = bar.get_or_insert_with(|| progress_bar(progress.total_bytes));
             bar.set_position(progress.done_bytes);
         } else {
             eprintln!(

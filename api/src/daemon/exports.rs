@@ -17,6 +17,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tidemark_journal::{Point, Seq};
 
+use tidemark_replicator::archive::ArchiveView;
+
 use super::error::{ApiError, ApiResult};
 use super::registry::{Volume, WriterGuard};
 
@@ -38,6 +40,9 @@ enum Target {
     /// A replica's live volume: its newest point, read-only (the primary
     /// writes it).
     ReplicaLive,
+    /// A point of a volume this site does not hold, served from the
+    /// archive.
+    Archive(Arc<ArchiveView>),
 }
 
 /// One export.
@@ -45,8 +50,12 @@ enum Target {
 pub struct Export {
     /// Its name, as NBD clients give it.
     pub name: String,
-    /// The volume it shows.
-    pub volume: Arc<Volume>,
+    /// The name of the volume it shows.
+    pub volume_name: String,
+    size: u64,
+    /// The volume it shows, when this site holds it (not for a point
+    /// served from the archive).
+    volume: Option<Arc<Volume>>,
     target: Target,
     hold: Option<String>,
 }
@@ -63,9 +72,33 @@ impl Export {
         };
         Arc::new(Export {
             name: volume.name.clone(),
+            volume_name: volume.name.clone(),
+            size: volume.size,
             target,
-            volume,
+            volume: Some(volume),
             hold: None,
+        })
+    }
+
+    /// A point served from the archive, for one NBD connection.
+    pub fn archived(name: &str, view: Arc<ArchiveView>) -> Arc<Export> {
+        Arc::new(Export {
+            name: name.to_string(),
+            volume_name: view.volume().to_string(),
+            size: view.size(),
+            volume: None,
+            target: Target::Archive(view),
+            hold: None,
+        })
+    }
+
+    /// The local volume; every target but `Archive` has one.
+    fn local(&self) -> ApiResult<&Arc<Volume>> {
+        self.volume.as_ref().ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "export {} is served from the archive: read-only",
+                self.name
+            ))
         })
     }
 
@@ -84,7 +117,9 @@ impl Export {
         };
         Ok(Arc::new(Export {
             name,
-            volume,
+            volume_name: volume.name.clone(),
+            size: volume.size,
+            volume: Some(volume),
             target,
             hold: Some(hold),
         }))
@@ -92,13 +127,15 @@ impl Export {
 
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        self.volume.size
+        self.size
     }
 
     /// True unless writes are accepted.
     pub fn read_only(&self) -> bool {
-        matches!(self.target, Target::Point { .. } | Target::ReplicaLive)
-            || (self.is_live() && !self.volume_writable())
+        matches!(
+            self.target,
+            Target::Point { .. } | Target::ReplicaLive | Target::Archive(_)
+        ) || (self.is_live() && !self.volume_writable())
     }
 
     /// True for the live volume.
@@ -119,14 +156,14 @@ impl Export {
         if !self.volume_writable() {
             return Some(Err(self.demoted()));
         }
-        let ack = self
-            .volume
+        let volume = self.volume.as_ref()?;
+        let ack = volume
             .group
             .write_path
-            .try_write(&self.volume.name, offset, data)?;
+            .try_write(&volume.name, offset, data)?;
         Some(match ack {
             Ok(ack) => {
-                self.volume.observe_write(offset, data.len() as u64, &ack);
+                volume.observe_write(offset, data.len() as u64, &ack);
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -138,6 +175,7 @@ impl Export {
         match &self.target {
             Target::Live { .. } | Target::ReplicaLive => None,
             Target::Point { seq } | Target::Overlay { seq, .. } => Some(*seq),
+            Target::Archive(view) => Some(view.seq()),
         }
     }
 
@@ -153,9 +191,10 @@ impl Export {
     }
 
     fn read_point(&self, seq: Seq, offset: u64, buf: &mut [u8]) -> ApiResult<()> {
-        self.volume
+        let volume = self.local()?;
+        volume
             .journal()
-            .read(&self.volume.name, offset, buf, Point::Seq(seq))?;
+            .read(&volume.name, offset, buf, Point::Seq(seq))?;
         Ok(())
     }
 
@@ -167,33 +206,39 @@ impl Export {
         }
         match &self.target {
             Target::Live { .. } => {
-                Ok(self
-                    .volume
-                    .group
-                    .write_path
-                    .read(&self.volume.name, offset, buf)?)
+                let volume = self.local()?;
+                Ok(volume.group.write_path.read(&volume.name, offset, buf)?)
             }
             Target::Point { seq } => self.read_point(*seq, offset, buf),
             Target::Overlay { seq, overlay } => {
                 overlay.read(offset, buf, |at, part| self.read_point(*seq, at, part))
             }
             Target::ReplicaLive => {
-                self.volume
+                let volume = self.local()?;
+                volume
                     .journal()
-                    .read(&self.volume.name, offset, buf, Point::Latest)?;
+                    .read(&volume.name, offset, buf, Point::Latest)?;
                 Ok(())
             }
+            Target::Archive(view) => view
+                .read(offset, buf)
+                .map_err(|e| ApiError::Failed(format!("export {}: {e}", self.name))),
         }
     }
 
     /// The live volume takes writes: this site is its primary and, with
     /// a witness, holds the group's lease.
     fn volume_writable(&self) -> bool {
-        !self.volume.is_replica() && self.volume.group.witness_allows()
+        self.volume
+            .as_ref()
+            .is_some_and(|v| !v.is_replica() && v.group.witness_allows())
     }
 
     fn demoted(&self) -> ApiError {
-        if self.volume.is_replica() {
+        let Some(volume) = &self.volume else {
+            return ApiError::Invalid(format!("export {} is read-only", self.name));
+        };
+        if volume.is_replica() {
             ApiError::Invalid(format!(
                 "volume {} was demoted on this site: another site took over as its primary",
                 self.name
@@ -201,7 +246,7 @@ impl Export {
         } else {
             ApiError::Invalid(format!(
                 "volume {}: this site does not hold the witness's lease for group {}; writes wait until it does",
-                self.name, self.volume.group.name
+                self.name, volume.group.name
             ))
         }
     }
@@ -210,6 +255,10 @@ impl Export {
         Err(ApiError::Invalid(match self.target {
             Target::ReplicaLive => format!(
                 "volume {} is a replica on this site: writes go to the primary",
+                self.name
+            ),
+            Target::Archive(_) => format!(
+                "export {} is a point served from the archive: read-only",
                 self.name
             ),
             _ => format!("export {} is a read-only point-in-time view", self.name),
@@ -223,15 +272,17 @@ impl Export {
             // Demoted since the export opened: a newer primary writes now.
             Target::Live { .. } if !self.volume_writable() => Err(self.demoted()),
             Target::Live { .. } => {
-                let ack =
-                    self.volume
-                        .group
-                        .write_path
-                        .write(&self.volume.name, offset, data, fua)?;
-                self.volume.observe_write(offset, data.len() as u64, &ack);
+                let volume = self.local()?;
+                let ack = volume
+                    .group
+                    .write_path
+                    .write(&volume.name, offset, data, fua)?;
+                volume.observe_write(offset, data.len() as u64, &ack);
                 Ok(())
             }
-            Target::Point { .. } | Target::ReplicaLive => self.refuse_read_only(),
+            Target::Point { .. } | Target::ReplicaLive | Target::Archive(_) => {
+                self.refuse_read_only()
+            }
             Target::Overlay { seq, overlay } => {
                 overlay.write(offset, data, |at, part| self.read_point(*seq, at, part))
             }
@@ -247,16 +298,19 @@ impl Export {
         match &self.target {
             Target::Live { .. } if !self.volume_writable() => Err(self.demoted()),
             Target::Live { .. } => {
-                let wp = &self.volume.group.write_path;
+                let volume = self.local()?;
+                let wp = &volume.group.write_path;
                 let ack = if trim {
-                    wp.trim(&self.volume.name, offset, len)?
+                    wp.trim(&volume.name, offset, len)?
                 } else {
-                    wp.write_zeroes(&self.volume.name, offset, len, fua)?
+                    wp.write_zeroes(&volume.name, offset, len, fua)?
                 };
-                self.volume.observe_free(offset, len, &ack);
+                volume.observe_free(offset, len, &ack);
                 Ok(())
             }
-            Target::Point { .. } | Target::ReplicaLive => self.refuse_read_only(),
+            Target::Point { .. } | Target::ReplicaLive | Target::Archive(_) => {
+                self.refuse_read_only()
+            }
             Target::Overlay { .. } => {
                 let zeros = vec![0u8; len.min(1 << 20) as usize];
                 let mut at = offset;
@@ -274,7 +328,8 @@ impl Export {
     /// a flush point.
     pub fn flush(&self) -> ApiResult<()> {
         if let Target::Live { .. } = self.target {
-            self.volume.group.write_path.flush(&self.volume.name)?;
+            let volume = self.local()?;
+            volume.group.write_path.flush(&volume.name)?;
         }
         Ok(())
     }
@@ -282,8 +337,8 @@ impl Export {
 
 impl Drop for Export {
     fn drop(&mut self) {
-        if let Some(hold) = &self.hold {
-            if let Err(e) = self.volume.journal().release_hold(hold) {
+        if let (Some(hold), Some(volume)) = (&self.hold, &self.volume) {
+            if let Err(e) = volume.journal().release_hold(hold) {
                 tracing::warn!(export = %self.name, error = %e, "could not release the export's retention hold");
             }
         }
@@ -498,7 +553,7 @@ impl Exports {
         self.table
             .lock()
             .values()
-            .filter(|e| e.volume.name == volume)
+            .filter(|e| e.volume_name == volume)
             .map(|e| e.name.clone())
             .collect()
     }

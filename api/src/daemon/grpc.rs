@@ -513,6 +513,36 @@ impl Tidemark for Service {
         Ok(Response::new(replica_proto(&r.volume, &status)))
     }
 
+    async fn archive_status(
+        &self,
+        _: Request<pb::ArchiveStatusRequest>,
+    ) -> Result<Response<pb::ArchiveStatusResponse>, Status> {
+        let Some(archive) = self.daemon.registry.archive.get() else {
+            return Err(Status::failed_precondition(
+                "this daemon has no archive: add an [archive] table with url = \"s3://BUCKET/PREFIX\" to its configuration",
+            ));
+        };
+        let groups = archive
+            .statuses()
+            .into_iter()
+            .map(|s| pb::ArchiveGroupStatus {
+                group: s.group,
+                archived_seq: s.archived_seq,
+                archived_time: s.archived_time.map(|t| t.to_string()).unwrap_or_default(),
+                lag_seconds: s.lag_seconds,
+                bytes: s.bytes,
+                objects: s.objects,
+                last_error: s.last_error.unwrap_or_default(),
+                active: s.active,
+                gaps: s.gaps,
+            })
+            .collect();
+        Ok(Response::new(pb::ArchiveStatusResponse {
+            url: archive.location(),
+            groups,
+        }))
+    }
+
     async fn list_replicas(
         &self,
         _: Request<pb::ListReplicasRequest>,

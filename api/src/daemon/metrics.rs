@@ -320,6 +320,7 @@ impl Metrics {
             registry,
             &groups.iter().map(|g| g.name.clone()).collect::<Vec<_>>(),
         );
+        render_archive(&mut out, registry);
 
         help(
             &mut out,
@@ -471,6 +472,73 @@ impl Metrics {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The archive series, one line per group.
+fn render_archive(out: &mut String, registry: &Registry) {
+    use std::fmt::Write as _;
+    use tidemark_replicator::archive::ArchiveStatus;
+    let Some(archive) = registry.archive.get() else {
+        return;
+    };
+    let statuses = archive.statuses();
+    type ArchiveValue = fn(&ArchiveStatus) -> String;
+    let series: [(&str, &str, &str, ArchiveValue); 8] = [
+        (
+            "tidemark_archive_archived_seq",
+            "gauge",
+            "Every record of the group up to this seq is in the archive.",
+            |s| s.archived_seq.to_string(),
+        ),
+        (
+            "tidemark_archive_lag_seconds",
+            "gauge",
+            "Time between the newest record here and the newest archived.",
+            |s| format!("{:.3}", s.lag_seconds),
+        ),
+        (
+            "tidemark_archive_bytes",
+            "gauge",
+            "Bytes of the group's objects in the archive (chunks counted once).",
+            |s| s.bytes.to_string(),
+        ),
+        (
+            "tidemark_archive_objects",
+            "gauge",
+            "The group's objects in the archive.",
+            |s| s.objects.to_string(),
+        ),
+        (
+            "tidemark_archive_uploads_total",
+            "counter",
+            "Objects uploaded by this process.",
+            |s| s.uploads.to_string(),
+        ),
+        (
+            "tidemark_archive_errors_total",
+            "counter",
+            "Archive rounds that failed (each is retried with backoff).",
+            |s| s.errors.to_string(),
+        ),
+        (
+            "tidemark_archive_gaps",
+            "gauge",
+            "Windows of history the archive lacks.",
+            |s| s.gaps.to_string(),
+        ),
+        (
+            "tidemark_archive_active",
+            "gauge",
+            "1 while this site archives the group (it is the primary).",
+            |s| u8::from(s.active).to_string(),
+        ),
+    ];
+    for (name, kind, text, value) in series {
+        help(out, name, kind, text);
+        for s in &statuses {
+            let _ = writeln!(out, "{name}{{group=\"{}\"}} {}", s.group, value(s));
         }
     }
 }

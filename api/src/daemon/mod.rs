@@ -10,6 +10,8 @@
 //!   the daemon as host of the tagger (time policies, log rules, hooks,
 //!   anomaly detection, verification: `tidemark-tagging`).
 //! - [`rollback`], [`restore`], [`initial_sync`] — recovery operations.
+//! - [`archive`] — the archivers of `[archive]` and points served from
+//!   the bucket (the work is `tidemark-replicator`'s `archive`).
 //! - [`replication`] — the replicas this site ships to, and the groups it
 //!   keeps as another site's replica (the work is `tidemark-replicator`'s).
 //! - [`grpc`], [`http`], [`metrics`] — the API surfaces; [`access`] — the
@@ -17,6 +19,7 @@
 //! - [`error`] — errors as clients see them.
 
 pub mod access;
+pub mod archive;
 pub mod catalog;
 pub mod error;
 pub mod exports;
@@ -132,6 +135,12 @@ async fn run(config: Config) -> Result<(), String> {
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     failover::Failover::start(&registry, stop_rx.clone());
+    if let Some(archive) = config.archive.clone() {
+        let host = archive::ArchiveHost::start(archive, &registry, stop_rx.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = registry.archive.set(host);
+    }
 
     let nbd_task = tokio::spawn(crate::nbd::serve(nbd, daemon.clone(), stop_rx.clone()));
     let grpc_task = {
@@ -234,6 +243,9 @@ async fn run(config: Config) -> Result<(), String> {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     registry.replication.shutdown().await;
+    if let Some(archive) = registry.archive.get() {
+        archive.stop();
+    }
     let problems = tokio::task::spawn_blocking(move || {
         tagger.stop();
         registry.shutdown()

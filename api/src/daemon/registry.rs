@@ -226,6 +226,8 @@ pub struct Registry {
     pub replication: super::replication::Replication,
     /// The watch over primaries, takeovers and demotions.
     pub failover: super::failover::Failover,
+    /// The archive, when `[archive]` names one.
+    pub archive: OnceLock<Arc<super::archive::ArchiveHost>>,
 }
 
 impl Registry {
@@ -249,6 +251,7 @@ impl Registry {
             failover,
             exports: Exports::new(dir.join("overlays")),
             tagger: Arc::new(OnceLock::new()),
+            archive: OnceLock::new(),
             catalog_path,
             state: RwLock::new(State::default()),
             changes: Mutex::new(()),
@@ -315,10 +318,20 @@ impl Registry {
         let (journal, report) = Journal::open(&dir, options)?;
         tracing::info!(group = name, dir = %dir.display(), ?report, "journal open");
         // Views of an earlier run are gone; so must be their holds.
-        for hold in journal.holds().into_keys() {
+        let holds = journal.holds();
+        for hold in holds.keys() {
             if hold.starts_with(super::exports::HOLD_PREFIX) {
-                journal.release_hold(&hold)?;
+                journal.release_hold(hold)?;
             }
+        }
+        // With an archive, retention must keep what it has not taken from
+        // the very first record on — before its archiver's first round.
+        // Without one, an old archive hold would keep everything forever.
+        let archive_hold = tidemark_replicator::archive::archiver::HOLD;
+        match (c.archive.is_some(), holds.contains_key(archive_hold)) {
+            (true, false) => journal.set_hold(archive_hold, journal.history().horizon_seq)?,
+            (false, true) => journal.release_hold(archive_hold)?,
+            _ => {}
         }
         let write_path = WritePath::new(
             journal,
@@ -839,8 +852,16 @@ impl Registry {
         }
         match name.split_once('@') {
             Some((volume, point)) => {
-                let volume = self.volume(volume)?;
                 let spec = PointSpec::parse(point).map_err(ApiError::Invalid)?;
+                let volume = match (self.volume(volume), self.archive.get()) {
+                    (Ok(volume), _) => volume,
+                    // A volume this site does not hold: from the archive.
+                    (Err(ApiError::NotFound(_)), Some(archive)) => {
+                        let view = archive.open_view(volume, &spec)?;
+                        return Ok(Export::archived(name, view));
+                    }
+                    (Err(e), _) => return Err(e),
+                };
                 let seq = self.resolve(&volume, &spec)?;
                 self.exports.transient(name, volume, seq)
             }

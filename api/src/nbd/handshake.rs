@@ -170,8 +170,8 @@ where
                 }
                 if requests.contains(&INFO_DESCRIPTION) {
                     let text = match export.seq() {
-                        Some(seq) => format!("tidemark volume {} at seq {seq}", export.volume.name),
-                        None => format!("tidemark volume {} (live)", export.volume.name),
+                        Some(seq) => format!("tidemark volume {} at seq {seq}", export.volume_name),
+                        None => format!("tidemark volume {} (live)", export.volume_name),
                     };
                     let mut body = INFO_DESCRIPTION.to_be_bytes().to_vec();
                     body.extend_from_slice(text.as_bytes());

@@ -615,15 +615,17 @@ async fn upload_segment(shared: &Arc<Shared>, state: &mut State) -> Result<bool>
         }
         let payload = &record.bytes[record.bytes.len() - record.header.stored_len as usize..];
         match Mark::decode(payload) {
-            Some(Mark::TagSet { name, .. }) => {
+            Some(Mark::TagSet { name, body }) => {
                 index
                     .tags
                     .retain(|t| !(t.volume == record.header.volume && t.name == name));
+                let (seq, time_ns) = tag_point(body)
+                    .unwrap_or((record.header.seq, record.header.timestamp.as_nanos()));
                 index.tags.push(TagEntry {
                     volume: record.header.volume,
                     name: name.to_string(),
-                    seq: record.header.seq,
-                    time_ns: record.header.timestamp.as_nanos(),
+                    seq,
+                    time_ns,
                 });
             }
             Some(Mark::TagDelete { name }) => index
@@ -647,6 +649,16 @@ async fn upload_segment(shared: &Arc<Shared>, state: &mut State) -> Result<bool>
     state.cursor = if cut { None } else { next_cursor };
     publish(shared, state).await?;
     Ok(true)
+}
+
+/// The point a tag names when it is not its mark record's own seq: the
+/// tagging layer's body (JSON) may carry `point` and `point_ns` (a tag set
+/// for an earlier point, e.g. before an anomaly).
+fn tag_point(body: &[u8]) -> Option<(u64, i64)> {
+    let body: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let seq = body.get("point")?.as_u64()?;
+    let ns = body.get("point_ns").and_then(|v| v.as_i64()).unwrap_or(0);
+    Some((seq, ns))
 }
 
 /// Applies `keep`: the newest base version at or before the cutoff becomes
