@@ -15,3 +15,11 @@ pub mod daemon;
 pub mod nbd;
 pub mod point_spec;
 pub mod size;
+
+/// Chooses the process's TLS crypto provider (ring) before any TLS is
+/// spoken. Two are linked — tonic's and the S3 client's — and rustls
+/// refuses to guess between them.
+pub fn install_tls_provider() {
+    // Err only when one is installed already, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -8,6 +8,7 @@ fn main() {
     // Before any thread allocates: freed record buffers go back to the
     // system instead of piling up in per-thread arenas (see M1).
     tidemark_journal::return_freed_buffers_to_the_system();
+    tidemark::install_tls_provider();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Serve(args) => serve(args),

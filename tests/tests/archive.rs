@@ -262,6 +262,27 @@ fn the_archive_catches_up_after_its_server_stops_and_names_a_corrupted_object() 
         "the archive lost something"
     );
 
+    // A bucket that is not there: the error names it and the operation.
+    let out = Command::new(binary())
+        .args(["restore", "db", "--at", "latest", "--to"])
+        .arg(d.path("none.img"))
+        .args([
+            "--from-archive",
+            "s3://no-such-bucket-here/x",
+            "--endpoint",
+            &moto.endpoint,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("s3://no-such-bucket-here/x")
+            && stderr.contains("ListObjectsV2")
+            && stderr.contains("NoSuchBucket"),
+        "{stderr}"
+    );
+
     // Damage one segment object: a restore that needs it names it and stops.
     let victim = moto
         .list_keys(BUCKET)

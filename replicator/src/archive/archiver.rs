@@ -119,6 +119,7 @@ struct State {
     cursor: Option<RawCursor>,
     last_base: Instant,
     last_retention: Option<Instant>,
+    last_follow: Option<Instant>,
     expendable: bool,
 }
 
@@ -199,16 +200,26 @@ async fn run(shared: Arc<Shared>, is_primary: IsPrimary) {
         cursor: None,
         last_base: Instant::now(),
         last_retention: None,
+        last_follow: None,
         expendable: false,
     };
     let mut backoff = Duration::from_secs(1);
     while !shared.stopping.load(Ordering::SeqCst) {
         if !is_primary() {
             // A replica does not archive; whoever is primary does. Forget
-            // the index: a takeover starts from the bucket's newest.
+            // the index: a takeover starts from the bucket's newest. Until
+            // then the hold follows what the primary has archived, so this
+            // journal keeps what a takeover would have to archive next.
             state.index = None;
             state.cursor = None;
             shared.status.lock().active = false;
+            if state.last_follow.is_none_or(|t| t.elapsed() >= FOLLOW) {
+                state.last_follow = Some(Instant::now());
+                if let Err(e) = follow(&shared).await {
+                    tracing::debug!(group = %shared.group, error = %e, "cannot read the primary's archive index");
+                }
+                let _ = limit_lag(&shared, &mut state);
+            }
             let _ = tokio::time::timeout(shared.settings.poll, shared.wake.notified()).await;
             continue;
         }
@@ -242,6 +253,28 @@ async fn run(shared: Arc<Shared>, is_primary: IsPrimary) {
             }
         }
     }
+}
+
+/// How often a replica site reads what the primary has archived.
+const FOLLOW: Duration = Duration::from_secs(10);
+
+/// On a replica site: moves the hold to what the group's newest index says
+/// is archived.
+async fn follow(shared: &Arc<Shared>) -> Result<()> {
+    let Some(catalog) = Catalog::load(shared.store.clone(), &shared.group).await? else {
+        return Ok(());
+    };
+    let seq = catalog.index.archived_seq;
+    let journal = shared.journal.clone();
+    tokio::task::spawn_blocking(move || journal.set_hold(HOLD, seq))
+        .await
+        .map_err(blocking_failed)??;
+    let mut status = shared.status.lock();
+    status.archived_seq = seq;
+    status.archived_time = Some(Timestamp::from_nanos(catalog.index.archived_ns));
+    status.bytes = catalog.index.bytes();
+    status.gaps = catalog.index.gaps.len() as u64;
+    Ok(())
 }
 
 /// One round: adopt the bucket's index, make a base version where one is
