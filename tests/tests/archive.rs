@@ -302,3 +302,85 @@ fn the_archive_catches_up_after_its_server_stops_and_names_a_corrupted_object() 
         "the error does not name {key}: {stderr}"
     );
 }
+
+/// Writes `data` at `offset` of the live export; the NBD error (0: none).
+fn write_at(d: &Daemon, volume: &str, offset: u64, data: &[u8]) -> u32 {
+    let mut c = Conn::open(&d.nbd);
+    c.flags();
+    c.go(volume).unwrap();
+    c.request(1, 1, offset, data.len() as u32, data);
+    c.reply(0).unwrap().1
+}
+
+#[test]
+fn after_a_takeover_the_new_primary_continues_the_archive() {
+    let test = "after_a_takeover_the_new_primary_continues_the_archive";
+    let Some(moto) = moto(test) else { return };
+    let archive = format!(
+        "[archive]\nurl = \"s3://{BUCKET}/site-ab\"\nendpoint = \"{}\"\nupload_after = \"1s\"\n",
+        moto.endpoint
+    );
+    let replica = Daemon::with_config(&format!("{}\n{archive}", tidemark_tests::TEST_CONFIG));
+    let mut primary = Daemon::with_config(&format!(
+        "{}\n[replication]\nheartbeat = \"100ms\"\n{archive}",
+        tidemark_tests::TEST_CONFIG
+    ));
+    primary.create_volume("app", "8M", "sync");
+    primary.add_replica("app", &replica.grpc, "sync", &replica.token_file());
+    assert_eq!(write_at(&primary, "app", 0, &[1u8; 1 << 20]), 0);
+    primary.ok(&["tag", "create", "app", "before-takeover"]);
+    assert_eq!(write_at(&primary, "app", 2 << 20, &[2u8; 1 << 20]), 0);
+    let archived = wait_archived(&primary, "app", "the primary's archive")["groups"][0]
+        ["archived_seq"]
+        .as_u64()
+        .unwrap();
+    let before = primary.path("before.img");
+    nbd_to_file(&primary.uri("app@tag:before-takeover"), &before);
+    // The replica site does not archive, but follows what was archived.
+    replica.eventually(30, "the replica to follow the archive", || {
+        let s = replica.json(&["archive", "status", "--json"]);
+        s["groups"][0]["active"] == false
+            && s["groups"][0]["archived_seq"].as_u64() >= Some(archived)
+    });
+
+    primary.kill9();
+    let promoted = replica.json(&["failover", "app", "--json"]);
+    assert_eq!(promoted["epoch"], 1, "{promoted}");
+    assert_eq!(write_at(&replica, "app", 4 << 20, &[3u8; 1 << 20]), 0);
+    replica.ok(&["tag", "create", "app", "after-takeover"]);
+    wait_archived(&replica, "app", "the new primary's archive");
+    let after = replica.path("after.img");
+    nbd_to_file(&replica.uri("app@tag:after-takeover"), &after);
+    let keys = moto.list_keys(BUCKET);
+    assert!(
+        keys.iter()
+            .any(|k| k.ends_with("site-ab/groups/app/index.e0000000000.json"))
+            && keys
+                .iter()
+                .any(|k| k.ends_with("site-ab/groups/app/index.e0000000001.json")),
+        "{keys:?}"
+    );
+    for (at, want) in [
+        ("tag:before-takeover", &before),
+        ("tag:after-takeover", &after),
+    ] {
+        let to = replica.path("restored.img");
+        let out = Command::new(binary())
+            .args(["restore", "app", "--at", at, "--to"])
+            .arg(&to)
+            .args([
+                "--from-archive",
+                &format!("s3://{BUCKET}/site-ab"),
+                "--endpoint",
+                &moto.endpoint,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{at}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(same(&to, want), "restore at {at} differs");
+    }
+}
