@@ -29,7 +29,18 @@ for size in 1G 16G; do
       --size="$size" --io_size=64M --refill_buffers --output=/dev/null
   wait_archived "a2-$size"
 done
-sleep 5
+# Until each group's newest base version is at its newest archived seq:
+# a view then fetches no segments, and what is left is what grows with the
+# volume's size, if anything does.
+for size in 1G 16G; do
+  for _ in $(seq 1 240); do
+    tm archive status --json | python3 -c '
+import json, sys
+g = [g for g in json.load(sys.stdin)["groups"] if g["group"] == sys.argv[1]][0]
+sys.exit(0 if g["base_seq"] >= g["archived_seq"] else 1)' "a2-$size" && break
+    sleep 0.5
+  done
+done
 start_site empty <<<"$(archive)"
 declare -A median
 for size in 1G 16G; do

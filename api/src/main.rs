@@ -5,13 +5,17 @@ use tidemark::cli::args::{Cli, Command};
 use tidemark::config::{Config, Overrides};
 
 fn main() {
-    // Before any thread allocates: freed record buffers go back to the
-    // system instead of piling up in per-thread arenas (see M1).
-    tidemark_journal::return_freed_buffers_to_the_system();
     tidemark::install_tls_provider();
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => {
+            // Before any thread allocates: freed record buffers go back to
+            // the system instead of piling up in per-thread arenas (see
+            // M1). Only the daemon: a client (a restore from the archive)
+            // would pay a page fault per page of every large buffer.
+            tidemark_journal::return_freed_buffers_to_the_system();
+            serve(args)
+        }
         command => {
             quiet_on_closed_stdout();
             client(cli.server, cli.token, cli.ca, command)

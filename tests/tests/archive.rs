@@ -22,11 +22,17 @@ use tidemark_tests::{binary, nbd_to_file, run, Daemon};
 const BUCKET: &str = "tidemark-archive";
 
 fn config(moto: &Moto, prefix: &str) -> String {
+    config_with(moto, prefix, "10M")
+}
+
+/// `segment` sets the journal's segment size: at 64M objects of more than
+/// 16 MiB go up as multipart uploads.
+fn config_with(moto: &Moto, prefix: &str, segment: &str) -> String {
     format!(
         r#"
 log = "info,tidemark_replicator=debug"
 [journal]
-segment_size = "10M"
+segment_size = "{segment}"
 max_record = "1M"
 memory_cache = "32M"
 file_cache = "32M"
@@ -221,12 +227,13 @@ fn the_archive_catches_up_after_its_server_stops_and_names_a_corrupted_object() 
             return;
         }
     }
-    let d = Daemon::with_config(&config(&moto, "site-b"));
+    let d = Daemon::with_config(&config_with(&moto, "site-b", "64M"));
     d.create_volume("db", "32M", "sync");
     let data = d.path("data.bin");
-    let random: Vec<u8> = (0..(24u32 << 20))
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    // Incompressible, so records keep their size and objects pass the
+    // multipart threshold.
+    let mut random = vec![0u8; 24 << 20];
+    rand::Rng::fill(&mut rand::rngs::SmallRng::seed_from_u64(5), &mut random[..]);
     std::fs::write(&data, &random).unwrap();
     run("nbdcopy", &[&data.display().to_string(), &d.uri("db")]);
     // The server stops while segments are going up: writes go on.
@@ -260,6 +267,19 @@ fn the_archive_catches_up_after_its_server_stops_and_names_a_corrupted_object() 
     assert!(
         same(&live, &d.path("latest.img")),
         "the archive lost something"
+    );
+
+    // Objects this large went up as multipart uploads, and restored whole.
+    let segments: Vec<String> = moto
+        .list_keys(BUCKET)
+        .into_iter()
+        .filter(|k| k.starts_with("site-b/") && k.contains("/segments/"))
+        .collect();
+    assert!(
+        segments
+            .iter()
+            .any(|k| moto.get_raw(BUCKET, k).len() > 16 << 20),
+        "no segment object above the multipart threshold: {segments:?}"
     );
 
     // A bucket that is not there: the error names it and the operation.

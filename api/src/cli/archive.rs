@@ -125,6 +125,7 @@ pub fn print_status(s: &pb::ArchiveStatusResponse, json: bool) {
                     "bytes": g.bytes,
                     "objects": g.objects,
                     "gaps": g.gaps,
+                    "base_seq": g.base_seq,
                     "last_error": (!g.last_error.is_empty()).then_some(&g.last_error),
                 })
             })

@@ -535,6 +535,7 @@ impl Tidemark for Service {
                 last_error: s.last_error.unwrap_or_default(),
                 active: s.active,
                 gaps: s.gaps,
+                base_seq: s.base_seq,
             })
             .collect();
         Ok(Response::new(pb::ArchiveStatusResponse {

@@ -89,6 +89,9 @@ pub struct ArchiveStatus {
     pub errors: u64,
     /// Windows the archive lacks.
     pub gaps: u64,
+    /// The seq of the newest base version (a view or restore of a point
+    /// after it needs only the segments from there).
+    pub base_seq: u64,
 }
 
 /// Says whether this site is the group's primary now.
@@ -274,6 +277,7 @@ async fn follow(shared: &Arc<Shared>) -> Result<()> {
     status.archived_time = Some(Timestamp::from_nanos(catalog.index.archived_ns));
     status.bytes = catalog.index.bytes();
     status.gaps = catalog.index.gaps.len() as u64;
+    status.base_seq = catalog.index.bases.last().map(|b| b.seq).unwrap_or(0);
     Ok(())
 }
 
@@ -436,6 +440,7 @@ async fn publish(shared: &Arc<Shared>, state: &mut State) -> Result<()> {
     status.bytes = index.bytes();
     status.objects = (index.segments.len() + index.bases.len() + state.chunks.len() + 1) as u64;
     status.gaps = index.gaps.len() as u64;
+    status.base_seq = index.bases.last().map(|b| b.seq).unwrap_or(0);
     Ok(())
 }
 

@@ -54,14 +54,22 @@ pub struct Catalog {
 
 /// Every group in the archive with the epoch of its newest index.
 pub async fn groups(store: &dyn ObjectStore) -> Result<Vec<(String, u64)>> {
-    let mut newest: std::collections::BTreeMap<String, u64> = Default::default();
-    for object in store.list("groups/").await? {
-        if let Some((group, epoch)) = layout::parse_index_key(&object.key) {
-            let e = newest.entry(group).or_insert(epoch);
-            *e = (*e).max(epoch);
+    let mut out = Vec::new();
+    // One listing per group of its index keys, never of all its chunks.
+    for group in store.list_dirs("groups/").await? {
+        let prefix = format!("{}index.e", layout::group_prefix(&group));
+        let newest = store
+            .list(&prefix)
+            .await?
+            .iter()
+            .filter_map(|o| layout::parse_index_key(&o.key))
+            .map(|(_, epoch)| epoch)
+            .max();
+        if let Some(epoch) = newest {
+            out.push((group, epoch));
         }
     }
-    Ok(newest.into_iter().collect())
+    Ok(out)
 }
 
 impl Catalog {
@@ -337,10 +345,16 @@ impl Catalog {
     }
 
     /// Chunk `hash` of the group, fetched and verified.
-    pub async fn chunk(&self, hash: &str) -> Result<Vec<u8>> {
+    pub async fn chunk(&self, hash: &str) -> Result<Bytes> {
         let key = layout::chunk_key(&self.index.group, hash);
         let bytes = self.store.get(&key).await?;
-        layout::decode_chunk(&key, hash, &bytes).map_err(|e| locate(e, self.store.as_ref()))
+        // Checksums and hashing off the runtime's few threads, which keep
+        // the other downloads moving meanwhile.
+        let hash = hash.to_string();
+        let checked = tokio::task::spawn_blocking(move || layout::decode_chunk(&key, &hash, bytes))
+            .await
+            .map_err(|e| ArchiveError::Invalid(format!("archive task failed: {e}")))?;
+        checked.map_err(|e| locate(e, self.store.as_ref()))
     }
 }
 

@@ -207,33 +207,35 @@ pub fn encode_chunk(data: &[u8]) -> Bytes {
 }
 
 /// Unframes chunk `key` and checks that its bytes hash to `hash`.
-pub fn decode_chunk(key: &str, hash: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+pub fn decode_chunk(key: &str, hash: &str, bytes: Bytes) -> Result<Bytes> {
     if bytes.len() < CHUNK_HEADER_LEN || &bytes[..8] != CHUNK_MAGIC {
         return Err(corrupt(key, "not a tidemark chunk object"));
     }
-    let version = le_u32(bytes, 8);
+    let version = le_u32(&bytes, 8);
     if version != VERSION {
         return Err(corrupt(
             key,
             format!("format version {version}, this build reads {VERSION}"),
         ));
     }
-    let flags = le_u32(bytes, 12);
-    let raw_len = le_u64(bytes, 16);
-    let stored_len = le_u32(bytes, 24) as usize;
+    let flags = le_u32(&bytes, 12);
+    let raw_len = le_u64(&bytes, 16);
+    let stored_len = le_u32(&bytes, 24) as usize;
     let stored = &bytes[CHUNK_HEADER_LEN..];
     if stored.len() != stored_len || raw_len > CHUNK_SIZE {
         return Err(corrupt(key, "length fields do not match the object"));
     }
     let crc = crc32c::crc32c_append(crc32c::crc32c(stored), &bytes[..28]);
-    if crc != le_u32(bytes, 28) {
+    if crc != le_u32(&bytes, 28) {
         return Err(corrupt(key, "fails its CRC32C"));
     }
     let data = if flags & 1 != 0 {
-        lz4_flex::block::decompress(stored, raw_len as usize)
-            .map_err(|e| corrupt(key, format!("does not decompress: {e}")))?
+        Bytes::from(
+            lz4_flex::block::decompress(stored, raw_len as usize)
+                .map_err(|e| corrupt(key, format!("does not decompress: {e}")))?,
+        )
     } else {
-        stored.to_vec()
+        bytes.slice(CHUNK_HEADER_LEN..)
     };
     if data.len() as u64 != raw_len || chunk_hash(&data) != hash {
         return Err(corrupt(key, "its bytes do not hash to its name"));
@@ -318,11 +320,11 @@ mod tests {
         let hash = chunk_hash(&data);
         let chunk = encode_chunk(&data);
         assert!(chunk.len() < data.len());
-        assert_eq!(decode_chunk("c", &hash, &chunk).unwrap(), data);
+        assert_eq!(decode_chunk("c", &hash, chunk.clone()).unwrap(), data);
         let mut bad = chunk.to_vec();
         let n = bad.len();
         bad[n - 1] ^= 1;
-        assert!(decode_chunk("c", &hash, &bad).is_err());
+        assert!(decode_chunk("c", &hash, Bytes::from(bad)).is_err());
 
         let doc = encode_document("t", &vec![1u64, 2]);
         assert_eq!(

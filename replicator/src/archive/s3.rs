@@ -242,6 +242,40 @@ impl ObjectStore for S3Store {
         Ok(out)
     }
 
+    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>> {
+        let full = self.full_key(prefix);
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .delimiter("/")
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| self.failed("ListObjectsV2", prefix, e))?;
+            for common in page.common_prefixes() {
+                if let Some(name) = common
+                    .prefix()
+                    .and_then(|p| p.strip_prefix(&full))
+                    .map(|p| p.trim_end_matches('/'))
+                    .filter(|p| !p.is_empty())
+                {
+                    out.push(name.to_string());
+                }
+            }
+            token = page.next_continuation_token().map(str::to_string);
+            if token.is_none() || page.is_truncated() != Some(true) {
+                break;
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         self.client
             .delete_object()

@@ -39,6 +39,9 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     async fn get(&self, key: &str) -> Result<Bytes>;
     /// Every object whose key starts with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
+    /// The names of the "directories" right below `prefix` (which ends
+    /// in `/`): the next path component of every key under it.
+    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>>;
     /// Deletes `key` (no error when it is already gone).
     async fn delete(&self, key: &str) -> Result<()>;
 }
@@ -168,6 +171,23 @@ impl ObjectStore for LocalStore {
         Ok(out)
     }
 
+    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>> {
+        let dir = self.root.join(prefix.trim_end_matches('/'));
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(self.failed("list", prefix, e)),
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                out.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
         match tokio::task::block_in_place(|| std::fs::remove_file(&path)) {
@@ -248,6 +268,10 @@ impl ObjectStore for FaultyStore {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         self.check("list", prefix, false)?;
         self.inner.list(prefix).await
+    }
+    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>> {
+        self.check("list", prefix, false)?;
+        self.inner.list_dirs(prefix).await
     }
     async fn delete(&self, key: &str) -> Result<()> {
         self.check("delete", key, false)?;

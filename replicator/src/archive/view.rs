@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::apply::{effects, Effect};
@@ -74,19 +75,19 @@ impl Extents {
 #[derive(Debug)]
 struct ChunkCache {
     capacity: usize,
-    chunks: HashMap<usize, Arc<Vec<u8>>>,
+    chunks: HashMap<usize, Bytes>,
     order: VecDeque<usize>,
 }
 
 impl ChunkCache {
-    fn get(&mut self, n: usize) -> Option<Arc<Vec<u8>>> {
+    fn get(&mut self, n: usize) -> Option<Bytes> {
         let chunk = self.chunks.get(&n)?.clone();
         self.order.retain(|&m| m != n);
         self.order.push_back(n);
         Some(chunk)
     }
 
-    fn put(&mut self, n: usize, chunk: Arc<Vec<u8>>) {
+    fn put(&mut self, n: usize, chunk: Bytes) {
         if self.chunks.insert(n, chunk).is_none() {
             self.order.push_back(n);
         }
@@ -224,7 +225,7 @@ impl ArchiveView {
         &self.catalog.index.group
     }
 
-    fn chunk(&self, n: usize) -> Result<Option<Arc<Vec<u8>>>> {
+    fn chunk(&self, n: usize) -> Result<Option<Bytes>> {
         let Some(Some(hash)) = self.chunks.get(n) else {
             return Ok(None);
         };
@@ -232,7 +233,7 @@ impl ArchiveView {
             return Ok(Some(chunk));
         }
         // Blocking: reads come from a blocking thread of the runtime.
-        let data = Arc::new(self.runtime.block_on(self.catalog.chunk(hash))?);
+        let data = self.runtime.block_on(self.catalog.chunk(hash))?;
         self.fetched.fetch_add(1, Ordering::Relaxed);
         self.cache.lock().put(n, data.clone());
         Ok(Some(data))
