@@ -35,17 +35,21 @@ if ! "$bin" volume show demo >/dev/null 2>&1; then
   "$bin" volume create demo --size "${TIDEMARK_DEMO_SIZE:-1G}" --mode sync
 fi
 nbd=$("$bin" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nbd"])')
+http=$(sed -n 's/^http *= *"\(.*\)"/\1/p' "$config" | head -1)
+token=$(cat tidemark-data/api.token 2>/dev/null || true)
 
 cat <<TEXT
 
 tidemark is running; the volume "demo" is protected.
 
+  console:  http://${http:-127.0.0.1:7701}/?token=$token
+            (open it in a browser: it logs you in with the daemon's token)
   NBD:      nbd://$nbd/demo            (live volume: every write is journalled)
   points:   nbd://$nbd/demo@latest     (read-only; also demo@-5m, demo@tag:NAME, demo@1234)
   CLI:      $bin --help
   token:    $PWD/tidemark-data/api.token   (the CLI reads it from ./tidemark-data when run here;
             elsewhere: export TIDEMARK_TOKEN_FILE=$PWD/tidemark-data/api.token)
-  metrics:  http://127.0.0.1:7701/metrics
+  metrics:  http://${http:-127.0.0.1:7701}/metrics
 
 Try:
   nbdinfo nbd://$nbd/demo

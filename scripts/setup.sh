@@ -7,8 +7,9 @@ set -euo pipefail
 # Debian packages: libclang-dev (bindgen for RocksDB), protobuf-compiler
 # (tonic), and the tools the tests and benches drive (etcd-server: the
 # failover witness the tests start on their own ports; python3-venv: the
-# virtual environment for moto, below).
-TIDEMARK_PACKAGES=(libclang-dev protobuf-compiler fio libnbd-bin nbdkit e2fsprogs qemu-utils util-linux mount python3 python3-venv openssl etcd-server)
+# virtual environment for moto, below; chromium and chromium-driver: the
+# console's browser tests).
+TIDEMARK_PACKAGES=(libclang-dev protobuf-compiler fio libnbd-bin nbdkit e2fsprogs qemu-utils util-linux mount python3 python3-venv openssl curl etcd-server chromium chromium-driver)
 
 missing=()
 for pkg in "${TIDEMARK_PACKAGES[@]}"; do

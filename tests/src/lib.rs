@@ -8,10 +8,12 @@
 //! or kernel feature the machine lacks call [`require`] and skip with a
 //! printed reason. [`proxy::Proxy`] stands between two sites and breaks
 //! their link on demand; [`etcd::Etcd`] and [`s3::Moto`] are real etcd and
-//! S3-compatible servers on their own ports.
+//! S3-compatible servers on their own ports; [`browser::Browser`] is a
+//! headless Chromium for the console.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+pub mod browser;
 pub mod etcd;
 pub mod ext4;
 pub mod proxy;
@@ -95,6 +97,33 @@ memory_cache = "64M"
 file_cache = "64M"
 sync_timeout = "20s"
 "#;
+
+/// A reply to [`Daemon::http`].
+#[derive(Debug)]
+pub struct HttpReply {
+    /// The status code.
+    pub status: u32,
+    /// Header names (lower case) and values.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The first header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
+    }
+}
 
 /// A running `tidemark serve`.
 #[derive(Debug)]
@@ -187,7 +216,11 @@ impl Daemon {
         };
         self.nbd = field("nbd://");
         self.grpc = field("grpc=");
-        self.http = field("http=http://");
+        // HOST:PORT; https:// when TLS is configured.
+        let http = field("http=");
+        self.http = http
+            .split_once("://")
+            .map_or(http.clone(), |(_, addr)| addr.to_string());
         self.child = Some(child);
     }
 
@@ -351,6 +384,46 @@ impl Daemon {
             .map(|(_, b)| b.to_string())
             .unwrap_or_default();
         (code, body)
+    }
+
+    /// `METHOD path` on the HTTP address with extra `headers` and `body`
+    /// (HTTP/1.0, so the reply is never chunked).
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> HttpReply {
+        let mut stream = std::net::TcpStream::connect(&self.http).expect("connect http");
+        let mut request = format!(
+            "{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Length: {}\r\n",
+            self.http,
+            body.len()
+        );
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
+        stream.write_all(request.as_bytes()).expect("send");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut text).expect("read");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        HttpReply {
+            status,
+            headers: lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect(),
+            body: body.to_string(),
+        }
     }
 
     /// True while the daemon answers `/healthz`.

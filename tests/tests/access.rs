@@ -284,4 +284,47 @@ fn with_a_certificate_the_api_speaks_tls() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no API token"));
+
+    // The HTTP address (console, JSON API, metrics) speaks TLS too, and
+    // the session cookie is then marked Secure.
+    if tidemark_tests::require("curl", "the console's TLS check") {
+        let curl = |args: &[&str]| {
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "--max-time",
+                    "10",
+                    "--cacert",
+                    &cert.display().to_string(),
+                ])
+                .args(args)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(curl(&[&format!("https://{}/healthz", d.http)]), "ok\n");
+        let headers = curl(&[
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            &format!("https://{}/?token={}", d.http, d.token()),
+        ]);
+        assert!(headers.contains("303"), "{headers}");
+        assert!(headers.to_ascii_lowercase().contains("secure"), "{headers}");
+        let plain = Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "5",
+                &format!("http://{}/healthz", d.http),
+            ])
+            .output()
+            .unwrap();
+        assert_ne!(
+            String::from_utf8_lossy(&plain.stdout),
+            "ok\n",
+            "plain HTTP to a TLS address"
+        );
+    }
 }

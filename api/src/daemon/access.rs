@@ -78,7 +78,7 @@ impl Token {
 
     /// True if `presented` is this token. The comparison takes as long
     /// whatever the bytes, so timing says nothing about the secret.
-    fn matches(&self, presented: &[u8]) -> bool {
+    pub fn matches(&self, presented: &[u8]) -> bool {
         let secret = self.secret.as_bytes();
         presented.len() == secret.len()
             && presented

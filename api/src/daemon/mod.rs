@@ -14,13 +14,14 @@
 //!   the bucket (the work is `tidemark-replicator`'s `archive`).
 //! - [`replication`] — the replicas this site ships to, and the groups it
 //!   keeps as another site's replica (the work is `tidemark-replicator`'s).
-//! - [`grpc`], [`http`], [`metrics`] — the API surfaces; [`access`] — the
-//!   API token and TLS.
+//! - [`grpc`], [`http`], [`metrics`] — the API surfaces; [`console`] — the
+//!   web console and its JSON API; [`access`] — the API token and TLS.
 //! - [`error`] — errors as clients see them.
 
 pub mod access;
 pub mod archive;
 pub mod catalog;
+pub mod console;
 pub mod error;
 pub mod exports;
 pub mod failover;
@@ -187,8 +188,16 @@ async fn run(config: Config) -> Result<(), String> {
     };
     let http_task = {
         let mut stop = stop_rx.clone();
-        let router = http::router(daemon.clone());
+        let tls = match &config.tls {
+            Some((cert, key)) => Some(http::tls_acceptor(cert, key)?),
+            None => None,
+        };
+        let router = http::router(daemon.clone(), token.clone(), tls.is_some());
         tokio::spawn(async move {
+            if let Some(acceptor) = tls {
+                http::serve_tls(http, router, acceptor, stop).await;
+                return;
+            }
             let result = axum::serve(http, router)
                 .with_graceful_shutdown(async move {
                     let _ = stop.changed().await;
@@ -219,7 +228,7 @@ async fn run(config: Config) -> Result<(), String> {
     tracing::info!(nbd = %nbd_addr, grpc = %grpc_addr, http = %http_addr, data_dir = %config.data_dir.display(), token = %token.path.display(), tls = tls.is_some(), "tidemark serving");
     // One line on stdout for people and scripts, whatever the log level.
     println!(
-        "tidemark serving: nbd://{nbd_addr} grpc={scheme}://{grpc_addr} http=http://{http_addr} data={} token={}",
+        "tidemark serving: nbd://{nbd_addr} grpc={scheme}://{grpc_addr} http={scheme}://{http_addr} data={} token={}",
         config.data_dir.display(),
         token.path.display()
     );

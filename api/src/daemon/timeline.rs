@@ -139,3 +139,99 @@ pub fn timeline(
     entries.sort_by_key(|e| e.seq);
     Ok((history.horizon_seq, history.newest_seq, entries))
 }
+
+/// How busy a volume's group was: records written in each of `buckets`
+/// equal slices of `[from, to]` (clamped to the retained history), found
+/// from the journal's time index with one lookup per slice edge, so the
+/// cost does not grow with the number of records.
+pub fn activity(
+    volume: &Volume,
+    from: Option<Timestamp>,
+    to: Option<Timestamp>,
+    buckets: u32,
+) -> ApiResult<Vec<(Timestamp, u64)>> {
+    let journal = volume.journal();
+    let history = journal.history();
+    let from = from.map_or(history.horizon_time, |t| t.max(history.horizon_time));
+    let to = to.unwrap_or_else(Timestamp::now).max(from);
+    let buckets = i64::from(buckets.clamp(1, 2000));
+    let span = to.as_nanos() - from.as_nanos();
+    let edge = |i: i64| {
+        Timestamp::from_nanos(
+            from.as_nanos() + (i128::from(span) * i128::from(i) / i128::from(buckets)) as i64,
+        )
+    };
+    let seq_at = |t: Timestamp| -> ApiResult<Seq> {
+        if t >= history.newest_time {
+            return Ok(history.newest_seq);
+        }
+        Ok(journal.resolve(&volume.name, tidemark_journal::Point::Time(t))?)
+    };
+    let mut out = Vec::with_capacity(buckets as usize);
+    let mut before = seq_at(from)?;
+    for i in 1..=buckets {
+        let after = seq_at(edge(i))?;
+        out.push((edge(i - 1), after.saturating_sub(before)));
+        before = after;
+    }
+    Ok(out)
+}
+
+/// The newest flush point of `volume` at or before `seq`: where the
+/// volume's own filesystem or database last made its state durable, the
+/// crash-consistent point to snap a chosen moment to. Looks back in
+/// growing windows, so a busy volume costs a few small scans.
+pub fn flush_at_or_before(volume: &Volume, seq: Seq) -> ApiResult<Option<(Seq, Timestamp)>> {
+    let journal = volume.journal();
+    let horizon = journal.history().horizon_seq;
+    let id = volume.id()?;
+    let mut window: Seq = 1024;
+    let mut to = seq;
+    loop {
+        let from = to.saturating_sub(window).max(horizon);
+        let found = journal
+            .events(id, from, to)?
+            .into_iter()
+            .filter(|e| e.kind == RecordKind::Flush)
+            .map(|e| (e.seq, e.time))
+            .next_back();
+        if found.is_some() || from <= horizon {
+            return Ok(found);
+        }
+        to = from.saturating_sub(1);
+        window = window.saturating_mul(8);
+    }
+}
+
+/// Each flush point of `volume` written between two moments, at most
+/// `limit` of them (and whether there were more): what the console draws
+/// when zoomed in far enough to tell them apart.
+pub fn flushes_between(
+    volume: &Volume,
+    from: Timestamp,
+    to: Timestamp,
+    limit: usize,
+) -> ApiResult<(Vec<(Seq, Timestamp)>, bool)> {
+    let journal = volume.journal();
+    let history = journal.history();
+    let seq_at = |t: Timestamp| -> ApiResult<Seq> {
+        if t < history.horizon_time {
+            return Ok(history.horizon_seq);
+        }
+        if t >= history.newest_time {
+            return Ok(history.newest_seq);
+        }
+        Ok(journal.resolve(&volume.name, tidemark_journal::Point::Time(t))?)
+    };
+    let (first, last) = (seq_at(from)?, seq_at(to)?);
+    let mut out: Vec<(Seq, Timestamp)> = journal
+        .events(volume.id()?, first, last)?
+        .into_iter()
+        .filter(|e| e.kind == RecordKind::Flush && e.time >= from && e.time <= to)
+        .map(|e| (e.seq, e.time))
+        .take(limit + 1)
+        .collect();
+    let more = out.len() > limit;
+    out.truncate(limit);
+    Ok((out, more))
+}
