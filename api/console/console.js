@@ -10,6 +10,8 @@ const $ = (id) => document.getElementById(id);
 const POLL_MS = 2000;
 // Above this the replica's lag is an RPO alert.
 const RPO_ALERT_SECONDS = 60;
+// The overview shows journal and cache use of up to this many volumes.
+const DETAILS_FOR = 50;
 
 const state = {
   status: null,
@@ -18,6 +20,7 @@ const state = {
   jobs: [],
   volume: null, // the chosen volume's name
   detail: null,
+  details: new Map(), // volume -> its detail, for the overview
   timeline: null,
   timelineKey: "",
   chosen: null, // { at, seq, t, point, snapped, flush }
@@ -77,6 +80,12 @@ async function refreshOverview() {
     api.jobs().catch(() => []),
   ]);
   state.status = status;
+  // Journal size and cache use per volume, for a page of volumes; beyond
+  // that only the chosen one's (a request each would be too many).
+  const names = (status.volumes || []).map((v) => v.name);
+  const shown = names.length <= DETAILS_FOR ? names : names.filter((n) => n === state.volume);
+  const details = await Promise.all(shown.map((n) => api.volume(n).catch(() => null)));
+  state.details = new Map(shown.map((n, i) => [n, details[i]]));
   state.replicas = replicas.replicas || [];
   state.archive = archive;
   state.jobs = jobs;
@@ -102,7 +111,7 @@ function renderVolumes() {
     ...volumes.map((v) => {
       const r = replicaOf(v.name);
       const a = archiveOf(v.group);
-      const d = state.volume === v.name ? state.detail : null;
+      const d = (state.volume === v.name && state.detail) || state.details.get(v.name) || null;
       const cache = d && d.cache ? `${bytes(d.cache.memory_bytes)} / ${bytes(d.cache.file_bytes)}` : "—";
       const mode = v.mode === v.effective_mode || !v.effective_mode ? v.mode : `${v.mode} (now ${v.effective_mode})`;
       return el(

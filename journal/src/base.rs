@@ -27,6 +27,11 @@ pub fn base_path(dir: &Path, id: VolumeId) -> PathBuf {
 }
 
 impl BaseImage {
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Creates an all-zero (sparse) base image for a new volume.
     pub fn create(fs: &dyn Fs, dir: &Path, volume: &VolumeInfo) -> Result<Self> {
         let path = base_path(dir, volume.id);
@@ -116,4 +121,48 @@ impl BaseImage {
             .sync_data()
             .map_err(|e| Error::io("fsync base image", &self.path, e))
     }
+}
+
+/// The ranges of `[from, to)` of the file at `path` that hold data, as
+/// the filesystem reports them (`SEEK_DATA` / `SEEK_HOLE`), merged and
+/// ascending. A file whose filesystem cannot tell (or a block device) is
+/// all data: the answer may claim data where there is none, never the
+/// reverse.
+pub fn data_spans(path: &Path, from: u64, to: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::File::open(path)?;
+    let fd = file.as_raw_fd();
+    let seek = |offset: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        let offset = libc::off_t::try_from(offset).unwrap_or(libc::off_t::MAX);
+        // SAFETY: lseek on a descriptor this function owns; no memory is
+        // passed.
+        let at = unsafe { libc::lseek(fd, offset, whence) };
+        if at >= 0 {
+            return Ok(Some(at as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // No data at or after `offset`.
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    };
+    let mut spans = Vec::new();
+    let mut at = from;
+    while at < to {
+        let data = match seek(at, libc::SEEK_DATA) {
+            Ok(Some(data)) => data,
+            Ok(None) => break,
+            // The filesystem or device cannot say: all data.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(vec![(from, to)]),
+            Err(e) => return Err(e),
+        };
+        if data >= to {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(to).min(to);
+        spans.push((data, hole));
+        at = hole.max(data + 1);
+    }
+    Ok(spans)
 }

@@ -1327,6 +1327,30 @@ impl Journal {
         )
     }
 
+    /// The byte ranges of `volume` that may hold data at some retained
+    /// point — what its base image has allocated and what any retained
+    /// record wrote — as `(start, end)`, ascending, possibly overlapping.
+    /// Everything outside them reads as zeroes at every retained point:
+    /// what NBD's `base:allocation` reports for a point. Retries if
+    /// retention folds while it looks, so no range falls between the
+    /// base image read before the fold and the index read after it.
+    pub fn written_extents(&self, volume: &str) -> Result<Vec<(u64, u64)>> {
+        let info = self.volume(volume)?;
+        let path = self.shared().base(info.id)?.path().to_path_buf();
+        loop {
+            let horizon = self.history().horizon_seq;
+            let mut spans = crate::base::data_spans(&path, 0, info.size)
+                .map_err(|e| Error::io("find the data in base image", &path, e))?;
+            for span in self.changed_since(volume, horizon)? {
+                let (offset, length) = span?;
+                spans.push((offset, offset + length));
+            }
+            if self.history().horizon_seq == horizon {
+                return Ok(spans);
+            }
+        }
+    }
+
     /// Tag `name` of `volume`.
     pub fn tag(&self, volume: VolumeId, name: &str) -> Result<Option<StoredTag>> {
         self.shared().index.tag(volume, name)

@@ -20,6 +20,7 @@ use tidemark_journal::{Point, Seq};
 use tidemark_replicator::archive::ArchiveView;
 
 use super::error::{ApiError, ApiResult};
+use super::extents::Extents;
 use super::registry::{Volume, WriterGuard};
 
 /// Prefix of the journal holds that exports place.
@@ -58,6 +59,8 @@ pub struct Export {
     volume: Option<Arc<Volume>>,
     target: Target,
     hold: Option<String>,
+    /// For a point: the ranges that may hold data, found once.
+    written: std::sync::OnceLock<Extents>,
 }
 
 impl Export {
@@ -77,6 +80,7 @@ impl Export {
             target,
             volume: Some(volume),
             hold: None,
+            written: Default::default(),
         })
     }
 
@@ -89,6 +93,7 @@ impl Export {
             volume: None,
             target: Target::Archive(view),
             hold: None,
+            written: Default::default(),
         })
     }
 
@@ -122,6 +127,7 @@ impl Export {
             volume: Some(volume),
             target,
             hold: Some(hold),
+            written: Default::default(),
         }))
     }
 
@@ -191,11 +197,94 @@ impl Export {
     }
 
     fn read_point(&self, seq: Seq, offset: u64, buf: &mut [u8]) -> ApiResult<()> {
+        // What no retained record wrote and the base image does not hold
+        // reads as zeroes: no index walk for it. The map is made by the
+        // first block-status request (copy tools ask before they read);
+        // a first read never waits for it, so the first byte stays quick.
+        if let Some(written) = self.written.get() {
+            if !written.overlaps(offset, buf.len() as u64) {
+                buf.fill(0);
+                return Ok(());
+            }
+        }
         let volume = self.local()?;
         volume
             .journal()
             .read(&volume.name, offset, buf, Point::Seq(seq))?;
         Ok(())
+    }
+
+    /// The ranges of a point's volume that may hold data (found once per
+    /// export: a point does not change).
+    fn written_extents(&self) -> ApiResult<&Extents> {
+        if let Some(extents) = self.written.get() {
+            return Ok(extents);
+        }
+        let volume = self.local()?;
+        let spans = volume.journal().written_extents(&volume.name)?;
+        Ok(self
+            .written
+            .get_or_init(|| Extents::from_spans(spans, self.size)))
+    }
+
+    /// NBD's `base:allocation` of `[offset, offset + len)`: runs of
+    /// `(length, may hold data)`, covering it exactly (only the first if
+    /// `one`). A run said to be a hole reads as zeroes; the reverse need
+    /// not hold.
+    pub fn allocation(&self, offset: u64, len: u64, one: bool) -> ApiResult<Vec<(u64, bool)>> {
+        self.check(offset, len)?;
+        match &self.target {
+            Target::Live { .. } => {
+                // The production volume holds every acknowledged write
+                // (live reads come from it too): its holes are the
+                // volume's.
+                let path = self.local()?.spec.lock().backing.clone();
+                let spans = tidemark_journal::base::data_spans(&path, offset, offset + len)
+                    .map_err(|e| {
+                        ApiError::Failed(format!(
+                            "export {}: cannot map the production volume {}: {e}",
+                            self.name,
+                            path.display()
+                        ))
+                    })?;
+                Ok(Extents::from_spans(spans, self.size).describe(offset, len, one))
+            }
+            Target::Point { .. } => Ok(self.written_extents()?.describe(offset, len, one)),
+            // An overlay's writes, a replica's moving newest point, a point
+            // in the archive: all data, never wrong, only slower to copy.
+            _ => Ok(Extents::from_spans([(offset, offset + len)], self.size)
+                .describe(offset, len, one)),
+        }
+    }
+
+    /// The ranges that changed after `since` (up to the newest record, a
+    /// superset of the changes up to a point export's own seq): what an
+    /// incremental copy from `since` must take. Refused if retention has
+    /// folded `since` away, as its changes are no longer told apart.
+    pub fn changed_since(&self, since: Seq) -> ApiResult<Extents> {
+        let volume = self.local()?;
+        let journal = volume.journal();
+        if let Some(seq) = self.seq() {
+            if since > seq {
+                return Err(ApiError::Invalid(format!(
+                    "export {}: seq {since} is after the export's own point (seq {seq})",
+                    self.name
+                )));
+            }
+        }
+        let mut spans = Vec::new();
+        for span in journal.changed_since(&volume.name, since)? {
+            let (offset, length) = span?;
+            spans.push((offset, offset + length));
+        }
+        let horizon = journal.history().horizon_seq;
+        if horizon > since {
+            return Err(ApiError::OutOfRange(format!(
+                "volume {}: seq {since} is before the horizon (seq {horizon}): the changes since then were folded into the base image",
+                volume.name
+            )));
+        }
+        Ok(Extents::from_spans(spans, self.size))
     }
 
     /// Reads `buf.len()` bytes at `offset`.

@@ -5,7 +5,8 @@
 //!
 //! - [`registry`] — groups, volumes and the operations on them.
 //! - [`catalog`] — the persistent list of volumes.
-//! - [`exports`] — live, point-in-time and overlay exports.
+//! - [`exports`] — live, point-in-time and overlay exports; [`extents`] —
+//!   what is allocated or changed in them, as NBD block status tells it.
 //! - [`tags`], [`timeline`] — tags and the timeline; [`tagging_host`] —
 //!   the daemon as host of the tagger (time policies, log rules, hooks,
 //!   anomaly detection, verification: `tidemark-tagging`).
@@ -24,6 +25,7 @@ pub mod catalog;
 pub mod console;
 pub mod error;
 pub mod exports;
+pub mod extents;
 pub mod failover;
 pub mod grpc;
 pub mod http;

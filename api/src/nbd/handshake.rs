@@ -1,4 +1,6 @@
-//! Option negotiation (fixed newstyle).
+//! Option negotiation (fixed newstyle), structured replies and the
+//! metadata contexts `CMD_BLOCK_STATUS` answers for: `base:allocation`
+//! and tidemark's `tidemark:changed:POINT`.
 
 use std::sync::Arc;
 
@@ -9,6 +11,74 @@ use super::wire;
 use crate::daemon::error::ApiError;
 use crate::daemon::exports::Export;
 use crate::daemon::Daemon;
+use crate::point_spec::PointSpec;
+use tidemark_journal::Seq;
+
+/// A metadata context the client selected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Context {
+    /// `base:allocation`: holes and data.
+    Allocation,
+    /// `tidemark:changed:POINT`: what changed after `since` (POINT's seq).
+    Changed {
+        /// The seq POINT resolved to.
+        since: Seq,
+    },
+}
+
+/// What the client and the server agreed beside the export.
+#[derive(Clone, Debug, Default)]
+pub struct Agreed {
+    /// Structured replies (`NBD_OPT_STRUCTURED_REPLY`).
+    pub structured: bool,
+    /// The selected metadata contexts with the ids they were given.
+    pub contexts: Vec<(u32, Context)>,
+}
+
+/// The contexts `queries` name for `export`, with their names; a query
+/// that names none (unknown, or a point that cannot be used) selects
+/// nothing, as the protocol wants. No queries: every context that needs
+/// no argument.
+async fn match_contexts(
+    daemon: &Arc<Daemon>,
+    export: &Arc<Export>,
+    queries: Vec<String>,
+) -> Vec<(String, Context)> {
+    if queries.is_empty() {
+        return vec![(CONTEXT_ALLOCATION.to_string(), Context::Allocation)];
+    }
+    let mut out = Vec::new();
+    for query in queries {
+        if query == CONTEXT_ALLOCATION || query == "base:" {
+            out.push((CONTEXT_ALLOCATION.to_string(), Context::Allocation));
+            continue;
+        }
+        let Some(point) = query.strip_prefix(CONTEXT_CHANGED_PREFIX) else {
+            continue;
+        };
+        let Ok(spec) = PointSpec::parse(point) else {
+            tracing::debug!(query, "nbd: metadata context with a malformed point");
+            continue;
+        };
+        let (registry, volume, bound) = (
+            daemon.registry.clone(),
+            export.volume_name.clone(),
+            export.seq(),
+        );
+        let resolved = tokio::task::spawn_blocking(move || {
+            let v = registry.volume(&volume)?;
+            registry.resolve(&v, &spec)
+        })
+        .await;
+        match resolved {
+            Ok(Ok(since)) if bound.is_none_or(|seq| since <= seq) => {
+                out.push((query.clone(), Context::Changed { since }));
+            }
+            other => tracing::debug!(query, ?other, "nbd: metadata context not selected"),
+        }
+    }
+    out
+}
 
 /// Why a handshake ended without an export.
 #[derive(Debug, thiserror::Error)]
@@ -64,12 +134,13 @@ async fn open(daemon: &Arc<Daemon>, name: String) -> Result<Arc<Export>, ApiErro
         .map_err(|e| ApiError::Failed(format!("export lookup failed: {e}")))?
 }
 
-/// Negotiates until the client picks an export (`Some`) or leaves (`None`).
+/// Negotiates until the client picks an export (`Some`, with what else
+/// was agreed) or leaves (`None`).
 pub async fn negotiate<R, W>(
     r: &mut R,
     w: &mut W,
     daemon: &Arc<Daemon>,
-) -> Result<Option<Arc<Export>>, HandshakeError>
+) -> Result<Option<(Arc<Export>, Agreed)>, HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -81,6 +152,9 @@ where
     let client_flags = r.read_u32().await?;
     let no_zeroes =
         wire::decode_client_flags(client_flags).map_err(|e| HandshakeError::Malformed(e.0))?;
+    let mut agreed = Agreed::default();
+    // The export the selected contexts belong to.
+    let mut contexts_for = String::new();
     loop {
         let mut head = [0u8; 16];
         r.read_exact(&mut head).await?;
@@ -104,7 +178,7 @@ where
                     open(daemon, name.clone())
                         .await
                         .map_err(|e| HandshakeError::Refused {
-                            name,
+                            name: name.clone(),
                             reason: e.to_string(),
                         })?;
                 w.write_u64(export.size()).await?;
@@ -113,7 +187,59 @@ where
                     w.write_all(&[0u8; 124]).await?;
                 }
                 w.flush().await?;
-                return Ok(Some(export));
+                if contexts_for != name {
+                    agreed.contexts.clear();
+                }
+                return Ok(Some((export, agreed)));
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    reply(w, option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY carries no data").await?;
+                } else {
+                    agreed.structured = true;
+                    reply(w, option, REP_ACK, &[]).await?;
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let Some((name, queries)) = wire::decode_meta_context_request(&data) else {
+                    reply(w, option, REP_ERR_INVALID, b"malformed metadata context request").await?;
+                    continue;
+                };
+                if option == OPT_SET_META_CONTEXT && !agreed.structured {
+                    reply(
+                        w,
+                        option,
+                        REP_ERR_INVALID,
+                        b"metadata contexts need structured replies (NBD_OPT_STRUCTURED_REPLY) first",
+                    )
+                    .await?;
+                    continue;
+                }
+                let export = match open(daemon, name.clone()).await {
+                    Ok(export) => export,
+                    Err(e) => {
+                        reply(w, option, REP_ERR_UNKNOWN, e.to_string().as_bytes()).await?;
+                        continue;
+                    }
+                };
+                let matched = match_contexts(daemon, &export, queries).await;
+                // The export opened to check the queries: let it go off
+                // the event loop (a view's hold is released with an fsync).
+                let _ = tokio::task::spawn_blocking(move || drop(export)).await;
+                if option == OPT_SET_META_CONTEXT {
+                    agreed.contexts.clear();
+                    contexts_for = name;
+                }
+                for (i, (context_name, context)) in matched.into_iter().enumerate() {
+                    let id = i as u32 + 1;
+                    let mut body = id.to_be_bytes().to_vec();
+                    body.extend_from_slice(context_name.as_bytes());
+                    reply(w, option, REP_META_CONTEXT, &body).await?;
+                    if option == OPT_SET_META_CONTEXT {
+                        agreed.contexts.push((id, context));
+                    }
+                }
+                reply(w, option, REP_ACK, &[]).await?;
             }
             OPT_ABORT => {
                 reply(w, option, REP_ACK, &[]).await?;
@@ -186,7 +312,10 @@ where
                 }
                 reply(w, option, REP_ACK, &[]).await?;
                 if option == OPT_GO {
-                    return Ok(Some(export));
+                    if contexts_for != name {
+                        agreed.contexts.clear();
+                    }
+                    return Ok(Some((export, agreed)));
                 }
             }
             other => {

@@ -1,7 +1,11 @@
 //! The NBD server: fixed newstyle handshake (`NBD_OPT_GO`, `NBD_OPT_INFO`,
-//! `NBD_OPT_LIST`, `NBD_OPT_ABORT`, `NBD_OPT_EXPORT_NAME`) and the
-//! transmission phase (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC, with
-//! FUA), many requests in flight per connection.
+//! `NBD_OPT_LIST`, `NBD_OPT_ABORT`, `NBD_OPT_EXPORT_NAME`,
+//! `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_LIST_META_CONTEXT`,
+//! `NBD_OPT_SET_META_CONTEXT`) and the transmission phase (READ, WRITE,
+//! FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, DISC, with FUA), many requests
+//! in flight per connection. Block status answers `base:allocation` and
+//! `tidemark:changed:POINT` (what changed since a point, for incremental
+//! copies).
 //!
 //! Whatever clients send, the server's resources stay bounded
 //! ([`Limits`]): connections beyond `limits.nbd_connections` are closed at
@@ -165,10 +169,18 @@ async fn connection(
     )
     .await;
     match negotiated {
-        Ok(Ok(Some(export))) => {
-            tracing::info!(?peer, export = %export.name, "nbd client connected");
-            let export =
-                transmission::run(reader, writer, export, daemon.clone(), shutdown, limits).await;
+        Ok(Ok(Some((export, agreed)))) => {
+            tracing::info!(?peer, export = %export.name, structured = agreed.structured, contexts = agreed.contexts.len(), "nbd client connected");
+            let export = transmission::run(
+                reader,
+                writer,
+                export,
+                agreed,
+                daemon.clone(),
+                shutdown,
+                limits,
+            )
+            .await;
             // The last handle of a view releases its retention hold, which
             // stores the manifest (an fsync): not on the event loop.
             let _ = tokio::task::spawn_blocking(move || drop(export)).await;

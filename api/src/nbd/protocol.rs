@@ -1,6 +1,6 @@
-//! Constants of the NBD protocol (fixed newstyle handshake, simple
-//! replies), as in the protocol specification (`doc/proto.md` of the NBD
-//! project).
+//! Constants of the NBD protocol (fixed newstyle handshake, simple and
+//! structured replies, metadata contexts), as in the protocol
+//! specification (`doc/proto.md` of the NBD project).
 
 /// "NBDMAGIC": first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -12,6 +12,8 @@ pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Prefix of every simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Prefix of every structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Handshake flags (server).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -32,6 +34,12 @@ pub const OPT_LIST: u32 = 3;
 pub const OPT_INFO: u32 = 6;
 /// Describes an export and enters transmission.
 pub const OPT_GO: u32 = 7;
+/// Asks for structured replies.
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+/// Lists metadata contexts.
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// Selects metadata contexts for `CMD_BLOCK_STATUS`.
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 /// Option replies.
 pub const REP_ACK: u32 = 1;
@@ -39,6 +47,8 @@ pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 /// One piece of information in an INFO/GO answer.
 pub const REP_INFO: u32 = 3;
+/// One metadata context in a LIST/SET_META_CONTEXT answer.
+pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 /// Option not supported.
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
@@ -88,9 +98,35 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 /// Write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// Block status of the selected metadata contexts.
+pub const CMD_BLOCK_STATUS: u16 = 7;
 
 /// Command flag: force unit access.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
+/// Command flag: one extent per context is enough (BLOCK_STATUS).
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+/// Structured reply flag: the last chunk of the reply.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+/// Structured reply chunk: data at an offset.
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Structured reply chunk: extents of one metadata context.
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Structured reply chunk: an error with a message.
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+
+/// The one standard metadata context: what is allocated.
+pub const CONTEXT_ALLOCATION: &str = "base:allocation";
+/// `base:allocation` flag: the extent is a hole (reads as zeroes, uses no
+/// storage).
+pub const STATE_HOLE: u32 = 1 << 0;
+/// `base:allocation` flag: the extent reads as zeroes.
+pub const STATE_ZERO: u32 = 1 << 1;
+/// tidemark's own context namespace: `tidemark:changed:POINT` reports
+/// the blocks changed between POINT and the export's own point.
+pub const CONTEXT_CHANGED_PREFIX: &str = "tidemark:changed:";
+/// `tidemark:changed:` flag: the extent changed.
+pub const STATE_CHANGED: u32 = 1 << 0;
 
 /// Errors.
 pub const EPERM: u32 = 1;

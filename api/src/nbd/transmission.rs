@@ -17,11 +17,13 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
+use super::handshake::{Agreed, Context};
 use super::protocol::*;
 use super::wire::{self, RequestHeader};
 use super::{hold, Held, Limits};
 use crate::daemon::error::ApiError;
 use crate::daemon::exports::Export;
+use crate::daemon::extents::Extents;
 use crate::daemon::Daemon;
 
 /// Requests one connection may have in flight.
@@ -33,8 +35,21 @@ const INLINE_MAX: u32 = 64 << 10;
 /// What a request answers.
 struct Answer {
     handle: u64,
+    /// The command, which decides the reply's shape.
+    kind: u16,
+    /// Where a read read from.
+    offset: u64,
     error: u32,
     data: Vec<u8>,
+    /// For BLOCK_STATUS: each selected context's id and its extents as
+    /// `(length, flags)`.
+    status: Vec<(u32, Vec<(u32, u32)>)>,
+}
+
+/// The contexts one connection selected; a `tidemark:changed:` map is
+/// made at its first request and kept for the connection.
+struct Selected {
+    contexts: Vec<(u32, Context, std::sync::OnceLock<Extents>)>,
 }
 
 /// An answer on its way to the client.
@@ -51,6 +66,7 @@ pub async fn run<R, W>(
     mut r: R,
     w: W,
     export: Arc<Export>,
+    agreed: Agreed,
     daemon: Arc<Daemon>,
     mut shutdown: watch::Receiver<bool>,
     limits: Arc<Limits>,
@@ -60,7 +76,14 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
-    let writer = tokio::spawn(write_replies(w, rx));
+    let writer = tokio::spawn(write_replies(w, rx, agreed.structured));
+    let selected = Arc::new(Selected {
+        contexts: agreed
+            .contexts
+            .into_iter()
+            .map(|(id, context)| (id, context, Default::default()))
+            .collect(),
+    });
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let share = Arc::new(Semaphore::new(limits.per_connection as usize));
     loop {
@@ -92,11 +115,7 @@ where
             }
             daemon.metrics.nbd_errors.fetch_add(1, Ordering::Relaxed);
             let reply = Reply {
-                answer: Answer {
-                    handle: request.handle,
-                    error: EINVAL,
-                    data: Vec::new(),
-                },
+                answer: Answer::error(&request, EINVAL),
                 _held: (slot, None),
             };
             if tx.send(reply).await.is_err() {
@@ -137,9 +156,14 @@ where
         let export = export.clone();
         let daemon = daemon.clone();
         let tx = tx.clone();
+        let selected = selected.clone();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let answer = execute(&export, &request, &payload);
+            let answer = if request.kind == CMD_BLOCK_STATUS {
+                block_status(&export, &selected, &request)
+            } else {
+                execute(&export, &request, &payload)
+            };
             record(&daemon, request.kind, answer.error, started);
             let _ = tx.blocking_send(Reply {
                 answer,
@@ -229,20 +253,88 @@ fn errno(export: &Export, kind: u16, e: &ApiError) -> u32 {
     code
 }
 
+impl Answer {
+    fn error(request: &RequestHeader, error: u32) -> Answer {
+        Answer {
+            handle: request.handle,
+            kind: request.kind,
+            offset: request.offset,
+            error,
+            data: Vec::new(),
+            status: Vec::new(),
+        }
+    }
+}
+
 fn answer(
     export: &Export,
     request: &RequestHeader,
     outcome: Result<(), ApiError>,
     data: Vec<u8>,
 ) -> Answer {
-    let (error, data) = match outcome {
-        Ok(()) => (0, data),
-        Err(e) => (errno(export, request.kind, &e), Vec::new()),
-    };
+    match outcome {
+        Ok(()) => Answer {
+            data,
+            ..Answer::error(request, 0)
+        },
+        Err(e) => Answer::error(request, errno(export, request.kind, &e)),
+    }
+}
+
+/// BLOCK_STATUS: each selected context's extents over the request's range.
+fn block_status(export: &Export, selected: &Selected, request: &RequestHeader) -> Answer {
+    if selected.contexts.is_empty() {
+        // The client selected no context (it must not ask, then).
+        return Answer::error(request, EINVAL);
+    }
+    let (offset, length) = (request.offset, u64::from(request.length));
+    if length == 0 {
+        return Answer::error(request, EINVAL);
+    }
+    let one = request.flags & CMD_FLAG_REQ_ONE != 0;
+    let mut status = Vec::with_capacity(selected.contexts.len());
+    for (id, context, changed) in &selected.contexts {
+        let runs = match context {
+            Context::Allocation => export.allocation(offset, length, one).map(|runs| {
+                runs.into_iter()
+                    .map(|(len, data)| (len, if data { 0 } else { STATE_HOLE | STATE_ZERO }))
+                    .collect::<Vec<_>>()
+            }),
+            Context::Changed { since } => {
+                let map = match changed.get() {
+                    Some(map) => Ok(map),
+                    None => export
+                        .changed_since(*since)
+                        .map(|map| changed.get_or_init(|| map)),
+                };
+                map.and_then(|map| {
+                    if offset.checked_add(length).is_none_or(|end| end > export.size()) {
+                        return Err(ApiError::Invalid(format!(
+                            "export {}: block status beyond the end",
+                            export.name
+                        )));
+                    }
+                    Ok(map
+                        .describe(offset, length, one)
+                        .into_iter()
+                        .map(|(len, changed)| (len, if changed { STATE_CHANGED } else { 0 }))
+                        .collect())
+                })
+            }
+        };
+        match runs {
+            Ok(runs) => status.push((
+                *id,
+                runs.into_iter()
+                    .map(|(len, flags)| (len as u32, flags))
+                    .collect(),
+            )),
+            Err(e) => return Answer::error(request, errno(export, CMD_READ, &e)),
+        }
+    }
     Answer {
-        handle: request.handle,
-        error,
-        data,
+        status,
+        ..Answer::error(request, 0)
     }
 }
 
@@ -264,14 +356,78 @@ fn execute(export: &Export, request: &RequestHeader, payload: &[u8]) -> Answer {
     answer(export, request, outcome, data)
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Reply>) {
+/// A structured reply chunk's header.
+fn chunk_header(flags: u16, kind: u16, handle: u64, length: usize) -> [u8; 20] {
+    let mut header = [0u8; 20];
+    header[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    header[4..6].copy_from_slice(&flags.to_be_bytes());
+    header[6..8].copy_from_slice(&kind.to_be_bytes());
+    header[8..16].copy_from_slice(&handle.to_be_bytes());
+    header[16..20].copy_from_slice(&(length as u32).to_be_bytes());
+    header
+}
+
+/// The bytes of `answer`'s reply, but a read's data: simple replies, or
+/// with `structured` a read's OFFSET_DATA chunk, a block status's chunks
+/// (one per context, the last marked done) and errors of either as an
+/// ERROR chunk.
+fn reply_head(answer: &Answer, structured: bool) -> Vec<u8> {
+    let structured_kind = structured && matches!(answer.kind, CMD_READ | CMD_BLOCK_STATUS);
+    if !structured_kind {
+        let mut header = Vec::with_capacity(16);
+        header.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        header.extend_from_slice(&answer.error.to_be_bytes());
+        header.extend_from_slice(&answer.handle.to_be_bytes());
+        return header;
+    }
+    if answer.error != 0 {
+        let mut out = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, answer.handle, 6).to_vec();
+        out.extend_from_slice(&answer.error.to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+        return out;
+    }
+    if answer.kind == CMD_READ {
+        if answer.data.is_empty() {
+            // Nothing to send: one empty chunk ends the reply.
+            return chunk_header(REPLY_FLAG_DONE, 0, answer.handle, 0).to_vec();
+        }
+        let mut out = chunk_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            answer.handle,
+            8 + answer.data.len(),
+        )
+        .to_vec();
+        out.extend_from_slice(&answer.offset.to_be_bytes());
+        return out;
+    }
+    let mut out = Vec::new();
+    for (i, (id, runs)) in answer.status.iter().enumerate() {
+        let last = i + 1 == answer.status.len();
+        out.extend_from_slice(&chunk_header(
+            if last { REPLY_FLAG_DONE } else { 0 },
+            REPLY_TYPE_BLOCK_STATUS,
+            answer.handle,
+            4 + 8 * runs.len(),
+        ));
+        out.extend_from_slice(&id.to_be_bytes());
+        for (length, flags) in runs {
+            out.extend_from_slice(&length.to_be_bytes());
+            out.extend_from_slice(&flags.to_be_bytes());
+        }
+    }
+    out
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::Receiver<Reply>,
+    structured: bool,
+) {
     while let Some(reply) = rx.recv().await {
         let answer = &reply.answer;
-        let mut header = [0u8; 16];
-        header[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        header[4..8].copy_from_slice(&answer.error.to_be_bytes());
-        header[8..16].copy_from_slice(&answer.handle.to_be_bytes());
-        if w.write_all(&header).await.is_err() || w.write_all(&answer.data).await.is_err() {
+        let head = reply_head(answer, structured);
+        if w.write_all(&head).await.is_err() || w.write_all(&answer.data).await.is_err() {
             return;
         }
         if rx.is_empty() && w.flush().await.is_err() {

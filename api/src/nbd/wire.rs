@@ -71,6 +71,28 @@ pub fn decode_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     Some((name, requests))
 }
 
+/// Decodes the data of `NBD_OPT_LIST_META_CONTEXT` and
+/// `NBD_OPT_SET_META_CONTEXT`: `{ u32 name length | name | u32 count |
+/// count × (u32 length | query) }`.
+pub fn decode_meta_context_request(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let string = |at: usize| -> Option<(String, usize)> {
+        let len = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
+        let end = at.checked_add(4)?.checked_add(len)?;
+        let text = std::str::from_utf8(data.get(at + 4..end)?).ok()?;
+        Some((text.to_string(), end))
+    };
+    let (name, mut at) = string(0)?;
+    let count = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
+    at += 4;
+    let mut queries = Vec::with_capacity(count.min(64));
+    for _ in 0..count {
+        let (query, next) = string(at)?;
+        queries.push(query);
+        at = next;
+    }
+    (at == data.len()).then_some((name, queries))
+}
+
 /// A transmission request's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestHeader {
@@ -194,6 +216,35 @@ pub fn decode_session(mut bytes: &[u8]) -> (Vec<Message>, Option<WireError>) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meta_context_requests_parse_and_malformed_ones_do_not() {
+        let mut data = Vec::new();
+        let string = |text: &str, data: &mut Vec<u8>| {
+            data.extend_from_slice(&(text.len() as u32).to_be_bytes());
+            data.extend_from_slice(text.as_bytes());
+        };
+        string("db@5", &mut data);
+        data.extend_from_slice(&2u32.to_be_bytes());
+        string("base:allocation", &mut data);
+        string("tidemark:changed:3", &mut data);
+        assert_eq!(
+            decode_meta_context_request(&data),
+            Some((
+                "db@5".to_string(),
+                vec!["base:allocation".into(), "tidemark:changed:3".into()]
+            ))
+        );
+        assert_eq!(decode_meta_context_request(&data[..data.len() - 1]), None);
+        let mut longer = data.clone();
+        longer.push(0);
+        assert_eq!(decode_meta_context_request(&longer), None);
+        // A count far beyond the data is refused, not allocated.
+        let mut huge = Vec::new();
+        string("db", &mut huge);
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(decode_meta_context_request(&huge), None);
+    }
 
     #[test]
     fn info_requests_parse_and_malformed_ones_do_not() {
