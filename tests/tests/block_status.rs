@@ -99,7 +99,11 @@ fn block_status_maps_live_and_point_exports_and_what_changed_since_a_point() {
 
     // What changed since the tag: the one write after it.
     let changed = map(&d.uri("db@latest"), Some("tidemark:changed:tag:first"));
-    assert_eq!(ranges(&changed, true), vec![(200 * MIB, MIB)], "{changed:?}");
+    assert_eq!(
+        ranges(&changed, true),
+        vec![(200 * MIB, MIB)],
+        "{changed:?}"
+    );
     // A point that is not there selects no context: nbdinfo says so.
     let out = tidemark_tests::run_any(
         "nbdinfo",

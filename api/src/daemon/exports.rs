@@ -252,8 +252,10 @@ impl Export {
             Target::Point { .. } => Ok(self.written_extents()?.describe(offset, len, one)),
             // An overlay's writes, a replica's moving newest point, a point
             // in the archive: all data, never wrong, only slower to copy.
-            _ => Ok(Extents::from_spans([(offset, offset + len)], self.size)
-                .describe(offset, len, one)),
+            _ => {
+                Ok(Extents::from_spans([(offset, offset + len)], self.size)
+                    .describe(offset, len, one))
+            }
         }
     }
 

@@ -86,7 +86,10 @@ mod tests {
 
     #[test]
     fn runs_cover_the_stretch_exactly_and_merge() {
-        let set = Extents::from_spans([(8192, 12288), (0, 4096), (4096, 6000), (20000, 90000)], 65536);
+        let set = Extents::from_spans(
+            [(8192, 12288), (0, 4096), (4096, 6000), (20000, 90000)],
+            65536,
+        );
         // Overlapping and touching spans merge; the last is clipped.
         assert_eq!(set.spans, vec![(0, 6000), (8192, 12288), (20000, 65536)]);
         assert_eq!(

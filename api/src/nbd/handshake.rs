@@ -194,7 +194,13 @@ where
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    reply(w, option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY carries no data").await?;
+                    reply(
+                        w,
+                        option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY carries no data",
+                    )
+                    .await?;
                 } else {
                     agreed.structured = true;
                     reply(w, option, REP_ACK, &[]).await?;
@@ -202,7 +208,13 @@ where
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let Some((name, queries)) = wire::decode_meta_context_request(&data) else {
-                    reply(w, option, REP_ERR_INVALID, b"malformed metadata context request").await?;
+                    reply(
+                        w,
+                        option,
+                        REP_ERR_INVALID,
+                        b"malformed metadata context request",
+                    )
+                    .await?;
                     continue;
                 };
                 if option == OPT_SET_META_CONTEXT && !agreed.structured {

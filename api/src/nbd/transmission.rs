@@ -308,7 +308,10 @@ fn block_status(export: &Export, selected: &Selected, request: &RequestHeader) -
                         .map(|map| changed.get_or_init(|| map)),
                 };
                 map.and_then(|map| {
-                    if offset.checked_add(length).is_none_or(|end| end > export.size()) {
+                    if offset
+                        .checked_add(length)
+                        .is_none_or(|end| end > export.size())
+                    {
                         return Err(ApiError::Invalid(format!(
                             "export {}: block status beyond the end",
                             export.name
