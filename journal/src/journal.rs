@@ -280,6 +280,8 @@ pub(crate) struct Shared {
     pub spilled_records: AtomicU64,
     /// Records journalled from the file cache at start-up.
     pub replayed_records: AtomicU64,
+    /// Payloads recent reads decoded.
+    pub recent_payloads: Mutex<crate::read::RecentPayloads>,
 }
 
 impl Shared {
@@ -778,6 +780,7 @@ impl Journal {
             tier_switches: AtomicU64::new(0),
             spilled_records: AtomicU64::new(0),
             replayed_records: AtomicU64::new(replay.len() as u64),
+            recent_payloads: Mutex::new(Default::default()),
             options,
         });
         for segment in &recovered.segments {

@@ -14,11 +14,95 @@ use crate::index::{BlockEntry, RangeEntry, INDEX_BLOCK};
 use crate::journal::Shared;
 use crate::point::{Point, Seq};
 use crate::record::{payload_bytes, RecordKind};
+use crate::segment::Segment;
 use crate::volume::VolumeInfo;
 
 /// Payloads decoded during one read, by (segment, record offset), with the
 /// volume offset of each.
-type PayloadCache = HashMap<(u64, u64), (u64, Arc<Vec<u8>>)>;
+type PayloadCache = HashMap<(u64, u64), (u64, Payload)>;
+
+/// A write's payload: a range of its mapped segment when it was stored as
+/// is (no copy at all), else its decompressed bytes.
+#[derive(Clone, Debug)]
+enum Payload {
+    Mapped(Arc<Segment>, std::ops::Range<usize>),
+    Owned(Arc<Vec<u8>>),
+}
+
+impl Payload {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Mapped(segment, range) => &segment.data()[range.clone()],
+            Payload::Owned(data) => data,
+        }
+    }
+
+    /// Memory it holds of its own.
+    fn owned_len(&self) -> usize {
+        match self {
+            Payload::Mapped(..) => 0,
+            Payload::Owned(data) => data.len(),
+        }
+    }
+}
+
+/// Payloads decoded by recent reads, shared between them: a copy tool
+/// reads a large record in several requests (nbdcopy: 256 KiB at a time),
+/// and each would otherwise checksum and copy all of it again. Bounded by
+/// bytes, oldest first out; keyed by segment, offset and seq (segments are
+/// immutable and their ids never reused).
+#[derive(Debug, Default)]
+pub(crate) struct RecentPayloads {
+    entries: std::collections::VecDeque<RecentPayload>,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct RecentPayload {
+    key: (u64, u64),
+    seq: Seq,
+    volume_offset: u64,
+    data: Payload,
+}
+
+/// Mapped payloads kept at most (they hold no memory of their own, only
+/// their segment's mapping).
+const RECENT_PAYLOADS: usize = 64;
+
+/// What [`RecentPayloads`] keeps at most.
+const RECENT_PAYLOAD_BYTES: usize = 8 << 20;
+
+impl RecentPayloads {
+    fn get(&mut self, key: (u64, u64), seq: Seq) -> Option<(u64, Payload)> {
+        let i = self
+            .entries
+            .iter()
+            .position(|e| e.key == key && e.seq == seq)?;
+        let entry = self.entries.remove(i)?;
+        let hit = (entry.volume_offset, entry.data.clone());
+        self.entries.push_back(entry);
+        Some(hit)
+    }
+
+    fn put(&mut self, key: (u64, u64), seq: Seq, volume_offset: u64, data: Payload) {
+        if data.owned_len() > RECENT_PAYLOAD_BYTES / 2 {
+            return;
+        }
+        self.bytes += data.owned_len();
+        self.entries.push_back(RecentPayload {
+            key,
+            seq,
+            volume_offset,
+            data,
+        });
+        while self.bytes > RECENT_PAYLOAD_BYTES || self.entries.len() > RECENT_PAYLOADS {
+            match self.entries.pop_front() {
+                Some(old) => self.bytes -= old.data.owned_len(),
+                None => break,
+            }
+        }
+    }
+}
 
 /// The versions that supply a block's bytes, newest first: a block-index
 /// entry, or `None` for a large zero/trim range; each with the pieces of
@@ -145,7 +229,8 @@ impl Shared {
                         [(at - offset) as usize..(block_start + b as u64 - offset) as usize];
                     match entry {
                         Some(entry) if entry.kind == RecordKind::Write => {
-                            let (record_offset, data) = self.payload(&entry, &mut payloads)?;
+                            let (record_offset, payload) = self.payload(&entry, &mut payloads)?;
+                            let data = payload.bytes();
                             let src = (at - record_offset) as usize;
                             let piece = data.get(src..src + dst.len()).ok_or_else(|| {
                                 Error::corruption(
@@ -168,9 +253,14 @@ impl Shared {
     }
 
     /// The volume offset and decoded payload of the write `entry` points at.
-    fn payload(&self, entry: &BlockEntry, cache: &mut PayloadCache) -> Result<(u64, Arc<Vec<u8>>)> {
-        if let Some(hit) = cache.get(&(entry.segment, entry.offset)) {
+    fn payload(&self, entry: &BlockEntry, cache: &mut PayloadCache) -> Result<(u64, Payload)> {
+        let key = (entry.segment, entry.offset);
+        if let Some(hit) = cache.get(&key) {
             return Ok(hit.clone());
+        }
+        if let Some(hit) = self.recent_payloads.lock().get(key, entry.seq) {
+            cache.insert(key, hit.clone());
+            return Ok(hit);
         }
         let segment = self.segment(entry.segment)?;
         let (header, stored) = segment.record_at(entry.offset)?;
@@ -186,8 +276,22 @@ impl Shared {
                 ),
             ));
         }
-        let data = Arc::new(payload_bytes(&header, stored, &segment.path, entry.offset)?);
-        cache.insert((entry.segment, entry.offset), (header.offset, data.clone()));
+        let data = if header.compressed {
+            Payload::Owned(Arc::new(payload_bytes(
+                &header,
+                stored,
+                &segment.path,
+                entry.offset,
+            )?))
+        } else {
+            // Checked by `record_at` (CRC); read in place.
+            let start = stored.as_ptr() as usize - segment.data().as_ptr() as usize;
+            Payload::Mapped(segment.clone(), start..start + stored.len())
+        };
+        cache.insert(key, (header.offset, data.clone()));
+        self.recent_payloads
+            .lock()
+            .put(key, header.seq, header.offset, data.clone());
         Ok((header.offset, data))
     }
 }
@@ -195,6 +299,34 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::Uncovered;
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn recent_payloads_stay_within_their_bytes() {
+        use super::{Payload, RecentPayloads, RECENT_PAYLOAD_BYTES};
+        use std::sync::Arc;
+        let mut recent = RecentPayloads::default();
+        let mib = Payload::Owned(Arc::new(vec![7u8; 1 << 20]));
+        for i in 0..20u64 {
+            recent.put((1, i), i, i << 20, mib.clone());
+        }
+        assert!(recent.bytes <= RECENT_PAYLOAD_BYTES);
+        assert!(recent.get((1, 0), 0).is_none(), "the oldest went first");
+        assert_eq!(recent.get((1, 19), 19).unwrap().0, 19 << 20);
+        assert!(
+            recent.get((1, 19), 18).is_none(),
+            "another seq is another record"
+        );
+        // Too large to keep: not kept, nothing pushed out.
+        recent.put(
+            (2, 0),
+            99,
+            0,
+            Payload::Owned(Arc::new(vec![0u8; RECENT_PAYLOAD_BYTES])),
+        );
+        assert!(recent.get((2, 0), 99).is_none());
+        assert!(recent.get((1, 19), 19).is_some());
+    }
 
     #[test]
     fn uncovered_ranges_split_and_shrink() {

@@ -330,7 +330,7 @@ impl Segment {
     }
 
     /// The whole file, as mapped.
-    fn data(&self) -> &[u8] {
+    pub(crate) fn data(&self) -> &[u8] {
         self.map.as_slice()
     }
 
