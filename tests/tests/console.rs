@@ -282,6 +282,15 @@ fn a_user_logs_in_with_the_token_and_not_with_a_wrong_one() {
     });
 }
 
+/// Opens the URL the quick start prints, which logs in, and waits for
+/// volume db's tag `good` in the list.
+async fn open_console(b: &Browser, d: &Daemon) -> Step {
+    let url = format!("http://{}/?token={}", d.http, d.token());
+    step("open", b.client.goto(&url).await)?;
+    b.wait_for("#mark-list li[data-name=good]", 15).await?;
+    Ok(())
+}
+
 /// Clicks the mark `name` where the timeline draws it.
 async fn click_mark(b: &Browser, name: &str) -> Step {
     let over = b.wait_for("#timeline .u-over", 10).await?;
@@ -341,14 +350,7 @@ fn a_user_picks_a_tag_on_the_timeline_exports_it_and_rolls_back() {
             return;
         };
         let scenario = async {
-            // The printed URL logs in and shows the volume with its tag.
-            step(
-                "open",
-                b.client
-                    .goto(&format!("http://{}/?token={}", d.http, d.token()))
-                    .await,
-            )?;
-            b.wait_for("#mark-list li[data-name=good]", 15).await?;
+            open_console(&b, &d).await?;
             b.wait_for_text("#volumes tbody", 5, "volume db", |t| t.contains("db"))
                 .await?;
 
@@ -416,13 +418,7 @@ fn the_page_follows_the_cli_live_and_fits_a_phone() {
             return;
         };
         let scenario = async {
-            step(
-                "open",
-                b.client
-                    .goto(&format!("http://{}/?token={}", d.http, d.token()))
-                    .await,
-            )?;
-            b.wait_for("#mark-list li[data-name=good]", 15).await?;
+            open_console(&b, &d).await?;
 
             // A tag made elsewhere appears without a reload.
             d.ok(&["tag", "create", "db", "from-cli"]);
