@@ -259,6 +259,19 @@ impl Export {
         }
     }
 
+    /// `extents` over `[offset, offset + len)` of this export, as
+    /// [`Extents::describe`] gives it, once the range is checked.
+    pub fn describe(
+        &self,
+        extents: &Extents,
+        offset: u64,
+        len: u64,
+        one: bool,
+    ) -> ApiResult<Vec<(u64, bool)>> {
+        self.check(offset, len)?;
+        Ok(extents.describe(offset, len, one))
+    }
+
     /// The ranges that changed after `since` (up to the newest record, a
     /// superset of the changes up to a point export's own seq): what an
     /// incremental copy from `since` must take. Refused if retention has

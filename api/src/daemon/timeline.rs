@@ -140,6 +140,25 @@ pub fn timeline(
     Ok((history.horizon_seq, history.newest_seq, entries))
 }
 
+/// The newest seq of `volume`'s group written at or before `t`, clamped
+/// to the retained `history` (a moment before the horizon is the horizon;
+/// one at or after the newest record is that record).
+fn seq_at_time(
+    volume: &Volume,
+    history: &tidemark_journal::History,
+    t: Timestamp,
+) -> ApiResult<Seq> {
+    if t < history.horizon_time {
+        return Ok(history.horizon_seq);
+    }
+    if t >= history.newest_time {
+        return Ok(history.newest_seq);
+    }
+    Ok(volume
+        .journal()
+        .resolve(&volume.name, tidemark_journal::Point::Time(t))?)
+}
+
 /// How busy a volume's group was: records written in each of `buckets`
 /// equal slices of `[from, to]` (clamped to the retained history), found
 /// from the journal's time index with one lookup per slice edge, so the
@@ -161,12 +180,7 @@ pub fn activity(
             from.as_nanos() + (i128::from(span) * i128::from(i) / i128::from(buckets)) as i64,
         )
     };
-    let seq_at = |t: Timestamp| -> ApiResult<Seq> {
-        if t >= history.newest_time {
-            return Ok(history.newest_seq);
-        }
-        Ok(journal.resolve(&volume.name, tidemark_journal::Point::Time(t))?)
-    };
+    let seq_at = |t: Timestamp| seq_at_time(volume, &history, t);
     let mut out = Vec::with_capacity(buckets as usize);
     let mut before = seq_at(from)?;
     for i in 1..=buckets {
@@ -214,15 +228,7 @@ pub fn flushes_between(
 ) -> ApiResult<(Vec<(Seq, Timestamp)>, bool)> {
     let journal = volume.journal();
     let history = journal.history();
-    let seq_at = |t: Timestamp| -> ApiResult<Seq> {
-        if t < history.horizon_time {
-            return Ok(history.horizon_seq);
-        }
-        if t >= history.newest_time {
-            return Ok(history.newest_seq);
-        }
-        Ok(journal.resolve(&volume.name, tidemark_journal::Point::Time(t))?)
-    };
+    let seq_at = |t: Timestamp| seq_at_time(volume, &history, t);
     let (first, last) = (seq_at(from)?, seq_at(to)?);
     let mut out: Vec<(Seq, Timestamp)> = journal
         .events(volume.id()?, first, last)?

@@ -134,6 +134,28 @@ async fn open(daemon: &Arc<Daemon>, name: String) -> Result<Arc<Export>, ApiErro
         .map_err(|e| ApiError::Failed(format!("export lookup failed: {e}")))?
 }
 
+/// Opens export `name` for an option that names it, or answers the option
+/// with why not (`NBD_REP_ERR_PLATFORM` when the server failed,
+/// `NBD_REP_ERR_UNKNOWN` otherwise) and returns None.
+async fn open_or_refuse<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    option: u32,
+    daemon: &Arc<Daemon>,
+    name: &str,
+) -> std::io::Result<Option<Arc<Export>>> {
+    match open(daemon, name.to_string()).await {
+        Ok(export) => Ok(Some(export)),
+        Err(e) => {
+            let kind = match e {
+                ApiError::Failed(_) => REP_ERR_PLATFORM,
+                _ => REP_ERR_UNKNOWN,
+            };
+            reply(w, option, kind, e.to_string().as_bytes()).await?;
+            Ok(None)
+        }
+    }
+}
+
 /// Negotiates until the client picks an export (`Some`, with what else
 /// was agreed) or leaves (`None`).
 pub async fn negotiate<R, W>(
@@ -227,12 +249,8 @@ where
                     .await?;
                     continue;
                 }
-                let export = match open(daemon, name.clone()).await {
-                    Ok(export) => export,
-                    Err(e) => {
-                        reply(w, option, REP_ERR_UNKNOWN, e.to_string().as_bytes()).await?;
-                        continue;
-                    }
+                let Some(export) = open_or_refuse(w, option, daemon, &name).await? else {
+                    continue;
                 };
                 let matched = match_contexts(daemon, &export, queries).await;
                 // The export opened to check the queries: let it go off
@@ -285,16 +303,8 @@ where
                     .await?;
                     continue;
                 };
-                let export = match open(daemon, name.clone()).await {
-                    Ok(export) => export,
-                    Err(e) => {
-                        let kind = match e {
-                            ApiError::Failed(_) => REP_ERR_PLATFORM,
-                            _ => REP_ERR_UNKNOWN,
-                        };
-                        reply(w, option, kind, e.to_string().as_bytes()).await?;
-                        continue;
-                    }
+                let Some(export) = open_or_refuse(w, option, daemon, &name).await? else {
+                    continue;
                 };
                 let mut info = Vec::with_capacity(12);
                 info.extend_from_slice(&INFO_EXPORT.to_be_bytes());

@@ -307,22 +307,12 @@ fn block_status(export: &Export, selected: &Selected, request: &RequestHeader) -
                         .changed_since(*since)
                         .map(|map| changed.get_or_init(|| map)),
                 };
-                map.and_then(|map| {
-                    if offset
-                        .checked_add(length)
-                        .is_none_or(|end| end > export.size())
-                    {
-                        return Err(ApiError::Invalid(format!(
-                            "export {}: block status beyond the end",
-                            export.name
-                        )));
-                    }
-                    Ok(map
-                        .describe(offset, length, one)
-                        .into_iter()
-                        .map(|(len, changed)| (len, if changed { STATE_CHANGED } else { 0 }))
-                        .collect())
-                })
+                map.and_then(|map| export.describe(map, offset, length, one))
+                    .map(|runs| {
+                        runs.into_iter()
+                            .map(|(len, changed)| (len, if changed { STATE_CHANGED } else { 0 }))
+                            .collect()
+                    })
             }
         };
         match runs {

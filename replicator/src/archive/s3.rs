@@ -14,6 +14,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
@@ -64,6 +65,34 @@ impl S3Store {
             client: aws_sdk_s3::Client::from_conf(config.build()),
             bucket: bucket.to_string(),
             prefix: prefix.to_string(),
+        }
+    }
+
+    /// Every page of a ListObjectsV2 of `prefix` (grouped at `delimiter`),
+    /// each handed to `visit`, following continuation tokens.
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        mut visit: impl FnMut(&ListObjectsV2Output),
+    ) -> Result<()> {
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(self.full_key(prefix))
+                .set_delimiter(delimiter.map(str::to_string))
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| self.failed("ListObjectsV2", prefix, e))?;
+            visit(&page);
+            token = page.next_continuation_token().map(str::to_string);
+            if token.is_none() || page.is_truncated() != Some(true) {
+                return Ok(());
+            }
         }
     }
 
@@ -213,17 +242,7 @@ impl ObjectStore for S3Store {
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(self.full_key(prefix))
-                .set_continuation_token(token)
-                .send()
-                .await
-                .map_err(|e| self.failed("ListObjectsV2", prefix, e))?;
+        self.list_pages(prefix, None, |page| {
             for object in page.contents() {
                 let Some(key) = object.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
                     continue;
@@ -233,11 +252,8 @@ impl ObjectStore for S3Store {
                     size: object.size().unwrap_or(0).max(0) as u64,
                 });
             }
-            token = page.next_continuation_token().map(str::to_string);
-            if token.is_none() || page.is_truncated() != Some(true) {
-                break;
-            }
-        }
+        })
+        .await?;
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
@@ -245,18 +261,7 @@ impl ObjectStore for S3Store {
     async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>> {
         let full = self.full_key(prefix);
         let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(&full)
-                .delimiter("/")
-                .set_continuation_token(token)
-                .send()
-                .await
-                .map_err(|e| self.failed("ListObjectsV2", prefix, e))?;
+        self.list_pages(prefix, Some("/"), |page| {
             for common in page.common_prefixes() {
                 if let Some(name) = common
                     .prefix()
@@ -267,11 +272,8 @@ impl ObjectStore for S3Store {
                     out.push(name.to_string());
                 }
             }
-            token = page.next_continuation_token().map(str::to_string);
-            if token.is_none() || page.is_truncated() != Some(true) {
-                break;
-            }
-        }
+        })
+        .await?;
         out.sort();
         Ok(out)
     }
