@@ -54,6 +54,9 @@ const BLOCK_PREFIX_LEN: usize = 12;
 /// Bound of all memtables together.
 const MEMTABLE_BYTES: usize = 16 << 20;
 
+/// Arena block of each family's memtable.
+const ARENA_BLOCK_BYTES: usize = 256 << 10;
+
 /// Size of the block cache shared by every column family.
 const BLOCK_CACHE_BYTES: usize = 32 << 20;
 
@@ -281,6 +284,14 @@ impl Index {
         };
         let cfs = ALL_CFS.iter().map(|name| {
             let mut cf = Options::default();
+            // Each family's memtable allocates its arena in blocks of an
+            // eighth of its own write buffer (64 MiB by default), and its
+            // prefix bloom filter is sized from it too; both count against
+            // the shared budget above. Left at the default, seven families'
+            // first blocks alone exceed it, so every few writes switched
+            // and flushed all memtables (and zeroed a fresh 6 MiB bloom).
+            cf.set_write_buffer_size(MEMTABLE_BYTES / 4);
+            cf.set_arena_block_size(ARENA_BLOCK_BYTES);
             if *name == CF_BLOCKS {
                 // Every lookup stays within one `volume ‖ block` prefix, so a
                 // prefix bloom filter lets a seek skip every file that never
