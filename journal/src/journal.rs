@@ -1005,15 +1005,53 @@ impl Journal {
                 PreparedRecord::raw(RecordKind::Mark, volume, 0, body)
             }
         };
+        self.place(&info, record, admission)
+    }
+
+    /// Appends a write of `data` at `offset` like [`Journal::append_with`]
+    /// does a [`Change::Write`], but a record stored raw shares `data`'s
+    /// buffer rather than copying it (see [`crate::write_buffers`]).
+    pub fn append_shared(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        data: &bytes::Bytes,
+        admission: Admission,
+    ) -> Result<AppendHandle> {
+        let shared = self.shared();
+        let info = shared.volume_by_id(volume)?;
+        info.check_range(offset, data.len() as u64)?;
+        if data.len() as u64 > shared.options.max_record_len {
+            return Err(Error::Invalid(format!(
+                "volume {}: a write of {} bytes exceeds the largest record, {} bytes",
+                info.name,
+                data.len(),
+                shared.options.max_record_len
+            )));
+        }
+        let record =
+            PreparedRecord::shared(RecordKind::Write, volume, offset, data.len() as u64, data);
+        self.place(&info, record, admission)
+    }
+
+    /// Puts a prepared record in the tier it waits in, and in the write
+    /// order.
+    fn place(
+        &self,
+        info: &VolumeInfo,
+        record: PreparedRecord,
+        admission: Admission,
+    ) -> Result<AppendHandle> {
+        let shared = self.shared();
         let bytes = record.encoded_len() as u64;
         if record.kind != RecordKind::Mark
             && shared.goes_to_file_tier(bytes, admission != Admission::NoWait)
         {
-            match self.append_to_file_cache(&info, record, admission)? {
+            match self.append_to_file_cache(info, record, admission)? {
                 Ok(handle) => return Ok(handle),
                 // The file cache is full: with both tiers, memory takes it.
                 Err(record) if shared.options.cache_tiers == CacheTiers::Both => {
-                    return self.append_to_memory(&info, record, admission);
+                    return self.append_to_memory(info, record, admission);
                 }
                 Err(record) => {
                     let limit = shared
@@ -1028,7 +1066,7 @@ impl Journal {
                 }
             }
         }
-        self.append_to_memory(&info, record, admission)
+        self.append_to_memory(info, record, admission)
     }
 
     /// Stamps `record` with the next seq and time and sends it to the

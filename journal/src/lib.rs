@@ -33,6 +33,8 @@
 //! - [`io_mode`] — sync / async / adaptive, and the adaptive controller.
 //! - [`write_path`] — [`WritePath`]: what the daemon calls for every write;
 //!   applies the IO mode, the dirty map and resyncs.
+//! - [`write_buffers`] — pooled buffers a write is read into once and that
+//!   its record shares.
 //! - [`io_hooks`] — hooks in front of segment IO; [`io_hooks::FaultyIo`]
 //!   makes the disk slow, full or broken for tests.
 //! - [`fs`] — the filesystem behind a trait: [`fs::RealFs`], and
@@ -69,6 +71,7 @@ pub mod retention;
 pub mod segment;
 pub mod shipping;
 pub mod volume;
+pub mod write_buffers;
 pub mod write_path;
 mod writer;
 
@@ -87,7 +90,8 @@ pub use recovery::{Damage, RecoveryMode, RecoveryReport};
 pub use retention::{RetentionPolicy, RetentionReport};
 pub use shipping::{RawBatch, RawCursor, RawRecord};
 pub use volume::{VolumeId, VolumeInfo};
+pub use write_buffers::{WriteBuffer, WriteBuffers};
 pub use write_path::{
-    Acknowledged, ReplicaGate, ResyncReport, VolumeStats, WritePath, WritePathOptions,
+    Acknowledged, ReplicaGate, ResyncReport, SyncWrite, VolumeStats, WritePath, WritePathOptions,
 };
 pub use writer::{AppendHandle, Appended};

@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use bytes::Bytes;
+
 use crate::error::{Error, Result};
 use crate::point::{Seq, Timestamp};
 use crate::volume::VolumeId;
@@ -191,8 +193,9 @@ pub struct PreparedRecord {
     pub offset: u64,
     /// Bytes it touches (or the mark body length).
     pub length: u64,
-    /// The payload as it will be stored (compressed or raw).
-    pub stored: Vec<u8>,
+    /// The payload as it will be stored (compressed or raw); a raw one
+    /// shares the write's own buffer when it came as [`Bytes`].
+    pub stored: Bytes,
     /// Whether `stored` is lz4-compressed.
     pub compressed: bool,
     /// Whether this is a resync write.
@@ -214,8 +217,36 @@ impl PreparedRecord {
         length: u64,
         payload: &[u8],
     ) -> Self {
+        Self::prepare(kind, volume, offset, length, payload, None)
+    }
+
+    /// Like [`PreparedRecord::new`], but a payload stored raw shares
+    /// `payload`'s buffer instead of copying it.
+    pub fn shared(
+        kind: RecordKind,
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+        payload: &Bytes,
+    ) -> Self {
+        Self::prepare(kind, volume, offset, length, payload, Some(payload))
+    }
+
+    fn prepare(
+        kind: RecordKind,
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        owned: Option<&Bytes>,
+    ) -> Self {
+        let raw = || {
+            owned
+                .cloned()
+                .unwrap_or_else(|| Bytes::copy_from_slice(payload))
+        };
         let (stored, compressed) = if payload.is_empty() {
-            (Vec::new(), false)
+            (Bytes::new(), false)
         } else {
             // Compress into a scratch buffer kept per thread, then keep an
             // exact-size copy of whichever is smaller: the record's memory
@@ -223,13 +254,13 @@ impl PreparedRecord {
             // worst-case-sized buffer is allocated and freed per write.
             COMPRESS_SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
+                if payload.len() < 2 * COMPRESS_SAMPLE && looks_random(payload) {
+                    return (raw(), false);
+                }
                 // A large payload whose first 64 KiB shrink by less than
                 // an eighth is stored as it is: compressing a MiB of
                 // (nearly) incompressible data costs a millisecond on the
                 // writing thread for next to nothing.
-                if payload.len() < 2 * COMPRESS_SAMPLE && looks_random(payload) {
-                    return (payload.to_vec(), false);
-                }
                 if payload.len() >= 2 * COMPRESS_SAMPLE {
                     let sample = &payload[..COMPRESS_SAMPLE];
                     let bound = lz4_flex::block::get_maximum_output_size(sample.len());
@@ -238,7 +269,7 @@ impl PreparedRecord {
                     }
                     match lz4_flex::block::compress_into(sample, &mut scratch[..]) {
                         Ok(n) if n < sample.len() * 7 / 8 => {}
-                        _ => return (payload.to_vec(), false),
+                        _ => return (raw(), false),
                     }
                 }
                 let bound = lz4_flex::block::get_maximum_output_size(payload.len());
@@ -247,17 +278,17 @@ impl PreparedRecord {
                     // once took a 32 MiB write would keep 32 MiB for good.
                     let mut out = lz4_flex::block::compress(payload);
                     if out.len() >= payload.len() {
-                        return (payload.to_vec(), false);
+                        return (raw(), false);
                     }
                     out.shrink_to_fit();
-                    return (out, true);
+                    return (Bytes::from(out), true);
                 }
                 if scratch.len() < bound {
                     scratch.resize(bound, 0);
                 }
                 match lz4_flex::block::compress_into(payload, &mut scratch[..]) {
-                    Ok(n) if n < payload.len() => (scratch[..n].to_vec(), true),
-                    _ => (payload.to_vec(), false),
+                    Ok(n) if n < payload.len() => (Bytes::copy_from_slice(&scratch[..n]), true),
+                    _ => (raw(), false),
                 }
             })
         };
@@ -283,7 +314,7 @@ impl PreparedRecord {
             volume,
             offset,
             length: payload.len() as u64,
-            stored: payload,
+            stored: Bytes::from(payload),
             compressed: false,
             resync: false,
             payload_crc,

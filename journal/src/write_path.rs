@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::dirty_map::DirtyMap;
@@ -149,7 +150,9 @@ pub struct Acknowledged {
 /// One change as the write path applies it.
 #[derive(Clone, Copy, Debug)]
 enum Op<'a> {
-    Write(&'a [u8]),
+    /// The bytes, and the shared buffer they are, when the caller has one
+    /// (its records then share it rather than copy it).
+    Write(&'a [u8], Option<&'a Bytes>),
     Zero(u64),
     Trim(u64),
 }
@@ -157,28 +160,30 @@ enum Op<'a> {
 impl Op<'_> {
     fn len(&self) -> u64 {
         match self {
-            Op::Write(data) => data.len() as u64,
+            Op::Write(data, _) => data.len() as u64,
             Op::Zero(len) | Op::Trim(len) => *len,
         }
     }
 
-    /// The journal changes for this op at `offset`: a write larger than
-    /// the largest record becomes several records.
-    fn changes(&self, offset: u64, max_record: u64) -> Vec<Change<'_>> {
+    /// The journal changes for this op at `offset`, each with its share
+    /// of the op's buffer: a write larger than the largest record becomes
+    /// several records.
+    fn changes(&self, offset: u64, max_record: u64) -> Vec<(Change<'_>, Option<Bytes>)> {
         match *self {
-            Op::Write(data) => data
+            Op::Write(data, shared) => data
                 .chunks(max_record.max(1) as usize)
-                .scan(offset, |at, chunk| {
+                .scan(0usize, |at, chunk| {
+                    let start = *at;
+                    *at += chunk.len();
                     let change = Change::Write {
-                        offset: *at,
+                        offset: offset + start as u64,
                         data: chunk,
                     };
-                    *at += chunk.len() as u64;
-                    Some(change)
+                    Some((change, shared.map(|b| b.slice(start..*at))))
                 })
                 .collect(),
-            Op::Zero(len) => vec![Change::Zero { offset, len }],
-            Op::Trim(len) => vec![Change::Trim { offset, len }],
+            Op::Zero(len) => vec![(Change::Zero { offset, len }, None)],
+            Op::Trim(len) => vec![(Change::Trim { offset, len }, None)],
         }
     }
 }
@@ -444,7 +449,19 @@ impl WritePath {
     /// mode allows the write to be acknowledged. `fua` also makes the
     /// production volume durable before returning.
     pub fn write(&self, volume: &str, offset: u64, data: &[u8], fua: bool) -> Result<Acknowledged> {
-        self.apply(volume, offset, Op::Write(data), fua)
+        self.apply(volume, offset, Op::Write(data, None), fua)
+    }
+
+    /// [`WritePath::write`] of a shared buffer, which the write's records
+    /// share instead of copying (see [`crate::write_buffers`]).
+    pub fn write_shared(
+        &self,
+        volume: &str,
+        offset: u64,
+        data: &Bytes,
+        fua: bool,
+    ) -> Result<Acknowledged> {
+        self.apply(volume, offset, Op::Write(data, Some(data)), fua)
     }
 
     /// Sets `len` bytes at `offset` to zero.
@@ -637,11 +654,26 @@ impl WritePath {
         offset: u64,
         data: &[u8],
     ) -> Option<Result<Acknowledged>> {
+        self.try_write_op(volume, offset, Op::Write(data, None))
+    }
+
+    /// [`WritePath::try_write`] of a shared buffer; see
+    /// [`WritePath::write_shared`].
+    pub fn try_write_shared(
+        &self,
+        volume: &str,
+        offset: u64,
+        data: &Bytes,
+    ) -> Option<Result<Acknowledged>> {
+        self.try_write_op(volume, offset, Op::Write(data, Some(data)))
+    }
+
+    fn try_write_op(&self, volume: &str, offset: u64, op: Op<'_>) -> Option<Result<Acknowledged>> {
         let v = match self.volume(volume) {
             Ok(v) => v,
             Err(e) => return Some(Err(e)),
         };
-        let len = data.len() as u64;
+        let len = op.len();
         if let Err(e) = v.info.check_range(offset, len) {
             return Some(Err(e));
         }
@@ -655,11 +687,195 @@ impl WritePath {
         if !v.dirty.try_begin(offset, len) {
             return None;
         }
-        let acknowledged = inner.apply_async(&v, offset, Op::Write(data), false, stripes);
+        let acknowledged = inner.apply_async(&v, offset, op, false, stripes);
         if let Ok(acknowledged) = &acknowledged {
             v.count(len, acknowledged);
         }
         Some(acknowledged)
+    }
+}
+
+impl WritePath {
+    /// Starts a sync write of `data` at `offset` of `volume` if that cannot
+    /// block on a disk or a lock (like [`WritePath::try_write`]: the volume
+    /// writes in sync mode now, the write is one record, its regions are
+    /// free and already marked, the cache has room at once): appends its
+    /// record and writes the production volume. What is left — waiting for
+    /// durability, which is what takes time — is the returned
+    /// [`SyncWrite`]'s, so an event loop can await it instead of holding a
+    /// thread per write. `None` when that does not hold; the caller then
+    /// uses [`WritePath::write_shared`] where blocking is fine.
+    pub fn try_begin_sync(
+        &self,
+        volume: &str,
+        offset: u64,
+        data: &Bytes,
+    ) -> Option<Result<SyncWrite>> {
+        let v = match self.volume(volume) {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
+        let len = data.len() as u64;
+        if let Err(e) = v.info.check_range(offset, len) {
+            return Some(Err(e));
+        }
+        let inner = &self.inner;
+        if len > inner.journal.max_record_len() {
+            return None;
+        }
+        let (mode, switch) = v.effective_mode(inner.backlog());
+        if mode == IoMode::Async {
+            return None;
+        }
+        inner.record_switch(&v, switch);
+        let stripes = v.try_lock(offset, len)?;
+        if !v.dirty.try_begin(offset, len) {
+            return None;
+        }
+        let started = Instant::now();
+        let handle = match inner
+            .journal
+            .append_shared(v.info.id, offset, data, Admission::NoWait)
+        {
+            Ok(handle) => handle,
+            Err(e) => {
+                // Nothing reached journal or volume.
+                drop(stripes);
+                v.dirty.settle(offset, len, None, false);
+                return match e {
+                    Error::CacheFull { .. } => None,
+                    e => Some(Err(e)),
+                };
+            }
+        };
+        let failed = inner
+            .device_apply(&v, offset, Op::Write(data, Some(data)), false)
+            .err();
+        drop(stripes);
+        if failed.is_some() {
+            v.dirty.settle(offset, len, None, true);
+        }
+        Some(Ok(SyncWrite {
+            inner: inner.clone(),
+            v: v.clone(),
+            offset,
+            len,
+            handle,
+            failed,
+            started,
+        }))
+    }
+}
+
+/// A sync write begun by [`WritePath::try_begin_sync`]: its record is
+/// appended and the production volume written; it is acknowledged once
+/// the record is durable. Await [`SyncWrite::durable`] (under a timeout of
+/// [`SyncWrite::time_left`]) and then [`SyncWrite::settle`] — unless
+/// [`SyncWrite::blocks`], when [`SyncWrite::wait`] where blocking is fine.
+pub struct SyncWrite {
+    inner: Arc<Inner>,
+    v: Arc<Protected>,
+    offset: u64,
+    len: u64,
+    handle: AppendHandle,
+    /// The production write's error: the journal holds a change the volume
+    /// lacks, and must be made to agree again before answering.
+    failed: Option<Error>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for SyncWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncWrite")
+            .field("volume", &self.v.info.name)
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .field("seq", &self.handle.seq())
+            .finish()
+    }
+}
+
+impl SyncWrite {
+    /// Whether finishing may block: the production write failed (a resync
+    /// follows), the group waits for a replica, or the record waits in the
+    /// file cache (whose durability is an fsync).
+    pub fn blocks(&self) -> bool {
+        self.failed.is_some()
+            || self.inner.gate.read().is_some()
+            || self.handle.waits_on_file_cache()
+    }
+
+    /// How long the write may still wait for its record.
+    pub fn time_left(&self) -> Duration {
+        self.inner
+            .options
+            .sync_timeout
+            .saturating_sub(self.started.elapsed())
+    }
+
+    /// Resolves when the record is durable (or failed).
+    pub async fn durable(&mut self) -> Result<()> {
+        (&mut self.handle).await.map(|_| ())
+    }
+
+    /// Acknowledges the write after [`SyncWrite::durable`] answered
+    /// `durable` — `None` if it did not within [`SyncWrite::time_left`].
+    pub fn settle(self, durable: Option<Result<()>>) -> Result<Acknowledged> {
+        let seq = self.handle.seq();
+        let durable = durable.unwrap_or(Err(Error::NotDurable {
+            seq,
+            waited: self.inner.options.sync_timeout,
+        }));
+        self.finish(durable)
+    }
+
+    /// Waits for the record and acknowledges, blocking.
+    pub fn wait(self) -> Result<Acknowledged> {
+        if self.failed.is_some() {
+            return self.finish(Ok(()));
+        }
+        let time_left = self.time_left();
+        let SyncWrite {
+            inner,
+            v,
+            offset,
+            len,
+            handle,
+            started,
+            ..
+        } = self;
+        let (seq, stored_bytes) = (handle.seq(), handle.stored_bytes());
+        let durable = handle.wait_timeout(time_left).map(|_| ());
+        let acknowledged =
+            inner.settle_sync(&v, (offset, len), seq, stored_bytes, started, durable)?;
+        v.count(len, &acknowledged);
+        Ok(acknowledged)
+    }
+
+    fn finish(self, durable: Result<()>) -> Result<Acknowledged> {
+        let SyncWrite {
+            inner,
+            v,
+            offset,
+            len,
+            handle,
+            failed,
+            started,
+        } = self;
+        if let Some(e) = failed {
+            inner.agree_again(&v, offset, len, vec![handle], "production-write-failed");
+            return Err(e);
+        }
+        let acknowledged = inner.settle_sync(
+            &v,
+            (offset, len),
+            handle.seq(),
+            handle.stored_bytes(),
+            started,
+            durable,
+        )?;
+        v.count(len, &acknowledged);
+        Ok(acknowledged)
     }
 }
 
@@ -683,6 +899,23 @@ impl Inner {
         }
     }
 
+    /// Appends one change of `v`, sharing `shared` (the change's bytes)
+    /// when there is one.
+    fn append(
+        &self,
+        v: &Protected,
+        change: Change<'_>,
+        shared: Option<Bytes>,
+        admission: Admission,
+    ) -> Result<AppendHandle> {
+        match (change, shared) {
+            (Change::Write { offset, .. }, Some(data)) => self
+                .journal
+                .append_shared(v.info.id, offset, &data, admission),
+            (change, _) => self.journal.append_with(v.info.id, change, admission),
+        }
+    }
+
     fn backlog(&self) -> u64 {
         self.journal.memory_cache().used_bytes
     }
@@ -690,7 +923,7 @@ impl Inner {
     fn device_apply(&self, v: &Protected, offset: u64, op: Op<'_>, fua: bool) -> Result<()> {
         let device = &v.device;
         let result = match op {
-            Op::Write(data) => device.write_at(data, offset),
+            Op::Write(data, _) => device.write_at(data, offset),
             Op::Zero(len) | Op::Trim(len) => device.zero(offset, len),
         }
         .and_then(|()| if fua { device.flush() } else { Ok(()) });
@@ -709,11 +942,8 @@ impl Inner {
         let started = Instant::now();
         let timeout = self.options.sync_timeout;
         let mut handles = Vec::new();
-        for change in op.changes(offset, self.journal.max_record_len()) {
-            match self
-                .journal
-                .append_with(v.info.id, change, Admission::WaitFor(timeout))
-            {
+        for (change, shared) in op.changes(offset, self.journal.max_record_len()) {
+            match self.append(v, change, shared, Admission::WaitFor(timeout)) {
                 Ok(handle) => handles.push(handle),
                 Err(e) => {
                     // Part of a split write may be journalled already while
@@ -742,6 +972,29 @@ impl Inner {
             .into_iter()
             .map(|h| h.wait_timeout(timeout.saturating_sub(started.elapsed())))
             .collect();
+        self.settle_sync(
+            v,
+            (offset, len),
+            seq,
+            stored_bytes,
+            started,
+            durable.map(|_| ()),
+        )
+    }
+
+    /// The end of a sync write whose records were appended and production
+    /// write done, once waiting for the records has `durable` as outcome:
+    /// settles the regions, waits for the replica, acknowledges.
+    fn settle_sync(
+        &self,
+        v: &Protected,
+        (offset, len): (u64, u64),
+        seq: Seq,
+        stored_bytes: u64,
+        started: Instant,
+        durable: Result<()>,
+    ) -> Result<Acknowledged> {
+        let timeout = self.options.sync_timeout;
         // A record that failed, or is not durable in time, may never reach
         // the journal while the production volume has the change: leave the
         // region to a resync then (needless if the record lands after all).
@@ -806,11 +1059,8 @@ impl Inner {
         let mut seq = None;
         let mut stored_bytes = 0;
         let mut handles = Vec::new();
-        for change in op.changes(offset, self.journal.max_record_len()) {
-            match self
-                .journal
-                .append_with(v.info.id, change, Admission::NoWait)
-            {
+        for (change, shared) in op.changes(offset, self.journal.max_record_len()) {
+            match self.append(v, change, shared, Admission::NoWait) {
                 Ok(handle) => {
                     seq = Some(handle.seq());
                     stored_bytes += handle.stored_bytes();

@@ -126,7 +126,7 @@ impl Payload {
             Payload::Memory(record)
                 if record.kind == crate::record::RecordKind::Mark && !record.compressed =>
             {
-                Some(record.stored.clone())
+                Some(record.stored.to_vec())
             }
             Payload::Shipped { header, bytes }
                 if header.kind == crate::record::RecordKind::Mark && !header.compressed =>
@@ -244,6 +244,12 @@ impl AppendHandle {
                 Err(_) => Err(Error::Closed(self.closed)),
             },
         }
+    }
+
+    /// Whether the record waits in the file cache, whose durability is a
+    /// flush of the cache's file (blocking, also when awaited).
+    pub fn waits_on_file_cache(&self) -> bool {
+        matches!(self.durability, Durability::FileCache(..))
     }
 
     /// The journal's answer, if it has come, without blocking: `None` while

@@ -774,3 +774,118 @@ fn a_failed_resync_leaves_its_regions_unjournalled_and_close_names_them() {
     );
     assert_production_equals_journal(&path);
 }
+
+/// Polls `future` to completion on this thread (the journal answers from
+/// its own threads, so a waker is not needed: look again shortly).
+fn poll_until_ready<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A sync write begun without blocking (what the NBD server does on its
+/// event loop) is acknowledged exactly like a blocking one: durable and
+/// readable at its seq; one that cannot start at once is left to the
+/// blocking path untouched; a timed-out wait leaves its region to a
+/// resync; a failed production write is made to agree again.
+#[test]
+fn sync_writes_begun_without_blocking_settle_like_blocking_ones() {
+    let s = setup(IoMode::Sync, 1 << 20, small_regions());
+    let mut rng = rng(9);
+    let data = bytes::Bytes::from(payload(&mut rng, 8192));
+    assert!(
+        s.path.try_begin_sync("vol", 0, &data).is_none(),
+        "a region not yet marked dirty needs an fsync: not without blocking"
+    );
+    s.path.write("vol", 0, &data, false).expect("write");
+    let newest = s.path.journal().history().newest_seq;
+
+    let data = bytes::Bytes::from(payload(&mut rng, 8192));
+    let mut write = s
+        .path
+        .try_begin_sync("vol", 4096, &data)
+        .expect("a marked, free region")
+        .expect("begun");
+    assert!(!write.blocks());
+    assert!(write.time_left() > Duration::ZERO);
+    let durable = poll_until_ready(write.durable());
+    let ack = write.settle(Some(durable)).expect("acknowledged");
+    assert_eq!(ack.mode, IoMode::Sync);
+    let seq = ack.seq.expect("a record");
+    assert!(seq > newest && s.path.journal().history().newest_seq >= seq);
+    let mut at_seq = vec![0u8; data.len()];
+    s.path
+        .journal()
+        .read("vol", 4096, &mut at_seq, Point::Seq(seq))
+        .expect("read");
+    assert!(at_seq == data[..], "the write is in the journal at its seq");
+
+    // Given up on: the error says so and the region waits for a resync.
+    let data = bytes::Bytes::from(payload(&mut rng, 4096));
+    let write = s
+        .path
+        .try_begin_sync("vol", 16384, &data)
+        .expect("begun")
+        .expect("begun");
+    let err = write.settle(None).expect_err("not durable in time");
+    assert!(matches!(err, Error::NotDurable { .. }), "{err}");
+
+    let data = bytes::Bytes::from(payload(&mut rng, 4096));
+    let write = s
+        .path
+        .try_begin_sync("vol", 20480, &data)
+        .expect("begun")
+        .expect("begun");
+    write.wait().expect("blocking wait");
+    s.path.flush("vol").expect("flush");
+    assert_production_equals_journal(&s.path);
+    assert_eq!(s.path.stats("vol").expect("stats").sync_writes, 3);
+
+    s.path.set_mode("vol", IoMode::Async).expect("mode");
+    assert!(
+        s.path.try_begin_sync("vol", 0, &data).is_none(),
+        "async writes go through try_write"
+    );
+}
+
+#[test]
+fn a_sync_write_begun_without_blocking_that_production_refuses_is_resynced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, _) = Journal::open(
+        &dir.path().join("journal"),
+        small_options(
+            Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
+            RecoveryMode::Strict,
+        ),
+    )
+    .expect("open");
+    journal.create_volume("vol", SIZE).expect("volume");
+    let path = WritePath::new(journal, small_regions()).expect("write path");
+    let device = Arc::new(FailingDevice {
+        inner: FileDevice::open(&dir.path().join("production.img"), SIZE).expect("device"),
+        fail: false.into(),
+    });
+    path.attach("vol", device.clone(), IoMode::Sync)
+        .expect("attach");
+    let mut rng = rng(10);
+    path.write("vol", 0, &payload(&mut rng, 4096), false)
+        .expect("write");
+    device.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let data = bytes::Bytes::from(payload(&mut rng, 8192));
+    let write = path
+        .try_begin_sync("vol", 4096, &data)
+        .expect("begun")
+        .expect("the record was appended");
+    assert!(write.blocks(), "a resync must follow: not on an event loop");
+    let err = write.wait().expect_err("the production volume failed");
+    assert!(err.to_string().contains("production"), "{err}");
+    device
+        .fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_production_equals_journal(&path);
+}

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tidemark_journal::{Point, Seq};
 
@@ -152,7 +153,7 @@ impl Export {
     /// Writes `data` at `offset` only if that cannot block on a disk or a
     /// lock (see `WritePath::try_write`); `None` when it could, and then
     /// [`Export::write`] must be used where blocking is fine.
-    pub fn try_write(&self, offset: u64, data: &[u8]) -> Option<ApiResult<()>> {
+    pub fn try_write(&self, offset: u64, data: &Bytes) -> Option<ApiResult<()>> {
         if let Err(e) = self.check(offset, data.len() as u64) {
             return Some(Err(e));
         }
@@ -166,12 +167,41 @@ impl Export {
         let ack = volume
             .group
             .write_path
-            .try_write(&volume.name, offset, data)?;
+            .try_write_shared(&volume.name, offset, data)?;
         Some(match ack {
             Ok(ack) => {
                 volume.observe_write(offset, data.len() as u64, &ack);
                 Ok(())
             }
+            Err(e) => Err(e.into()),
+        })
+    }
+
+    /// Starts a sync write of `data` at `offset` if that cannot block (see
+    /// `WritePath::try_begin_sync`); `None` when it could, and then
+    /// [`Export::write_shared`] must be used where blocking is fine.
+    pub fn try_begin_sync(&self, offset: u64, data: &Bytes) -> Option<ApiResult<PendingWrite>> {
+        if let Err(e) = self.check(offset, data.len() as u64) {
+            return Some(Err(e));
+        }
+        let Target::Live { .. } = self.target else {
+            return None;
+        };
+        if !self.volume_writable() {
+            return Some(Err(self.demoted()));
+        }
+        let volume = self.volume.as_ref()?;
+        let write = volume
+            .group
+            .write_path
+            .try_begin_sync(&volume.name, offset, data)?;
+        Some(match write {
+            Ok(write) => Ok(PendingWrite {
+                write,
+                volume: volume.clone(),
+                offset,
+                len: data.len() as u64,
+            }),
             Err(e) => Err(e.into()),
         })
     }
@@ -390,6 +420,24 @@ impl Export {
             Target::Overlay { seq, overlay } => {
                 overlay.write(offset, data, |at, part| self.read_point(*seq, at, part))
             }
+        }
+    }
+
+    /// [`Export::write`] of a shared buffer, which the write's journal
+    /// records share rather than copy.
+    pub fn write_shared(&self, offset: u64, data: &Bytes, fua: bool) -> ApiResult<()> {
+        match &self.target {
+            Target::Live { .. } if self.volume_writable() => {
+                self.check(offset, data.len() as u64)?;
+                let volume = self.local()?;
+                let ack = volume
+                    .group
+                    .write_path
+                    .write_shared(&volume.name, offset, data, fua)?;
+                volume.observe_write(offset, data.len() as u64, &ack);
+                Ok(())
+            }
+            _ => self.write(offset, data, fua),
         }
     }
 
@@ -665,5 +713,49 @@ impl Exports {
     /// Drops every named export.
     pub fn clear(&self) {
         self.table.lock().clear();
+    }
+}
+
+/// A sync write to a live volume whose record and production write are
+/// done, waiting for the record to be durable (see
+/// [`Export::try_begin_sync`]).
+#[derive(Debug)]
+pub struct PendingWrite {
+    write: tidemark_journal::SyncWrite,
+    volume: Arc<Volume>,
+    offset: u64,
+    len: u64,
+}
+
+impl PendingWrite {
+    /// Whether finishing may block; then [`PendingWrite::wait`] it where
+    /// blocking is fine.
+    pub fn blocks(&self) -> bool {
+        self.write.blocks()
+    }
+
+    /// How long it may still wait for durability.
+    pub fn time_left(&self) -> std::time::Duration {
+        self.write.time_left()
+    }
+
+    /// Resolves when the record is durable (or failed).
+    pub async fn durable(&mut self) -> tidemark_journal::Result<()> {
+        self.write.durable().await
+    }
+
+    /// Acknowledges once [`PendingWrite::durable`] answered (`None`: it did
+    /// not in time).
+    pub fn settle(self, durable: Option<tidemark_journal::Result<()>>) -> ApiResult<()> {
+        let ack = self.write.settle(durable)?;
+        self.volume.observe_write(self.offset, self.len, &ack);
+        Ok(())
+    }
+
+    /// Waits and acknowledges, blocking.
+    pub fn wait(self) -> ApiResult<()> {
+        let ack = self.write.wait()?;
+        self.volume.observe_write(self.offset, self.len, &ack);
+        Ok(())
     }
 }

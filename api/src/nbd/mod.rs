@@ -44,6 +44,8 @@ pub struct Limits {
     handshake_timeout: Duration,
     /// Buffer bytes held by requests and replies, in pages.
     buffers: Arc<Semaphore>,
+    /// The buffers writes are read into, reused.
+    write_buffers: tidemark_journal::WriteBuffers,
     /// The most one connection may hold of `buffers`, in pages: a client
     /// that never reads its replies pins no more than this.
     per_connection: u32,
@@ -58,6 +60,7 @@ impl Limits {
             connections: Arc::new(Semaphore::new(config.nbd_connections)),
             handshake_timeout: config.nbd_handshake_timeout,
             buffers: Arc::new(Semaphore::new(pages)),
+            write_buffers: tidemark_journal::WriteBuffers::default(),
             per_connection: (pages as u64 / 4).max(largest).min(u32::MAX as u64) as u32,
         }
     }

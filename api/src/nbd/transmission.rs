@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -22,7 +23,8 @@ use super::protocol::*;
 use super::wire::{self, RequestHeader};
 use super::{hold, Held, Limits};
 use crate::daemon::error::ApiError;
-use crate::daemon::exports::Export;
+use crate::daemon::error::ApiResult;
+use crate::daemon::exports::{Export, PendingWrite};
 use crate::daemon::extents::Extents;
 use crate::daemon::Daemon;
 
@@ -135,14 +137,28 @@ where
         } else {
             None
         };
-        let mut payload = Vec::new();
+        let mut payload = Bytes::new();
         if request.kind == CMD_WRITE {
-            payload = vec![0u8; request.length as usize];
-            if r.read_exact(&mut payload).await.is_err() {
+            // Read once into a pooled buffer that the production write and
+            // the journal record then share.
+            let mut buf = limits.write_buffers.take(request.length as usize);
+            if r.read_exact(&mut buf).await.is_err() {
                 break;
             }
+            payload = buf.freeze();
         }
         let held = (slot, held);
+        if let Some(write) = begin_sync_inline(&export, &request, &payload) {
+            settle_sync_write(
+                write,
+                export.clone(),
+                daemon.clone(),
+                request,
+                tx.clone(),
+                held,
+            );
+            continue;
+        }
         if let Some(answer) = run_inline(&export, &daemon, &request, &payload) {
             let reply = Reply {
                 answer,
@@ -190,6 +206,62 @@ async fn skip<R: AsyncRead + Unpin>(r: &mut R, len: u64) -> bool {
     true
 }
 
+/// Starts a small sync write right here if that cannot block (see
+/// `Export::try_begin_sync`): errors are answered at once too.
+fn begin_sync_inline(
+    export: &Export,
+    request: &RequestHeader,
+    payload: &Bytes,
+) -> Option<ApiResult<PendingWrite>> {
+    if request.kind != CMD_WRITE || request.length > INLINE_MAX || request.flags & CMD_FLAG_FUA != 0
+    {
+        return None;
+    }
+    export.try_begin_sync(request.offset, payload)
+}
+
+/// Answers a sync write begun on the connection's task once its record is
+/// durable: awaited on a task of its own, so writes waiting for the
+/// journal's group commit hold no thread (one that may block — a replica
+/// to wait for, a failed production write — finishes on the pool).
+fn settle_sync_write(
+    write: ApiResult<PendingWrite>,
+    export: Arc<Export>,
+    daemon: Arc<Daemon>,
+    request: RequestHeader,
+    tx: mpsc::Sender<Reply>,
+    held: (OwnedSemaphorePermit, Option<Held>),
+) {
+    let started = Instant::now();
+    tokio::spawn(async move {
+        let outcome = match write {
+            Err(e) => Err(e),
+            Ok(write) if write.blocks() => tokio::task::spawn_blocking(move || write.wait())
+                .await
+                .unwrap_or_else(|e| {
+                    Err(ApiError::Failed(format!(
+                        "volume {}: waiting for a sync write at offset {} failed: {e}",
+                        export.volume_name, request.offset
+                    )))
+                }),
+            Ok(mut write) => {
+                let durable = tokio::time::timeout(write.time_left(), write.durable())
+                    .await
+                    .ok();
+                write.settle(durable)
+            }
+        };
+        let answer = answer(&export, &request, outcome, Vec::new());
+        record(&daemon, request.kind, answer.error, started);
+        let _ = tx
+            .send(Reply {
+                answer,
+                _held: held,
+            })
+            .await;
+    });
+}
+
 /// Runs `request` right here if it cannot block: a small read of the live
 /// volume (a pread of the production volume), or a small write that
 /// `Export::try_write` can take without waiting. `None`: use the pool.
@@ -197,7 +269,7 @@ fn run_inline(
     export: &Export,
     daemon: &Daemon,
     request: &RequestHeader,
-    payload: &[u8],
+    payload: &Bytes,
 ) -> Option<Answer> {
     let started = Instant::now();
     let answer = match request.kind {
@@ -331,7 +403,7 @@ fn block_status(export: &Export, selected: &Selected, request: &RequestHeader) -
     }
 }
 
-fn execute(export: &Export, request: &RequestHeader, payload: &[u8]) -> Answer {
+fn execute(export: &Export, request: &RequestHeader, payload: &Bytes) -> Answer {
     let fua = request.flags & CMD_FLAG_FUA != 0;
     let (offset, length) = (request.offset, request.length);
     let mut data = Vec::new();
@@ -340,7 +412,7 @@ fn execute(export: &Export, request: &RequestHeader, payload: &[u8]) -> Answer {
             data = vec![0u8; length as usize];
             export.read(offset, &mut data)
         }
-        CMD_WRITE => export.write(offset, payload, fua),
+        CMD_WRITE => export.write_shared(offset, payload, fua),
         CMD_FLUSH => export.flush(),
         CMD_TRIM => export.zero(offset, u64::from(length), fua, true),
         CMD_WRITE_ZEROES => export.zero(offset, u64::from(length), fua, false),
