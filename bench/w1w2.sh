@@ -27,6 +27,9 @@ for _ in $(seq 1 100); do nbdinfo --size "$nbdkit_uri" >/dev/null 2>&1 && break;
 # fio prints IOPS and bandwidth as JSON (after a "connected" line of the
 # nbd engine); two numbers per run.
 run_fio() { # uri rw bs -> "iops bw_bytes"
+  # Each run starts with no dirty page cache left by the one before (the
+  # writeback of nbdkit's 2 GiB otherwise lands in the next run).
+  sync
   fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth=16 \
       --size=2G --time_based --runtime="$runtime" --ramp_time=2 --randrepeat=0 \
       --output-format=json 2>/dev/null |
