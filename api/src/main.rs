@@ -14,6 +14,7 @@ fn main() {
             // M1). Only the daemon: a client (a restore from the archive)
             // would pay a page fault per page of every large buffer.
             tidemark_journal::return_freed_buffers_to_the_system();
+            raise_open_files_limit();
             serve(args)
         }
         command => {
@@ -22,6 +23,25 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// Every consistency group holds a RocksDB index, segment files, a dirty
+/// map and a production file open, so a daemon serving hundreds of volumes
+/// needs more than the usual soft limit of 1 024 descriptors: take the hard
+/// limit, as databases do.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 /// A reader that closes the pipe early (`tidemark … | head`, `grep -q`)
