@@ -49,8 +49,8 @@ volumes)
 [journal]
 cache_tiers = "memory"
 memory_cache = "16M"
-# Every group preallocates its active segment and the next one: at the
-# default 64 MiB, a thousand groups take 128 GB before a byte is written.
+# Every group preallocates its active segment: at the default 64 MiB, a
+# thousand groups take 64 GB before a byte is written.
 max_record = "1M"
 segment_size = "12M"
 TOML
