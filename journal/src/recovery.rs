@@ -76,7 +76,15 @@ pub struct RecoveryReport {
     /// Records found in the file cache that the journal lacked; they are
     /// journalled before anything new.
     pub replayed_from_file_cache: u64,
+    /// Sealed segments taken from the index's catalogue without a scan
+    /// (see `JournalOptions::trust_sealed`); their records are checked in
+    /// the background.
+    pub trusted_segments: usize,
 }
+
+/// Segments newest-first that start-up always scans, trusted or not: a
+/// torn tail, and batches that vouch for it, live only there.
+const ALWAYS_SCANNED: usize = 2;
 
 /// The outcome of scanning every segment.
 pub(crate) struct Recovered {
@@ -88,6 +96,9 @@ pub(crate) struct Recovered {
     /// The index knows records that recovery cut off; it must be rebuilt.
     pub index_ahead: bool,
     pub report: RecoveryReport,
+    /// Segments kept unscanned, each with the seq before it and its
+    /// catalogue line, for the background check.
+    pub trusted: Vec<(Arc<Segment>, Seq, SegmentEntry)>,
 }
 
 /// Gathers index updates during a scan, committing every few thousand
@@ -213,10 +224,24 @@ pub(crate) fn recover(
     manifest: &Manifest,
     index: &Index,
     mode: RecoveryMode,
+    trust_sealed: bool,
 ) -> Result<Recovered> {
     let ids = list_segments(fs, segments_dir)?;
     let indexed = index.indexed_seq()?.unwrap_or(0);
     let already = indexed.max(manifest.horizon_seq);
+    // Sealed segments the index has wholly indexed: their catalogue lines
+    // say what a scan would find, unless the segment was damaged since.
+    let catalogued: std::collections::HashMap<u64, SegmentEntry> = if trust_sealed {
+        index
+            .segments()?
+            .into_iter()
+            .filter(|e| e.last_seq <= indexed && e.records > 0)
+            .map(|e| (e.id, e))
+            .collect()
+    } else {
+        Default::default()
+    };
+    let mut trusted = Vec::new();
     let mut report = RecoveryReport::default();
     let mut segments = Vec::new();
     let mut catalogue = Vec::new();
@@ -270,6 +295,42 @@ pub(crate) fn recover(
                     manifest.group_id
                 ),
             ));
+        }
+        // Its catalogue line is final only once the next segment's records
+        // were indexed too (the index takes batches in seq order): a line
+        // flushed while the segment still grew would hide its later records.
+        let sealed = ids.len() - i >= ALWAYS_SCANNED;
+        let next_indexed = |e: &SegmentEntry| {
+            ids.get(i)
+                .and_then(|next| catalogued.get(next))
+                .is_some_and(|next| next.first_seq == e.last_seq + 1)
+        };
+        match catalogued.get(&id) {
+            Some(e)
+                if sealed && next_indexed(e) && (prev_seq == 0 || e.first_seq == prev_seq + 1) =>
+            {
+                // Taken as the catalogue says; a scan of it in the
+                // background finds damage that came after it was written
+                // (reads check every record's CRC meanwhile).
+                let e = *e;
+                if e.last_seq <= manifest.horizon_seq {
+                    // Left behind by an interrupted retention run.
+                    drop(segment);
+                    remove(fs, &path, &mut report)?;
+                } else {
+                    catalogue.push(e);
+                    newest = (e.last_seq, e.last_time);
+                    report.records += e.records;
+                    report.trusted_segments += 1;
+                    active = Some((id, e.used_bytes));
+                    let segment = Arc::new(segment);
+                    trusted.push((segment.clone(), prev_seq, e));
+                    segments.push(segment);
+                }
+                prev_seq = e.last_seq;
+                continue;
+            }
+            _ => {}
         }
 
         let mut entry: Option<SegmentEntry> = None;
@@ -407,6 +468,7 @@ pub(crate) fn recover(
         newest,
         active,
         report,
+        trusted,
     })
 }
 

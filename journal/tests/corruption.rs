@@ -582,3 +582,61 @@ fn a_later_segment_that_cannot_be_opened_is_never_a_reason_to_cut() {
     }
     assert!(newer.exists(), "the later segment is kept for the operator");
 }
+
+/// With `trust_sealed`, start-up takes the sealed segments the index has
+/// wholly indexed from its catalogue without reading them: the same
+/// history opens, and damage in one of them is found by the background
+/// check (naming the file), not at open.
+#[test]
+fn sealed_segments_are_trusted_at_start_and_checked_in_the_background() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+    let (model, _) = build(dir.path(), &clock, 7, 120);
+    let options = || tidemark_journal::JournalOptions {
+        trust_sealed: true,
+        ..small_options(clock.clone(), RecoveryMode::Strict)
+    };
+    let check_done = |journal: &Journal| {
+        for _ in 0..2000 {
+            if let Some(found) = journal.sealed_check() {
+                return found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("the background check did not finish");
+    };
+
+    let (journal, report) = Journal::open(dir.path(), options()).expect("open");
+    assert!(
+        report.trusted_segments >= 2 && report.trusted_segments + 2 <= report.segments,
+        "sealed segments trusted, the newest two scanned: {report:?}"
+    );
+    assert_eq!(report.newest_seq, model.newest());
+    check_reads(&journal, &model, &mut rng(8), 12);
+    assert_eq!(check_done(&journal), Vec::new());
+    journal.close().expect("close");
+
+    let oldest = segment_files(dir.path())
+        .into_iter()
+        .next()
+        .expect("a segment");
+    let mut bytes = fs::read(&oldest).expect("read");
+    bytes[64 + 100] ^= 0x10;
+    fs::write(&oldest, &bytes).expect("write");
+    let (journal, report) = Journal::open(dir.path(), options()).expect("open without a scan");
+    assert!(report.trusted_segments >= 2, "{report:?}");
+    let found = check_done(&journal);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, oldest);
+    journal.close().expect("close");
+
+    // Without trust, the same damage stops a strict open, as before.
+    match Journal::open(
+        dir.path(),
+        small_options(clock.clone(), RecoveryMode::Strict),
+    ) {
+        Err(Error::Corruption { path, .. }) => assert_eq!(path, oldest),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("a strict scan must find the damage"),
+    }
+}

@@ -312,6 +312,9 @@ impl Registry {
             } else {
                 c.cache_tiers
             },
+            // Start-up in seconds however much journal there is; sealed
+            // segments are checked in the background.
+            trust_sealed: true,
             ..JournalOptions::default()
         };
         let dir = self.group_dir(name);

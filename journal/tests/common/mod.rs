@@ -153,6 +153,7 @@ pub fn small_options(clock: Arc<ManualClock>, recovery: RecoveryMode) -> Journal
         return_below: 0.25,
         clock,
         fs: Arc::new(tidemark_journal::fs::RealFs),
+        trust_sealed: false,
     }
 }
 
