@@ -256,7 +256,15 @@ impl Segment {
         // only in recovery, within the mapped length. Unlinking a mapped
         // segment (retention) leaves the mapping valid.
         let map = unsafe { file.map(false) }.map_err(|e| Error::io("map segment", path, e))?;
-        let header = SegmentHeader::decode(map.as_slice(), path)?;
+        // The header is read, not faulted in through the mapping: a fault
+        // reads ahead far more than a page, and a start-up that trusts
+        // hundreds of sealed segments touches nothing else of them.
+        let mut head = [0u8; SEGMENT_HEADER_LEN];
+        let header = match file.read_exact_at(&mut head, 0) {
+            Ok(()) => SegmentHeader::decode(&head, path)?,
+            // A file shorter than its header: decoding the mapping says so.
+            Err(_) => SegmentHeader::decode(map.as_slice(), path)?,
+        };
         if header.segment_size != map.len() as u64 {
             return Err(Error::corruption(
                 path,
