@@ -344,6 +344,19 @@ impl Shared {
     /// An appender that may not wait (`may_make` false) never tries to
     /// make a missing file cache: that allocates a file, which is no work
     /// for a thread that must not block.
+    /// Refuses a write of `len` bytes at `offset` that leaves the volume or
+    /// exceeds the largest record.
+    fn check_write(&self, info: &VolumeInfo, offset: u64, len: usize) -> Result<()> {
+        info.check_range(offset, len as u64)?;
+        if len as u64 > self.options.max_record_len {
+            return Err(Error::Invalid(format!(
+                "volume {}: a write of {len} bytes exceeds the largest record, {} bytes",
+                info.name, self.options.max_record_len
+            )));
+        }
+        Ok(())
+    }
+
     pub fn goes_to_file_tier(&self, bytes: u64, may_make: bool) -> bool {
         let cache = if may_make {
             self.file_cache()
@@ -1068,15 +1081,7 @@ impl Journal {
         let in_volume = |offset: u64, len: u64| info.check_range(offset, len);
         let record = match change {
             Change::Write { offset, data } | Change::Resync { offset, data } => {
-                in_volume(offset, data.len() as u64)?;
-                if data.len() as u64 > shared.options.max_record_len {
-                    return Err(Error::Invalid(format!(
-                        "volume {}: a write of {} bytes exceeds the largest record, {} bytes",
-                        info.name,
-                        data.len(),
-                        shared.options.max_record_len
-                    )));
-                }
+                shared.check_write(&info, offset, data.len())?;
                 let mut record =
                     PreparedRecord::new(RecordKind::Write, volume, offset, data.len() as u64, data);
                 record.resync = matches!(change, Change::Resync { .. });
@@ -1120,15 +1125,7 @@ impl Journal {
     ) -> Result<AppendHandle> {
         let shared = self.shared();
         let info = shared.volume_by_id(volume)?;
-        info.check_range(offset, data.len() as u64)?;
-        if data.len() as u64 > shared.options.max_record_len {
-            return Err(Error::Invalid(format!(
-                "volume {}: a write of {} bytes exceeds the largest record, {} bytes",
-                info.name,
-                data.len(),
-                shared.options.max_record_len
-            )));
-        }
+        shared.check_write(&info, offset, data.len())?;
         let record =
             PreparedRecord::shared(RecordKind::Write, volume, offset, data.len() as u64, data);
         self.place(&info, record, admission)

@@ -826,33 +826,18 @@ impl SyncWrite {
             seq,
             waited: self.inner.options.sync_timeout,
         }));
-        self.finish(durable)
+        self.finish(Some(durable))
     }
 
     /// Waits for the record and acknowledges, blocking.
     pub fn wait(self) -> Result<Acknowledged> {
-        if self.failed.is_some() {
-            return self.finish(Ok(()));
-        }
-        let time_left = self.time_left();
-        let SyncWrite {
-            inner,
-            v,
-            offset,
-            len,
-            handle,
-            started,
-            ..
-        } = self;
-        let (seq, stored_bytes) = (handle.seq(), handle.stored_bytes());
-        let durable = handle.wait_timeout(time_left).map(|_| ());
-        let acknowledged =
-            inner.settle_sync(&v, (offset, len), seq, stored_bytes, started, durable)?;
-        v.count(len, &acknowledged);
-        Ok(acknowledged)
+        self.finish(None)
     }
 
-    fn finish(self, durable: Result<()>) -> Result<Acknowledged> {
+    /// Settles with `durable`, the outcome of waiting for the record, or
+    /// waits for it here (blocking) when there is none yet.
+    fn finish(self, durable: Option<Result<()>>) -> Result<Acknowledged> {
+        let time_left = self.time_left();
         let SyncWrite {
             inner,
             v,
@@ -866,14 +851,10 @@ impl SyncWrite {
             inner.agree_again(&v, offset, len, vec![handle], "production-write-failed");
             return Err(e);
         }
-        let acknowledged = inner.settle_sync(
-            &v,
-            (offset, len),
-            handle.seq(),
-            handle.stored_bytes(),
-            started,
-            durable,
-        )?;
+        let (seq, stored_bytes) = (handle.seq(), handle.stored_bytes());
+        let durable = durable.unwrap_or_else(|| handle.wait_timeout(time_left).map(|_| ()));
+        let acknowledged =
+            inner.settle_sync(&v, (offset, len), seq, stored_bytes, started, durable)?;
         v.count(len, &acknowledged);
         Ok(acknowledged)
     }

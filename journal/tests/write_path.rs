@@ -511,11 +511,9 @@ impl BlockDevice for FailingDevice {
     }
 }
 
-/// A sync write is journalled before the production volume is written; if
-/// that write then fails, the journal must agree with the volume again at
-/// once, not at some later background round.
-#[test]
-fn a_sync_write_the_production_volume_refuses_is_resynced_at_once() {
+/// A sync volume whose production device fails writes while told to; the
+/// directory must outlive the write path.
+fn sync_volume_on_a_failing_device() -> (tempfile::TempDir, WritePath, Arc<FailingDevice>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (journal, _) = Journal::open(
         &dir.path().join("journal"),
@@ -533,6 +531,15 @@ fn a_sync_write_the_production_volume_refuses_is_resynced_at_once() {
     });
     path.attach("vol", device.clone(), IoMode::Sync)
         .expect("attach");
+    (dir, path, device)
+}
+
+/// A sync write is journalled before the production volume is written; if
+/// that write then fails, the journal must agree with the volume again at
+/// once, not at some later background round.
+#[test]
+fn a_sync_write_the_production_volume_refuses_is_resynced_at_once() {
+    let (_dir, path, device) = sync_volume_on_a_failing_device();
     let mut rng = rng(4);
     let (offset, data) = random_write(&mut rng);
     path.write("vol", offset, &data, false).expect("write");
@@ -855,23 +862,7 @@ fn sync_writes_begun_without_blocking_settle_like_blocking_ones() {
 
 #[test]
 fn a_sync_write_begun_without_blocking_that_production_refuses_is_resynced() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (journal, _) = Journal::open(
-        &dir.path().join("journal"),
-        small_options(
-            Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
-            RecoveryMode::Strict,
-        ),
-    )
-    .expect("open");
-    journal.create_volume("vol", SIZE).expect("volume");
-    let path = WritePath::new(journal, small_regions()).expect("write path");
-    let device = Arc::new(FailingDevice {
-        inner: FileDevice::open(&dir.path().join("production.img"), SIZE).expect("device"),
-        fail: false.into(),
-    });
-    path.attach("vol", device.clone(), IoMode::Sync)
-        .expect("attach");
+    let (_dir, path, device) = sync_volume_on_a_failing_device();
     let mut rng = rng(10);
     path.write("vol", 0, &payload(&mut rng, 4096), false)
         .expect("write");

@@ -150,11 +150,11 @@ impl Export {
         matches!(self.target, Target::Live { .. })
     }
 
-    /// Writes `data` at `offset` only if that cannot block on a disk or a
-    /// lock (see `WritePath::try_write`); `None` when it could, and then
-    /// [`Export::write`] must be used where blocking is fine.
-    pub fn try_write(&self, offset: u64, data: &Bytes) -> Option<ApiResult<()>> {
-        if let Err(e) = self.check(offset, data.len() as u64) {
+    /// The live volume a write of `len` bytes at `offset` goes to without
+    /// blocking: `None` if the export is not live (the caller takes the
+    /// blocking path), an error for a bad range or a demoted volume.
+    fn live_for_write(&self, offset: u64, len: u64) -> Option<ApiResult<&Arc<Volume>>> {
+        if let Err(e) = self.check(offset, len) {
             return Some(Err(e));
         }
         let Target::Live { .. } = self.target else {
@@ -163,7 +163,17 @@ impl Export {
         if !self.volume_writable() {
             return Some(Err(self.demoted()));
         }
-        let volume = self.volume.as_ref()?;
+        self.volume.as_ref().map(Ok)
+    }
+
+    /// Writes `data` at `offset` only if that cannot block on a disk or a
+    /// lock (see `WritePath::try_write`); `None` when it could, and then
+    /// [`Export::write`] must be used where blocking is fine.
+    pub fn try_write(&self, offset: u64, data: &Bytes) -> Option<ApiResult<()>> {
+        let volume = match self.live_for_write(offset, data.len() as u64)? {
+            Ok(volume) => volume,
+            Err(e) => return Some(Err(e)),
+        };
         let ack = volume
             .group
             .write_path
@@ -181,16 +191,10 @@ impl Export {
     /// `WritePath::try_begin_sync`); `None` when it could, and then
     /// [`Export::write_shared`] must be used where blocking is fine.
     pub fn try_begin_sync(&self, offset: u64, data: &Bytes) -> Option<ApiResult<PendingWrite>> {
-        if let Err(e) = self.check(offset, data.len() as u64) {
-            return Some(Err(e));
-        }
-        let Target::Live { .. } = self.target else {
-            return None;
+        let volume = match self.live_for_write(offset, data.len() as u64)? {
+            Ok(volume) => volume,
+            Err(e) => return Some(Err(e)),
         };
-        if !self.volume_writable() {
-            return Some(Err(self.demoted()));
-        }
-        let volume = self.volume.as_ref()?;
         let write = volume
             .group
             .write_path
