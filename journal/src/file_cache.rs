@@ -14,6 +14,15 @@
 //! crash while the ring wraps would leave the walk starting in the middle
 //! of a newer entry and drop every acknowledged entry after it).
 //!
+//! The ring file is sparse: its disk blocks are allocated a chunk at a time
+//! just before the head first writes into a chunk, and given back (a hole
+//! punched) once the durable tail has left a chunk behind. Each chunk is
+//! charged to a [`FileBudget`], which a daemon shares between all its
+//! journals: the file tier's disk use is bounded for the whole daemon, not
+//! per group, and a group that is not spilling holds no disk at all. A full
+//! disk shows as a failed allocation (the entry goes elsewhere), never as a
+//! fault on a write into the mapping.
+//!
 //! Format (little-endian), header in the first 4 KiB:
 //! `{ [u8;8] magic "TDMKFCAC" | u32 version | u32 header_len (4096) |
 //!    u64 capacity | u64 group_id | u64 tail | u64 tail_seq | u64 head |
@@ -27,12 +36,14 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
-use crate::fs::{Fs, Mapping, OpenMode};
+use crate::fs::{Fs, FsFile, Mapping, OpenMode};
 use crate::point::Seq;
 use crate::record::{decode_record, le_u32, le_u64, RecordHeader};
 
@@ -46,6 +57,72 @@ const HEADER_LEN: u64 = 4096;
 const ENTRY_HEADER: usize = 24;
 const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"TDFC");
 const WRAP_MAGIC: u32 = u32::from_le_bytes(*b"TDFW");
+
+/// The bound on disk bytes the file tier may hold, for one journal or
+/// shared by every journal of a daemon.
+#[derive(Debug)]
+pub struct FileBudget {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl FileBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(FileBudget {
+            limit,
+            used: AtomicU64::new(0),
+        })
+    }
+
+    /// The bound.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes allocated now, by every file cache sharing the budget.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    fn available(&self) -> u64 {
+        self.limit.saturating_sub(self.used())
+    }
+
+    /// Takes `bytes` if they fit under the bound.
+    fn try_take(&self, bytes: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                (used + bytes <= self.limit).then_some(used + bytes)
+            })
+            .is_ok()
+    }
+
+    /// Takes `bytes` whatever the bound: entries found at start-up hold
+    /// acknowledged writes and keep their space.
+    fn take_anyway(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    fn give(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                Some(used.saturating_sub(bytes))
+            });
+    }
+}
+
+/// Bytes of ring allocated (and charged to the budget) at a time: small
+/// enough that an idle group gives nearly everything back, large enough
+/// that allocating is rare next to the writes it serves.
+fn chunk_size(capacity: u64) -> u64 {
+    (capacity / 64).clamp(64 << 10, 4 << 20) / 4096 * 4096
+}
+
+/// How long an appender that found the shared budget spent waits before it
+/// looks again: the room comes from other journals, which do not signal.
+const BUDGET_POLL: Duration = Duration::from_millis(10);
 
 /// Where a journal keeps its file cache.
 pub fn file_cache_path(journal_dir: &Path) -> PathBuf {
@@ -99,6 +176,10 @@ struct Ring {
     unsynced: Vec<(u64, u64)>,
     /// The newest seq released (journalled).
     released_seq: Seq,
+    /// Which chunks of the ring have disk blocks (charged to the budget).
+    chunks: Vec<bool>,
+    /// Bytes of those chunks.
+    allocated: u64,
 }
 
 impl Ring {
@@ -137,13 +218,18 @@ pub struct FileCacheStats {
     pub entries: u64,
     /// Flushes (msync) made.
     pub flushes: u64,
+    /// Bytes of disk the ring holds now (whole chunks around its entries).
+    pub disk_bytes: u64,
 }
 
 /// The file cache of one journal.
 pub struct FileCache {
     path: PathBuf,
+    file: Arc<dyn FsFile>,
     map: Mapping,
     capacity: u64,
+    chunk: u64,
+    budget: Arc<FileBudget>,
     group_id: u64,
     ring: Mutex<Ring>,
     /// Signalled when space is given back.
@@ -181,9 +267,8 @@ impl FileCache {
     /// must be journalled before anything new. A cache of another size or
     /// group, or with a damaged header, is reported as corruption: it may
     /// hold acknowledged writes, so it is never discarded silently.
-    /// A new cache is allocated in full (where the filesystem can), so a
-    /// full disk shows here, as an error, and never later as a fault on a
-    /// write into the mapping.
+    /// A new cache is a sparse file: its ring takes disk blocks, charged
+    /// to `budget`, a chunk at a time as entries need them.
     pub fn open(
         fs: &dyn Fs,
         path: &Path,
@@ -191,6 +276,7 @@ impl FileCache {
         group_id: u64,
         journalled: Seq,
         hooks: &dyn crate::io_hooks::IoHooks,
+        budget: Arc<FileBudget>,
     ) -> Result<(Self, Vec<Pending>)> {
         if capacity < 1 << 20 || capacity % 4096 != 0 {
             return Err(Error::Invalid(format!(
@@ -209,7 +295,8 @@ impl FileCache {
             // acknowledged from it.
             let allocated = hooks
                 .before_cache_create(path)
-                .and_then(|()| file.allocate(HEADER_LEN + capacity))
+                .and_then(|()| file.allocate(HEADER_LEN))
+                .and_then(|()| file.set_len(HEADER_LEN + capacity))
                 .and_then(|()| file.sync_all())
                 .and_then(|()| fs.sync_dir(&crate::fs::parent_dir(path)));
             if let Err(e) = allocated {
@@ -234,10 +321,15 @@ impl FileCache {
         // to one writer and read only after they were written, and the file
         // keeps its length.
         let map = unsafe { file.map(true) }.map_err(|e| Error::io("map file cache", path, e))?;
+        let chunk = chunk_size(capacity);
+        let chunks = capacity.div_ceil(chunk) as usize;
         let cache = FileCache {
             path: path.to_path_buf(),
+            file,
             map,
             capacity,
+            chunk,
+            budget,
             group_id,
             ring: Mutex::new(Ring {
                 head: 0,
@@ -248,6 +340,8 @@ impl FileCache {
                 writes: 0,
                 unsynced: Vec::new(),
                 released_seq: journalled,
+                chunks: vec![false; chunks],
+                allocated: 0,
             }),
             freed: Condvar::new(),
             synced: Mutex::new(0),
@@ -261,7 +355,170 @@ impl FileCache {
         };
         cache.write_header();
         cache.flush_all()?;
+        if !fresh {
+            // Only once the tail on disk is the oldest entry kept: a punch
+            // behind an older tail would stop the next recovery's walk.
+            cache.adopt_chunks();
+        }
         Ok((cache, pending))
+    }
+
+    /// Ring offset and length of chunk `i` (the last may be short).
+    fn chunk_span(&self, i: usize) -> (u64, u64) {
+        let at = i as u64 * self.chunk;
+        (at, self.chunk.min(self.capacity - at))
+    }
+
+    /// The ring ranges that must keep their bytes: from the oldest entry
+    /// recovery may walk (the durable tail) to just past the head, where a
+    /// cleared frame stops the walk. Empty when there is no entry.
+    fn occupied(&self, ring: &Ring) -> Vec<(u64, u64)> {
+        let Some(front) = ring.slots.front() else {
+            return Vec::new();
+        };
+        let (from, to) = (front.start, ring.head);
+        let stop = |at: u64| (at + ENTRY_HEADER as u64).min(self.capacity);
+        if from < to || (from == to && ring.used == 0) {
+            vec![(from, stop(to))]
+        } else {
+            vec![(from, self.capacity), (0, stop(to))]
+        }
+    }
+
+    /// Chunks `ranges` touch that have no disk blocks yet, as
+    /// `(index, bytes)`.
+    fn missing_chunks(&self, ring: &Ring, ranges: &[(u64, u64)]) -> Vec<(usize, u64)> {
+        let mut out: Vec<(usize, u64)> = Vec::new();
+        for &(a, b) in ranges.iter().filter(|(a, b)| b > a) {
+            for i in (a / self.chunk) as usize..b.div_ceil(self.chunk) as usize {
+                if !ring.chunks[i] && !out.iter().any(|&(j, _)| j == i) {
+                    out.push((i, self.chunk_span(i).1));
+                }
+            }
+        }
+        out
+    }
+
+    /// Gives every chunk `ranges` touch disk blocks, charged to the
+    /// budget. False when the budget or the disk has no room (chunks taken
+    /// so far are given back by the next [`Self::free_chunks`]).
+    fn allocate_chunks(&self, ring: &mut Ring, ranges: &[(u64, u64)]) -> bool {
+        for (i, bytes) in self.missing_chunks(ring, ranges) {
+            if !self.budget.try_take(bytes) {
+                return false;
+            }
+            let (at, len) = self.chunk_span(i);
+            if let Err(e) = self.file.allocate_range(HEADER_LEN + at, len) {
+                self.budget.give(bytes);
+                tracing::warn!(cache = %self.path.display(), offset = HEADER_LEN + at, error = %e, "cannot allocate file-cache space; records wait elsewhere");
+                return false;
+            }
+            ring.chunks[i] = true;
+            ring.allocated += bytes;
+        }
+        true
+    }
+
+    /// Punches out every chunk with disk blocks outside the occupied ring
+    /// and gives its bytes back to the budget. Called under the ring lock,
+    /// so no appender allocates (and writes) a chunk while it is punched.
+    fn free_chunks(&self, ring: &mut Ring) {
+        let keep = self.occupied(ring);
+        let kept = |i: usize| {
+            let (a, len) = self.chunk_span(i);
+            keep.iter().any(|&(from, to)| a < to && from < a + len)
+        };
+        let mut i = 0;
+        while i < ring.chunks.len() {
+            if !ring.chunks[i] || kept(i) {
+                i += 1;
+                continue;
+            }
+            // One punch for a run of free chunks.
+            let first = i;
+            let mut bytes = 0;
+            while i < ring.chunks.len() && ring.chunks[i] && !kept(i) {
+                bytes += self.chunk_span(i).1;
+                i += 1;
+            }
+            let at = self.chunk_span(first).0;
+            match self.file.zero_range(HEADER_LEN + at, bytes, true) {
+                Ok(()) => {
+                    ring.chunks[first..i].fill(false);
+                    ring.allocated -= bytes;
+                    self.budget.give(bytes);
+                }
+                Err(e) => {
+                    tracing::warn!(cache = %self.path.display(), offset = HEADER_LEN + at, error = %e, "cannot give file-cache space back; it stays allocated");
+                }
+            }
+        }
+    }
+
+    /// After recovery: charges the chunks the found entries occupy to the
+    /// budget (whatever it holds: they are acknowledged writes) and gives
+    /// every other chunk's disk blocks back.
+    fn adopt_chunks(&self) {
+        let mut ring = self.ring.lock();
+        let occupied = self.occupied(&ring);
+        for (i, bytes) in self.missing_chunks(&ring, &occupied) {
+            self.budget.take_anyway(bytes);
+            ring.chunks[i] = true;
+            ring.allocated += bytes;
+        }
+        // The rest may hold blocks from before (a crash before a punch, or
+        // a ring allocated whole by an earlier version): mark them so the
+        // punch below frees them. Charged first, so the punch's give-back
+        // balances.
+        for i in 0..ring.chunks.len() {
+            if !ring.chunks[i] {
+                let bytes = self.chunk_span(i).1;
+                self.budget.take_anyway(bytes);
+                ring.chunks[i] = true;
+                ring.allocated += bytes;
+            }
+        }
+        self.free_chunks(&mut ring);
+    }
+
+    /// Where an entry of `size` bytes goes with the head at `head`: its
+    /// start and the bytes wasted before the end of the ring.
+    fn placement(&self, head: u64, size: u64) -> (u64, u64) {
+        if self.capacity - head < size {
+            (0, self.capacity - head)
+        } else {
+            (head, 0)
+        }
+    }
+
+    /// The ring ranges an entry of `size` bytes written at the head would
+    /// write: a wrap marker, the entry, the cleared frame after it.
+    fn ranges_written(&self, head: u64, size: u64) -> [(u64, u64); 3] {
+        let (start, waste) = self.placement(head, size);
+        let end = start + size;
+        let wrap = if waste >= ENTRY_HEADER as u64 {
+            (head, head + ENTRY_HEADER as u64)
+        } else {
+            (0, 0)
+        };
+        let clear = if self.capacity - end >= ENTRY_HEADER as u64 {
+            (end, end + 4)
+        } else {
+            (0, 0)
+        };
+        [wrap, (start, end), clear]
+    }
+
+    /// True when the budget can give the chunks the next entry of `len`
+    /// record bytes needs.
+    fn budget_has_room(&self, ring: &Ring, len: usize) -> bool {
+        let size = align8(ENTRY_HEADER as u64 + len as u64);
+        let need: u64 = self
+            .missing_chunks(ring, &self.ranges_written(ring.head, size))
+            .iter()
+            .map(|&(_, bytes)| bytes)
+            .sum();
+        need <= self.budget.available()
     }
 
     fn bytes(&self, at: u64, len: usize) -> &[u8] {
@@ -331,6 +588,9 @@ impl FileCache {
                 ring.released_bytes -= slot.charge;
             }
         }
+        // The tail on disk has left these bytes behind: their disk blocks
+        // can serve another group.
+        self.free_chunks(&mut ring);
         drop(ring);
         self.freed.notify_all();
         Ok(())
@@ -449,7 +709,8 @@ impl FileCache {
         }
         let mut ring = self.ring.lock();
         loop {
-            if ring.used + need <= self.capacity {
+            let ring_fits = ring.used + need <= self.capacity;
+            if ring_fits && self.budget_has_room(&ring, len) {
                 return true;
             }
             if ring.released > 0 {
@@ -466,8 +727,17 @@ impl FileCache {
             match deadline {
                 None => return false,
                 Some(at) => {
-                    if self.freed.wait_until(&mut ring, at).timed_out() {
-                        return ring.used + need <= self.capacity;
+                    // Room in the ring comes back from this journal, which
+                    // signals; room in a shared budget from others, which
+                    // do not: look again soon.
+                    let until = if ring_fits {
+                        at.min(Instant::now() + BUDGET_POLL)
+                    } else {
+                        at
+                    };
+                    if self.freed.wait_until(&mut ring, until).timed_out() && Instant::now() >= at {
+                        return ring.used + need <= self.capacity
+                            && self.budget_has_room(&ring, len);
                     }
                 }
             }
@@ -485,15 +755,15 @@ impl FileCache {
     ) -> Option<FileEntry> {
         let mut ring = self.ring.lock();
         let size = align8(ENTRY_HEADER as u64 + len as u64);
-        let mut start = ring.head;
-        let mut waste = 0;
-        if self.capacity - start < size {
-            waste = self.capacity - start;
-            start = 0;
-        }
+        let (start, waste) = self.placement(ring.head, size);
         // Room for a frame more is kept free, so clearing the magic after
         // the entry never touches the oldest entry in use.
         if ring.used + waste + size + ENTRY_HEADER as u64 > self.capacity {
+            return None;
+        }
+        // Disk blocks under every byte written, before any is written.
+        let written = self.ranges_written(ring.head, size);
+        if !self.allocate_chunks(&mut ring, &written) {
             return None;
         }
         if waste >= ENTRY_HEADER as u64 {
@@ -592,7 +862,12 @@ impl FileCache {
         let new_tail = ring.tail();
         // Without pressure for room the tail on disk would lag ever
         // further, and a restart would walk every journalled entry again.
-        let lagging = ring.released_bytes > self.capacity / 4;
+        // A drained ring, or a shared budget running short, gives its disk
+        // back at once: other groups may need it, and an idle group holds
+        // none.
+        let lagging = ring.released_bytes > self.capacity / 4
+            || (ring.released > 0
+                && (ring.live() == 0 || self.budget.available() < self.budget.limit() / 8));
         drop(ring);
         if lagging {
             if let Err(e) = self.persist_tail() {
@@ -645,6 +920,15 @@ impl FileCache {
             capacity_bytes: self.capacity,
             entries: ring.live() as u64,
             flushes: self.flushes.load(std::sync::atomic::Ordering::Relaxed),
+            disk_bytes: ring.allocated,
         }
+    }
+}
+
+impl Drop for FileCache {
+    fn drop(&mut self) {
+        // The blocks stay on disk with the file; the next open charges
+        // them again.
+        self.budget.give(self.ring.get_mut().allocated);
     }
 }

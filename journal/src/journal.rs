@@ -71,8 +71,15 @@ pub struct JournalOptions {
     pub io_hooks: Arc<dyn IoHooks>,
     /// Which tiers of the monitoring cache records wait in.
     pub cache_tiers: CacheTiers,
-    /// Size of the file cache's ring (`DIR/cache/file-cache.ring`).
+    /// Size of the file cache's ring (`DIR/cache/file-cache.ring`): the
+    /// most of the file tier this journal may use. Its disk blocks are
+    /// allocated as entries need them.
     pub file_cache_bytes: u64,
+    /// Budgets shared with the other journals of a daemon, bounding the
+    /// memory and the file tier of all of them together. `None`: this
+    /// journal has budgets of its own, of `memory_cache_bytes` and
+    /// `file_cache_bytes`.
+    pub shared_cache: Option<CacheBudget>,
     /// With both tiers: records spill to the file cache once the memory
     /// cache holds more than this fraction of its bound...
     pub spill_above: f64,
@@ -101,6 +108,7 @@ impl Default for JournalOptions {
             io_hooks: Arc::new(RealIo),
             cache_tiers: CacheTiers::Both,
             file_cache_bytes: 4 << 30,
+            shared_cache: None,
             spill_above: 0.75,
             return_below: 0.25,
             clock: Arc::new(SystemClock),
@@ -137,6 +145,27 @@ const FILE_ROOM_SLICE: std::time::Duration = std::time::Duration::from_millis(10
 /// How long after failing to make the file cache (a full disk) it is tried
 /// again.
 pub const FILE_CACHE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The monitoring cache's bounds, shared by every journal that is given
+/// them (a daemon's consistency groups): bytes of records waiting in
+/// memory, and disk bytes of the file tier.
+#[derive(Clone, Debug)]
+pub struct CacheBudget {
+    /// The memory tier's bound.
+    pub memory: Arc<crate::memory_cache::MemoryBudget>,
+    /// The file tier's bound.
+    pub file: Arc<file_cache::FileBudget>,
+}
+
+impl CacheBudget {
+    /// Budgets of `memory` and `file` bytes.
+    pub fn new(memory: u64, file: u64) -> Self {
+        CacheBudget {
+            memory: crate::memory_cache::MemoryBudget::new(memory),
+            file: file_cache::FileBudget::new(file),
+        }
+    }
+}
 
 /// Which tiers of the monitoring cache records wait in between capture and
 /// the journal.
@@ -370,14 +399,15 @@ impl Shared {
             CacheTiers::Memory => false,
             CacheTiers::File => true,
             CacheTiers::Both => {
-                let memory = self.memory.stats();
-                let limit = memory.limit_bytes as f64;
+                // The memory budget may be shared: what fills it is every
+                // group's records, and every group then spills.
+                let budget = self.memory.budget();
+                let (used, limit) = (budget.used(), budget.limit() as f64);
                 let spilling = self.spilling.load(Ordering::SeqCst);
                 let switch = if spilling {
-                    file.is_empty()
-                        && (memory.used_bytes as f64) < limit * self.options.return_below
+                    file.is_empty() && (used as f64) < limit * self.options.return_below
                 } else {
-                    (memory.used_bytes + bytes) as f64 > limit * self.options.spill_above
+                    (used + bytes) as f64 > limit * self.options.spill_above
                 };
                 if switch
                     && self
@@ -634,6 +664,7 @@ fn open_file_cache(
         group_id,
         journalled,
         options.io_hooks.as_ref(),
+        file_budget(options),
     )?;
     if !pending.is_empty() || (wanted && capacity == options.file_cache_bytes) {
         return Ok((Some(Arc::new(cache)), pending));
@@ -650,6 +681,15 @@ fn open_file_cache(
         None
     };
     Ok((made.map(Arc::new), Vec::new()))
+}
+
+/// The budget a journal's file cache draws on: the daemon's shared one, or
+/// its own of the ring's size.
+fn file_budget(options: &JournalOptions) -> Arc<file_cache::FileBudget> {
+    match &options.shared_cache {
+        Some(shared) => shared.file.clone(),
+        None => file_cache::FileBudget::new(options.file_cache_bytes),
+    }
 }
 
 /// Makes a new, empty file cache of the configured size in `DIR/cache`;
@@ -674,6 +714,7 @@ fn new_file_cache(
         group_id,
         journalled,
         options.io_hooks.as_ref(),
+        file_budget(options),
     ) {
         Ok((cache, _)) => Ok(Some(cache)),
         Err(e) if e.is_disk_full() => {
@@ -816,7 +857,10 @@ impl Journal {
             poisoned: Mutex::new(None),
             fold: RwLock::new(()),
             manifest_update: Mutex::new(()),
-            memory: MemoryCache::new(options.memory_cache_bytes),
+            memory: match &options.shared_cache {
+                Some(shared) => MemoryCache::sharing(shared.memory.clone()),
+                None => MemoryCache::new(options.memory_cache_bytes),
+            },
             closing: std::sync::atomic::AtomicBool::new(false),
             disk_full_waits: AtomicU64::new(0),
             file_cache_failed: Mutex::new(
@@ -1278,7 +1322,7 @@ impl Journal {
             .ok_or_else(|| Error::CacheFull {
                 volume: info.name.clone(),
                 bytes,
-                limit: shared.options.memory_cache_bytes,
+                limit: shared.memory.budget().limit(),
             })?;
         let (reply, rx) = oneshot::channel();
         let stored_bytes = record.stored.len() as u64;

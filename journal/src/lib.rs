@@ -23,9 +23,11 @@
 //!   shipped from one appended unchanged; [`rebase`] — a history rebased
 //!   onto another site's base images (how a replica starts and catches up).
 //! - [`memory_cache`] — the byte-bounded memory cache between capture and
-//!   the journal, and how appenders wait for room in it.
-//! - [`file_cache`] — the file tier: a memory-mapped ring that records
-//!   spill to, durable across a crash.
+//!   the journal, and how appenders wait for room in it; its bound may be
+//!   shared by every journal of a daemon.
+//! - [`file_cache`] — the file tier: a memory-mapped, sparse ring that
+//!   records spill to, durable across a crash, its disk drawn from a
+//!   (possibly shared) budget.
 //! - [`journal`] — [`Journal`], which ties these together.
 //! - [`production`] — the production volume the write path writes through.
 //! - [`dirty_map`] — the persistent dirty-region map: regions that may hold
@@ -77,12 +79,17 @@ mod writer;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
+pub use file_cache::FileBudget;
 pub use index::{SegmentEntry, StoredEvent, StoredTag, INDEX_BLOCK};
 pub use io_mode::{AdaptiveThresholds, IoMode};
-pub use journal::{CacheStats, CacheTiers, Change, DurableListener, Journal, JournalOptions};
+pub use journal::{
+    CacheBudget, CacheStats, CacheTiers, Change, DurableListener, Journal, JournalOptions,
+};
 pub use manifest::Gap;
 pub use mark::Mark;
-pub use memory_cache::{return_freed_buffers_to_the_system, Admission, MemoryCacheStats};
+pub use memory_cache::{
+    return_freed_buffers_to_the_system, Admission, MemoryBudget, MemoryCacheStats,
+};
 pub use point::{History, Point, Seq, Timestamp};
 pub use production::{BlockDevice, FileDevice};
 pub use record::RecordKind;

@@ -8,6 +8,12 @@
 //! (async mode, which then falls back to its dirty-region map). The charge
 //! is a guard that releases itself when dropped, so no path through the
 //! writer can leak cache space.
+//!
+//! The bound is a [`MemoryBudget`], which one journal may have to itself or
+//! share with every other journal of a daemon: a thousand consistency
+//! groups then share one bound instead of each holding its own, and a busy
+//! group may use what idle ones leave. Each journal's [`MemoryCache`]
+//! still counts its own use, for its metrics.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,9 +34,9 @@ pub enum Admission {
 /// Counters of the memory cache, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryCacheStats {
-    /// Bytes of records captured and not yet durable.
+    /// Bytes of this journal's records captured and not yet durable.
     pub used_bytes: u64,
-    /// The bound.
+    /// The bound (of the budget, which other journals may share).
     pub limit_bytes: u64,
     /// The most that was ever in use.
     pub peak_bytes: u64,
@@ -40,11 +46,49 @@ pub struct MemoryCacheStats {
     pub refusals: u64,
 }
 
-/// A byte-bounded admission gate for records on their way to the journal.
+/// The bound on bytes of records waiting in memory, for one journal or
+/// shared by all journals of a daemon.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl MemoryBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(MemoryBudget {
+            limit,
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// The bound.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes in use now, by every journal sharing the budget.
+    pub fn used(&self) -> u64 {
+        *self.used.lock()
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut used = self.used.lock();
+        *used = used.saturating_sub(bytes);
+        drop(used);
+        self.freed.notify_all();
+    }
+}
+
+/// A journal's byte-bounded admission gate for records on their way to
+/// it, drawing on a (possibly shared) [`MemoryBudget`].
 #[derive(Debug)]
 pub struct MemoryCache {
+    budget: Arc<MemoryBudget>,
     stats: Mutex<MemoryCacheStats>,
-    freed: Condvar,
 }
 
 /// Room held in the memory cache; given back when dropped.
@@ -75,50 +119,66 @@ impl Drop for CacheCharge {
 }
 
 impl MemoryCache {
-    /// A cache of `limit` bytes.
+    /// A cache with a budget of `limit` bytes of its own.
     pub fn new(limit: u64) -> Arc<Self> {
+        Self::sharing(MemoryBudget::new(limit))
+    }
+
+    /// A cache drawing on `budget`, which other caches may share.
+    pub fn sharing(budget: Arc<MemoryBudget>) -> Arc<Self> {
         Arc::new(MemoryCache {
             stats: Mutex::new(MemoryCacheStats {
-                limit_bytes: limit,
+                limit_bytes: budget.limit,
                 ..MemoryCacheStats::default()
             }),
-            freed: Condvar::new(),
+            budget,
         })
+    }
+
+    /// The budget this cache draws on.
+    pub fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.budget
     }
 
     /// Charges `bytes` to the cache, waiting for room as `how` says.
     /// Returns `None` when there was no room (in time). A record larger than
-    /// the whole cache is admitted when the cache is empty, so it is slow
+    /// the whole budget is admitted when the budget is unused, so it is slow
     /// rather than impossible.
     pub fn admit(self: &Arc<Self>, bytes: u64, how: Admission) -> Option<CacheCharge> {
-        let mut stats = self.stats.lock();
-        let fits =
-            |s: &MemoryCacheStats| s.used_bytes == 0 || s.used_bytes + bytes <= s.limit_bytes;
-        if !fits(&stats) {
+        let budget = &self.budget;
+        let mut used = budget.used.lock();
+        let fits = |used: u64| used == 0 || used + bytes <= budget.limit;
+        if !fits(*used) {
             let deadline = match how {
                 Admission::NoWait => None,
                 Admission::Wait => Some(None),
                 Admission::WaitFor(timeout) => Some(Some(Instant::now() + timeout)),
             };
             let Some(deadline) = deadline else {
-                stats.refusals += 1;
+                drop(used);
+                self.stats.lock().refusals += 1;
                 return None;
             };
-            stats.waits += 1;
-            while !fits(&stats) {
+            self.stats.lock().waits += 1;
+            while !fits(*used) {
                 match deadline {
-                    None => self.freed.wait(&mut stats),
+                    None => budget.freed.wait(&mut used),
                     Some(at) => {
-                        if self.freed.wait_until(&mut stats, at).timed_out() && !fits(&stats) {
-                            stats.refusals += 1;
+                        if budget.freed.wait_until(&mut used, at).timed_out() && !fits(*used) {
+                            drop(used);
+                            self.stats.lock().refusals += 1;
                             return None;
                         }
                     }
                 }
             }
         }
+        *used += bytes;
+        drop(used);
+        let mut stats = self.stats.lock();
         stats.used_bytes += bytes;
         stats.peak_bytes = stats.peak_bytes.max(stats.used_bytes);
+        drop(stats);
         Some(CacheCharge {
             cache: self.clone(),
             bytes,
@@ -126,13 +186,14 @@ impl MemoryCache {
     }
 
     fn release(&self, bytes: u64) {
-        let mut stats = self.stats.lock();
-        stats.used_bytes = stats.used_bytes.saturating_sub(bytes);
-        drop(stats);
-        self.freed.notify_all();
+        {
+            let mut stats = self.stats.lock();
+            stats.used_bytes = stats.used_bytes.saturating_sub(bytes);
+        }
+        self.budget.release(bytes);
     }
 
-    /// The counters now.
+    /// The counters now: this journal's use, against the budget's bound.
     pub fn stats(&self) -> MemoryCacheStats {
         *self.stats.lock()
     }
@@ -205,5 +266,27 @@ mod tests {
         assert_eq!(cache.stats().used_bytes, 30);
         drop(a);
         assert_eq!(cache.stats().used_bytes, 0);
+    }
+
+    #[test]
+    fn caches_sharing_a_budget_share_its_bound() {
+        let budget = MemoryBudget::new(100);
+        let (a, b) = (
+            MemoryCache::sharing(budget.clone()),
+            MemoryCache::sharing(budget.clone()),
+        );
+        let held = a.admit(70, Admission::NoWait).expect("room");
+        assert!(
+            b.admit(40, Admission::NoWait).is_none(),
+            "the other journal's bytes count against the same bound"
+        );
+        let small = b.admit(30, Admission::NoWait).expect("what is left");
+        assert_eq!((a.stats().used_bytes, b.stats().used_bytes), (70, 30));
+        assert_eq!(budget.used(), 100);
+        assert_eq!(b.stats().refusals, 1);
+        drop(held);
+        assert_eq!(budget.used(), 30);
+        assert!(b.admit(70, Admission::NoWait).is_some());
+        drop(small);
     }
 }

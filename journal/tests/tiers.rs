@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use tidemark_journal::file_cache::FileCache;
+use tidemark_journal::file_cache::{FileBudget, FileCache};
 use tidemark_journal::fs::RealFs;
 use tidemark_journal::io_hooks::{FaultyIo, RealIo};
 use tidemark_journal::record::{decode_record, PreparedRecord, RecordKind};
@@ -41,7 +41,16 @@ fn the_ring_wraps_and_gives_back_exactly_what_the_journal_lacks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ring");
     let mut rng = rng(7);
-    let (cache, pending) = FileCache::open(&RealFs, &path, 1 << 20, 42, 0, &RealIo).expect("open");
+    let (cache, pending) = FileCache::open(
+        &RealFs,
+        &path,
+        1 << 20,
+        42,
+        0,
+        &RealIo,
+        FileBudget::new(64 << 20),
+    )
+    .expect("open");
     assert!(pending.is_empty());
     let mut live = std::collections::VecDeque::new();
     for seq in 1..=400u64 {
@@ -70,8 +79,16 @@ fn the_ring_wraps_and_gives_back_exactly_what_the_journal_lacks() {
     let journalled = live.front().map_or(0, |&(s, _)| s) + 3;
     drop(cache);
 
-    let (cache, pending) =
-        FileCache::open(&RealFs, &path, 1 << 20, 42, journalled, &RealIo).expect("reopen");
+    let (cache, pending) = FileCache::open(
+        &RealFs,
+        &path,
+        1 << 20,
+        42,
+        journalled,
+        &RealIo,
+        FileBudget::new(64 << 20),
+    )
+    .expect("reopen");
     let expected: Vec<_> = live.iter().filter(|(s, _)| *s > journalled).collect();
     assert_eq!(pending.len(), expected.len(), "entries the journal lacks");
     for (p, (seq, data)) in pending.iter().zip(expected) {
@@ -85,13 +102,112 @@ fn the_ring_wraps_and_gives_back_exactly_what_the_journal_lacks() {
     }
     drop(cache);
     assert!(
-        FileCache::open(&RealFs, &path, 2 << 20, 42, 0, &RealIo).is_err(),
+        FileCache::open(
+            &RealFs,
+            &path,
+            2 << 20,
+            42,
+            0,
+            &RealIo,
+            FileBudget::new(64 << 20)
+        )
+        .is_err(),
         "a cache of another size is refused"
     );
     assert!(
-        FileCache::open(&RealFs, &path, 1 << 20, 43, 0, &RealIo).is_err(),
+        FileCache::open(
+            &RealFs,
+            &path,
+            1 << 20,
+            43,
+            0,
+            &RealIo,
+            FileBudget::new(64 << 20)
+        )
+        .is_err(),
         "a cache of another group is refused"
     );
+}
+
+/// Disk bytes `path` holds (its allocated blocks).
+fn disk_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+#[test]
+fn rings_sharing_a_budget_hold_no_more_disk_than_it_and_give_it_back_when_drained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path_a, path_b) = (dir.path().join("a"), dir.path().join("b"));
+    let budget = FileBudget::new(1 << 20);
+    let open = |path: &std::path::Path| {
+        FileCache::open(&RealFs, path, 4 << 20, 42, 0, &RealIo, budget.clone())
+            .expect("open")
+            .0
+    };
+    let (a, b) = (open(&path_a), open(&path_b));
+    assert!(
+        disk_bytes(&path_a) <= 64 << 10,
+        "a new ring is sparse: {} bytes on disk",
+        disk_bytes(&path_a)
+    );
+    let mut rng = rng(11);
+    let record_of = |seq: u64, data: &[u8]| {
+        PreparedRecord::new(RecordKind::Write, 1, seq * 512, data.len() as u64, data)
+    };
+    let append = |cache: &FileCache, seq: u64, data: &[u8]| {
+        let record = record_of(seq, data);
+        cache.append(seq, record.encoded_len(), |buf| {
+            record.encode_to(seq, Timestamp::from_nanos(seq as i64), buf);
+        })
+    };
+    // Group a spills until the budget (not its 4 MiB ring) stops it.
+    let mut seq = 0;
+    let data = payload(&mut rng, 8000);
+    while let Some(entry) = append(&a, seq + 1, &data) {
+        a.sync_through(entry.write_no).expect("flush");
+        seq += 1;
+    }
+    assert!(seq > 50, "only {seq} entries fitted a 1 MiB budget");
+    let stats = a.stats();
+    assert!(stats.used_bytes < 4 << 20, "the ring itself had room");
+    assert!(stats.disk_bytes <= 1 << 20 && budget.used() == stats.disk_bytes);
+    assert!(
+        disk_bytes(&path_a) <= (1 << 20) + (64 << 10),
+        "ring a holds {} bytes of disk, over the 1 MiB budget",
+        disk_bytes(&path_a)
+    );
+    // Group b finds no room while a holds it all...
+    assert!(append(&b, 1, &data).is_none(), "b spilled past the budget");
+    assert!(!b.wait_for_room(data.len() + 100, None));
+    // ...and gets it once a's journal has taken a's entries.
+    a.release_through(seq);
+    assert_eq!(a.stats().disk_bytes, 0, "a drained ring holds no disk");
+    assert!(
+        disk_bytes(&path_a) <= 64 << 10,
+        "ring a still holds {} bytes of disk",
+        disk_bytes(&path_a)
+    );
+    assert_eq!(budget.used(), 0);
+    let entry = append(&b, 1, &data).expect("b has room now");
+    b.sync_through(entry.write_no).expect("flush");
+    assert!(budget.used() > 0 && budget.used() == b.stats().disk_bytes);
+
+    // Entries found at start-up keep their space whatever the budget; the
+    // rest of the ring is given back.
+    drop(b);
+    assert_eq!(budget.used(), 0, "a closed ring's blocks are not charged");
+    let tight = FileBudget::new(0);
+    let (b, pending) =
+        FileCache::open(&RealFs, &path_b, 4 << 20, 42, 0, &RealIo, tight.clone()).expect("reopen");
+    assert_eq!(pending.len(), 1, "the acknowledged entry came back");
+    let mut bytes = vec![0u8; pending[0].entry.len as usize];
+    b.read(&pending[0].entry, &mut bytes);
+    let (header, stored) = decode_record(&bytes, &path_b, 0).expect("decodes");
+    let back =
+        tidemark_journal::record::payload_bytes(&header, stored, &path_b, 0).expect("payload");
+    assert_eq!(back, data);
+    assert!(tight.used() > 0 && tight.used() == b.stats().disk_bytes);
 }
 
 #[test]

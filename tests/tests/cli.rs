@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::time::Duration;
+
 use tidemark_tests::{run, Daemon};
 
 fn stderr(out: &std::process::Output) -> String {
@@ -276,6 +278,91 @@ fn metrics_and_health_are_served() {
         .and_then(|v| v.parse().ok())
         .unwrap();
     assert!(writes >= (256 << 10) as f64, "written bytes {writes}");
+}
+
+/// The value of the first `/metrics` line starting with `series`.
+fn metric(body: &str, series: &str) -> Option<u64> {
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn every_group_draws_on_one_cache_budget_and_a_drained_ring_holds_no_disk() {
+    let d = Daemon::with_config(
+        "log = \"info\"\n[journal]\nmemory_cache = \"2M\"\nfile_cache = \"16M\"\ncache_tiers = \"file\"\n",
+    );
+    let data = d.path("a.bin");
+    std::fs::write(&data, vec![5u8; 2 << 20]).unwrap();
+    for name in ["a", "b", "c"] {
+        d.create_volume(name, "8M", "sync");
+        // Every record of these volumes goes through its group's ring.
+        run("nbdcopy", &[&data.display().to_string(), &d.uri(name)]);
+    }
+    let mut body = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        body = d.http_get("/metrics").1;
+        if metric(&body, "tidemark_cache_budget_used_bytes{tier=\"file\"}") == Some(0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        metric(&body, "tidemark_cache_budget_limit_bytes{tier=\"file\"}"),
+        Some(16 << 20)
+    );
+    assert_eq!(
+        metric(&body, "tidemark_cache_budget_limit_bytes{tier=\"memory\"}"),
+        Some(2 << 20)
+    );
+    for group in ["a", "b", "c"] {
+        assert_eq!(
+            metric(
+                &body,
+                &format!("tidemark_cache_limit_bytes{{group=\"{group}\",tier=\"memory\"}}")
+            ),
+            Some(2 << 20),
+            "group {group} has a memory bound of its own:\n{body}"
+        );
+        assert_eq!(
+            metric(
+                &body,
+                &format!("tidemark_cache_file_disk_bytes{{group=\"{group}\"}}")
+            ),
+            Some(0),
+            "group {group}'s drained ring still holds disk:\n{body}"
+        );
+    }
+    assert_eq!(
+        metric(&body, "tidemark_cache_budget_used_bytes{tier=\"file\"}"),
+        Some(0),
+        "the drained rings did not give their disk back:\n{body}"
+    );
+    // Three 16 MiB rings, none holding the 16 MiB it may grow to.
+    let mut on_disk = 0;
+    for group in ["a", "b", "c"] {
+        use std::os::unix::fs::MetadataExt;
+        let ring = d.path(&format!("data/groups/{group}/cache/file-cache.ring"));
+        let meta = std::fs::metadata(&ring).unwrap();
+        assert_eq!(meta.len(), 4096 + (16 << 20), "{}", ring.display());
+        on_disk += meta.blocks() * 512;
+    }
+    assert!(
+        on_disk <= 3 * (64 << 10),
+        "the rings hold {on_disk} bytes of disk though all are drained"
+    );
+    // The volumes still read back what was written through the rings.
+    let back = d.path("back.bin");
+    run(
+        "nbdcopy",
+        &[&d.uri("c@latest"), &back.display().to_string()],
+    );
+    assert_eq!(
+        std::fs::read(&back).unwrap()[..2 << 20],
+        std::fs::read(&data).unwrap()[..]
+    );
 }
 
 #[test]

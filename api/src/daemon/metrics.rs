@@ -248,7 +248,7 @@ impl Metrics {
             ),
         ];
         type GroupValue = fn(&GroupRow) -> u64;
-        let per_group: [(&str, &str, &str, GroupValue); 5] = [
+        let per_group: [(&str, &str, &str, GroupValue); 6] = [
             (
                 "tidemark_journal_bytes",
                 "gauge",
@@ -279,6 +279,12 @@ impl Metrics {
                 "Fencing epoch of the group.",
                 |g| g.epoch,
             ),
+            (
+                "tidemark_cache_file_disk_bytes",
+                "gauge",
+                "Disk bytes the group's file-cache ring holds now (drawn from the shared budget).",
+                |g| g.cache.file.map_or(0, |f| f.disk_bytes),
+            ),
         ];
         for (name, kind, text, value) in per_tier {
             help(&mut out, name, kind, text);
@@ -291,6 +297,26 @@ impl Metrics {
                 );
                 let _ = writeln!(out, "{name}{{group=\"{}\",tier=\"file\"}} {file}", g.name);
             }
+        }
+        // The bounds every group shares.
+        let budget = registry.cache_budget();
+        for (name, text, memory, file) in [
+            (
+                "tidemark_cache_budget_used_bytes",
+                "Bytes of the daemon-wide cache budget in use, per tier (file: disk blocks).",
+                budget.memory.used(),
+                budget.file.used(),
+            ),
+            (
+                "tidemark_cache_budget_limit_bytes",
+                "The daemon-wide cache budget, per tier, shared by every group.",
+                budget.memory.limit(),
+                budget.file.limit(),
+            ),
+        ] {
+            help(&mut out, name, "gauge", text);
+            let _ = writeln!(out, "{name}{{tier=\"memory\"}} {memory}");
+            let _ = writeln!(out, "{name}{{tier=\"file\"}} {file}");
         }
         for (name, kind, text, value) in per_group {
             help(&mut out, name, kind, text);

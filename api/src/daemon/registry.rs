@@ -228,9 +228,18 @@ pub struct Registry {
     pub failover: super::failover::Failover,
     /// The archive, when `[archive]` names one.
     pub archive: OnceLock<Arc<super::archive::ArchiveHost>>,
+    /// The monitoring cache's bounds, shared by every group: a thousand
+    /// groups share `memory_cache` and `file_cache`, they do not each get
+    /// them.
+    cache_budget: tidemark_journal::CacheBudget,
 }
 
 impl Registry {
+    /// The monitoring cache's bounds, shared by every group.
+    pub fn cache_budget(&self) -> &tidemark_journal::CacheBudget {
+        &self.cache_budget
+    }
+
     /// Opens the data directory: every group in the catalogue is recovered
     /// and every volume attached again (resyncing what a crash left dirty).
     pub fn open(config: Config) -> ApiResult<Arc<Registry>> {
@@ -252,6 +261,10 @@ impl Registry {
             exports: Exports::new(dir.join("overlays")),
             tagger: Arc::new(OnceLock::new()),
             archive: OnceLock::new(),
+            cache_budget: tidemark_journal::CacheBudget::new(
+                config.memory_cache,
+                config.file_cache,
+            ),
             catalog_path,
             state: RwLock::new(State::default()),
             changes: Mutex::new(()),
@@ -305,6 +318,7 @@ impl Registry {
             max_record_len: c.max_record,
             memory_cache_bytes: c.memory_cache,
             file_cache_bytes: c.file_cache,
+            shared_cache: Some(self.cache_budget.clone()),
             // A replica's records arrive already durable on the primary and
             // wait in memory: no file cache to allocate.
             cache_tiers: if replica {

@@ -171,6 +171,11 @@ impl FsFile for FaultyFile {
         self.inner.allocate(len)
     }
 
+    fn allocate_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        check(&self.rules, FsOp::Write, &self.path)?;
+        self.inner.allocate_range(offset, len)
+    }
+
     fn zero_range(&self, offset: u64, len: u64, punch: bool) -> io::Result<()> {
         check(&self.rules, FsOp::Write, &self.path)?;
         self.inner.zero_range(offset, len, punch)

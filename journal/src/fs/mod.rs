@@ -157,6 +157,10 @@ pub trait FsFile: Send + Sync + Debug {
     /// filesystem can, so that a full disk shows here (`ENOSPC`) and never
     /// later in the middle of a write.
     fn allocate(&self, len: u64) -> io::Result<()>;
+    /// Allocates the blocks of `len` bytes at `offset` inside the file
+    /// (where the filesystem can), so that writing them through a mapping
+    /// never meets a full disk: that shows here, as `ENOSPC`.
+    fn allocate_range(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Sets `len` bytes at `offset` to zero, keeping the file's size;
     /// `punch` frees their space where the filesystem can.
     fn zero_range(&self, offset: u64, len: u64, punch: bool) -> io::Result<()>;

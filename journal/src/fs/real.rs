@@ -183,6 +183,15 @@ impl FsFile for RealFile {
         }
     }
 
+    fn allocate_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match rustix::fs::fallocate(&self.file, FallocateFlags::KEEP_SIZE, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::NOSPC => Err(e.into()),
+            // No fallocate here: a full disk can only be found by writing.
+            Err(_) => Ok(()),
+        }
+    }
+
     fn zero_range(&self, offset: u64, len: u64, punch: bool) -> io::Result<()> {
         // Keep the size; let the filesystem zero (or free) the range where
         // it can, else write zeros.

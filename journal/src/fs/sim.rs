@@ -763,6 +763,19 @@ impl FsFile for SimFile {
         Ok(())
     }
 
+    fn allocate_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        self.fs.tick()?;
+        let state = self.inode.state.lock();
+        if offset + len > state.len as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "allocate_range beyond the end of the file",
+            ));
+        }
+        Ok(())
+    }
+
     fn zero_range(&self, offset: u64, len: u64, _punch: bool) -> io::Result<()> {
         self.check_writable()?;
         self.fs.tick()?;

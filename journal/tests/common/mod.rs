@@ -149,6 +149,7 @@ pub fn small_options(clock: Arc<ManualClock>, recovery: RecoveryMode) -> Journal
         io_hooks: Arc::new(tidemark_journal::io_hooks::RealIo),
         cache_tiers: tidemark_journal::CacheTiers::Memory,
         file_cache_bytes: 4 << 20,
+        shared_cache: None,
         spill_above: 0.75,
         return_below: 0.25,
         clock,
