@@ -4,9 +4,9 @@
 #   bash bench/scale.sh volumes     # VOLUMES=1000: create and serve N volumes
 #   bash bench/scale.sh startup     # start-up time, 1 GiB vs 32 GiB of journal
 #
-# `volumes` creates VOLUMES volumes (one consistency group each, memory
-# tier only: every group's file tier would preallocate its own ring; small
-# segments, which every group also preallocates two of), then
+# `volumes` creates VOLUMES volumes (one consistency group each, the
+# default cache tiers and budgets, shared by all groups; small segments,
+# which every group preallocates one or two of), then
 # reports the time to create them, resident memory and threads per volume,
 # the `/metrics` scrape time, a write and a read on the last volume, and the
 # daemon's start-up time with all of them. `startup` fills a volume's
@@ -47,8 +47,6 @@ volumes)
   n="${VOLUMES:-1000}"
   start_daemon <<TOML
 [journal]
-cache_tiers = "memory"
-memory_cache = "16M"
 # Every group preallocates its active segment: at the default 64 MiB, a
 # thousand groups take 64 GB before a byte is written.
 max_record = "1M"
@@ -72,6 +70,8 @@ TOML
   cmp -n 1048576 "$work/mib" "$work/back" >/dev/null && io=ok || io=FAILED
   echo "$n volumes created in ${created} s; daemon ${rss} MiB resident (idle ${base_rss}), $(( (rss - base_rss) * 1024 / n )) KiB per volume; ${nthreads} threads (idle ${base_threads})"
   echo "/metrics: ${lines} lines in ${scrape} s; write + read of s$n: ${io}"
+  rings=$(find "$work/data/groups" -name file-cache.ring | wc -l)
+  echo "file-cache rings: ${rings}, $(du -sk --apparent-size "$work"/data/groups/*/cache | awk '{s+=$1} END {print int(s/1024)}') MiB apparent, $(du -sk "$work"/data/groups/*/cache | awk '{s+=$1} END {print int(s/1024)}') MiB on disk"
   restart
   echo "start-up with $n volumes: ${startup} s; resident after start-up $(rss_mib "${pids[0]}") MiB"
   ;;

@@ -354,7 +354,7 @@ impl FileCache {
             cache.recover(journalled)?
         };
         cache.write_header();
-        cache.flush_all()?;
+        cache.flush_header()?;
         if !fresh {
             // Only once the tail on disk is the oldest entry kept: a punch
             // behind an older tail would stop the next recovery's walk.
@@ -840,10 +840,12 @@ impl FileCache {
         Ok(())
     }
 
-    fn flush_all(&self) -> Result<()> {
+    /// Makes the header durable: at open nothing else in the ring was
+    /// written, and a flush of the whole mapping would walk all of it.
+    fn flush_header(&self) -> Result<()> {
         self.map
-            .flush()
-            .map_err(|e| Error::io("flush file cache", &self.path, e))
+            .flush_range(0, HEADER_LEN as usize)
+            .map_err(|e| Error::io("flush file cache header", &self.path, e))
     }
 
     /// Copies the record of `entry` into `out`.

@@ -185,7 +185,7 @@ fn voucher_in(
             }
         };
         let found = later
-            .valid_batches_after(SEGMENT_HEADER_LEN as u64, prev_seq)
+            .valid_batches_after(fs, SEGMENT_HEADER_LEN as u64, prev_seq)
             .into_iter()
             .find(|(_, frame)| frame.vouches_for(segment, offset))
             .map(|(at, _)| (path, at));
@@ -366,7 +366,7 @@ pub(crate) fn recover(
         })?;
 
         let end = summary.end.valid_end;
-        let later = segment.valid_batches_after(end, summary.last_seq);
+        let later = segment.valid_batches_after(fs, end, summary.last_seq);
         let mut stop = false;
         if summary.end.damage.is_some() || !later.is_empty() {
             // A valid batch written after the bytes at `end` were durable

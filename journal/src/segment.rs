@@ -488,24 +488,41 @@ impl Segment {
     ///
     /// A batch "vouches" for position `(segment, offset)` when its frame says
     /// that position was durable when the batch was written.
-    pub fn valid_batches_after(&self, from: u64, prev_seq: Seq) -> Vec<(u64, BatchFrame)> {
+    pub fn valid_batches_after(
+        &self,
+        fs: &dyn Fs,
+        from: u64,
+        prev_seq: Seq,
+    ) -> Vec<(u64, BatchFrame)> {
         let magic = BATCH_MAGIC.to_le_bytes();
         let mut found = Vec::new();
-        let Ok(mut at) = usize::try_from(from) else {
-            return found;
-        };
+        let len = self.map.len() as u64;
+        // Only what was ever written can hold a batch: the rest of a
+        // preallocated segment is unwritten, and reading it through the
+        // mapping would fault in (and keep resident) the whole file — for
+        // the newest segments of every group at every start.
+        let ranges = fs
+            .open(&self.path, OpenMode::read())
+            .and_then(|file| file.data_ranges(from, len))
+            .unwrap_or_else(|_| vec![(from, len)]);
         let mut scratch = Vec::new();
-        while at < self.map.len() {
-            let Some(hit) = memchr::memmem::find(&self.data()[at..], &magic) else {
-                break;
-            };
-            let pos = at + hit;
-            match self.check_batch(pos, prev_seq, &mut scratch) {
-                Ok((frame, end)) => {
-                    found.push((pos as u64, frame));
-                    at = end;
+        let mut at = 0usize;
+        for (start, end) in ranges {
+            at = at.max(start as usize);
+            // A batch starts in a written range; its bytes may run past it
+            // (check_batch reads them whole).
+            while at < end as usize {
+                let Some(hit) = memchr::memmem::find(&self.data()[at..end as usize], &magic) else {
+                    break;
+                };
+                let pos = at + hit;
+                match self.check_batch(pos, prev_seq, &mut scratch) {
+                    Ok((frame, batch_end)) => {
+                        found.push((pos as u64, frame));
+                        at = batch_end;
+                    }
+                    Err(_) => at = pos + 1,
                 }
-                Err(_) => at = pos + 1,
             }
         }
         found

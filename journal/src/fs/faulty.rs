@@ -181,6 +181,11 @@ impl FsFile for FaultyFile {
         self.inner.zero_range(offset, len, punch)
     }
 
+    fn data_ranges(&self, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
+        check(&self.rules, FsOp::Read, &self.path)?;
+        self.inner.data_ranges(from, to)
+    }
+
     fn is_direct(&self) -> bool {
         self.inner.is_direct()
     }

@@ -164,6 +164,16 @@ pub trait FsFile: Send + Sync + Debug {
     /// Sets `len` bytes at `offset` to zero, keeping the file's size;
     /// `punch` frees their space where the filesystem can.
     fn zero_range(&self, offset: u64, len: u64, punch: bool) -> io::Result<()>;
+    /// The ranges of `from..to` that may hold data, in order: where the
+    /// filesystem tells holes and unwritten preallocation apart
+    /// (`SEEK_DATA`), only the written ranges; else the whole range.
+    fn data_ranges(&self, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
+        Ok(if from < to {
+            vec![(from, to)]
+        } else {
+            Vec::new()
+        })
+    }
     /// True if writes bypass the page cache.
     fn is_direct(&self) -> bool;
     /// True if the file is a block device (which has no settable length).

@@ -206,6 +206,40 @@ impl FsFile for RealFile {
         write_zeros(self, offset, len)
     }
 
+    fn data_ranges(&self, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
+        use rustix::fs::{seek, SeekFrom};
+        let whole = || {
+            Ok(if from < to {
+                vec![(from, to)]
+            } else {
+                Vec::new()
+            })
+        };
+        if self.block_device {
+            return whole();
+        }
+        let mut out = Vec::new();
+        let mut at = from;
+        while at < to {
+            let start = match seek(&self.file, SeekFrom::Data(at)) {
+                Ok(start) => start,
+                // Nothing but holes from `at` on.
+                Err(e) if e == rustix::io::Errno::NXIO => break,
+                // No SEEK_DATA here: every byte may be data.
+                Err(_) => return whole(),
+            };
+            if start >= to {
+                break;
+            }
+            let end = seek(&self.file, SeekFrom::Hole(start))
+                .unwrap_or(to)
+                .min(to);
+            out.push((start, end));
+            at = end;
+        }
+        Ok(out)
+    }
+
     fn is_direct(&self) -> bool {
         self.direct
     }
@@ -238,4 +272,35 @@ pub(crate) fn write_zeros(file: &dyn FsFile, offset: u64, len: u64) -> io::Resul
         at += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::{Fs, OpenMode};
+
+    #[test]
+    fn data_ranges_skip_unwritten_preallocation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("seg");
+        let file = RealFs.open(&path, OpenMode::create()).expect("create");
+        file.allocate(1 << 20).expect("allocate");
+        file.write_all_at(&[7u8; 4096], 512 << 10).expect("write");
+        file.sync_data().expect("sync");
+        let ranges = file.data_ranges(0, 1 << 20).expect("ranges");
+        if ranges == vec![(0, 1 << 20)] {
+            eprintln!("skipped: this filesystem does not tell unwritten extents from data");
+            return;
+        }
+        assert_eq!(ranges, vec![(512 << 10, (512 << 10) + 4096)]);
+        assert_eq!(
+            file.data_ranges(600 << 10, 1 << 20).expect("ranges"),
+            vec![]
+        );
+        assert_eq!(
+            file.data_ranges(514 << 10, 515 << 10).expect("ranges"),
+            vec![(514 << 10, 515 << 10)],
+            "clipped to the range asked"
+        );
+    }
 }
