@@ -120,6 +120,9 @@ fn chunk_size(capacity: u64) -> u64 {
     (capacity / 64).clamp(64 << 10, 4 << 20) / 4096 * 4096
 }
 
+/// How long after a failed chunk allocation the ring counts as full.
+const ALLOCATION_RETRY: Duration = Duration::from_secs(1);
+
 /// How long an appender that found the shared budget spent waits before it
 /// looks again: the room comes from other journals, which do not signal.
 const BUDGET_POLL: Duration = Duration::from_millis(10);
@@ -180,6 +183,10 @@ struct Ring {
     chunks: Vec<bool>,
     /// Bytes of those chunks.
     allocated: u64,
+    /// When allocating a chunk last failed (a full or failing disk): until
+    /// [`ALLOCATION_RETRY`] later the ring counts as full, so appenders go
+    /// elsewhere (or wait) instead of trying again in a loop.
+    allocation_failed: Option<Instant>,
 }
 
 impl Ring {
@@ -342,6 +349,7 @@ impl FileCache {
                 released_seq: journalled,
                 chunks: vec![false; chunks],
                 allocated: 0,
+                allocation_failed: None,
             }),
             freed: Condvar::new(),
             synced: Mutex::new(0),
@@ -410,9 +418,13 @@ impl FileCache {
             let (at, len) = self.chunk_span(i);
             if let Err(e) = self.file.allocate_range(HEADER_LEN + at, len) {
                 self.budget.give(bytes);
-                tracing::warn!(cache = %self.path.display(), offset = HEADER_LEN + at, error = %e, "cannot allocate file-cache space; records wait elsewhere");
+                if ring.allocation_failed.is_none() {
+                    tracing::warn!(cache = %self.path.display(), offset = HEADER_LEN + at, error = %e, "cannot allocate file-cache space; records wait elsewhere");
+                }
+                ring.allocation_failed = Some(Instant::now());
                 return false;
             }
+            ring.allocation_failed = None;
             ring.chunks[i] = true;
             ring.allocated += bytes;
         }
@@ -510,8 +522,14 @@ impl FileCache {
     }
 
     /// True when the budget can give the chunks the next entry of `len`
-    /// record bytes needs.
+    /// record bytes needs (and allocating did not just fail).
     fn budget_has_room(&self, ring: &Ring, len: usize) -> bool {
+        if ring
+            .allocation_failed
+            .is_some_and(|at| at.elapsed() < ALLOCATION_RETRY)
+        {
+            return false;
+        }
         let size = align8(ENTRY_HEADER as u64 + len as u64);
         let need: u64 = self
             .missing_chunks(ring, &self.ranges_written(ring.head, size))

@@ -210,6 +210,49 @@ fn rings_sharing_a_budget_hold_no_more_disk_than_it_and_give_it_back_when_draine
     assert!(tight.used() > 0 && tight.used() == b.stats().disk_bytes);
 }
 
+/// A disk that refuses to allocate ring space makes the ring count as full
+/// (appenders go to memory or wait), never an appender that retries in a
+/// loop; once the disk allocates again, so does the ring.
+#[test]
+fn a_ring_whose_disk_refuses_space_counts_as_full() {
+    use tidemark_journal::fs::{FaultyFs, FsOp};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ring");
+    let fs = FaultyFs::new(Arc::new(RealFs));
+    let (cache, _) = FileCache::open(
+        fs.as_ref(),
+        &path,
+        1 << 20,
+        42,
+        0,
+        &RealIo,
+        FileBudget::new(1 << 20),
+    )
+    .expect("open");
+    let data = payload(&mut rng(3), 5000);
+    let record = PreparedRecord::new(RecordKind::Write, 1, 0, data.len() as u64, &data);
+    let len = record.encoded_len();
+    let append = || {
+        cache.append(1, len, |buf| {
+            record.encode_to(1, Timestamp::from_nanos(1), buf);
+        })
+    };
+    assert!(cache.wait_for_room(len, None));
+    fs.fail(FsOp::Write, "ring", 28);
+    assert!(append().is_none(), "no space allocated, nothing written");
+    assert!(
+        !cache.wait_for_room(len, None),
+        "the ring must count as full, or an appender loops on it"
+    );
+    fs.heal();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(
+        cache.wait_for_room(len, None),
+        "room again once the disk allocates"
+    );
+    assert!(append().is_some());
+}
+
 #[test]
 fn both_tiers_spill_to_the_file_cache_and_return_with_order_preserved() {
     let dir = tempfile::tempdir().expect("tempdir");
