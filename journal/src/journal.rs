@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
+use std::sync::mpsc::Sender;
 
 use crate::base::BaseImage;
 use crate::changes::ChangedSpans;
@@ -885,7 +885,7 @@ impl Journal {
         }
 
         let (durable_seq, durable_time) = shared.durable();
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = std::sync::mpsc::channel();
         // What waits in the file cache is journalled before anything new:
         // it goes into the channel first, with the seq and time it was
         // given (and perhaps acknowledged with) before the restart.

@@ -19,8 +19,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crossbeam_channel::{Receiver, Sender};
+// The standard library's channels, not crossbeam's: a crossbeam `recv`
+// that finds its channel empty spins and calls `sched_yield` eight times
+// before it parks, and these stages find it empty after nearly every
+// batch — under a database's commit-per-write load that was a seventh of
+// the daemon's CPU time, taken from the database on a small machine.
 use parking_lot::Mutex;
+use std::sync::mpsc::{Receiver, SyncSender};
 
 use crate::appender::{BatchWrite, BufferPool, SegmentAppender};
 use crate::error::{Error, Result};
@@ -464,8 +469,8 @@ impl Writer {
     pub fn run(mut self) {
         // A batch or two may wait between stages; beyond that the stage
         // before waits too, which bounds how far encoding runs ahead.
-        let (to_io, from_encode) = crossbeam_channel::bounded(1);
-        let (to_sync, from_io) = crossbeam_channel::bounded(2);
+        let (to_io, from_encode) = std::sync::mpsc::sync_channel(1);
+        let (to_sync, from_io) = std::sync::mpsc::sync_channel(2);
         let shared = self.shared.clone();
         let synced_to = self.synced_to.clone();
         let pool = self.pool.clone();
@@ -488,7 +493,7 @@ impl Writer {
         });
     }
 
-    fn encode_stage(&mut self, to_io: &Sender<ToIo>) {
+    fn encode_stage(&mut self, to_io: &SyncSender<ToIo>) {
         let max_batch = self.shared.options.max_batch_bytes;
         let mut carry: Option<Submission> = None;
         loop {
@@ -548,7 +553,7 @@ impl Writer {
 
     /// Encodes one batch and hands it to the IO stage; on failure answers
     /// its appenders at once.
-    fn encode(&mut self, batch: Vec<Pending>, to_io: &Sender<ToIo>) {
+    fn encode(&mut self, batch: Vec<Pending>, to_io: &SyncSender<ToIo>) {
         if let Some(e) = self.shared.poisoned() {
             for reply in batch.into_iter().filter_map(|p| p.reply) {
                 let _ = reply.send(Err(self.shared.poison_error(&e)));
@@ -741,7 +746,7 @@ impl Writer {
 fn io_stage(
     shared: &Shared,
     from_encode: &Receiver<ToIo>,
-    to_sync: &Sender<ToSync>,
+    to_sync: &SyncSender<ToSync>,
     pool: &BufferPool,
 ) {
     while let Ok(job) = from_encode.recv() {
