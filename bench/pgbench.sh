@@ -5,6 +5,7 @@
 # `pgbench -c 4 -j 2 -T RUNTIME`; prints TPS per target and the ratios.
 #
 #   bash bench/pgbench.sh             # SCALE=10 RUNTIME=20 ROUNDS=1
+#   TARGETS="nbdkit sync" bash bench/pgbench.sh
 #
 # ROUNDS > 1 runs every target that many times, interleaved, and prints
 # each round (the page cache and the disk's own state move between runs).
@@ -12,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/common.sh
 scale="${SCALE:-10}" runtime="${RUNTIME:-20}" rounds="${ROUNDS:-1}"
+targets="${TARGETS:-nbdkit sync async}"
 
 for need in /dev/fuse /dev/loop-control; do
   [ -e "$need" ] || { echo "bench: skipped: this machine has no $need (FUSE and loop devices are needed)"; exit 0; }
@@ -85,7 +87,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 declare -A sum
 for round in $(seq 1 "$rounds"); do
-  for target in nbdkit sync async; do
+  for target in $targets; do
     if [ "$target" = nbdkit ]; then
       uri="$nbdkit_uri" server=$nbdkit_pid
     else
@@ -97,4 +99,5 @@ for round in $(seq 1 "$rounds"); do
   done
 done
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+[ -n "${sum[nbdkit]:-}" ] && [ -n "${sum[sync]:-}" ] && [ -n "${sum[async]:-}" ] || exit 0
 echo "W4 sync $(ratio "${sum[sync]}" "${sum[nbdkit]}")x async $(ratio "${sum[async]}" "${sum[nbdkit]}")x (vs nbdkit file: $(python3 -c "print(round(${sum[nbdkit]}/$rounds))") TPS)"

@@ -11,6 +11,18 @@
 //! dirty, so a hot region costs nothing per write (as DRBD's activity log).
 //! Clearing is written without an fsync: a clear lost in a crash only
 //! costs one needless resync.
+//!
+//! Each marked region also says which side leads it. A region written only
+//! by sync writes since it was last clean is **journal-led**: every change
+//! acknowledged to it is durable in the journal, so after a crash the
+//! production volume is brought up to the journal's newest point there
+//! (rolled forward) — and a flush need not fsync the production volume
+//! while every marked region is journal-led: the journal already holds
+//! everything a flush promises. An async write makes its regions
+//! **production-led** (durably, before it writes): the production volume
+//! may then hold changes the journal lacks, and after a crash those regions
+//! are resynced from it, as before. (DRBD's activity log says where to
+//! resync; this also says in which direction.)
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,8 +37,9 @@ use crate::volume::VolumeInfo;
 /// The first bytes of a dirty-region map file.
 pub const DIRTY_MAGIC: [u8; 8] = *b"TDMKDRTY";
 
-/// The dirty-map format this build reads and writes.
-pub const DIRTY_VERSION: u32 = 1;
+/// The dirty-map format this build writes (version 1, without the
+/// journal-led bitmap, is read as every region production-led).
+pub const DIRTY_VERSION: u32 = 2;
 
 const HEADER_LEN: usize = 64;
 
@@ -52,12 +65,59 @@ struct Region {
     generation: u64,
     /// The bit is set in the file.
     marked: bool,
+    /// Marked, and journal-led: every change acknowledged to the region
+    /// since it was clean is durable in the journal (its bit is set in the
+    /// journal-led bitmap).
+    led: bool,
 }
 
 struct State {
     regions: Vec<Region>,
     bitmap: Vec<u8>,
+    /// The journal-led bitmap (meaningful for marked regions only).
+    led: Vec<u8>,
+    /// Marked regions that are production-led.
+    production_led: usize,
     generation: u64,
+}
+
+impl State {
+    fn set_led(&mut self, r: usize, led: bool) {
+        let region = &mut self.regions[r];
+        if region.marked && region.led != led {
+            if led {
+                self.production_led -= 1;
+            } else {
+                self.production_led += 1;
+            }
+        }
+        region.led = led;
+        if led {
+            self.led[r / 8] |= 1 << (r % 8);
+        } else {
+            self.led[r / 8] &= !(1 << (r % 8));
+        }
+    }
+
+    fn set_marked(&mut self, r: usize, marked: bool) {
+        let region = &mut self.regions[r];
+        if region.marked == marked {
+            return;
+        }
+        region.marked = marked;
+        if !region.led {
+            if marked {
+                self.production_led += 1;
+            } else {
+                self.production_led -= 1;
+            }
+        }
+        if marked {
+            self.bitmap[r / 8] |= 1 << (r % 8);
+        } else {
+            self.bitmap[r / 8] &= !(1 << (r % 8));
+        }
+    }
 }
 
 /// The dirty-region map of one volume.
@@ -84,11 +144,12 @@ impl std::fmt::Debug for DirtyMap {
 /// Format (little-endian, 64 bytes): `{ [u8;8] magic "TDMKDRTY" |
 /// u32 version | u32 header_len | u32 volume | u32 reserved |
 /// u64 region_size | u64 regions | [u8;20] reserved | u32 crc32c(bytes 0..60) }`,
-/// then one bit per region (bit r of byte r/8, least significant first).
-fn encode_header(volume: u32, region_size: u64, regions: u64) -> [u8; HEADER_LEN] {
+/// then one bit per region (bit r of byte r/8, least significant first):
+/// marked; then (version 2) as many bytes again: journal-led.
+fn encode_header(version: u32, volume: u32, region_size: u64, regions: u64) -> [u8; HEADER_LEN] {
     let mut out = [0u8; HEADER_LEN];
     out[0..8].copy_from_slice(&DIRTY_MAGIC);
-    out[8..12].copy_from_slice(&DIRTY_VERSION.to_le_bytes());
+    out[8..12].copy_from_slice(&version.to_le_bytes());
     out[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
     out[16..20].copy_from_slice(&volume.to_le_bytes());
     out[24..32].copy_from_slice(&region_size.to_le_bytes());
@@ -102,8 +163,16 @@ impl DirtyMap {
     /// Opens the map of `volume` at `path`, creating an all-clean one if
     /// there is none. A map whose header does not match (damaged, or of
     /// another volume or region size) is replaced by an all-dirty one: a
-    /// needless resync is safe, a missed one is not.
-    pub fn open(fs: &dyn Fs, path: &Path, volume: &VolumeInfo, region_size: u64) -> Result<Self> {
+    /// needless resync is safe, a missed one is not. Its regions are then
+    /// journal-led if `journal_leads` (the volume writes in sync mode:
+    /// what it acknowledged is in the journal), else production-led.
+    pub fn open(
+        fs: &dyn Fs,
+        path: &Path,
+        volume: &VolumeInfo,
+        region_size: u64,
+        journal_leads: bool,
+    ) -> Result<Self> {
         if region_size == 0 || region_size % 4096 != 0 {
             return Err(Error::Invalid(format!(
                 "dirty-map region size {region_size} must be a positive multiple of 4096"
@@ -111,7 +180,8 @@ impl DirtyMap {
         }
         let regions = volume.size.div_ceil(region_size);
         let bitmap_len = regions.div_ceil(8) as usize;
-        let header = encode_header(volume.id, region_size, regions);
+        let header = encode_header(DIRTY_VERSION, volume.id, region_size, regions);
+        let header_v1 = encode_header(1, volume.id, region_size, regions);
         let all_dirty = || {
             let mut all = vec![0xffu8; bitmap_len];
             if regions % 8 != 0 {
@@ -122,17 +192,30 @@ impl DirtyMap {
             all
         };
         let mut created = false;
-        let (bitmap, assumed_dirty) = match crate::fs::read(fs, path) {
+        let clean = || vec![0u8; bitmap_len];
+        let assumed_led = || if journal_leads { all_dirty() } else { clean() };
+        let (bitmap, led, assumed_dirty) = match crate::fs::read(fs, path) {
             Ok(bytes)
-                if bytes.len() == HEADER_LEN + bitmap_len && bytes[..HEADER_LEN] == header =>
+                if bytes.len() == HEADER_LEN + 2 * bitmap_len && bytes[..HEADER_LEN] == header =>
             {
-                (bytes[HEADER_LEN..].to_vec(), None)
+                (
+                    bytes[HEADER_LEN..HEADER_LEN + bitmap_len].to_vec(),
+                    bytes[HEADER_LEN + bitmap_len..].to_vec(),
+                    None,
+                )
+            }
+            // Written before regions said which side leads: production.
+            Ok(bytes)
+                if bytes.len() == HEADER_LEN + bitmap_len && bytes[..HEADER_LEN] == header_v1 =>
+            {
+                (bytes[HEADER_LEN..].to_vec(), clean(), None)
             }
             // Made, but never written: no write went ahead before a map is
             // durable, so nothing can be dirty.
-            Ok(bytes) if bytes.is_empty() => (vec![0u8; bitmap_len], None),
+            Ok(bytes) if bytes.is_empty() => (clean(), clean(), None),
             Ok(_) => (
                 all_dirty(),
+                assumed_led(),
                 Some(format!(
                     "dirty map {} does not match volume {}",
                     path.display(),
@@ -141,11 +224,12 @@ impl DirtyMap {
             ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 created = true;
-                (vec![0u8; bitmap_len], None)
+                (clean(), clean(), None)
             }
             // What it held is unknown: every region may be dirty.
             Err(e) => (
                 all_dirty(),
+                assumed_led(),
                 Some(format!("dirty map {} cannot be read ({e})", path.display())),
             ),
         };
@@ -157,6 +241,7 @@ impl DirtyMap {
             .map_err(|e| Error::io("open dirty map", path, e))?;
         let mut bytes = header.to_vec();
         bytes.extend_from_slice(&bitmap);
+        bytes.extend_from_slice(&led);
         file.set_len(bytes.len() as u64)
             .and_then(|()| file.write_all_at(&bytes, 0))
             .and_then(|()| file.sync_all())
@@ -168,8 +253,13 @@ impl DirtyMap {
                 .map_err(|e| Error::io("fsync directory", crate::fs::parent_dir(path), e))?;
         }
         let mut regions_state = vec![Region::default(); regions as usize];
+        let mut production_led = 0;
         for (r, region) in regions_state.iter_mut().enumerate() {
             region.marked = bitmap[r / 8] & (1 << (r % 8)) != 0;
+            region.led = led[r / 8] & (1 << (r % 8)) != 0;
+            if region.marked && !region.led {
+                production_led += 1;
+            }
         }
         Ok(DirtyMap {
             path: path.to_path_buf(),
@@ -179,6 +269,8 @@ impl DirtyMap {
             state: Mutex::new(State {
                 regions: regions_state,
                 bitmap,
+                led,
+                production_led,
                 generation: 1,
             }),
         })
@@ -203,18 +295,24 @@ impl DirtyMap {
     }
 
     /// Marks the regions of `offset..offset+len` before a write to them
-    /// begins; returns once the marks are durable.
-    pub fn begin(&self, offset: u64, len: u64) -> Result<()> {
+    /// begins; returns once the marks are durable. `journal_leads`: the
+    /// write is acknowledged only once its record is durable (sync); an
+    /// async write makes its regions production-led first.
+    pub fn begin(&self, offset: u64, len: u64, journal_leads: bool) -> Result<()> {
         let mut state = self.state.lock();
         let own = self.regions_of(offset, len);
         let mut newly = Vec::new();
+        let mut relabelled = Vec::new();
         for r in own.clone() {
             state.regions[r].inflight += 1;
-            if !state.regions[r].marked {
+            let region = state.regions[r];
+            if !region.marked {
                 newly.push(r);
+            } else if region.led && !journal_leads {
+                relabelled.push(r);
             }
         }
-        if newly.is_empty() {
+        if newly.is_empty() && relabelled.is_empty() {
             return Ok(());
         }
         // An fsync is due anyway: mark the next few regions too, so a
@@ -224,24 +322,34 @@ impl DirtyMap {
         let end = (after + MARK_AHEAD).min(state.regions.len());
         newly.extend((after..end).filter(|&r| !state.regions[r].marked));
         for &r in &newly {
-            state.regions[r].marked = true;
-            state.bitmap[r / 8] |= 1 << (r % 8);
+            state.set_led(r, journal_leads);
+            state.set_marked(r, true);
         }
-        let (first, last) = (newly[0] / 8, newly[newly.len() - 1] / 8);
+        for &r in &relabelled {
+            state.set_led(r, false);
+        }
+        let touched = newly.iter().chain(&relabelled);
+        let first = touched.clone().min().copied().unwrap_or(0) / 8;
+        let last = touched.max().copied().unwrap_or(0) / 8;
+        let led_at = HEADER_LEN + state.bitmap.len();
         let result = self
             .file
             .write_all_at(&state.bitmap[first..=last], (HEADER_LEN + first) as u64)
+            .and_then(|()| {
+                self.file
+                    .write_all_at(&state.led[first..=last], (led_at + first) as u64)
+            })
             .and_then(|()| self.file.sync_data());
         if let Err(e) = result {
             // The write must not go ahead unrecorded, and the marks must
             // not stay in memory only: the next write to these regions
-            // makes them again.
+            // makes them again. (A relabelled region stays production-led:
+            // that is always safe.)
             for r in own {
                 state.regions[r].inflight -= 1;
             }
             for &r in &newly {
-                state.regions[r].marked = false;
-                state.bitmap[r / 8] &= !(1 << (r % 8));
+                state.set_marked(r, false);
             }
             return Err(Error::io_at(
                 "mark dirty map",
@@ -253,14 +361,14 @@ impl DirtyMap {
         Ok(())
     }
 
-    /// Begins a write like [`DirtyMap::begin`] if its regions are all
-    /// marked already (so nothing needs an fsync); false, and nothing
-    /// begun, otherwise.
-    pub fn try_begin(&self, offset: u64, len: u64) -> bool {
+    /// Begins a write like [`DirtyMap::begin`] if nothing needs an fsync:
+    /// its regions are all marked already (and production-led, for an
+    /// async write); false, and nothing begun, otherwise.
+    pub fn try_begin(&self, offset: u64, len: u64, journal_leads: bool) -> bool {
         let mut state = self.state.lock();
         if self
             .regions_of(offset, len)
-            .any(|r| !state.regions[r].marked)
+            .any(|r| !state.regions[r].marked || (state.regions[r].led && !journal_leads))
         {
             return false;
         }
@@ -268,6 +376,15 @@ impl DirtyMap {
             state.regions[r].inflight += 1;
         }
         true
+    }
+
+    /// True while some marked region is production-led: the production
+    /// volume may then hold acknowledged changes only it has, and a flush
+    /// must make it durable. False: every change acknowledged since the
+    /// last flush that cleaned a region is durable in the journal, and a
+    /// crash rolls the production volume forward to it.
+    pub fn production_leads_somewhere(&self) -> bool {
+        self.state.lock().production_led > 0
     }
 
     /// Settles a write begun with [`DirtyMap::begin`]: `journalled` is the
@@ -360,8 +477,7 @@ impl DirtyMap {
                 && region.newest_seq <= durable
                 && region.generation + min_idle <= flushed_generation
             {
-                state.regions[r].marked = false;
-                state.bitmap[r / 8] &= !(1 << (r % 8));
+                state.set_marked(r, false);
                 cleared += 1;
             }
         }
@@ -374,12 +490,22 @@ impl DirtyMap {
     }
 
     /// Regions marked in the map (after a crash: every region that may hold
-    /// a change the journal lacks).
+    /// a change the journal lacks, or lack one the journal holds).
     pub fn marked(&self) -> Vec<usize> {
         let state = self.state.lock();
         (0..state.regions.len())
             .filter(|&r| state.regions[r].marked)
             .collect()
+    }
+
+    /// The marked regions split by which side leads them: (journal-led,
+    /// production-led). After a crash the first are rolled forward to the
+    /// journal, the second resynced from the production volume.
+    pub fn marked_by_leader(&self) -> (Vec<usize>, Vec<usize>) {
+        let state = self.state.lock();
+        (0..state.regions.len())
+            .filter(|&r| state.regions[r].marked)
+            .partition(|&r| state.regions[r].led)
     }
 
     /// Regions with a change that could not be journalled: they wait for a
@@ -436,24 +562,33 @@ mod tests {
 
     /// A new map of `volume()` in `dir`, 1 MiB regions.
     fn fresh_map(dir: &Path) -> DirtyMap {
-        DirtyMap::open(&crate::fs::RealFs, &dir.join("m"), &volume(), 1 << 20).expect("open")
+        DirtyMap::open(
+            &crate::fs::RealFs,
+            &dir.join("m"),
+            &volume(),
+            1 << 20,
+            false,
+        )
+        .expect("open")
     }
 
     #[test]
     fn marks_survive_a_reopen_and_clear_only_when_durable_and_flushed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("3.map");
-        let map = DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20).expect("open");
-        map.begin(1 << 20, 3 << 20).expect("begin");
+        let map =
+            DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20, false).expect("open");
+        map.begin(1 << 20, 3 << 20, false).expect("begin");
         map.settle(1 << 20, 3 << 20, Some(7), true);
         // Regions 1..=3 and, marked ahead in the same fsync, the rest.
         let all: Vec<usize> = (1..10).collect();
         assert_eq!(map.marked(), all);
         drop(map);
 
-        let map = DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20).expect("reopen");
+        let map =
+            DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20, false).expect("reopen");
         assert_eq!(map.marked(), all, "marks are durable");
-        map.begin(2 << 20, 100).expect("begin");
+        map.begin(2 << 20, 100, false).expect("begin");
         map.settle(2 << 20, 100, Some(9), true);
         let generation = map.start_clean();
         assert_eq!(
@@ -470,7 +605,7 @@ mod tests {
     fn background_cleaning_leaves_regions_written_since_the_last_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let map = fresh_map(dir.path());
-        map.begin(0, 4096).expect("begin");
+        map.begin(0, 4096, false).expect("begin");
         map.settle(0, 4096, Some(1), true);
         let g = map.start_clean();
         map.clean(10, g, 1).expect("clean");
@@ -490,7 +625,7 @@ mod tests {
     fn unjournaled_changes_wait_for_a_resync() {
         let dir = tempfile::tempdir().expect("tempdir");
         let map = fresh_map(dir.path());
-        map.begin(0, 4096).expect("begin");
+        map.begin(0, 4096, false).expect("begin");
         map.settle(0, 4096, None, true);
         let g = map.start_clean();
         assert_eq!(
@@ -519,7 +654,7 @@ mod tests {
     fn a_failed_resync_or_record_leaves_the_region_to_a_resync() {
         let dir = tempfile::tempdir().expect("tempdir");
         let map = fresh_map(dir.path());
-        map.begin(0, 4096).expect("begin");
+        map.begin(0, 4096, false).expect("begin");
         map.settle(0, 4096, None, true);
         map.resync_begin(0, 5);
         map.resync_settle(&[0], false);
@@ -528,7 +663,7 @@ mod tests {
         map.clean(100, g, 0).expect("clean");
         assert_eq!(map.marked(), vec![0], "the failed resync keeps the mark");
 
-        map.begin(1 << 20, 4096).expect("begin");
+        map.begin(1 << 20, 4096, false).expect("begin");
         map.settle(1 << 20, 4096, Some(7), true);
         map.unjournal(1 << 20, 4096);
         let g = map.start_clean();
@@ -545,17 +680,19 @@ mod tests {
             let sim = SimFs::new(local.path());
             let fs = FaultyFs::new(sim.clone());
             let path = Path::new("/3.map");
-            let map = DirtyMap::open(fs.as_ref(), path, &volume(), 1 << 20).expect("open");
+            let map = DirtyMap::open(fs.as_ref(), path, &volume(), 1 << 20, false).expect("open");
             fs.fail(op, "3.map", 5);
-            map.begin(0, 4096).expect_err("the mark is not durable");
+            map.begin(0, 4096, false)
+                .expect_err("the mark is not durable");
             fs.heal();
-            map.begin(0, 4096).expect("marked");
+            map.begin(0, 4096, false).expect("marked");
             map.settle(0, 4096, None, true);
             // The power fails now: the region must be marked on disk.
             sim.cut_power(PowerCut::dropping_everything(1));
             drop(map);
             sim.restart();
-            let map = DirtyMap::open(sim.as_ref(), path, &volume(), 1 << 20).expect("reopen");
+            let map =
+                DirtyMap::open(sim.as_ref(), path, &volume(), 1 << 20, false).expect("reopen");
             assert!(map.marked().contains(&0), "{op:?}: {:?}", map.marked());
         }
     }
@@ -564,10 +701,10 @@ mod tests {
     fn an_unreadable_map_marks_everything_and_says_why() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("3.map");
-        drop(DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20).expect("open"));
+        drop(DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20, false).expect("open"));
         let fs = crate::fs::FaultyFs::new(std::sync::Arc::new(crate::fs::RealFs));
         fs.fail(crate::fs::FsOp::Read, "3.map", 5);
-        let map = DirtyMap::open(fs.as_ref(), &path, &volume(), 1 << 20).expect("open");
+        let map = DirtyMap::open(fs.as_ref(), &path, &volume(), 1 << 20, false).expect("open");
         assert_eq!(
             map.marked_count(),
             10,
@@ -584,11 +721,99 @@ mod tests {
     fn a_damaged_map_marks_everything() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m");
-        drop(DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20).expect("open"));
+        drop(DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20, false).expect("open"));
         let mut bytes = std::fs::read(&path).expect("read");
         bytes[20] ^= 1;
         std::fs::write(&path, bytes).expect("write");
-        let map = DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20).expect("open");
+        let map =
+            DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20, false).expect("open");
         assert_eq!(map.marked_count(), 10);
+    }
+
+    #[test]
+    fn regions_say_which_side_leads_them_and_async_writes_hand_it_to_production() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("3.map");
+        let map =
+            DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20, false).expect("open");
+        map.begin(0, 4096, true).expect("sync write");
+        map.settle(0, 4096, Some(1), true);
+        assert!(
+            !map.production_leads_somewhere(),
+            "sync writes alone: the journal leads every marked region"
+        );
+        assert!(
+            map.try_begin(0, 4096, true),
+            "marked: no fsync for a sync write"
+        );
+        map.settle(0, 4096, Some(2), true);
+        assert!(
+            !map.try_begin(0, 4096, false),
+            "an async write to a journal-led region must relabel it durably first"
+        );
+        map.begin(0, 4096, false).expect("async write");
+        map.settle(0, 4096, Some(3), true);
+        assert!(map.production_leads_somewhere());
+        assert!(
+            map.try_begin(0, 4096, true),
+            "a sync write leaves it production-led"
+        );
+        map.settle(0, 4096, Some(4), true);
+        drop(map);
+
+        let map =
+            DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20, false).expect("reopen");
+        let (led, production) = map.marked_by_leader();
+        assert_eq!(production, vec![0], "the relabel was durable");
+        assert_eq!(
+            led,
+            (1..10).collect::<Vec<_>>(),
+            "marked ahead, journal-led"
+        );
+        let g = map.start_clean();
+        map.clean(10, g, 0).expect("clean");
+        assert!(map.marked().is_empty());
+        assert!(
+            !map.production_leads_somewhere(),
+            "nothing marked, nothing led"
+        );
+        map.begin(0, 4096, true).expect("sync write");
+        assert_eq!(
+            map.marked_by_leader().1,
+            Vec::<usize>::new(),
+            "marked anew: journal-led"
+        );
+    }
+
+    #[test]
+    fn a_version_1_map_is_read_as_production_led_and_a_lost_one_as_the_mode_says() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("3.map");
+        let regions = 10u64;
+        let mut v1 = encode_header(1, 3, 1 << 20, regions).to_vec();
+        v1.extend_from_slice(&[0b0000_0101, 0]);
+        std::fs::write(&path, &v1).expect("write v1 map");
+        let map =
+            DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20, true).expect("open v1");
+        assert_eq!(map.marked_by_leader(), (vec![], vec![0, 2]));
+        drop(map);
+        std::fs::write(&path, b"garbage").expect("damage");
+        let map =
+            DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20, true).expect("open");
+        assert!(map.assumed_dirty().is_some());
+        assert_eq!(
+            map.marked_by_leader().0.len(),
+            10,
+            "a sync volume: the journal leads"
+        );
+        drop(map);
+        std::fs::write(&path, b"garbage").expect("damage");
+        let map =
+            DirtyMap::open(&crate::fs::RealFs, &path, &volume(), 1 << 20, false).expect("open");
+        assert_eq!(
+            map.marked_by_leader().1.len(),
+            10,
+            "an async volume: production leads"
+        );
     }
 }

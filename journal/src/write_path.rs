@@ -131,6 +131,11 @@ pub struct ResyncReport {
     pub bytes: u64,
     /// The seq of the `resync` event, if anything was resynced.
     pub seq: Option<Seq>,
+    /// Journal-led regions brought up to the journal's newest point on
+    /// the production volume (at attach, after a crash), by index...
+    pub rolled_forward: Vec<usize>,
+    /// ...and the bytes of them that the production volume lacked.
+    pub rolled_forward_bytes: u64,
 }
 
 /// How a write was acknowledged.
@@ -368,6 +373,7 @@ impl WritePath {
             &self.inner.dirty_dir.join(format!("{:010}.map", info.id)),
             &info,
             region_size,
+            mode == IoMode::Sync,
         )?;
         let regions = info.size.div_ceil(region_size) as usize;
         let protected = Arc::new(Protected {
@@ -387,16 +393,19 @@ impl WritePath {
             device,
             dirty,
         });
-        let marked = protected.dirty.marked();
+        let (journal_led, production_led) = protected.dirty.marked_by_leader();
         // A map that could not be read marks everything: say so on the
         // timeline rather than calling it a crash.
         let reason = match protected.dirty.assumed_dirty() {
             Some(_) => "dirty-map-lost",
             None => "crash",
         };
-        let report = self
+        let rolled_forward_bytes = self.inner.roll_forward(&protected, &journal_led, reason)?;
+        let mut report = self
             .inner
-            .resync(&protected, &marked, reason, Admission::Wait)?;
+            .resync(&protected, &production_led, reason, Admission::Wait)?;
+        report.rolled_forward = journal_led;
+        report.rolled_forward_bytes = rolled_forward_bytes;
         self.inner
             .volumes
             .write()
@@ -496,6 +505,22 @@ impl WritePath {
     /// room up to `sync_timeout` ([`Error::Behind`] after that); in sync
     /// mode it returns once the flush record is durable too.
     pub fn flush(&self, volume: &str) -> Result<Option<Seq>> {
+        self.flush_as(volume, true)
+    }
+
+    /// A flush as a block-device client needs it: every acknowledged write
+    /// durable, the flush point recorded after them — but in sync mode,
+    /// once every acknowledged write's record is durable (as it is unless
+    /// the volume wrote in async mode a moment ago), it does not wait for
+    /// the flush record itself: nothing the client was promised depends on
+    /// it, and the next group commit takes it. A database commits with a
+    /// flush after each log write; waiting for a commit of its own doubled
+    /// what every transaction waited for.
+    pub fn flush_acknowledged(&self, volume: &str) -> Result<Option<Seq>> {
+        self.flush_as(volume, false)
+    }
+
+    fn flush_as(&self, volume: &str, wait_for_point: bool) -> Result<Option<Seq>> {
         let v = self.volume(volume)?;
         let timeout = self.inner.options.sync_timeout;
         let behind = |e: Error| match e {
@@ -518,16 +543,21 @@ impl WritePath {
             .journal
             .append_with(v.info.id, Change::Flush, Admission::WaitFor(timeout))
             .map_err(behind)?;
-        // The production volume's fsync runs while the journal commits the
-        // flush record: a flush then costs the slower of the two, not
-        // their sum (for a database, whose every commit is a flush, this
-        // is most of what the journal adds). The record only marks the
-        // point; it carries no data the production flush could miss.
-        v.device
-            .flush()
-            .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
+        // Where the journal leads every marked region, everything
+        // acknowledged is durable in the journal already and a crash rolls
+        // the production volume forward to it: no fsync of the production
+        // volume (for a database, whose every commit is a flush, that fsync
+        // was most of what a sync volume cost). Else it runs while the
+        // journal commits the flush record — the slower of the two, not
+        // their sum; the record only marks the point.
+        if v.dirty.production_leads_somewhere() {
+            v.device
+                .flush()
+                .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
+        }
         match mode {
             IoMode::Async => Ok(Some(handle.seq())),
+            _ if !wait_for_point && self.inner.async_records_durable(&v) => Ok(Some(handle.seq())),
             _ => {
                 let started = Instant::now();
                 let seq = handle.wait_timeout(timeout).map_err(behind)?.seq;
@@ -637,7 +667,7 @@ impl WritePath {
         let (mode, switch) = v.effective_mode(inner.backlog());
         inner.record_switch(&v, switch);
         let stripes = v.lock(offset, len);
-        v.dirty.begin(offset, len)?;
+        v.dirty.begin(offset, len, mode != IoMode::Async)?;
         let acknowledged = match mode {
             IoMode::Async => inner.apply_async(&v, offset, op, fua, stripes),
             _ => inner.apply_sync(&v, offset, op, fua, stripes),
@@ -689,7 +719,7 @@ impl WritePath {
         }
         inner.record_switch(&v, switch);
         let stripes = v.try_lock(offset, len)?;
-        if !v.dirty.try_begin(offset, len) {
+        if !v.dirty.try_begin(offset, len, false) {
             return None;
         }
         let acknowledged = inner.apply_async(&v, offset, op, false, stripes);
@@ -734,7 +764,7 @@ impl WritePath {
         }
         inner.record_switch(&v, switch);
         let stripes = v.try_lock(offset, len)?;
-        if !v.dirty.try_begin(offset, len) {
+        if !v.dirty.try_begin(offset, len, true) {
             return None;
         }
         let started = Instant::now();
@@ -902,6 +932,17 @@ impl Inner {
         }
     }
 
+    /// True when every async write of `v` still tracked has its record
+    /// durable: then everything acknowledged to `v` is in the journal.
+    fn async_records_durable(&self, v: &Protected) -> bool {
+        let pending = v.pending.lock();
+        if pending.records.is_empty() {
+            return true;
+        }
+        let durable = self.journal.history().newest_seq;
+        pending.records.iter().all(|r| r.handle.seq() <= durable)
+    }
+
     fn backlog(&self) -> u64 {
         self.journal.memory_cache().used_bytes
     }
@@ -945,6 +986,9 @@ impl Inner {
         }
         let seq = handles.last().map_or(0, |h| h.seq());
         let stored_bytes = handles.iter().map(|h| h.stored_bytes()).sum();
+        // FUA asks for this write to be durable, which it is once its
+        // records are, where the journal leads (see `flush`).
+        let fua = fua && v.dirty.production_leads_somewhere();
         if let Err(e) = self.device_apply(v, offset, op, fua) {
             // The journal has a change the production volume lacks (wholly
             // or in part): make them agree again before answering.
@@ -1181,6 +1225,68 @@ impl Inner {
     /// newest point; then records a `resync` event naming the window. If
     /// its records do not all become durable (in time, with
     /// `Admission::WaitFor`), the regions wait for a resync again.
+    /// Brings journal-led `regions` of the production volume up to the
+    /// journal's newest point (after a crash it may lack acknowledged
+    /// changes whose flush did not fsync it, or hold unacknowledged ones
+    /// the journal never got), writing only the 4 KiB blocks that differ,
+    /// then flushes it. Returns the bytes written; a `roll-forward` event
+    /// says so on the timeline. The regions stay marked until the next
+    /// cleaning round.
+    fn roll_forward(&self, v: &Protected, regions: &[usize], reason: &str) -> Result<u64> {
+        if regions.is_empty() {
+            return Ok(0);
+        }
+        let region_size = v.dirty.region_size();
+        let mut production = vec![0u8; region_size as usize];
+        let mut journalled = vec![0u8; region_size as usize];
+        let mut bytes = 0u64;
+        for &r in regions {
+            let offset = r as u64 * region_size;
+            let len = region_size.min(v.info.size - offset) as usize;
+            v.device
+                .read_at(&mut production[..len], offset)
+                .map_err(|e| Error::io_at("read production volume", v.device.path(), offset, e))?;
+            self.journal
+                .read(&v.info.name, offset, &mut journalled[..len], Point::Latest)?;
+            for block in (0..len).step_by(4096) {
+                let end = (block + 4096).min(len);
+                if production[block..end] != journalled[block..end] {
+                    let at = offset + block as u64;
+                    v.device
+                        .write_at(&journalled[block..end], at)
+                        .map_err(|e| {
+                            Error::io_at("roll production volume forward", v.device.path(), at, e)
+                        })?;
+                    bytes += (end - block) as u64;
+                }
+            }
+        }
+        v.device
+            .flush()
+            .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
+        tracing::info!(volume = %v.info.name, regions = regions.len(), bytes, reason, "production volume rolled forward to the journal");
+        // A lost map is news even where nothing differed. Durable before
+        // the volume serves, like a resync's event.
+        if bytes > 0 || reason != "crash" {
+            let body = format!(
+                "{{\"reason\":\"{reason}\",\"regions\":{},\"bytes\":{bytes}}}",
+                regions.len()
+            );
+            let mark = Mark::Event {
+                name: "roll-forward",
+                body: body.as_bytes(),
+            };
+            let recorded = self
+                .journal
+                .append_with(v.info.id, Change::Mark(mark), Admission::Wait)
+                .and_then(|handle| handle.wait_timeout(self.options.sync_timeout));
+            if let Err(e) = recorded {
+                tracing::warn!(volume = %v.info.name, error = %e, "could not record the roll-forward on the timeline");
+            }
+        }
+        Ok(bytes)
+    }
+
     fn resync(
         &self,
         v: &Protected,

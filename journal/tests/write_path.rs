@@ -567,9 +567,18 @@ fn a_sync_write_the_production_volume_refuses_is_resynced_at_once() {
 }
 
 /// A dirty map that cannot be read counts as all dirty: attaching resyncs
-/// every region and says why on the timeline.
+/// every region (async: the production volume may hold what the journal
+/// lacks) or rolls every region forward (sync: the journal holds all that
+/// was acknowledged, and flushes did not fsync the production volume), and
+/// says why on the timeline.
 #[test]
-fn an_unreadable_dirty_map_resyncs_everything_and_says_so() {
+fn an_unreadable_dirty_map_resyncs_or_rolls_forward_everything_and_says_so() {
+    for (mode, event) in [(IoMode::Async, "resync"), (IoMode::Sync, "roll-forward")] {
+        unreadable_dirty_map(mode, event);
+    }
+}
+
+fn unreadable_dirty_map(mode: IoMode, event: &str) {
     use tidemark_journal::fs::{FaultyFs, FsOp, RealFs};
     let dir = tempfile::tempdir().expect("tempdir");
     let fs = FaultyFs::new(Arc::new(RealFs));
@@ -586,7 +595,7 @@ fn an_unreadable_dirty_map_resyncs_everything_and_says_so() {
         journal.create_volume("vol", SIZE).expect("volume");
         let path = WritePath::new(journal, small_regions()).expect("write path");
         let device = Arc::new(FileDevice::open(&production, SIZE).expect("device"));
-        path.attach("vol", device, IoMode::Sync).expect("attach");
+        path.attach("vol", device, mode).expect("attach");
         path.write("vol", 0, &[9u8; 4096], false).expect("write");
         path.close().expect("close");
     }
@@ -594,21 +603,22 @@ fn an_unreadable_dirty_map_resyncs_everything_and_says_so() {
     let (journal, _) = Journal::open(&dir.path().join("journal"), options()).expect("reopen");
     let path = WritePath::new(journal, small_regions()).expect("write path");
     let device = Arc::new(FileDevice::open(&production, SIZE).expect("device"));
-    let report = path.attach("vol", device, IoMode::Sync).expect("attach");
-    assert_eq!(
-        report.regions.len() as u64,
-        SIZE / (256 << 10),
-        "{report:?}"
-    );
+    let report = path.attach("vol", device, mode).expect("attach");
+    let regions = match mode {
+        IoMode::Sync => report.rolled_forward.len(),
+        _ => report.regions.len(),
+    };
+    assert_eq!(regions as u64, SIZE / (256 << 10), "{mode}: {report:?}");
     let volume = path.journal().volume("vol").expect("volume").id;
     let events = path.journal().events(volume, 0, u64::MAX).expect("events");
     assert!(
         events.iter().any(|e| matches!(
             Mark::decode(&e.body),
-            Some(Mark::Event { name: "resync", body }) if String::from_utf8_lossy(body).contains("dirty-map-lost")
+            Some(Mark::Event { name, body }) if name == event && String::from_utf8_lossy(body).contains("dirty-map-lost")
         )),
-        "the resync names the lost map"
+        "{mode}: the {event} names the lost map"
     );
+    assert_production_equals_journal(&path);
 }
 
 /// Closing while the journal's disk is full ends within a bounded time and
@@ -879,4 +889,55 @@ fn a_sync_write_begun_without_blocking_that_production_refuses_is_resynced() {
         .fail
         .store(false, std::sync::atomic::Ordering::SeqCst);
     assert_production_equals_journal(&path);
+}
+
+/// A client's flush of a sync volume does not wait for a journal commit of
+/// its own: every write it acknowledged is durable already. Writes
+/// acknowledged in async mode a moment before still make it wait.
+#[test]
+fn a_clients_flush_waits_only_for_what_was_acknowledged() {
+    let s = setup(IoMode::Sync, 1 << 20, small_regions());
+    let journal = s.path.journal();
+    let ack = s.path.write("vol", 0, &[1u8; 8192], false).expect("write");
+    let written = ack.seq.expect("a sync write has a record");
+    assert!(
+        journal.history().newest_seq >= written,
+        "acknowledged: durable"
+    );
+    // Every commit from now takes two seconds.
+    s.faults.set_sync_delay(Duration::from_secs(2));
+    let point = s
+        .path
+        .flush_acknowledged("vol")
+        .expect("flush")
+        .expect("a flush point");
+    assert!(point > written);
+    assert!(
+        journal.history().newest_seq < point,
+        "the client's flush waited for its flush record's commit"
+    );
+    // The waiting flush, as a tag uses it, returns with its point durable.
+    let point = s.path.flush("vol").expect("flush").expect("a flush point");
+    assert!(journal.history().newest_seq >= point);
+
+    // An async write whose record is not durable yet: the flush after the
+    // switch to sync must wait for it.
+    s.path.set_mode("vol", IoMode::Async).expect("async");
+    let ack = s
+        .path
+        .write("vol", 65536, &[2u8; 4096], false)
+        .expect("write");
+    let pending = ack.seq.expect("journalled in the background");
+    assert!(journal.history().newest_seq < pending, "still on its way");
+    s.path.set_mode("vol", IoMode::Sync).expect("sync");
+    let point = s
+        .path
+        .flush_acknowledged("vol")
+        .expect("flush")
+        .expect("a flush point");
+    assert!(
+        journal.history().newest_seq >= point,
+        "the async write's record was not durable: the flush had to wait"
+    );
+    s.faults.set_sync_delay(Duration::ZERO);
 }

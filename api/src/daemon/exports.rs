@@ -485,7 +485,7 @@ impl Export {
     pub fn flush(&self) -> ApiResult<()> {
         if let Target::Live { .. } = self.target {
             let volume = self.local()?;
-            volume.group.write_path.flush(&volume.name)?;
+            volume.group.write_path.flush_acknowledged(&volume.name)?;
         }
         Ok(())
     }
