@@ -520,6 +520,38 @@ impl WritePath {
         self.flush_as(volume, false)
     }
 
+    /// [`WritePath::flush_acknowledged`] only if that cannot block: the
+    /// volume writes in sync mode, the journal leads every marked region
+    /// (no production fsync), nothing waits for a resync, every async
+    /// record is durable and the flush record goes to a cache at once.
+    /// `None` otherwise; the caller then flushes where blocking is fine.
+    /// What an event loop runs in place, saving a thread hand-off per
+    /// database commit.
+    pub fn try_flush(&self, volume: &str) -> Option<Result<Option<Seq>>> {
+        let v = match self.volume(volume) {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
+        let inner = &self.inner;
+        let (mode, switch) = v.effective_mode(inner.backlog());
+        if mode == IoMode::Async
+            || v.dirty.production_leads_somewhere()
+            || !v.dirty.unjournaled(true).is_empty()
+            || !inner.async_records_durable(&v)
+        {
+            return None;
+        }
+        inner.record_switch(&v, switch);
+        match inner
+            .journal
+            .append_with(v.info.id, Change::Flush, Admission::NoWait)
+        {
+            Ok(handle) => Some(Ok(Some(handle.seq()))),
+            Err(Error::CacheFull { .. }) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
     fn flush_as(&self, volume: &str, wait_for_point: bool) -> Result<Option<Seq>> {
         let v = self.volume(volume)?;
         let timeout = self.inner.options.sync_timeout;

@@ -941,3 +941,31 @@ fn a_clients_flush_waits_only_for_what_was_acknowledged() {
     );
     s.faults.set_sync_delay(Duration::ZERO);
 }
+
+/// A flush that needs no fsync and no wait runs without blocking; one
+/// that needs either is left to a thread that may block.
+#[test]
+fn a_flush_runs_in_place_only_where_it_cannot_block() {
+    let s = setup(IoMode::Sync, 1 << 20, small_regions());
+    s.path.write("vol", 0, &[1u8; 8192], false).expect("write");
+    let point = s
+        .path
+        .try_flush("vol")
+        .expect("sync, journal-led: nothing to block on")
+        .expect("flush");
+    assert!(point.is_some());
+    s.path.set_mode("vol", IoMode::Async).expect("async");
+    assert!(
+        s.path.try_flush("vol").is_none(),
+        "async: the production volume needs an fsync"
+    );
+    s.path
+        .write("vol", 65536, &[2u8; 4096], false)
+        .expect("write");
+    s.path.set_mode("vol", IoMode::Sync).expect("sync");
+    assert!(
+        s.path.try_flush("vol").is_none(),
+        "an async write made its region production-led: the flush must fsync"
+    );
+    s.path.flush("vol").expect("flush where blocking is fine");
+}

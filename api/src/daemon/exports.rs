@@ -187,6 +187,26 @@ impl Export {
         })
     }
 
+    /// Flushes (see [`Export::flush`]) only if that cannot block (see
+    /// `WritePath::try_flush`); `None` when it could.
+    pub fn try_flush(&self) -> Option<ApiResult<()>> {
+        if let Target::Live { .. } = self.target {
+            let volume = match self.local() {
+                Ok(volume) => volume,
+                Err(e) => return Some(Err(e)),
+            };
+            return Some(
+                volume
+                    .group
+                    .write_path
+                    .try_flush(&volume.name)?
+                    .map(|_| ())
+                    .map_err(Into::into),
+            );
+        }
+        None
+    }
+
     /// Starts a sync write of `data` at `offset` if that cannot block (see
     /// `WritePath::try_begin_sync`); `None` when it could, and then
     /// [`Export::write_shared`] must be used where blocking is fine.

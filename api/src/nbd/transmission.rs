@@ -263,8 +263,9 @@ fn settle_sync_write(
 }
 
 /// Runs `request` right here if it cannot block: a small read of the live
-/// volume (a pread of the production volume), or a small write that
-/// `Export::try_write` can take without waiting. `None`: use the pool.
+/// volume (a pread of the production volume), a small write that
+/// `Export::try_write` can take without waiting, or a flush that
+/// `Export::try_flush` can. `None`: use the pool.
 fn run_inline(
     export: &Export,
     daemon: &Daemon,
@@ -278,6 +279,10 @@ fn run_inline(
         }
         CMD_WRITE if request.length <= INLINE_MAX && request.flags & CMD_FLAG_FUA == 0 => {
             let outcome = export.try_write(request.offset, payload)?;
+            answer(export, request, outcome, Vec::new())
+        }
+        CMD_FLUSH => {
+            let outcome = export.try_flush()?;
             answer(export, request, outcome, Vec::new())
         }
         _ => return None,
