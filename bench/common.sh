@@ -33,6 +33,20 @@ start_daemon() { # extra TOML lines on stdin
 }
 tm() { TIDEMARK_TOKEN_FILE="$work/data/api.token" "$bin" --server "$grpc" "$@"; }
 
+# The peer: `nbdkit file` on a fresh sparse file of SIZE (default 2G) beside
+# the daemon's data, on a free loopback port; sets $nbdkit_uri and
+# $nbdkit_pid.
+start_nbdkit() {
+  truncate -s "${1:-2G}" "$work/nbdkit.img"
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  nbdkit -f -i 127.0.0.1 -p "$port" file "$work/nbdkit.img" &
+  nbdkit_pid=$!
+  pids+=("$nbdkit_pid")
+  nbdkit_uri="nbd://127.0.0.1:$port/"
+  for _ in $(seq 1 100); do nbdinfo --size "$nbdkit_uri" >/dev/null 2>&1 && break; sleep 0.1; done
+}
+
 # A real S3-compatible server (moto, installed by scripts/setup.sh) on a
 # free loopback port, with a bucket named "bench"; sets $s3_endpoint and
 # the AWS environment the daemons and the CLI read.

@@ -23,13 +23,7 @@ for mode in async sync; do
   tm volume create "c-$mode" --size 2G --mode "$mode" >/dev/null
 done
 
-truncate -s 2G "$work/nbdkit.img"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-nbdkit -f -i 127.0.0.1 -p "$port" file "$work/nbdkit.img" &
-nbdkit_pid=$!
-pids+=("$nbdkit_pid")
-nbdkit_uri="nbd://127.0.0.1:$port/"
-for _ in $(seq 1 100); do nbdinfo --size "$nbdkit_uri" >/dev/null 2>&1 && break; sleep 0.1; done
+start_nbdkit 2G
 
 hz=$(getconf CLK_TCK)
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

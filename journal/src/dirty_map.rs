@@ -343,13 +343,17 @@ impl DirtyMap {
         if let Err(e) = result {
             // The write must not go ahead unrecorded, and the marks must
             // not stay in memory only: the next write to these regions
-            // makes them again. (A relabelled region stays production-led:
-            // that is always safe.)
+            // makes them again. A relabelled region is journal-led again
+            // in memory, as the file may still say: the async write that
+            // asked does not happen, and the next one must try again.
             for r in own {
                 state.regions[r].inflight -= 1;
             }
             for &r in &newly {
                 state.set_marked(r, false);
+            }
+            for &r in &relabelled {
+                state.set_led(r, true);
             }
             return Err(Error::io_at(
                 "mark dirty map",
@@ -670,6 +674,44 @@ mod tests {
         map.clean(100, g, 0).expect("clean");
         assert_eq!(map.marked(), vec![0, 1], "a failed record keeps the mark");
         assert_eq!(map.not_durable(100), vec![0, 1]);
+    }
+
+    #[test]
+    fn a_failed_relabel_is_made_again_by_the_next_async_write() {
+        use crate::fs::{FaultyFs, FsOp, PowerCut, SimFs};
+        for op in [FsOp::Write, FsOp::Sync] {
+            let local = tempfile::tempdir().expect("tempdir");
+            let sim = SimFs::new(local.path());
+            let fs = FaultyFs::new(sim.clone());
+            let path = Path::new("/3.map");
+            let map = DirtyMap::open(fs.as_ref(), path, &volume(), 1 << 20, false).expect("open");
+            map.begin(0, 4096, true).expect("sync write");
+            map.settle(0, 4096, Some(1), true);
+            fs.fail(op, "3.map", 5);
+            map.begin(0, 4096, false)
+                .expect_err("the relabel is not durable");
+            assert!(
+                !map.production_leads_somewhere(),
+                "{op:?}: no async write happened; the region is as the file may say"
+            );
+            assert!(
+                !map.try_begin(0, 4096, false),
+                "{op:?}: the next async write must make the relabel durable first"
+            );
+            fs.heal();
+            map.begin(0, 4096, false).expect("relabelled");
+            map.settle(0, 4096, None, true);
+            sim.cut_power(PowerCut::dropping_everything(1));
+            drop(map);
+            sim.restart();
+            let map =
+                DirtyMap::open(sim.as_ref(), path, &volume(), 1 << 20, false).expect("reopen");
+            assert_eq!(
+                map.marked_by_leader().1,
+                vec![0],
+                "{op:?}: production-led on disk"
+            );
+        }
     }
 
     #[test]

@@ -238,6 +238,16 @@ struct PendingRecord {
 }
 
 impl Protected {
+    /// True when the journal holds everything a flush of this volume
+    /// promises, so the production volume need not be fsynced for it: the
+    /// volume is configured sync (an adaptive one may have acknowledged
+    /// from the production volume alone) and no marked region is
+    /// production-led. A crash is then repaired by rolling the production
+    /// volume forward from the journal.
+    fn journal_leads_flushes(&self) -> bool {
+        *self.mode.lock() == IoMode::Sync && !self.dirty.production_leads_somewhere()
+    }
+
     /// Locks the regions `offset..offset+len` touches, in ascending order.
     fn lock(&self, offset: u64, len: u64) -> Vec<MutexGuard<'_, ()>> {
         self.dirty
@@ -400,6 +410,12 @@ impl WritePath {
             Some(_) => "dirty-map-lost",
             None => "crash",
         };
+        // Records the file cache held are journalled again in the
+        // background after open: the newest point must include them before
+        // it is copied anywhere.
+        if !journal_led.is_empty() {
+            self.inner.journal.sync()?;
+        }
         let rolled_forward_bytes = self.inner.roll_forward(&protected, &journal_led, reason)?;
         let mut report = self
             .inner
@@ -533,15 +549,12 @@ impl WritePath {
             Err(e) => return Some(Err(e)),
         };
         let inner = &self.inner;
-        let (mode, switch) = v.effective_mode(inner.backlog());
-        if mode == IoMode::Async
-            || v.dirty.production_leads_somewhere()
+        if !v.journal_leads_flushes()
             || !v.dirty.unjournaled(true).is_empty()
             || !inner.async_records_durable(&v)
         {
             return None;
         }
-        inner.record_switch(&v, switch);
         match inner
             .journal
             .append_with(v.info.id, Change::Flush, Admission::NoWait)
@@ -582,14 +595,19 @@ impl WritePath {
         // was most of what a sync volume cost). Else it runs while the
         // journal commits the flush record — the slower of the two, not
         // their sum; the record only marks the point.
-        if v.dirty.production_leads_somewhere() {
+        if !v.journal_leads_flushes() {
             v.device
                 .flush()
                 .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
         }
         match mode {
             IoMode::Async => Ok(Some(handle.seq())),
-            _ if !wait_for_point && self.inner.async_records_durable(&v) => Ok(Some(handle.seq())),
+            _ if !wait_for_point
+                && *v.mode.lock() == IoMode::Sync
+                && self.inner.async_records_durable(&v) =>
+            {
+                Ok(Some(handle.seq()))
+            }
             _ => {
                 let started = Instant::now();
                 let seq = handle.wait_timeout(timeout).map_err(behind)?.seq;
@@ -611,6 +629,23 @@ impl WritePath {
                 "io-mode",
                 &format!("{{\"from\":\"{from}\",\"to\":\"{mode}\",\"by\":\"operator\"}}"),
             );
+            // A sync volume's flushes may skip the production fsync, and a
+            // sync volume whose dirty map is lost is rolled forward from
+            // the journal: both need everything acknowledged before the
+            // switch durable in the journal (and on a sync replica).
+            if mode == IoMode::Sync {
+                if let Err(e) = self.flush(volume) {
+                    *v.mode.lock() = from;
+                    self.inner.event(
+                        &v,
+                        "io-mode",
+                        &format!("{{\"from\":\"{mode}\",\"to\":\"{from}\",\"by\":\"operator\",\"reason\":\"flush failed\"}}"),
+                    );
+                    return Err(Error::Invalid(format!(
+                        "volume {volume} stays {from}: switching to sync needs every write acknowledged so far durable in the journal first, and that failed ({e}); try again"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -1020,7 +1055,7 @@ impl Inner {
         let stored_bytes = handles.iter().map(|h| h.stored_bytes()).sum();
         // FUA asks for this write to be durable, which it is once its
         // records are, where the journal leads (see `flush`).
-        let fua = fua && v.dirty.production_leads_somewhere();
+        let fua = fua && !v.journal_leads_flushes();
         if let Err(e) = self.device_apply(v, offset, op, fua) {
             // The journal has a change the production volume lacks (wholly
             // or in part): make them agree again before answering.
