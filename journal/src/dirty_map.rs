@@ -676,15 +676,62 @@ mod tests {
         assert_eq!(map.not_durable(100), vec![0, 1]);
     }
 
+    /// A map on a simulated disk behind a fault injector, for tests that
+    /// fail its writes and then cut the power.
+    struct FaultyMap {
+        _local: tempfile::TempDir,
+        sim: Arc<crate::fs::SimFs>,
+        fs: Arc<crate::fs::FaultyFs>,
+        map: DirtyMap,
+    }
+
+    const FAULTY_MAP: &str = "/3.map";
+
+    fn faulty_map() -> FaultyMap {
+        let local = tempfile::tempdir().expect("tempdir");
+        let sim = crate::fs::SimFs::new(local.path());
+        let fs = crate::fs::FaultyFs::new(sim.clone());
+        let map = DirtyMap::open(
+            fs.as_ref(),
+            Path::new(FAULTY_MAP),
+            &volume(),
+            1 << 20,
+            false,
+        )
+        .expect("open");
+        FaultyMap {
+            _local: local,
+            sim,
+            fs,
+            map,
+        }
+    }
+
+    impl FaultyMap {
+        /// Cuts the power, dropping everything not durable, and opens the
+        /// map again after the restart.
+        fn after_power_cut(self) -> DirtyMap {
+            self.sim
+                .cut_power(crate::fs::PowerCut::dropping_everything(1));
+            drop(self.map);
+            self.sim.restart();
+            DirtyMap::open(
+                self.sim.as_ref(),
+                Path::new(FAULTY_MAP),
+                &volume(),
+                1 << 20,
+                false,
+            )
+            .expect("reopen")
+        }
+    }
+
     #[test]
     fn a_failed_relabel_is_made_again_by_the_next_async_write() {
-        use crate::fs::{FaultyFs, FsOp, PowerCut, SimFs};
+        use crate::fs::FsOp;
         for op in [FsOp::Write, FsOp::Sync] {
-            let local = tempfile::tempdir().expect("tempdir");
-            let sim = SimFs::new(local.path());
-            let fs = FaultyFs::new(sim.clone());
-            let path = Path::new("/3.map");
-            let map = DirtyMap::open(fs.as_ref(), path, &volume(), 1 << 20, false).expect("open");
+            let faulty = faulty_map();
+            let (map, fs) = (&faulty.map, &faulty.fs);
             map.begin(0, 4096, true).expect("sync write");
             map.settle(0, 4096, Some(1), true);
             fs.fail(op, "3.map", 5);
@@ -701,11 +748,7 @@ mod tests {
             fs.heal();
             map.begin(0, 4096, false).expect("relabelled");
             map.settle(0, 4096, None, true);
-            sim.cut_power(PowerCut::dropping_everything(1));
-            drop(map);
-            sim.restart();
-            let map =
-                DirtyMap::open(sim.as_ref(), path, &volume(), 1 << 20, false).expect("reopen");
+            let map = faulty.after_power_cut();
             assert_eq!(
                 map.marked_by_leader().1,
                 vec![0],
@@ -716,13 +759,10 @@ mod tests {
 
     #[test]
     fn a_failed_mark_is_made_again_by_the_next_write() {
-        use crate::fs::{FaultyFs, FsOp, PowerCut, SimFs};
+        use crate::fs::FsOp;
         for op in [FsOp::Write, FsOp::Sync] {
-            let local = tempfile::tempdir().expect("tempdir");
-            let sim = SimFs::new(local.path());
-            let fs = FaultyFs::new(sim.clone());
-            let path = Path::new("/3.map");
-            let map = DirtyMap::open(fs.as_ref(), path, &volume(), 1 << 20, false).expect("open");
+            let faulty = faulty_map();
+            let (map, fs) = (&faulty.map, &faulty.fs);
             fs.fail(op, "3.map", 5);
             map.begin(0, 4096, false)
                 .expect_err("the mark is not durable");
@@ -730,11 +770,7 @@ mod tests {
             map.begin(0, 4096, false).expect("marked");
             map.settle(0, 4096, None, true);
             // The power fails now: the region must be marked on disk.
-            sim.cut_power(PowerCut::dropping_everything(1));
-            drop(map);
-            sim.restart();
-            let map =
-                DirtyMap::open(sim.as_ref(), path, &volume(), 1 << 20, false).expect("reopen");
+            let map = faulty.after_power_cut();
             assert!(map.marked().contains(&0), "{op:?}: {:?}", map.marked());
         }
     }

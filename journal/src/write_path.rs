@@ -1308,24 +1308,15 @@ impl Inner {
         let mut journalled = vec![0u8; region_size as usize];
         let mut bytes = 0u64;
         for &r in regions {
-            let offset = r as u64 * region_size;
-            let len = region_size.min(v.info.size - offset) as usize;
-            v.device
-                .read_at(&mut production[..len], offset)
-                .map_err(|e| Error::io_at("read production volume", v.device.path(), offset, e))?;
-            self.journal
-                .read(&v.info.name, offset, &mut journalled[..len], Point::Latest)?;
-            for block in (0..len).step_by(4096) {
-                let end = (block + 4096).min(len);
-                if production[block..end] != journalled[block..end] {
-                    let at = offset + block as u64;
-                    v.device
-                        .write_at(&journalled[block..end], at)
-                        .map_err(|e| {
-                            Error::io_at("roll production volume forward", v.device.path(), at, e)
-                        })?;
-                    bytes += (end - block) as u64;
-                }
+            let (offset, len) = self.read_both(v, r, &mut production, &mut journalled)?;
+            for (start, end) in differing_runs(&production[..len], &journalled[..len], usize::MAX) {
+                let at = offset + start as u64;
+                v.device
+                    .write_at(&journalled[start..end], at)
+                    .map_err(|e| {
+                        Error::io_at("roll production volume forward", v.device.path(), at, e)
+                    })?;
+                bytes += (end - start) as u64;
             }
         }
         v.device
@@ -1352,6 +1343,27 @@ impl Inner {
             }
         }
         Ok(bytes)
+    }
+
+    /// Reads region `r` of the production volume and of the journal's
+    /// newest point into the two buffers (each a region long); returns the
+    /// region's offset and length (the last region may be short).
+    fn read_both(
+        &self,
+        v: &Protected,
+        r: usize,
+        production: &mut [u8],
+        journalled: &mut [u8],
+    ) -> Result<(u64, usize)> {
+        let region_size = v.dirty.region_size();
+        let offset = r as u64 * region_size;
+        let len = region_size.min(v.info.size - offset) as usize;
+        v.device
+            .read_at(&mut production[..len], offset)
+            .map_err(|e| Error::io_at("read production volume", v.device.path(), offset, e))?;
+        self.journal
+            .read(&v.info.name, offset, &mut journalled[..len], Point::Latest)?;
+        Ok((offset, len))
     }
 
     fn resync(
@@ -1383,37 +1395,17 @@ impl Inner {
             return Ok(report);
         }
         let region_size = v.dirty.region_size();
-        let max_record = self.journal.max_record_len().max(4096) / 4096 * 4096;
+        let max_record = (self.journal.max_record_len().max(4096) / 4096 * 4096) as usize;
         let mut production = vec![0u8; region_size as usize];
         let mut journalled = vec![0u8; region_size as usize];
         let mut handles = Vec::new();
         let mut first_offset = u64::MAX;
         let mut end_offset = 0;
         for &r in regions {
-            let offset = r as u64 * region_size;
-            let len = region_size.min(v.info.size - offset) as usize;
             let _stripe = v.stripes.get(r).map(|m| m.lock());
-            v.device
-                .read_at(&mut production[..len], offset)
-                .map_err(|e| Error::io_at("read production volume", v.device.path(), offset, e))?;
-            self.journal
-                .read(&v.info.name, offset, &mut journalled[..len], Point::Latest)?;
+            let (offset, len) = self.read_both(v, r, &mut production, &mut journalled)?;
             let mut newest = 0;
-            let mut block = 0;
-            while block < len {
-                let differs = |b: usize| {
-                    let end = (b + 4096).min(len);
-                    production[b..end] != journalled[b..end]
-                };
-                if !differs(block) {
-                    block += 4096;
-                    continue;
-                }
-                let start = block;
-                while block < len && differs(block) && (block - start) as u64 + 4096 <= max_record {
-                    block += 4096;
-                }
-                let end = block.min(len);
+            for (start, end) in differing_runs(&production[..len], &journalled[..len], max_record) {
                 let data = &production[start..end];
                 let handle = self.journal.append_with(
                     v.info.id,
@@ -1583,4 +1575,29 @@ fn describe_regions(v: &Protected, regions: &[usize]) -> String {
         if regions.len() == 1 { "" } else { "s" },
         shown.join(", ")
     )
+}
+
+/// The runs of 4 KiB blocks where `a` and `b` (of equal length) differ, as
+/// byte ranges, each at most `max_run` bytes (a multiple of 4096; the last
+/// block may be short).
+fn differing_runs(a: &[u8], b: &[u8], max_run: usize) -> Vec<(usize, usize)> {
+    let len = a.len();
+    let differs = |at: usize| {
+        let end = (at + 4096).min(len);
+        a[at..end] != b[at..end]
+    };
+    let mut runs = Vec::new();
+    let mut block = 0;
+    while block < len {
+        if !differs(block) {
+            block += 4096;
+            continue;
+        }
+        let start = block;
+        while block < len && differs(block) && block - start + 4096 <= max_run {
+            block += 4096;
+        }
+        runs.push((start, block.min(len)));
+    }
+    runs
 }

@@ -271,13 +271,8 @@ fn metrics_and_health_are_served() {
     ] {
         assert!(body.contains(metric), "metrics lack {metric}:\n{body}");
     }
-    let writes: f64 = body
-        .lines()
-        .find(|l| l.starts_with("tidemark_written_bytes_total{volume=\"db\""))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    assert!(writes >= (256 << 10) as f64, "written bytes {writes}");
+    let writes = metric(&body, "tidemark_written_bytes_total{volume=\"db\"").unwrap();
+    assert!(writes >= 256 << 10, "written bytes {writes}");
 }
 
 /// The value of the first `/metrics` line starting with `series`.

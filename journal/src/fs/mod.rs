@@ -168,11 +168,7 @@ pub trait FsFile: Send + Sync + Debug {
     /// filesystem tells holes and unwritten preallocation apart
     /// (`SEEK_DATA`), only the written ranges; else the whole range.
     fn data_ranges(&self, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
-        Ok(if from < to {
-            vec![(from, to)]
-        } else {
-            Vec::new()
-        })
+        Ok(whole_range(from, to))
     }
     /// True if writes bypass the page cache.
     fn is_direct(&self) -> bool;
@@ -187,6 +183,16 @@ pub trait FsFile: Send + Sync + Debug {
     /// concurrent writes (through the mapping or the file), and must not
     /// change the file's length beyond the mapping while it lives.
     unsafe fn map(&self, writable: bool) -> io::Result<Mapping>;
+}
+
+/// `from..to` as the one range [`FsFile::data_ranges`] gives where it cannot
+/// tell data from holes (none if it is empty).
+pub(crate) fn whole_range(from: u64, to: u64) -> Vec<(u64, u64)> {
+    if from < to {
+        vec![(from, to)]
+    } else {
+        Vec::new()
+    }
 }
 
 /// A held [`Fs::lock`].

@@ -208,15 +208,8 @@ impl FsFile for RealFile {
 
     fn data_ranges(&self, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
         use rustix::fs::{seek, SeekFrom};
-        let whole = || {
-            Ok(if from < to {
-                vec![(from, to)]
-            } else {
-                Vec::new()
-            })
-        };
         if self.block_device {
-            return whole();
+            return Ok(super::whole_range(from, to));
         }
         let mut out = Vec::new();
         let mut at = from;
@@ -226,7 +219,7 @@ impl FsFile for RealFile {
                 // Nothing but holes from `at` on.
                 Err(e) if e == rustix::io::Errno::NXIO => break,
                 // No SEEK_DATA here: every byte may be data.
-                Err(_) => return whole(),
+                Err(_) => return Ok(super::whole_range(from, to)),
             };
             if start >= to {
                 break;
