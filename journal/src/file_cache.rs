@@ -187,6 +187,9 @@ struct Ring {
     /// [`ALLOCATION_RETRY`] later the ring counts as full, so appenders go
     /// elsewhere (or wait) instead of trying again in a loop.
     allocation_failed: Option<Instant>,
+    /// The failure, if it was not a full disk (the disk itself fails):
+    /// room will not come back by waiting, so appenders are told.
+    allocation_error: Option<(u64, std::io::Error)>,
 }
 
 impl Ring {
@@ -350,6 +353,7 @@ impl FileCache {
                 chunks: vec![false; chunks],
                 allocated: 0,
                 allocation_failed: None,
+                allocation_error: None,
             }),
             freed: Condvar::new(),
             synced: Mutex::new(0),
@@ -422,6 +426,9 @@ impl FileCache {
                     tracing::warn!(cache = %self.path.display(), offset = HEADER_LEN + at, error = %e, "cannot allocate file-cache space; records wait elsewhere");
                 }
                 ring.allocation_failed = Some(Instant::now());
+                if e.raw_os_error() != Some(libc::ENOSPC) {
+                    ring.allocation_error = Some((HEADER_LEN + at, e));
+                }
                 return false;
             }
             ring.allocation_failed = None;
@@ -925,6 +932,18 @@ impl FileCache {
                 }
             }
         }
+    }
+
+    /// The error of a chunk allocation that failed other than for a full
+    /// disk, once: an appender waiting for room gives up with it.
+    pub fn take_allocation_error(&self) -> Option<Error> {
+        let (offset, e) = self.ring.lock().allocation_error.take()?;
+        Some(Error::io_at(
+            "allocate file cache space",
+            &self.path,
+            offset,
+            e,
+        ))
     }
 
     /// True when no entry waits to be journalled.

@@ -1374,6 +1374,11 @@ impl Journal {
                 if shared.closing.load(Ordering::SeqCst) {
                     return Err(Error::Closed(shared.dir.clone()));
                 }
+                // A disk that fails (not one that is full) gives no room
+                // by waiting.
+                if let Some(e) = cache.take_allocation_error() {
+                    return Err(e);
+                }
                 let slice = deadline.map(|at| at.min(std::time::Instant::now() + FILE_ROOM_SLICE));
                 if !cache.wait_for_room(len, slice) {
                     if deadline.is_some_and(|at| std::time::Instant::now() < at) {

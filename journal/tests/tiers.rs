@@ -244,6 +244,10 @@ fn a_ring_whose_disk_refuses_space_counts_as_full() {
         !cache.wait_for_room(len, None),
         "the ring must count as full, or an appender loops on it"
     );
+    assert!(
+        cache.take_allocation_error().is_none(),
+        "a full disk is waited out, not reported"
+    );
     fs.heal();
     std::thread::sleep(Duration::from_millis(1100));
     assert!(
@@ -251,6 +255,29 @@ fn a_ring_whose_disk_refuses_space_counts_as_full() {
         "room again once the disk allocates"
     );
     assert!(append().is_some());
+
+    // A disk that fails (not a full one) is reported to the appender that
+    // waits: no room comes back by waiting.
+    let failing = dir.path().join("failing-ring");
+    let (cache, _) = FileCache::open(
+        fs.as_ref(),
+        &failing,
+        1 << 20,
+        42,
+        0,
+        &RealIo,
+        FileBudget::new(1 << 20),
+    )
+    .expect("open");
+    fs.fail(FsOp::Write, "failing-ring", 5);
+    let appended = cache.append(1, len, |buf| {
+        record.encode_to(1, Timestamp::from_nanos(1), buf);
+    });
+    assert!(appended.is_none());
+    assert!(
+        cache.take_allocation_error().is_some(),
+        "the failing disk's error reaches the appender"
+    );
 }
 
 #[test]
