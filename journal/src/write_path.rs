@@ -56,6 +56,14 @@ pub trait ReplicaGate: Send + Sync + std::fmt::Debug {
     /// own; what happens when a replica does not answer by then is the
     /// gate's policy (degrade to async, or keep waiting).
     fn wait_replicated(&self, seq: Seq, deadline: Instant) -> Result<()>;
+
+    /// Whether a sync write begun now must wait for a replica at all:
+    /// false while no replica is in sync mode. A write begun then is
+    /// acknowledged once it is durable here (a replica that turns sync
+    /// later gets its record by catching up), and its wait holds no thread.
+    fn must_wait(&self) -> bool {
+        true
+    }
 }
 
 /// How the write path behaves.
@@ -857,6 +865,7 @@ impl WritePath {
         if failed.is_some() {
             v.dirty.settle(offset, len, None, true);
         }
+        let waits_for_replica = inner.gate.read().as_ref().is_some_and(|g| g.must_wait());
         Some(Ok(SyncWrite {
             inner: inner.clone(),
             v: v.clone(),
@@ -865,6 +874,7 @@ impl WritePath {
             handle,
             failed,
             started,
+            waits_for_replica,
         }))
     }
 }
@@ -884,6 +894,8 @@ pub struct SyncWrite {
     /// lacks, and must be made to agree again before answering.
     failed: Option<Error>,
     started: Instant,
+    /// Whether the group's replicas hold it back (asked when it began).
+    waits_for_replica: bool,
 }
 
 impl std::fmt::Debug for SyncWrite {
@@ -902,9 +914,7 @@ impl SyncWrite {
     /// follows), the group waits for a replica, or the record waits in the
     /// file cache (whose durability is an fsync).
     pub fn blocks(&self) -> bool {
-        self.failed.is_some()
-            || self.inner.gate.read().is_some()
-            || self.handle.waits_on_file_cache()
+        self.failed.is_some() || self.waits_for_replica || self.handle.waits_on_file_cache()
     }
 
     /// How long the write may still wait for its record.
@@ -948,6 +958,7 @@ impl SyncWrite {
             handle,
             failed,
             started,
+            waits_for_replica,
         } = self;
         if let Some(e) = failed {
             inner.agree_again(&v, offset, len, vec![handle], "production-write-failed");
@@ -955,8 +966,14 @@ impl SyncWrite {
         }
         let (seq, stored_bytes) = (handle.seq(), handle.stored_bytes());
         let durable = durable.unwrap_or_else(|| handle.wait_timeout(time_left).map(|_| ()));
-        let acknowledged =
-            inner.settle_sync(&v, (offset, len), seq, stored_bytes, started, durable)?;
+        let acknowledged = inner.settle_sync(
+            &v,
+            (offset, len),
+            (seq, stored_bytes),
+            started,
+            durable,
+            waits_for_replica,
+        )?;
         v.count(len, &acknowledged);
         Ok(acknowledged)
     }
@@ -1072,24 +1089,25 @@ impl Inner {
         self.settle_sync(
             v,
             (offset, len),
-            seq,
-            stored_bytes,
+            (seq, stored_bytes),
             started,
             durable.map(|_| ()),
+            true,
         )
     }
 
     /// The end of a sync write whose records were appended and production
     /// write done, once waiting for the records has `durable` as outcome:
-    /// settles the regions, waits for the replica, acknowledges.
+    /// settles the regions, waits for the replica (if `replica`: one held
+    /// it back when it began), acknowledges.
     fn settle_sync(
         &self,
         v: &Protected,
         (offset, len): (u64, u64),
-        seq: Seq,
-        stored_bytes: u64,
+        (seq, stored_bytes): (Seq, u64),
         started: Instant,
         durable: Result<()>,
+        replica: bool,
     ) -> Result<Acknowledged> {
         let timeout = self.options.sync_timeout;
         // A record that failed, or is not durable in time, may never reach
@@ -1098,7 +1116,9 @@ impl Inner {
         let journalled = durable.as_ref().ok().map(|_| seq);
         v.dirty.settle(offset, len, journalled, true);
         durable?;
-        self.wait_replicated(seq, started + timeout)?;
+        if replica {
+            self.wait_replicated(seq, started + timeout)?;
+        }
         if *v.mode.lock() == IoMode::Adaptive {
             let switch =
                 v.adaptive

@@ -870,6 +870,61 @@ fn sync_writes_begun_without_blocking_settle_like_blocking_ones() {
     );
 }
 
+/// A replica gate that says whether sync writes must wait for it, and
+/// counts how often they did.
+#[derive(Debug, Default)]
+struct CountingGate {
+    must_wait: std::sync::atomic::AtomicBool,
+    waited: std::sync::atomic::AtomicUsize,
+}
+
+impl tidemark_journal::ReplicaGate for CountingGate {
+    fn wait_replicated(&self, _seq: u64, _deadline: std::time::Instant) -> Result<(), Error> {
+        self.waited
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn must_wait(&self) -> bool {
+        self.must_wait.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A group with a replica gate but no replica in sync mode settles sync
+/// writes begun without blocking on the event loop (they hold no thread);
+/// one whose replica is sync leaves them to the blocking path, and waits.
+#[test]
+fn sync_writes_wait_for_a_replica_only_while_one_is_sync() {
+    let s = setup(IoMode::Sync, 1 << 20, small_regions());
+    let gate = Arc::new(CountingGate::default());
+    s.path.set_replica_gate(Some(gate.clone()));
+    let mut rng = rng(12);
+    let data = bytes::Bytes::from(payload(&mut rng, 4096));
+    s.path.write("vol", 0, &data, false).expect("write");
+    assert_eq!(gate.waited.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    let mut write = s
+        .path
+        .try_begin_sync("vol", 4096, &data)
+        .expect("a marked, free region")
+        .expect("begun");
+    assert!(!write.blocks(), "no replica holds it back");
+    let durable = poll_until_ready(write.durable());
+    write.settle(Some(durable)).expect("acknowledged");
+    assert_eq!(gate.waited.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    gate.must_wait
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let write = s
+        .path
+        .try_begin_sync("vol", 8192, &data)
+        .expect("a marked, free region")
+        .expect("begun");
+    assert!(write.blocks(), "a sync replica: finishing may block");
+    write.wait().expect("acknowledged");
+    assert_eq!(gate.waited.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
 #[test]
 fn a_sync_write_begun_without_blocking_that_production_refuses_is_resynced() {
     let (_dir, path, device) = sync_volume_on_a_failing_device();

@@ -51,4 +51,8 @@ impl ReplicaGate for GroupGate {
         }
         Ok(())
     }
+
+    fn must_wait(&self) -> bool {
+        self.shippers.read().iter().any(|s| s.holds_sync_writes())
+    }
 }
