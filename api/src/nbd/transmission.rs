@@ -7,8 +7,10 @@
 //! hold more than its share, however much it sends. Requests that cannot
 //! block — small reads of the live volume, small async writes whose
 //! regions are free and already marked dirty — run on the connection's
-//! task; everything that may fsync, wait for a lock or for the journal
-//! runs on the blocking pool.
+//! task. Small sync writes begin there too, and one settling task per
+//! connection answers them as their records become durable. Everything
+//! else that may fsync, wait for a lock or for the journal runs on the
+//! blocking pool.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -86,6 +88,13 @@ where
             .map(|(id, context)| (id, context, Default::default()))
             .collect(),
     });
+    let (to_settler, settling) = mpsc::unbounded_channel::<Settling>();
+    let settler = tokio::spawn(settle_sync_writes(
+        settling,
+        export.clone(),
+        daemon.clone(),
+        tx.clone(),
+    ));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let share = Arc::new(Semaphore::new(limits.per_connection as usize));
     loop {
@@ -149,14 +158,20 @@ where
         }
         let held = (slot, held);
         if let Some(write) = begin_sync_inline(&export, &request, &payload) {
-            settle_sync_write(
+            let settling = Settling {
                 write,
-                export.clone(),
-                daemon.clone(),
                 request,
-                tx.clone(),
                 held,
-            );
+                started: Instant::now(),
+            };
+            match settling.write {
+                Ok(ref write) if !write.blocks() => {
+                    if to_settler.send(settling).is_err() {
+                        break;
+                    }
+                }
+                _ => settle_apart(settling, export.clone(), daemon.clone(), tx.clone()),
+            }
             continue;
         }
         if let Some(answer) = run_inline(&export, &daemon, &request, &payload) {
@@ -187,6 +202,8 @@ where
             });
         });
     }
+    drop(to_settler);
+    let _ = settler.await;
     drop(tx);
     let _ = writer.await;
     export
@@ -220,23 +237,72 @@ fn begin_sync_inline(
     export.try_begin_sync(request.offset, payload)
 }
 
-/// Answers a sync write begun on the connection's task once its record is
-/// durable: awaited on a task of its own, so writes waiting for the
-/// journal's group commit hold no thread (one that may block — a replica
-/// to wait for, a failed production write — finishes on the pool).
-fn settle_sync_write(
+/// A sync write begun on the connection's task, waiting for its record.
+struct Settling {
     write: ApiResult<PendingWrite>,
+    request: RequestHeader,
+    held: (OwnedSemaphorePermit, Option<Held>),
+    started: Instant,
+}
+
+/// Answers the connection's sync writes begun on its task, in the order
+/// they began (their records' order), each once its record is durable.
+/// One task for all of them, so writes waiting for the journal's group
+/// commit hold no thread, and a commit wakes one task per connection, not
+/// one per write: the writes behind the first are found ready then.
+async fn settle_sync_writes(
+    mut settling: mpsc::UnboundedReceiver<Settling>,
     export: Arc<Export>,
     daemon: Arc<Daemon>,
-    request: RequestHeader,
     tx: mpsc::Sender<Reply>,
-    held: (OwnedSemaphorePermit, Option<Held>),
 ) {
-    let started = Instant::now();
+    while let Some(Settling {
+        write,
+        request,
+        held,
+        started,
+    }) = settling.recv().await
+    {
+        let outcome = match write {
+            Err(e) => Err(e),
+            Ok(mut write) => {
+                let durable = tokio::time::timeout(write.time_left(), write.durable())
+                    .await
+                    .ok();
+                write.settle(durable)
+            }
+        };
+        let answer = answer(&export, &request, outcome, Vec::new());
+        record(&daemon, request.kind, answer.error, started);
+        let reply = Reply {
+            answer,
+            _held: held,
+        };
+        if tx.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers a sync write begun on the connection's task that failed at
+/// once, or whose finishing may block (a replica to wait for, a failed
+/// production write): on a task of its own, blocking on the pool.
+fn settle_apart(
+    settling: Settling,
+    export: Arc<Export>,
+    daemon: Arc<Daemon>,
+    tx: mpsc::Sender<Reply>,
+) {
+    let Settling {
+        write,
+        request,
+        held,
+        started,
+    } = settling;
     tokio::spawn(async move {
         let outcome = match write {
             Err(e) => Err(e),
-            Ok(write) if write.blocks() => tokio::task::spawn_blocking(move || write.wait())
+            Ok(write) => tokio::task::spawn_blocking(move || write.wait())
                 .await
                 .unwrap_or_else(|e| {
                     Err(ApiError::Failed(format!(
@@ -244,12 +310,6 @@ fn settle_sync_write(
                         export.volume_name, request.offset
                     )))
                 }),
-            Ok(mut write) => {
-                let durable = tokio::time::timeout(write.time_left(), write.durable())
-                    .await
-                    .ok();
-                write.settle(durable)
-            }
         };
         let answer = answer(&export, &request, outcome, Vec::new());
         record(&daemon, request.kind, answer.error, started);
@@ -499,6 +559,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         let head = reply_head(answer, structured);
         if w.write_all(&head).await.is_err() || w.write_all(&answer.data).await.is_err() {
             return;
+        }
+        if rx.is_empty() {
+            // Replies of one group commit arrive together, each from its
+            // own task: let those already woken add theirs first, so one
+            // send carries them all.
+            tokio::task::yield_now().await;
         }
         if rx.is_empty() && w.flush().await.is_err() {
             return;
