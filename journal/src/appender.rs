@@ -48,13 +48,13 @@ pub struct AlignedBuf {
 }
 
 impl AlignedBuf {
-    fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         let raw = vec![0u8; len + IO_ALIGN];
         let start = raw.as_ptr().align_offset(IO_ALIGN).min(IO_ALIGN);
         AlignedBuf { raw, start, len }
     }
 
-    fn slice(&mut self) -> &mut [u8] {
+    pub(crate) fn slice(&mut self) -> &mut [u8] {
         &mut self.raw[self.start..self.start + self.len]
     }
 }

@@ -26,6 +26,9 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Bytes of the segment header.
 pub const SEGMENT_HEADER_LEN: usize = 64;
 
+/// How much [`Segment::zero_fill`] writes at a time.
+const ZERO_FILL_CHUNK: usize = 1 << 20;
+
 /// `"TDBT"`: the first bytes of every batch frame.
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"TDBT");
 
@@ -318,6 +321,39 @@ impl Segment {
         result
     }
 
+    /// Writes zeros over the segment's body (everything after its header),
+    /// with direct writes, so its blocks are written rather than only
+    /// allocated. A write into an allocated-but-unwritten block turns it
+    /// into a written one, and the `fdatasync` after it must then commit
+    /// that change to the filesystem's own journal: measured here, that
+    /// halves the rate of small write+sync cycles (3 800/s instead of
+    /// 7 500/s). Zeroing ahead of time (as PostgreSQL does for its WAL)
+    /// leaves each group commit one data write and a cache flush. Where
+    /// direct writes are refused it does nothing: buffered zeros would
+    /// only fill the page cache. A crash part way leaves zeros either way.
+    pub fn zero_fill(&self, fs: &dyn Fs) -> Result<()> {
+        let file = fs
+            .open(&self.path, OpenMode::write().direct())
+            .map_err(|e| Error::io("open segment", &self.path, e))?;
+        if !file.is_direct() {
+            return Ok(());
+        }
+        let mut zeros = crate::appender::AlignedBuf::new(ZERO_FILL_CHUNK);
+        // Direct writes go in whole blocks; a partial last one stays as it is.
+        let align = crate::appender::IO_ALIGN as u64;
+        let size = self.header.segment_size / align * align;
+        let mut at = align;
+        while at < size {
+            let len = (size - at).min(ZERO_FILL_CHUNK as u64) as usize;
+            file.write_all_at(&zeros.slice()[..len], at)
+                .map_err(|e| Error::io_at("zero-fill segment", &self.path, at, e))?;
+            at += len as u64;
+        }
+        // Made durable here, once, rather than by the first group commit.
+        file.sync_data()
+            .map_err(|e| Error::io("fsync segment", &self.path, e))
+    }
+
     /// `len` bytes of the file at `offset`.
     pub fn bytes(&self, offset: u64, len: usize) -> Result<&[u8]> {
         usize::try_from(offset)
@@ -539,6 +575,50 @@ pub fn sync_dir(fs: &dyn Fs, dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A zero-filled segment's body is written blocks (no longer holes),
+    /// reads as zeros, and keeps its header; recovery sees an empty segment.
+    #[test]
+    fn zero_fill_writes_the_body_and_keeps_the_header() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = crate::fs::RealFs;
+        let header = SegmentHeader {
+            group_id: 1,
+            segment_id: 7,
+            first_seq: 42,
+            segment_size: 1 << 20,
+            created: Timestamp::from_nanos(5),
+        };
+        let segment =
+            Segment::create(&fs, dir.path(), header, &crate::io_hooks::RealIo).expect("create");
+        let file = fs.open(&segment.path, OpenMode::read()).expect("open");
+        let written = |file: &Arc<dyn FsFile>| -> u64 {
+            let ranges = file.data_ranges(4096, 1 << 20).expect("ranges");
+            ranges.iter().map(|(a, b)| b - a).sum()
+        };
+        let before = written(&file);
+        segment.zero_fill(&fs).expect("zero fill");
+        let direct = fs
+            .open(&segment.path, OpenMode::write().direct())
+            .expect("open")
+            .is_direct();
+        if direct {
+            assert!(
+                before < 1 << 19,
+                "a new segment is mostly unwritten: {before}"
+            );
+            assert_eq!(
+                written(&file),
+                (1 << 20) - 4096,
+                "the whole body is written"
+            );
+        }
+        let reopened = Segment::open(&fs, &segment.path).expect("reopen");
+        assert_eq!(reopened.header, header);
+        assert!(reopened.data()[SEGMENT_HEADER_LEN..]
+            .iter()
+            .all(|&b| b == 0));
+    }
 
     #[test]
     fn header_roundtrip_and_version_check() {

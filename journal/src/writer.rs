@@ -416,6 +416,10 @@ enum ToSync {
     Barrier(oneshot::Sender<Result<Seq>>),
 }
 
+/// Below this many bytes per batch in the segment just filled, the next
+/// one is zero-filled ahead of time (see `Segment::zero_fill`).
+const ZERO_FILL_BELOW: u64 = 256 << 10;
+
 /// How far the journal is durable: every segment before the first and every
 /// byte of it before the second.
 type SyncedTo = Arc<Mutex<(u64, u64)>>;
@@ -429,6 +433,8 @@ pub struct Writer {
     pool: BufferPool,
     /// The next segment, being made ahead of time.
     spare: Option<std::thread::JoinHandle<Result<Segment>>>,
+    /// Batches written to the active segment since it became active.
+    batches_in_segment: u64,
 }
 
 impl std::fmt::Debug for Writer {
@@ -461,6 +467,7 @@ impl Writer {
             synced_to,
             pool,
             spare: None,
+            batches_in_segment: 0,
         }
     }
 
@@ -491,6 +498,11 @@ impl Writer {
             self.encode_stage(&to_io);
             drop(to_io);
         });
+        // A spare still being made (or zero-filled) would go on writing
+        // into the journal's directory after it closed.
+        if let Some(spare) = self.spare.take() {
+            let _ = spare.join();
+        }
     }
 
     fn encode_stage(&mut self, to_io: &SyncSender<ToIo>) {
@@ -640,6 +652,7 @@ impl Writer {
                 .encode_to(p.seq, p.time, &mut buf[pos..], file_cache.as_deref())?;
         }
         let write = self.active.appender.finish(len)?;
+        self.batches_in_segment += 1;
         let end = self.active.appender.write_offset();
 
         let segment_id = self.active.segment.id();
@@ -703,8 +716,13 @@ impl Writer {
         )?;
         self.shared.add_segment(segment);
         tracing::debug!(segment = id, first_seq, "rolled to a new segment");
+        // Small batches pay most for writing into unwritten blocks (see
+        // `Segment::zero_fill`); large ones would pay the zeros' bandwidth.
+        let zero = self.batches_in_segment > 0
+            && self.active.appender.write_offset() / self.batches_in_segment < ZERO_FILL_BELOW;
         self.active = active;
-        self.prepare_spare(first_seq);
+        self.batches_in_segment = 0;
+        self.prepare_spare(first_seq, zero);
         Ok(())
     }
 
@@ -729,15 +747,25 @@ impl Writer {
 
     /// Starts making the segment after the active one in the background,
     /// so a roll does not wait for allocation and fsyncs. Every record it
-    /// will hold comes after `after_seq`.
-    fn prepare_spare(&mut self, after_seq: Seq) {
+    /// will hold comes after `after_seq`. With `zero`, its body is written
+    /// with zeros too.
+    fn prepare_spare(&mut self, after_seq: Seq, zero: bool) {
         let header = self.segment_header(self.active.segment.id() + 1, after_seq + 1);
         let dir = self.shared.segments_dir.clone();
         let hooks = self.shared.options.io_hooks.clone();
         let fs = self.shared.options.fs.clone();
         let made = std::thread::Builder::new()
             .name("tidemark-journal-segment".into())
-            .spawn(move || Segment::create(fs.as_ref(), &dir, header, hooks.as_ref()));
+            .spawn(move || {
+                let segment = Segment::create(fs.as_ref(), &dir, header, hooks.as_ref())?;
+                if zero {
+                    if let Err(e) = segment.zero_fill(fs.as_ref()) {
+                        // Only slower: unwritten blocks read as zeros too.
+                        tracing::warn!(segment = %segment.path.display(), error = %e, "zero-filling the next segment failed; using it as it is");
+                    }
+                }
+                Ok(segment)
+            });
         self.spare = made.ok();
     }
 }
