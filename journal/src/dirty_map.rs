@@ -78,10 +78,28 @@ struct State {
     led: Vec<u8>,
     /// Marked regions that are production-led.
     production_led: usize,
+    /// Regions with `unjournaled` set, so a flush asks in O(1).
+    unjournaled: usize,
+    /// Marked regions.
+    marked: usize,
     generation: u64,
 }
 
 impl State {
+    fn set_unjournaled(&mut self, r: usize, unjournaled: bool) {
+        let Some(region) = self.regions.get_mut(r) else {
+            return;
+        };
+        if region.unjournaled != unjournaled {
+            region.unjournaled = unjournaled;
+            if unjournaled {
+                self.unjournaled += 1;
+            } else {
+                self.unjournaled -= 1;
+            }
+        }
+    }
+
     fn set_led(&mut self, r: usize, led: bool) {
         let region = &mut self.regions[r];
         if region.marked && region.led != led {
@@ -105,6 +123,11 @@ impl State {
             return;
         }
         region.marked = marked;
+        if marked {
+            self.marked += 1;
+        } else {
+            self.marked -= 1;
+        }
         if !region.led {
             if marked {
                 self.production_led += 1;
@@ -254,8 +277,10 @@ impl DirtyMap {
         }
         let mut regions_state = vec![Region::default(); regions as usize];
         let mut production_led = 0;
+        let mut marked = 0;
         for (r, region) in regions_state.iter_mut().enumerate() {
             region.marked = bitmap[r / 8] & (1 << (r % 8)) != 0;
+            marked += usize::from(region.marked);
             region.led = led[r / 8] & (1 << (r % 8)) != 0;
             if region.marked && !region.led {
                 production_led += 1;
@@ -271,6 +296,8 @@ impl DirtyMap {
                 bitmap,
                 led,
                 production_led,
+                unjournaled: 0,
+                marked,
                 generation: 1,
             }),
         })
@@ -407,7 +434,7 @@ impl DirtyMap {
             region.generation = generation;
             match journalled {
                 Some(seq) => region.newest_seq = region.newest_seq.max(seq),
-                None => region.unjournaled = true,
+                None => state.set_unjournaled(r, true),
             }
         }
     }
@@ -419,8 +446,8 @@ impl DirtyMap {
     pub fn resync_begin(&self, r: usize, seq: Seq) {
         let mut state = self.state.lock();
         let generation = state.generation;
+        state.set_unjournaled(r, false);
         if let Some(region) = state.regions.get_mut(r) {
-            region.unjournaled = false;
             region.resyncing += 1;
             region.newest_seq = region.newest_seq.max(seq);
             region.generation = generation;
@@ -435,9 +462,9 @@ impl DirtyMap {
         for &r in regions {
             if let Some(region) = state.regions.get_mut(r) {
                 region.resyncing = region.resyncing.saturating_sub(1);
-                if !journalled {
-                    region.unjournaled = true;
-                }
+            }
+            if !journalled {
+                state.set_unjournaled(r, true);
             }
         }
     }
@@ -450,9 +477,7 @@ impl DirtyMap {
     pub fn unjournal(&self, offset: u64, len: u64) {
         let mut state = self.state.lock();
         for r in self.regions_of(offset, len) {
-            if let Some(region) = state.regions.get_mut(r) {
-                region.unjournaled = true;
-            }
+            state.set_unjournaled(r, true);
         }
     }
 
@@ -518,11 +543,20 @@ impl DirtyMap {
     /// in a region being written again).
     pub fn unjournaled(&self, with_in_flight: bool) -> Vec<usize> {
         let state = self.state.lock();
+        if state.unjournaled == 0 {
+            return Vec::new();
+        }
         (0..state.regions.len())
             .filter(|&r| {
                 state.regions[r].unjournaled && (with_in_flight || state.regions[r].inflight == 0)
             })
             .collect()
+    }
+
+    /// Whether some region waits for a resync (in flight or not): what
+    /// [`DirtyMap::unjournaled`] with in-flight regions would list, in O(1).
+    pub fn has_unjournaled(&self) -> bool {
+        self.state.lock().unjournaled > 0
     }
 
     /// Regions that may hold a change not durable in the journal when the
@@ -543,12 +577,7 @@ impl DirtyMap {
 
     /// Number of marked regions.
     pub fn marked_count(&self) -> usize {
-        self.state
-            .lock()
-            .regions
-            .iter()
-            .filter(|r| r.marked)
-            .count()
+        self.state.lock().marked
     }
 }
 
@@ -638,9 +667,12 @@ mod tests {
             "only the marks made ahead"
         );
         assert_eq!(map.marked(), vec![0]);
+        assert_eq!(map.marked_count(), 1);
         assert_eq!(map.unjournaled(false), vec![0]);
+        assert!(map.has_unjournaled());
         assert_eq!(map.not_durable(100), vec![0]);
         map.resync_begin(0, 5);
+        assert!(!map.has_unjournaled(), "the resync covers it");
         let g = map.start_clean();
         assert_eq!(
             map.clean(5, g, 0).expect("clean"),
@@ -652,6 +684,7 @@ mod tests {
         assert!(map.not_durable(5).is_empty());
         let g = map.start_clean();
         assert_eq!(map.clean(5, g, 0).expect("clean"), 1);
+        assert_eq!(map.marked_count(), 0);
     }
 
     #[test]
@@ -663,6 +696,7 @@ mod tests {
         map.resync_begin(0, 5);
         map.resync_settle(&[0], false);
         assert_eq!(map.unjournaled(false), vec![0]);
+        assert!(map.has_unjournaled(), "a failed resync leaves it waiting");
         let g = map.start_clean();
         map.clean(100, g, 0).expect("clean");
         assert_eq!(map.marked(), vec![0], "the failed resync keeps the mark");

@@ -558,7 +558,7 @@ impl WritePath {
         };
         let inner = &self.inner;
         if !v.journal_leads_flushes()
-            || !v.dirty.unjournaled(true).is_empty()
+            || v.dirty.has_unjournaled()
             || !inner.async_records_durable(&v)
         {
             return None;
