@@ -69,6 +69,10 @@ struct Region {
     /// since it was clean is durable in the journal (its bit is set in the
     /// journal-led bitmap).
     led: bool,
+    /// Writes marking (or relabelling) the region whose fsync has not
+    /// answered: until it does, the mark is in memory only and no write
+    /// may rely on it.
+    marking: u32,
 }
 
 struct State {
@@ -151,6 +155,9 @@ pub struct DirtyMap {
     /// Why every region was marked at open, if it was.
     assumed_dirty: Option<String>,
     state: Mutex<State>,
+    /// Held while bitmap bytes are written and synced (see
+    /// [`DirtyMap::persist`]).
+    file_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for DirtyMap {
@@ -291,6 +298,7 @@ impl DirtyMap {
             file,
             region_size,
             assumed_dirty,
+            file_lock: Mutex::new(()),
             state: Mutex::new(State {
                 regions: regions_state,
                 bitmap,
@@ -326,10 +334,13 @@ impl DirtyMap {
     /// write is acknowledged only once its record is durable (sync); an
     /// async write makes its regions production-led first.
     pub fn begin(&self, offset: u64, len: u64, journal_leads: bool) -> Result<()> {
-        let mut state = self.state.lock();
         let own = self.regions_of(offset, len);
+        let mut state = self.state.lock();
         let mut newly = Vec::new();
         let mut relabelled = Vec::new();
+        // Marked in memory by a write whose fsync has not answered yet:
+        // this write may not go ahead on that mark either.
+        let mut pending = false;
         for r in own.clone() {
             state.regions[r].inflight += 1;
             let region = state.regions[r];
@@ -337,9 +348,11 @@ impl DirtyMap {
                 newly.push(r);
             } else if region.led && !journal_leads {
                 relabelled.push(r);
+            } else if region.marking > 0 {
+                pending = true;
             }
         }
-        if newly.is_empty() && relabelled.is_empty() {
+        if newly.is_empty() && relabelled.is_empty() && !pending {
             return Ok(());
         }
         // An fsync is due anyway: mark the next few regions too, so a
@@ -355,18 +368,22 @@ impl DirtyMap {
         for &r in &relabelled {
             state.set_led(r, false);
         }
-        let touched = newly.iter().chain(&relabelled);
-        let first = touched.clone().min().copied().unwrap_or(0) / 8;
-        let last = touched.max().copied().unwrap_or(0) / 8;
-        let led_at = HEADER_LEN + state.bitmap.len();
-        let result = self
-            .file
-            .write_all_at(&state.bitmap[first..=last], (HEADER_LEN + first) as u64)
-            .and_then(|()| {
-                self.file
-                    .write_all_at(&state.led[first..=last], (led_at + first) as u64)
-            })
-            .and_then(|()| self.file.sync_data());
+        let touched: Vec<usize> = newly.iter().chain(&relabelled).copied().collect();
+        for &r in &touched {
+            state.regions[r].marking += 1;
+        }
+        let span = touched.iter().chain([own.start(), own.end()]);
+        let first = span.clone().min().copied().unwrap_or(0) / 8;
+        let last = span.max().copied().unwrap_or(0) / 8;
+        // The fsync runs without the state lock, so writes that need no
+        // mark (and settles, and flushes) are not held up behind it; the
+        // regions it marks count as unmarked to them until it answers.
+        drop(state);
+        let result = self.persist(first, last);
+        let mut state = self.state.lock();
+        for &r in &touched {
+            state.regions[r].marking -= 1;
+        }
         if let Err(e) = result {
             // The write must not go ahead unrecorded, and the marks must
             // not stay in memory only: the next write to these regions
@@ -392,15 +409,36 @@ impl DirtyMap {
         Ok(())
     }
 
+    /// Writes bytes `first..=last` of both bitmaps as they are in memory
+    /// now and makes them durable. One at a time: the bytes are read under
+    /// the file lock, so a later write always carries every bit set before
+    /// it (a stale copy can only re-set a bit a clean round cleared, which
+    /// is safe).
+    fn persist(&self, first: usize, last: usize) -> std::io::Result<()> {
+        let _file = self.file_lock.lock();
+        let (bitmap, led, led_at) = {
+            let state = self.state.lock();
+            (
+                state.bitmap[first..=last].to_vec(),
+                state.led[first..=last].to_vec(),
+                HEADER_LEN + state.bitmap.len(),
+            )
+        };
+        self.file
+            .write_all_at(&bitmap, (HEADER_LEN + first) as u64)
+            .and_then(|()| self.file.write_all_at(&led, (led_at + first) as u64))
+            .and_then(|()| self.file.sync_data())
+    }
+
     /// Begins a write like [`DirtyMap::begin`] if nothing needs an fsync:
     /// its regions are all marked already (and production-led, for an
     /// async write); false, and nothing begun, otherwise.
     pub fn try_begin(&self, offset: u64, len: u64, journal_leads: bool) -> bool {
         let mut state = self.state.lock();
-        if self
-            .regions_of(offset, len)
-            .any(|r| !state.regions[r].marked || (state.regions[r].led && !journal_leads))
-        {
+        if self.regions_of(offset, len).any(|r| {
+            let region = &state.regions[r];
+            !region.marked || region.marking > 0 || (region.led && !journal_leads)
+        }) {
             return false;
         }
         for r in self.regions_of(offset, len) {
@@ -501,6 +539,7 @@ impl DirtyMap {
             let region = state.regions[r];
             if region.marked
                 && region.inflight == 0
+                && region.marking == 0
                 && region.resyncing == 0
                 && !region.unjournaled
                 && region.newest_seq <= durable
@@ -603,6 +642,55 @@ mod tests {
             false,
         )
         .expect("open")
+    }
+
+    /// A mark's fsync runs without the map's lock: writes to marked
+    /// regions begin, and writes settle, while it is stalled; a write to a
+    /// region whose mark is still on its way does not begin on it.
+    #[test]
+    fn a_slow_mark_holds_up_only_writes_that_need_it() {
+        use crate::fs::faulty::{FaultyFs, FsOp};
+        use std::time::{Duration, Instant};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = FaultyFs::new(Arc::new(crate::fs::RealFs));
+        let map = Arc::new(
+            DirtyMap::open(
+                fs.as_ref(),
+                &dir.path().join("m"),
+                &volume(),
+                1 << 20,
+                false,
+            )
+            .expect("open"),
+        );
+        map.begin(0, 4096, true).expect("begin");
+        map.settle(0, 4096, Some(1), true);
+        // Only region 0 stays marked (its record is not durable yet).
+        let g = map.start_clean();
+        map.clean(0, g, 0).expect("clean");
+        assert_eq!(map.marked(), vec![0]);
+        fs.stall(FsOp::Sync, "m", Duration::from_millis(500));
+        let far = 5u64 << 20;
+        let marking = std::thread::spawn({
+            let map = map.clone();
+            move || map.begin(far, 4096, true)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        assert!(map.try_begin(0, 4096, true), "region 0 is marked");
+        map.settle(0, 4096, Some(2), true);
+        assert!(!map.has_unjournaled());
+        assert!(
+            !map.try_begin(far, 4096, true),
+            "its mark is not durable yet"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "held up behind the fsync: {:?}",
+            started.elapsed()
+        );
+        marking.join().expect("join").expect("marked");
+        assert!(map.try_begin(far, 4096, true), "marked now");
     }
 
     #[test]

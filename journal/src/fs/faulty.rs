@@ -27,7 +27,15 @@ pub enum FsOp {
 struct Rule {
     op: FsOp,
     path_part: String,
-    errno: i32,
+    effect: Effect,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Effect {
+    /// Fails with this OS error.
+    Fail(i32),
+    /// Succeeds, this much later (a slow or stalled disk).
+    Stall(std::time::Duration),
 }
 
 /// Fails operations on files whose path contains a given text, on command.
@@ -52,7 +60,17 @@ impl FaultyFs {
         self.rules.lock().push(Rule {
             op,
             path_part: path_part.to_string(),
-            errno,
+            effect: Effect::Fail(errno),
+        });
+    }
+
+    /// `op` on every path containing `path_part` takes `delay` longer
+    /// from now on (and then succeeds, unless a failure rule says else).
+    pub fn stall(&self, op: FsOp, path_part: &str, delay: std::time::Duration) {
+        self.rules.lock().push(Rule {
+            op,
+            path_part: path_part.to_string(),
+            effect: Effect::Stall(delay),
         });
     }
 
@@ -64,12 +82,22 @@ impl FaultyFs {
 
 fn check(rules: &Mutex<Vec<Rule>>, op: FsOp, path: &Path) -> io::Result<()> {
     let text = path.to_string_lossy();
-    match rules
+    let effects: Vec<Effect> = rules
         .lock()
         .iter()
-        .find(|r| r.op == op && text.contains(&r.path_part))
-    {
-        Some(rule) => Err(io::Error::from_raw_os_error(rule.errno)),
+        .filter(|r| r.op == op && text.contains(&r.path_part))
+        .map(|r| r.effect)
+        .collect();
+    for effect in &effects {
+        if let Effect::Stall(delay) = effect {
+            std::thread::sleep(*delay);
+        }
+    }
+    match effects.iter().find_map(|e| match e {
+        Effect::Fail(errno) => Some(*errno),
+        Effect::Stall(_) => None,
+    }) {
+        Some(errno) => Err(io::Error::from_raw_os_error(errno)),
         None => Ok(()),
     }
 }
