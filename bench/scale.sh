@@ -46,11 +46,6 @@ case "$what" in
 volumes)
   n="${VOLUMES:-1000}"
   start_daemon <<TOML
-[journal]
-# Every group preallocates its active segment: at the default 64 MiB, a
-# thousand groups take 64 GB before a byte is written.
-max_record = "1M"
-segment_size = "12M"
 TOML
   pid=${pids[0]}
   base_rss=$(rss_mib "$pid") base_threads=$(threads "$pid")
@@ -72,6 +67,8 @@ TOML
   echo "/metrics: ${lines} lines in ${scrape} s; write + read of s$n: ${io}"
   rings=$(find "$work/data/groups" -name file-cache.ring | wc -l)
   echo "file-cache rings: ${rings}, $(du -sk --apparent-size "$work"/data/groups/*/cache | awk '{s+=$1} END {print int(s/1024)}') MiB apparent, $(du -sk "$work"/data/groups/*/cache | awk '{s+=$1} END {print int(s/1024)}') MiB on disk"
+  du_mib() { du -sk "$@" "$work"/data/groups/*/segments | awk '{s+=$1} END {print int(s/1024)}'; }
+  echo "segments: $(find "$work/data/groups" -name '*.seg' | wc -l), $(du_mib --apparent-size) MiB apparent, $(du_mib) MiB on disk"
   restart
   echo "start-up with $n volumes: ${startup} s; resident after start-up $(rss_mib "${pids[0]}") MiB"
   ;;

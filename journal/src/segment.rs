@@ -26,6 +26,16 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Bytes of the segment header.
 pub const SEGMENT_HEADER_LEN: usize = 64;
 
+/// How far ahead of its write offset a segment's disk blocks are
+/// allocated (see [`Segment::create`]): a full disk shows up this far
+/// before the journal needs the space, and a stream of batches asks the
+/// filesystem for space once per this many bytes.
+pub const ALLOCATE_AHEAD: u64 = 8 << 20;
+
+/// What a new segment allocates before its first batch: an idle group
+/// holds this much disk for its journal.
+const ALLOCATE_FIRST: u64 = 1 << 20;
+
 /// How much [`Segment::zero_fill`] writes at a time.
 const ZERO_FILL_CHUNK: usize = 1 << 20;
 
@@ -286,10 +296,12 @@ impl Segment {
         })
     }
 
-    /// Creates segment `header.segment_id` in `dir` at its full size,
-    /// allocated up front where the filesystem can (so a full disk shows up
-    /// here, not in the middle of a batch), writes and syncs its header and
-    /// the directory entry, and returns it mapped for reading.
+    /// Creates segment `header.segment_id` in `dir` at its full size, with
+    /// its first [`ALLOCATE_FIRST`] bytes allocated where the filesystem
+    /// can (the writer allocates the rest as it gets near: a thousand idle
+    /// groups hold a few MiB of disk each, not a whole segment), writes
+    /// and syncs its header and the directory entry, and returns it mapped
+    /// for reading.
     pub fn create(
         fs: &dyn Fs,
         dir: &Path,
@@ -304,7 +316,8 @@ impl Segment {
             .open(&path, OpenMode::create_new())
             .map_err(|e| Error::io("create segment", &path, e))?;
         let result = (|| {
-            file.allocate(header.segment_size)
+            file.set_len(header.segment_size)
+                .and_then(|()| file.allocate_range(0, header.segment_size.min(ALLOCATE_FIRST)))
                 .map_err(|e| Error::io("allocate segment", &path, e))?;
             file.write_all_at(&header.encode(), 0)
                 .map_err(|e| Error::io("write segment header", &path, e))?;

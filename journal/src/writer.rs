@@ -35,7 +35,9 @@ use crate::journal::Shared;
 use crate::memory_cache::CacheCharge;
 use crate::point::{Seq, Timestamp};
 use crate::record::{PreparedRecord, RecordHeader};
-use crate::segment::{BatchFrame, Segment, SegmentHeader, BATCH_HEADER_LEN, SEGMENT_HEADER_LEN};
+use crate::segment::{
+    BatchFrame, Segment, SegmentHeader, ALLOCATE_AHEAD, BATCH_HEADER_LEN, SEGMENT_HEADER_LEN,
+};
 
 /// What appenders send to the writer.
 #[derive(Debug)]
@@ -327,6 +329,8 @@ pub struct ActiveSegment {
     pub segment: Arc<Segment>,
     /// Its catalogue line, kept current after every batch.
     pub entry: Option<SegmentEntry>,
+    /// Disk blocks are allocated (or known to be) up to here.
+    allocated: u64,
 }
 
 impl ActiveSegment {
@@ -345,9 +349,31 @@ impl ActiveSegment {
                 write_offset,
                 options.direct_io,
             )?,
+            // What lies beyond is allocated as batches get near (asking
+            // for space already allocated costs nothing).
+            allocated: write_offset,
             segment,
             entry,
         })
+    }
+
+    /// Makes sure disk blocks are allocated through `end`, and
+    /// [`ALLOCATE_AHEAD`] beyond it, before a batch is written up to
+    /// `end`: so the batch never waits for the filesystem to find space,
+    /// and a full disk shows up here, a little ahead, as a clear error.
+    fn allocate_through(&mut self, end: u64) -> Result<()> {
+        if end <= self.allocated {
+            return Ok(());
+        }
+        let size = self.segment.header.segment_size;
+        let to = (end + ALLOCATE_AHEAD).min(size);
+        let from = self.allocated.min(to);
+        self.appender
+            .file()
+            .allocate_range(from, to - from)
+            .map_err(|e| Error::io_at("allocate segment", &self.segment.path, from, e))?;
+        self.allocated = to;
+        Ok(())
     }
 }
 
@@ -629,6 +655,8 @@ impl Writer {
         {
             self.roll(first_seq)?;
         }
+        self.active
+            .allocate_through(self.active.appender.write_offset() + len as u64)?;
         let (durable_segment, durable_end) = *self.synced_to.lock();
         let frame = BatchFrame {
             count: batch.len() as u32,

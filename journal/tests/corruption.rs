@@ -685,3 +685,57 @@ fn segments_for_small_batches_are_zero_filled_and_recover() {
     assert_eq!(journal.history().newest_seq, model.newest());
     check_reads(&journal, &model, &mut rng(11), 200);
 }
+
+/// Disk blocks a file holds.
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// A segment holds disk blocks only a little ahead of what it was written
+/// with, not its whole size: idle groups cost little disk. The writer
+/// allocates more as batches get near, and every record reads back.
+#[test]
+fn segments_allocate_disk_as_they_fill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+    let options = tidemark_journal::JournalOptions {
+        segment_size: 64 << 20,
+        ..small_options(clock.clone(), RecoveryMode::Strict)
+    };
+    let (journal, _) = Journal::open(dir.path(), options.clone()).expect("open");
+    let volume = journal.create_volume("vol0", 1 << 20).expect("create").id;
+    let segment = segment_files(dir.path()).pop().expect("a segment");
+    assert_eq!(fs::metadata(&segment).expect("stat").len(), 64 << 20);
+    let at_start = allocated_bytes(&segment);
+    assert!(
+        at_start <= 2 << 20,
+        "{at_start} bytes allocated at creation"
+    );
+
+    let mut rng = rng(3);
+    let mut model = Model::with_volume(volume, 1 << 20);
+    let mut written = 0u64;
+    while written < 24 << 20 {
+        let data = payload(&mut rng, 32 << 10);
+        let offset = rng.random_range(0..32u64) * (32 << 10);
+        written += data.len() as u64;
+        apply(
+            &journal,
+            &mut model,
+            vec![(volume, Op::Write { offset, data })],
+        );
+    }
+    journal.sync().expect("sync");
+    let used = used_len(&segment) as u64;
+    let grown = allocated_bytes(&segment);
+    assert!(used > 9 << 20, "past the first allocation: {used}");
+    assert!(
+        grown >= used && grown <= used + (9 << 20),
+        "{grown} bytes allocated for {used} used"
+    );
+    journal.close().expect("close");
+    let (journal, _) = Journal::open(dir.path(), options).expect("reopen");
+    assert_eq!(journal.history().newest_seq, model.newest());
+    check_reads(&journal, &model, &mut rng, 100);
+}
