@@ -343,8 +343,9 @@ impl Segment {
     /// 7 500/s). Zeroing ahead of time (as PostgreSQL does for its WAL)
     /// leaves each group commit one data write and a cache flush. Where
     /// direct writes are refused it does nothing: buffered zeros would
-    /// only fill the page cache. A crash part way leaves zeros either way.
-    pub fn zero_fill(&self, fs: &dyn Fs) -> Result<()> {
+    /// only fill the page cache. A crash part way leaves zeros either way;
+    /// so does `stop`, which ends it early (the segment is needed now).
+    pub fn zero_fill(&self, fs: &dyn Fs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
         let file = fs
             .open(&self.path, OpenMode::write().direct())
             .map_err(|e| Error::io("open segment", &self.path, e))?;
@@ -356,7 +357,7 @@ impl Segment {
         let align = crate::appender::IO_ALIGN as u64;
         let size = self.header.segment_size / align * align;
         let mut at = align;
-        while at < size {
+        while at < size && !stop.load(std::sync::atomic::Ordering::SeqCst) {
             let len = (size - at).min(ZERO_FILL_CHUNK as u64) as usize;
             file.write_all_at(&zeros.slice()[..len], at)
                 .map_err(|e| Error::io_at("zero-fill segment", &self.path, at, e))?;
@@ -610,7 +611,9 @@ mod tests {
             ranges.iter().map(|(a, b)| b - a).sum()
         };
         let before = written(&file);
-        segment.zero_fill(&fs).expect("zero fill");
+        segment
+            .zero_fill(&fs, &std::sync::atomic::AtomicBool::new(false))
+            .expect("zero fill");
         let direct = fs
             .open(&segment.path, OpenMode::write().direct())
             .expect("open")
@@ -626,6 +629,24 @@ mod tests {
                 "the whole body is written"
             );
         }
+        // Once the segment is needed, a zero-fill stops where it got to.
+        let next = Segment::create(
+            &fs,
+            dir.path(),
+            SegmentHeader {
+                segment_id: 8,
+                ..header
+            },
+            &crate::io_hooks::RealIo,
+        )
+        .expect("create");
+        let untouched = written(&fs.open(&next.path, OpenMode::read()).expect("open"));
+        next.zero_fill(&fs, &std::sync::atomic::AtomicBool::new(true))
+            .expect("stopped at once");
+        assert_eq!(
+            written(&fs.open(&next.path, OpenMode::read()).expect("open")),
+            untouched
+        );
         let reopened = Segment::open(&fs, &segment.path).expect("reopen");
         assert_eq!(reopened.header, header);
         assert!(reopened.data()[SEGMENT_HEADER_LEN..]

@@ -442,6 +442,22 @@ enum ToSync {
     Barrier(oneshot::Sender<Result<Seq>>),
 }
 
+/// The next segment, being made by a helper thread.
+struct Spare {
+    made: std::thread::JoinHandle<Result<Segment>>,
+    /// Set when the segment is needed: its zero-fill stops where it got
+    /// to (the rest stays unwritten, which only costs speed), so a roll
+    /// or a close never waits for the zeros.
+    needed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Spare {
+    fn take(self) -> std::thread::Result<Result<Segment>> {
+        self.needed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.made.join()
+    }
+}
+
 /// Below this many bytes per batch in the segment just filled, the next
 /// one is zero-filled ahead of time (see `Segment::zero_fill`).
 const ZERO_FILL_BELOW: u64 = 256 << 10;
@@ -458,7 +474,7 @@ pub struct Writer {
     synced_to: SyncedTo,
     pool: BufferPool,
     /// The next segment, being made ahead of time.
-    spare: Option<std::thread::JoinHandle<Result<Segment>>>,
+    spare: Option<Spare>,
     /// Batches written to the active segment since it became active.
     batches_in_segment: u64,
 }
@@ -527,7 +543,7 @@ impl Writer {
         // A spare still being made (or zero-filled) would go on writing
         // into the journal's directory after it closed.
         if let Some(spare) = self.spare.take() {
-            let _ = spare.join();
+            let _ = spare.take();
         }
     }
 
@@ -727,7 +743,7 @@ impl Writer {
     /// switch. The next segment is normally made ahead of time.
     fn roll(&mut self, first_seq: Seq) -> Result<()> {
         let id = self.active.segment.id() + 1;
-        let segment = match self.spare.take().map(|spare| spare.join()) {
+        let segment = match self.spare.take().map(Spare::take) {
             Some(Ok(Ok(segment))) if segment.id() == id => segment,
             Some(Ok(Err(e))) => {
                 tracing::warn!(error = %e, "making the next segment ahead of time failed; trying again now");
@@ -782,19 +798,21 @@ impl Writer {
         let dir = self.shared.segments_dir.clone();
         let hooks = self.shared.options.io_hooks.clone();
         let fs = self.shared.options.fs.clone();
+        let needed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = needed.clone();
         let made = std::thread::Builder::new()
             .name("tidemark-journal-segment".into())
             .spawn(move || {
                 let segment = Segment::create(fs.as_ref(), &dir, header, hooks.as_ref())?;
                 if zero {
-                    if let Err(e) = segment.zero_fill(fs.as_ref()) {
+                    if let Err(e) = segment.zero_fill(fs.as_ref(), &stop) {
                         // Only slower: unwritten blocks read as zeros too.
                         tracing::warn!(segment = %segment.path.display(), error = %e, "zero-filling the next segment failed; using it as it is");
                     }
                 }
                 Ok(segment)
             });
-        self.spare = made.ok();
+        self.spare = made.ok().map(|made| Spare { made, needed });
     }
 }
 
