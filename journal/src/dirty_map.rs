@@ -73,6 +73,10 @@ struct Region {
     /// answered: until it does, the mark is in memory only and no write
     /// may rely on it.
     marking: u32,
+    /// A mark or relabel of the region failed to reach the disk: memory
+    /// keeps it (the safe side), but the next write must make it durable
+    /// before relying on it.
+    unsynced: bool,
 }
 
 struct State {
@@ -348,7 +352,7 @@ impl DirtyMap {
                 newly.push(r);
             } else if region.led && !journal_leads {
                 relabelled.push(r);
-            } else if region.marking > 0 {
+            } else if region.marking > 0 || region.unsynced {
                 pending = true;
             }
         }
@@ -385,19 +389,16 @@ impl DirtyMap {
             state.regions[r].marking -= 1;
         }
         if let Err(e) = result {
-            // The write must not go ahead unrecorded, and the marks must
-            // not stay in memory only: the next write to these regions
-            // makes them again. A relabelled region is journal-led again
-            // in memory, as the file may still say: the async write that
-            // asked does not happen, and the next one must try again.
+            // The write must not go ahead unrecorded. The marks and labels
+            // stay in memory — another write may have relied on them and
+            // made them durable meanwhile, and a mark or a production-led
+            // label too many is only caution — but as unsynced: the next
+            // write to these regions makes them durable first.
             for r in own {
                 state.regions[r].inflight -= 1;
             }
-            for &r in &newly {
-                state.set_marked(r, false);
-            }
-            for &r in &relabelled {
-                state.set_led(r, true);
+            for &r in &touched {
+                state.regions[r].unsynced = true;
             }
             return Err(Error::io_at(
                 "mark dirty map",
@@ -405,6 +406,11 @@ impl DirtyMap {
                 (HEADER_LEN + first) as u64,
                 e,
             ));
+        }
+        // Whatever memory held for these regions when the bytes were
+        // copied is on disk now.
+        for r in own.chain(touched) {
+            state.regions[r].unsynced = false;
         }
         Ok(())
     }
@@ -437,7 +443,10 @@ impl DirtyMap {
         let mut state = self.state.lock();
         if self.regions_of(offset, len).any(|r| {
             let region = &state.regions[r];
-            !region.marked || region.marking > 0 || (region.led && !journal_leads)
+            !region.marked
+                || region.marking > 0
+                || region.unsynced
+                || (region.led && !journal_leads)
         }) {
             return false;
         }
@@ -860,8 +869,12 @@ mod tests {
             map.begin(0, 4096, false)
                 .expect_err("the relabel is not durable");
             assert!(
-                !map.production_leads_somewhere(),
-                "{op:?}: no async write happened; the region is as the file may say"
+                map.production_leads_somewhere(),
+                "{op:?}: memory keeps the relabel (the safe side)"
+            );
+            assert!(
+                !map.try_begin(0, 4096, true),
+                "{op:?}: not even a sync write may rely on a label not on disk"
             );
             assert!(
                 !map.try_begin(0, 4096, false),
@@ -888,6 +901,10 @@ mod tests {
             fs.fail(op, "3.map", 5);
             map.begin(0, 4096, false)
                 .expect_err("the mark is not durable");
+            assert!(
+                !map.try_begin(0, 4096, false) && !map.try_begin(0, 4096, true),
+                "{op:?}: no write may rely on a mark not on disk"
+            );
             fs.heal();
             map.begin(0, 4096, false).expect("marked");
             map.settle(0, 4096, None, true);
