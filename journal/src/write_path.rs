@@ -865,7 +865,7 @@ impl WritePath {
         if failed.is_some() {
             v.dirty.settle(offset, len, None, true);
         }
-        let waits_for_replica = inner.gate.read().as_ref().is_some_and(|g| g.must_wait());
+        let waits_for_replica = inner.gate_must_wait();
         Some(Ok(SyncWrite {
             inner: inner.clone(),
             v: v.clone(),
@@ -917,6 +917,19 @@ impl SyncWrite {
         self.failed.is_some() || self.waits_for_replica || self.handle.waits_on_file_cache()
     }
 
+    /// Whether settling must wait for a replica: one held the write back
+    /// when it began, or one has turned sync since (its catching up was
+    /// measured against the durable seq, which this record may not have
+    /// reached then). Ask once the record is durable, before
+    /// [`SyncWrite::settle`]: true means settling blocks (and the answer
+    /// holds: settling waits for the replica then).
+    pub fn waits_for_replica(&mut self) -> bool {
+        if !self.waits_for_replica {
+            self.waits_for_replica = self.inner.gate_must_wait();
+        }
+        self.waits_for_replica
+    }
+
     /// How long the write may still wait for its record.
     pub fn time_left(&self) -> Duration {
         self.inner
@@ -932,6 +945,9 @@ impl SyncWrite {
 
     /// Acknowledges the write after [`SyncWrite::durable`] answered
     /// `durable` — `None` if it did not within [`SyncWrite::time_left`].
+    /// Waits for a replica only as [`SyncWrite::waits_for_replica`] last
+    /// said (or as it was when the write began), so it does not block
+    /// unless that said so.
     pub fn settle(self, durable: Option<Result<()>>) -> Result<Acknowledged> {
         let seq = self.handle.seq();
         let durable = durable.unwrap_or(Err(Error::NotDurable {
@@ -949,6 +965,7 @@ impl SyncWrite {
     /// Settles with `durable`, the outcome of waiting for the record, or
     /// waits for it here (blocking) when there is none yet.
     fn finish(self, durable: Option<Result<()>>) -> Result<Acknowledged> {
+        let blocking = durable.is_none();
         let time_left = self.time_left();
         let SyncWrite {
             inner,
@@ -966,13 +983,16 @@ impl SyncWrite {
         }
         let (seq, stored_bytes) = (handle.seq(), handle.stored_bytes());
         let durable = durable.unwrap_or_else(|| handle.wait_timeout(time_left).map(|_| ()));
+        // Blocking here anyway: asked again now the record is durable
+        // (see `waits_for_replica`).
+        let replica = waits_for_replica || (blocking && inner.gate_must_wait());
         let acknowledged = inner.settle_sync(
             &v,
             (offset, len),
             (seq, stored_bytes),
             started,
             durable,
-            waits_for_replica,
+            replica,
         )?;
         v.count(len, &acknowledged);
         Ok(acknowledged)
@@ -990,6 +1010,11 @@ impl Drop for WritePath {
 }
 
 impl Inner {
+    /// Whether a sync write settled now must wait for a replica.
+    fn gate_must_wait(&self) -> bool {
+        self.gate.read().as_ref().is_some_and(|g| g.must_wait())
+    }
+
     /// Waits for the replica gate, if the group has one.
     fn wait_replicated(&self, seq: Seq, deadline: Instant) -> Result<()> {
         let gate = self.gate.read().clone();

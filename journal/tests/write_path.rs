@@ -913,8 +913,22 @@ fn sync_writes_wait_for_a_replica_only_while_one_is_sync() {
     write.settle(Some(durable)).expect("acknowledged");
     assert_eq!(gate.waited.load(std::sync::atomic::Ordering::SeqCst), 1);
 
+    // A replica that turns sync while the record is on its way (it caught
+    // up with the durable seq, which the record had not reached): once the
+    // record is durable the write asks again, and waits for it.
+    let mut write = s
+        .path
+        .try_begin_sync("vol", 12288, &data)
+        .expect("a marked, free region")
+        .expect("begun");
+    assert!(!write.blocks());
     gate.must_wait
         .store(true, std::sync::atomic::Ordering::SeqCst);
+    let durable = poll_until_ready(write.durable());
+    assert!(write.waits_for_replica(), "asked again once durable");
+    write.settle(Some(durable)).expect("acknowledged");
+    assert_eq!(gate.waited.load(std::sync::atomic::Ordering::SeqCst), 2);
+
     let write = s
         .path
         .try_begin_sync("vol", 8192, &data)
@@ -922,7 +936,7 @@ fn sync_writes_wait_for_a_replica_only_while_one_is_sync() {
         .expect("begun");
     assert!(write.blocks(), "a sync replica: finishing may block");
     write.wait().expect("acknowledged");
-    assert_eq!(gate.waited.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(gate.waited.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
 #[test]

@@ -427,6 +427,15 @@ impl Daemon {
     }
 
     /// True while the daemon answers `/healthz`.
+    /// A metric's value for `volume` from `/metrics`.
+    pub fn metric(&self, name: &str, volume: &str) -> Option<f64> {
+        let (_, text) = self.http_get("/metrics");
+        let label = format!("volume=\"{volume}\"");
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
     pub fn healthy(&self) -> bool {
         std::net::TcpStream::connect(&self.http).is_ok() && self.http_get("/healthz").0 == 200
     }

@@ -303,3 +303,41 @@ fn fuzzed_handshakes_and_requests_get_errors_and_the_daemon_keeps_serving() {
         tidemark_tests::tail(&d.log_text(), 30)
     );
 }
+
+/// A client that goes away with sync writes in flight leaves none of them
+/// unsettled: a write left so would keep its region busy for good, and
+/// the region would never be clean again.
+#[test]
+fn sync_writes_in_flight_when_the_client_leaves_are_settled() {
+    let d = Daemon::start();
+    d.create_volume("v", "64M", "sync");
+    let payload = vec![7u8; 4096];
+    // Mark the regions first (answers read), so the writes below begin on
+    // the connection's task and wait in its settling task.
+    let mut c = Conn::open(&d.nbd);
+    c.flags();
+    c.go("v").unwrap();
+    for i in 0..48u64 {
+        c.request(1, i, i * MIB, 4096, &payload);
+    }
+    for _ in 0..48 {
+        let mut head = [0u8; 16];
+        c.stream.read_exact(&mut head).unwrap();
+        assert_eq!(head[4..8], [0, 0, 0, 0], "a write failed");
+    }
+    drop(c);
+    for round in 0..3u64 {
+        let mut c = Conn::open(&d.nbd);
+        c.flags();
+        c.go("v").unwrap();
+        for i in 0..48u64 {
+            c.request(1, round * 100 + i, i * MIB + 8192, 4096, &payload);
+        }
+        // Gone without reading a reply.
+        c.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    d.eventually(30, "every dirty region cleaned", || {
+        d.metric("tidemark_dirty_regions", "v") == Some(0.0)
+    });
+    assert!(d.healthy());
+}

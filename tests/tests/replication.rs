@@ -157,11 +157,7 @@ fn wait_event(d: &Daemon, volume: &str, name: &str, matches: impl Fn(&Value) -> 
 
 /// A metric's value for `volume` from `/metrics`.
 fn metric(d: &Daemon, name: &str, volume: &str) -> Option<f64> {
-    let (_, text) = d.http_get("/metrics");
-    let label = format!("volume=\"{volume}\"");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+    d.metric(name, volume)
 }
 
 #[test]

@@ -758,6 +758,11 @@ impl PendingWrite {
         self.write.blocks()
     }
 
+    /// Whether settling must wait for a replica (and so may block).
+    pub fn waits_for_replica(&mut self) -> bool {
+        self.write.waits_for_replica()
+    }
+
     /// How long it may still wait for durability.
     pub fn time_left(&self) -> std::time::Duration {
         self.write.time_left()

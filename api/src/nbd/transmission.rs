@@ -166,7 +166,9 @@ where
             };
             match settling.write {
                 Ok(ref write) if !write.blocks() => {
-                    if to_settler.send(settling).is_err() {
+                    if let Err(mpsc::error::SendError(settling)) = to_settler.send(settling) {
+                        // Not to be dropped unsettled.
+                        settle_apart(settling, export.clone(), daemon.clone(), tx.clone());
                         break;
                     }
                 }
@@ -256,6 +258,9 @@ async fn settle_sync_writes(
     daemon: Arc<Daemon>,
     tx: mpsc::Sender<Reply>,
 ) {
+    // Every write begun is settled, even once the client is gone: a
+    // write left unsettled would keep its regions busy for good.
+    let mut client_gone = false;
     while let Some(Settling {
         write,
         request,
@@ -269,7 +274,19 @@ async fn settle_sync_writes(
                 let durable = tokio::time::timeout(write.time_left(), write.durable())
                     .await
                     .ok();
-                write.settle(durable)
+                if write.waits_for_replica() {
+                    // A replica turned sync meanwhile: its wait blocks.
+                    tokio::task::spawn_blocking(move || write.settle(durable))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(ApiError::Failed(format!(
+                                "volume {}: settling a sync write at offset {} failed: {e}",
+                                export.volume_name, request.offset
+                            )))
+                        })
+                } else {
+                    write.settle(durable)
+                }
             }
         };
         let answer = answer(&export, &request, outcome, Vec::new());
@@ -278,8 +295,8 @@ async fn settle_sync_writes(
             answer,
             _held: held,
         };
-        if tx.send(reply).await.is_err() {
-            return;
+        if !client_gone && tx.send(reply).await.is_err() {
+            client_gone = true;
         }
     }
 }
