@@ -452,7 +452,8 @@ struct Spare {
 }
 
 impl Spare {
-    fn take(self) -> std::thread::Result<Result<Segment>> {
+    /// Says the segment is needed and waits for it.
+    fn claim(self) -> std::thread::Result<Result<Segment>> {
         self.needed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.made.join()
     }
@@ -543,7 +544,7 @@ impl Writer {
         // A spare still being made (or zero-filled) would go on writing
         // into the journal's directory after it closed.
         if let Some(spare) = self.spare.take() {
-            let _ = spare.take();
+            let _ = spare.claim();
         }
     }
 
@@ -743,7 +744,7 @@ impl Writer {
     /// switch. The next segment is normally made ahead of time.
     fn roll(&mut self, first_seq: Seq) -> Result<()> {
         let id = self.active.segment.id() + 1;
-        let segment = match self.spare.take().map(Spare::take) {
+        let segment = match self.spare.take().map(Spare::claim) {
             Some(Ok(Ok(segment))) if segment.id() == id => segment,
             Some(Ok(Err(e))) => {
                 tracing::warn!(error = %e, "making the next segment ahead of time failed; trying again now");

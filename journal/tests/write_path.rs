@@ -878,6 +878,12 @@ struct CountingGate {
     waited: std::sync::atomic::AtomicUsize,
 }
 
+impl CountingGate {
+    fn waited(&self) -> usize {
+        self.waited.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 impl tidemark_journal::ReplicaGate for CountingGate {
     fn wait_replicated(&self, _seq: u64, _deadline: std::time::Instant) -> Result<(), Error> {
         self.waited
@@ -901,7 +907,7 @@ fn sync_writes_wait_for_a_replica_only_while_one_is_sync() {
     let mut rng = rng(12);
     let data = bytes::Bytes::from(payload(&mut rng, 4096));
     s.path.write("vol", 0, &data, false).expect("write");
-    assert_eq!(gate.waited.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(gate.waited(), 1);
 
     let mut write = s
         .path
@@ -911,7 +917,7 @@ fn sync_writes_wait_for_a_replica_only_while_one_is_sync() {
     assert!(!write.blocks(), "no replica holds it back");
     let durable = poll_until_ready(write.durable());
     write.settle(Some(durable)).expect("acknowledged");
-    assert_eq!(gate.waited.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(gate.waited(), 1);
 
     // A replica that turns sync while the record is on its way (it caught
     // up with the durable seq, which the record had not reached): once the
@@ -927,7 +933,7 @@ fn sync_writes_wait_for_a_replica_only_while_one_is_sync() {
     let durable = poll_until_ready(write.durable());
     assert!(write.waits_for_replica(), "asked again once durable");
     write.settle(Some(durable)).expect("acknowledged");
-    assert_eq!(gate.waited.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(gate.waited(), 2);
 
     let write = s
         .path
@@ -936,7 +942,7 @@ fn sync_writes_wait_for_a_replica_only_while_one_is_sync() {
         .expect("begun");
     assert!(write.blocks(), "a sync replica: finishing may block");
     write.wait().expect("acknowledged");
-    assert_eq!(gate.waited.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(gate.waited(), 3);
 }
 
 #[test]

@@ -380,8 +380,6 @@ impl ShipperShared {
         }
     }
 
-    /// Waits until the replica holds `seq`, as the gate asks for a sync
-    /// write; see [`crate::gate`].
     /// Whether sync writes begun now wait for this replica (see
     /// [`ShipperShared::wait_acked`]).
     pub(crate) fn holds_sync_writes(&self) -> bool {
@@ -389,6 +387,8 @@ impl ShipperShared {
             && self.progress.lock().effective == ReplicaMode::Sync
     }
 
+    /// Waits until the replica holds `seq`, as the gate asks for a sync
+    /// write; see [`crate::gate`].
     pub(crate) fn wait_acked(&self, seq: Seq) -> Result<(), String> {
         let mut p = self.progress.lock();
         let started = Instant::now();

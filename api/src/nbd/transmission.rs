@@ -276,25 +276,13 @@ async fn settle_sync_writes(
                     .ok();
                 if write.waits_for_replica() {
                     // A replica turned sync meanwhile: its wait blocks.
-                    tokio::task::spawn_blocking(move || write.settle(durable))
-                        .await
-                        .unwrap_or_else(|e| {
-                            Err(ApiError::Failed(format!(
-                                "volume {}: settling a sync write at offset {} failed: {e}",
-                                export.volume_name, request.offset
-                            )))
-                        })
+                    on_pool(&export, &request, move || write.settle(durable)).await
                 } else {
                     write.settle(durable)
                 }
             }
         };
-        let answer = answer(&export, &request, outcome, Vec::new());
-        record(&daemon, request.kind, answer.error, started);
-        let reply = Reply {
-            answer,
-            _held: held,
-        };
+        let reply = settled(&export, &daemon, request, outcome, held, started);
         if !client_gone && tx.send(reply).await.is_err() {
             client_gone = true;
         }
@@ -319,24 +307,45 @@ fn settle_apart(
     tokio::spawn(async move {
         let outcome = match write {
             Err(e) => Err(e),
-            Ok(write) => tokio::task::spawn_blocking(move || write.wait())
-                .await
-                .unwrap_or_else(|e| {
-                    Err(ApiError::Failed(format!(
-                        "volume {}: waiting for a sync write at offset {} failed: {e}",
-                        export.volume_name, request.offset
-                    )))
-                }),
+            Ok(write) => on_pool(&export, &request, move || write.wait()).await,
         };
-        let answer = answer(&export, &request, outcome, Vec::new());
-        record(&daemon, request.kind, answer.error, started);
-        let _ = tx
-            .send(Reply {
-                answer,
-                _held: held,
-            })
-            .await;
+        let reply = settled(&export, &daemon, request, outcome, held, started);
+        let _ = tx.send(reply).await;
     });
+}
+
+/// Finishes a sync write where blocking is fine; a failure of the pool
+/// itself answers as the write's failure.
+async fn on_pool(
+    export: &Export,
+    request: &RequestHeader,
+    finish: impl FnOnce() -> ApiResult<()> + Send + 'static,
+) -> ApiResult<()> {
+    tokio::task::spawn_blocking(finish)
+        .await
+        .unwrap_or_else(|e| {
+            Err(ApiError::Failed(format!(
+                "volume {}: waiting for a sync write at offset {} failed: {e}",
+                export.volume_name, request.offset
+            )))
+        })
+}
+
+/// The reply to a settled sync write, counted in the metrics.
+fn settled(
+    export: &Export,
+    daemon: &Daemon,
+    request: RequestHeader,
+    outcome: ApiResult<()>,
+    held: (OwnedSemaphorePermit, Option<Held>),
+    started: Instant,
+) -> Reply {
+    let answer = answer(export, &request, outcome, Vec::new());
+    record(daemon, request.kind, answer.error, started);
+    Reply {
+        answer,
+        _held: held,
+    }
 }
 
 /// Runs `request` right here if it cannot block: a small read of the live
