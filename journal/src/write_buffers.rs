@@ -10,6 +10,12 @@
 //! given back when the last holder of its bytes (the request or the
 //! record) drops them, and reused, up to a bound on what the pool keeps
 //! idle.
+//!
+//! Buffers of [`ALIGNED_FROM`] bytes and more start at an
+//! [`IO_ALIGN`] address, so the production volume can take a large write
+//! straight from them with `O_DIRECT` (see
+//! [`crate::production::FileDevice`]) instead of copying it into the page
+//! cache.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,11 +23,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use crate::appender::IO_ALIGN;
+
 /// Smallest buffer: one block.
 const MIN_CLASS_SHIFT: u32 = 12;
 
 /// Size classes: 4 KiB, 8 KiB, … 32 MiB (the largest NBD request).
 const CLASSES: usize = 14;
+
+/// Buffers at least this long are aligned for direct IO; smaller ones are
+/// not worth the extra page (they never take the direct path).
+pub const ALIGNED_FROM: usize = 64 << 10;
 
 /// Idle bytes a pool keeps by default.
 pub const DEFAULT_IDLE_BYTES: usize = 32 << 20;
@@ -34,6 +46,7 @@ pub struct WriteBuffers {
 
 #[derive(Debug)]
 struct Pool {
+    /// Allocations of [`raw_len`] bytes per class.
     free: [Mutex<Vec<Vec<u8>>>; CLASSES],
     /// Bytes of buffers in `free`.
     idle: AtomicUsize,
@@ -70,10 +83,18 @@ impl WriteBuffers {
                 self.pool.idle.fetch_sub(buf.len(), Ordering::Relaxed);
                 buf
             }
-            None => vec![0u8; class.map_or(len, class_len)],
+            None => vec![0u8; class.map_or_else(|| raw_len(len), |c| raw_len(class_len(c)))],
+        };
+        // A vector's heap block never moves, so the offset found once
+        // holds for the buffer's life (and again when it is reused).
+        let start = if bytes.len() > len && len >= ALIGNED_FROM {
+            bytes.as_ptr().align_offset(IO_ALIGN).min(IO_ALIGN)
+        } else {
+            0
         };
         WriteBuffer {
             bytes,
+            start,
             len,
             pool: class.map(|_| self.pool.clone()),
         }
@@ -96,9 +117,19 @@ fn class_len(class: usize) -> usize {
     1 << (MIN_CLASS_SHIFT as usize + class)
 }
 
+/// What is allocated for a buffer of `len` usable bytes: room to align
+/// its start, where it is long enough to be aligned.
+fn raw_len(len: usize) -> usize {
+    if len >= ALIGNED_FROM {
+        len + IO_ALIGN
+    } else {
+        len
+    }
+}
+
 impl Pool {
     fn give_back(&self, buf: Vec<u8>) {
-        let Some(class) = class_of(buf.len()).filter(|&c| class_len(c) == buf.len()) else {
+        let Some(class) = (0..CLASSES).find(|&c| raw_len(class_len(c)) == buf.len()) else {
             return;
         };
         // Checked before the lock; a race may overshoot by a buffer or two.
@@ -115,9 +146,11 @@ impl Pool {
 /// it goes back to the pool.
 #[derive(Debug)]
 pub struct WriteBuffer {
-    /// The whole buffer (its class's length).
+    /// The whole allocation ([`raw_len`] of its class's length).
     bytes: Vec<u8>,
-    /// The part in use.
+    /// Where the part in use starts (aligned, for large buffers).
+    start: usize,
+    /// The length of the part in use.
     len: usize,
     pool: Option<Arc<Pool>>,
 }
@@ -125,13 +158,13 @@ pub struct WriteBuffer {
 impl std::ops::Deref for WriteBuffer {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.bytes[..self.len]
+        &self.bytes[self.start..self.start + self.len]
     }
 }
 
 impl std::ops::DerefMut for WriteBuffer {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.bytes[..self.len]
+        &mut self.bytes[self.start..self.start + self.len]
     }
 }
 
@@ -190,5 +223,19 @@ mod tests {
         drop(pool.take(64 << 20));
         assert_eq!(pool.idle_bytes(), 64 << 10);
         assert_eq!(pool.take(0).len(), 0);
+    }
+
+    #[test]
+    fn large_buffers_start_aligned_for_direct_io_also_when_reused() {
+        let pool = WriteBuffers::new(8 << 20);
+        for len in [ALIGNED_FROM, 1 << 20, (1 << 20) - 4096, 3 << 20] {
+            let buf = pool.take(len);
+            assert_eq!(buf.as_ptr() as usize % IO_ALIGN, 0, "{len}");
+            assert_eq!(buf.len(), len);
+            drop(buf);
+            let again = pool.take(len);
+            assert_eq!(again.as_ptr() as usize % IO_ALIGN, 0, "{len} reused");
+        }
+        assert!(pool.idle_bytes() > 0, "the aligned allocations are pooled");
     }
 }
