@@ -207,9 +207,8 @@ pub struct PreparedRecord {
 impl PreparedRecord {
     /// Prepares a record. The payload is lz4-compressed and kept compressed
     /// only if that makes it smaller, so incompressible data costs one
-    /// compression attempt (of its first 64 KiB, for large payloads; none
-    /// for smaller ones whose sampled entropy says random) and no extra
-    /// space.
+    /// compression attempt (of its first 64 KiB, for large payloads) and
+    /// no extra space — none at all where the sampled entropy says random.
     pub fn new(
         kind: RecordKind,
         volume: VolumeId,
@@ -254,7 +253,7 @@ impl PreparedRecord {
             // worst-case-sized buffer is allocated and freed per write.
             COMPRESS_SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
-                if payload.len() < 2 * COMPRESS_SAMPLE && looks_random(payload) {
+                if looks_random(payload) {
                     return (raw(), false);
                 }
                 // A large payload whose first 64 KiB shrink by less than
@@ -535,7 +534,7 @@ mod tests {
     use std::path::PathBuf;
 
     #[test]
-    fn small_random_payloads_are_stored_raw_and_structured_ones_compressed() {
+    fn random_payloads_are_stored_raw_and_structured_ones_compressed() {
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let random: Vec<u8> = (0..4096)
             .map(|_| {
@@ -549,6 +548,10 @@ mod tests {
         let raw = PreparedRecord::new(RecordKind::Write, 1, 0, 4096, &random);
         assert!(!raw.compressed);
         assert_eq!(raw.stored, random);
+        // A megabyte of it too, without trying lz4 on its start.
+        let large: Vec<u8> = random.iter().copied().cycle().take(1 << 20).collect();
+        assert!(looks_random(&large));
+        assert!(!PreparedRecord::new(RecordKind::Write, 1, 0, 1 << 20, &large).compressed);
 
         // Half random, half zeros: lz4 halves it, so it must be tried.
         let mut page = random.clone();
