@@ -536,6 +536,22 @@ impl DirtyMap {
         state.generation - 1
     }
 
+    /// Whether [`DirtyMap::clean`] with these arguments could clear a
+    /// region: one is marked, idle for `min_idle` generations before
+    /// `flushed_generation` and not busy. When none is, the production
+    /// flush a cleaning needs first would buy nothing.
+    pub fn has_idle_marked(&self, flushed_generation: u64, min_idle: u64) -> bool {
+        let state = self.state.lock();
+        state.regions.iter().any(|region| {
+            region.marked
+                && region.inflight == 0
+                && region.marking == 0
+                && region.resyncing == 0
+                && !region.unjournaled
+                && region.generation + min_idle <= flushed_generation
+        })
+    }
+
     /// Clears every marked region whose changes are all durable in the
     /// journal (`durable` is the journal's newest durable seq) and were
     /// flushed to the production volume (settled at or before
@@ -743,7 +759,15 @@ mod tests {
             map.marked().contains(&0),
             "written since the last cleaning: kept"
         );
+        // Written again: still nothing to clean, so no flush is needed.
+        map.begin(0, 4096, false).expect("begin");
+        map.settle(0, 4096, Some(2), true);
         let g = map.start_clean();
+        assert!(!map.has_idle_marked(g, 1), "every marked region is hot");
+        map.clean(10, g, 1).expect("clean");
+        assert_eq!(map.marked(), vec![0]);
+        let g = map.start_clean();
+        assert!(map.has_idle_marked(g, 1));
         map.clean(10, g, 1).expect("clean");
         assert!(
             !map.marked().contains(&0),

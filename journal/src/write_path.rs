@@ -1558,6 +1558,14 @@ impl Inner {
             return Ok(());
         }
         let generation = v.dirty.start_clean();
+        let min_idle = if forced { 0 } else { 1 };
+        // Under a steady random load every marked region was written in
+        // the generation just ended: nothing could be cleared, and the
+        // flush would only force the page cache's writeback now, on this
+        // thread, rather than when the kernel finds it best.
+        if !v.dirty.has_idle_marked(generation, min_idle) {
+            return Ok(());
+        }
         v.device
             .flush()
             .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
@@ -1566,8 +1574,7 @@ impl Inner {
         let mut pending = v.pending.lock();
         let durable = self.journal.history().newest_seq;
         self.reap(v, &mut pending, durable);
-        v.dirty
-            .clean(durable, generation, if forced { 0 } else { 1 })?;
+        v.dirty.clean(durable, generation, min_idle)?;
         Ok(())
     }
 
