@@ -724,6 +724,18 @@ impl FileCache {
         Ok(pending)
     }
 
+    /// Whether `len` bytes of record fit now with no IO: without moving
+    /// the tail on disk, into space already allocated.
+    pub fn has_room_now(&self, len: usize) -> bool {
+        let need = align8(ENTRY_HEADER as u64 + len as u64) * 2;
+        let size = align8(ENTRY_HEADER as u64 + len as u64);
+        let ring = self.ring.lock();
+        ring.used + need <= self.capacity
+            && self
+                .missing_chunks(&ring, &self.ranges_written(ring.head, size))
+                .is_empty()
+    }
+
     /// Waits, until `deadline` (`None`: no waiting), for `len` bytes of
     /// record to fit. True if they fit now.
     pub fn wait_for_room(&self, len: usize, deadline: Option<Instant>) -> bool {

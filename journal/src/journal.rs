@@ -1175,6 +1175,26 @@ impl Journal {
         self.place(&info, record, admission)
     }
 
+    /// Whether a write of `len` bytes would be taken now without IO, as
+    /// [`Admission::NoBlock`] asks — not when it would go to a file cache
+    /// that must first move its tail on disk or allocate. A hint for an
+    /// event loop deciding whether to hand a write to a thread: another
+    /// appender may change the answer before it appends.
+    pub fn takes_without_io(&self, len: u64) -> bool {
+        let shared = self.shared();
+        let encoded = crate::record::RECORD_HEADER_LEN + len as usize;
+        let file_room = || {
+            shared
+                .file_cache_now()
+                .is_some_and(|cache| cache.has_room_now(encoded))
+        };
+        match shared.options.cache_tiers {
+            CacheTiers::Memory => true,
+            CacheTiers::File => file_room(),
+            CacheTiers::Both => !shared.spilling.load(Ordering::SeqCst) || file_room(),
+        }
+    }
+
     /// Puts a prepared record in the tier it waits in, and in the write
     /// order.
     fn place(
@@ -1186,7 +1206,10 @@ impl Journal {
         let shared = self.shared();
         let bytes = record.encoded_len() as u64;
         if record.kind != RecordKind::Mark
-            && shared.goes_to_file_tier(bytes, admission != Admission::NoWait)
+            && shared.goes_to_file_tier(
+                bytes,
+                matches!(admission, Admission::Wait | Admission::WaitFor(_)),
+            )
         {
             match self.append_to_file_cache(info, record, admission)? {
                 Ok(handle) => return Ok(handle),
@@ -1356,6 +1379,9 @@ impl Journal {
         let len = record.encoded_len();
         let deadline = match admission {
             Admission::NoWait => None,
+            // Room that needs the tail moved on disk is no room for it.
+            Admission::NoBlock if !cache.has_room_now(len) => return Ok(Err(record)),
+            Admission::NoBlock => None,
             Admission::WaitFor(d) => Some(std::time::Instant::now() + d),
             Admission::Wait => {
                 Some(std::time::Instant::now() + std::time::Duration::from_secs(365 * 86_400))

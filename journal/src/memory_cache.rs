@@ -29,6 +29,10 @@ pub enum Admission {
     WaitFor(Duration),
     /// Fail at once if there is no room.
     NoWait,
+    /// Fail at once if there is no room, and do no IO to make some (a
+    /// file cache's tail is not moved on disk): the caller is an event
+    /// loop, which must not wait for a disk.
+    NoBlock,
 }
 
 /// Counters of the memory cache, for metrics.
@@ -150,7 +154,7 @@ impl MemoryCache {
         let fits = |used: u64| used == 0 || used + bytes <= budget.limit;
         if !fits(*used) {
             let deadline = match how {
-                Admission::NoWait => None,
+                Admission::NoWait | Admission::NoBlock => None,
                 Admission::Wait => Some(None),
                 Admission::WaitFor(timeout) => Some(Some(Instant::now() + timeout)),
             };

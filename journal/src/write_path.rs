@@ -565,7 +565,7 @@ impl WritePath {
         }
         match inner
             .journal
-            .append_with(v.info.id, Change::Flush, Admission::NoWait)
+            .append_with(v.info.id, Change::Flush, Admission::NoBlock)
         {
             Ok(handle) => Some(Ok(Some(handle.seq()))),
             Err(Error::CacheFull { .. }) => None,
@@ -744,7 +744,7 @@ impl WritePath {
         let stripes = v.lock(offset, len);
         v.dirty.begin(offset, len, mode != IoMode::Async)?;
         let acknowledged = match mode {
-            IoMode::Async => inner.apply_async(&v, offset, op, fua, stripes),
+            IoMode::Async => inner.apply_async(&v, offset, op, fua, stripes, Admission::NoWait),
             _ => inner.apply_sync(&v, offset, op, fua, stripes),
         }?;
         v.count(len, &acknowledged);
@@ -792,12 +792,15 @@ impl WritePath {
         if mode != IoMode::Async {
             return None;
         }
+        if !inner.journal.takes_without_io(len) {
+            return None;
+        }
         inner.record_switch(&v, switch);
         let stripes = v.try_lock(offset, len)?;
         if !v.dirty.try_begin(offset, len, false) {
             return None;
         }
-        let acknowledged = inner.apply_async(&v, offset, op, false, stripes);
+        let acknowledged = inner.apply_async(&v, offset, op, false, stripes, Admission::NoBlock);
         if let Ok(acknowledged) = &acknowledged {
             v.count(len, acknowledged);
         }
@@ -845,7 +848,7 @@ impl WritePath {
         let started = Instant::now();
         let handle = match inner
             .journal
-            .append_shared(v.info.id, offset, data, Admission::NoWait)
+            .append_shared(v.info.id, offset, data, Admission::NoBlock)
         {
             Ok(handle) => handle,
             Err(e) => {
@@ -1192,6 +1195,7 @@ impl Inner {
         op: Op<'_>,
         fua: bool,
         stripes: Vec<MutexGuard<'_, ()>>,
+        admission: Admission,
     ) -> Result<Acknowledged> {
         let len = op.len();
         if let Err(e) = self.device_apply(v, offset, op, fua) {
@@ -1202,7 +1206,7 @@ impl Inner {
         let mut stored_bytes = 0;
         let mut handles = Vec::new();
         for (change, shared) in op.changes(offset, self.journal.max_record_len()) {
-            match self.append(v, change, shared, Admission::NoWait) {
+            match self.append(v, change, shared, admission) {
                 Ok(handle) => {
                     seq = Some(handle.seq());
                     stored_bytes += handle.stored_bytes();
@@ -1488,7 +1492,7 @@ impl Inner {
         // Bounded like the appends, so a full disk cannot hold a close.
         let deadline = match admission {
             Admission::WaitFor(timeout) => Some(Instant::now() + timeout),
-            Admission::Wait | Admission::NoWait => None,
+            Admission::Wait | Admission::NoWait | Admission::NoBlock => None,
         };
         let wait = |handle: AppendHandle| match deadline {
             Some(deadline) => {

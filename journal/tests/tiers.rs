@@ -435,3 +435,45 @@ fn no_room_for_the_file_cache_means_memory_until_there_is() {
     journal.sync().expect("sync");
     check_reads(&journal, &model, &mut common::rng(11), 10);
 }
+
+/// An event loop appends with `Admission::NoBlock`: room that needs the
+/// tail moved on disk (an `msync`) is no room for it, while a thread that
+/// may wait moves the tail and finds the room.
+#[test]
+fn room_that_needs_the_tail_moved_on_disk_is_not_room_for_an_event_loop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cache, _) = FileCache::open(
+        &RealFs,
+        &dir.path().join("ring"),
+        1 << 20,
+        42,
+        0,
+        &RealIo,
+        FileBudget::new(64 << 20),
+    )
+    .expect("open");
+    let data = vec![7u8; 8000];
+    let record = PreparedRecord::new(RecordKind::Write, 1, 0, data.len() as u64, &data);
+    let len = record.encoded_len();
+    let mut seq = 0;
+    while cache.wait_for_room(len, None) {
+        seq += 1;
+        let entry = cache
+            .append(seq, len, |buf| {
+                record.encode_to(seq, Timestamp::from_nanos(seq as i64), buf);
+            })
+            .expect("room");
+        cache.sync_through(entry.write_no).expect("flush");
+    }
+    assert!(seq > 10, "{seq} entries fit");
+    assert!(!cache.has_room_now(len));
+    // The journal takes the three oldest: too little for the ring to move
+    // its tail on disk by itself.
+    cache.release_through(3);
+    assert!(!cache.has_room_now(len), "the room is not free without IO");
+    assert!(
+        cache.wait_for_room(len, None),
+        "a thread that may wait frees it"
+    );
+    assert!(cache.has_room_now(len));
+}
