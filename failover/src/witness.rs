@@ -113,6 +113,20 @@ impl Witness {
             .is_some_and(|&until| self.now_ms() < until)
     }
 
+    /// The groups whose key this site has held, each with whether it holds
+    /// it now (its lease cannot have run out), by name.
+    pub fn holdings(&self) -> Vec<(String, bool)> {
+        let now = self.now_ms();
+        let mut out: Vec<(String, bool)> = self
+            .held
+            .lock()
+            .iter()
+            .map(|(g, &until)| (g.clone(), until > now))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// A sentence for `status --json`.
     pub fn state(&self) -> String {
         let held: Vec<String> = {

@@ -163,6 +163,17 @@ fn ext4_restored_from_the_bucket_alone_and_served_from_it_by_an_empty_daemon() {
         metrics.contains("tidemark_archive_archived_seq{group="),
         "{metrics}"
     );
+    let archived_at: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tidemark_archive_archived_timestamp_seconds{group=")?
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no archived time in /metrics: {metrics}"));
+    assert!(archived_at > 1.7e9, "archived up to {archived_at}");
 
     // Everything local is lost.
     d.stop();

@@ -530,6 +530,11 @@ fn with_a_witness_exactly_one_site_accepts_writes_through_a_partition() {
             .contains("s5: held"),
         "{status}"
     );
+    let (_, metrics) = sites.primary.http_get("/metrics");
+    assert!(
+        metrics.contains("tidemark_failover_witness_held{group=\"s5\"} 1"),
+        "{metrics}"
+    );
     sites.add(volume, "async");
     sites.caught_up(volume);
     std::thread::sleep(Duration::from_secs(1));

@@ -263,6 +263,16 @@ fn fio_in_each_mode_leaves_both_sites_equal() {
         .unwrap()
             > 16e6
     );
+    let (_, text) = sites.primary.http_get("/metrics");
+    for (volume, mode) in [("fio-async", "async")] {
+        let line = format!("configured=\"{mode}\",mode=\"{mode}\"}} 1");
+        assert!(
+            text.lines().any(|l| l
+                .starts_with(&format!("tidemark_replica_mode{{volume=\"{volume}\""))
+                && l.ends_with(&line)),
+            "/metrics lacks the mode of {volume}'s link: {text}"
+        );
+    }
 
     // On the replica site: role replica, same size and group; the live
     // export refuses writes with EPERM, reads work.

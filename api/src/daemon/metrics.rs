@@ -477,6 +477,24 @@ impl Metrics {
         }
         help(
             out,
+            "tidemark_replica_mode",
+            "gauge",
+            "1 for the mode the link to the replica is in now (adaptive links switch between sync and async); configured is the mode it was added with.",
+        );
+        for status in &statuses {
+            for v in volumes.iter().filter(|v| v.group == status.group) {
+                for mode in ["sync", "async"] {
+                    let on = u8::from(status.effective_mode.to_string() == mode);
+                    let _ = writeln!(
+                        out,
+                        "tidemark_replica_mode{{volume=\"{}\",replica=\"{}\",configured=\"{}\",mode=\"{mode}\"}} {on}",
+                        v.name, status.address, status.mode
+                    );
+                }
+            }
+        }
+        help(
+            out,
             "tidemark_replica_state",
             "gauge",
             "1 for the state of the link to the replica.",
@@ -511,12 +529,21 @@ fn render_archive(out: &mut String, registry: &Registry) {
     };
     let statuses = archive.statuses();
     type ArchiveValue = fn(&ArchiveStatus) -> String;
-    let series: [(&str, &str, &str, ArchiveValue); 8] = [
+    let series: [(&str, &str, &str, ArchiveValue); 9] = [
         (
             "tidemark_archive_archived_seq",
             "gauge",
             "Every record of the group up to this seq is in the archive.",
             |s| s.archived_seq.to_string(),
+        ),
+        (
+            "tidemark_archive_archived_timestamp_seconds",
+            "gauge",
+            "Time (Unix seconds) of the newest archived record (0 before the first).",
+            |s| {
+                let nanos = s.archived_time.map_or(0, |t| t.as_nanos());
+                format!("{:.3}", nanos as f64 / 1e9)
+            },
         ),
         (
             "tidemark_archive_lag_seconds",
@@ -616,6 +643,21 @@ fn render_failover(out: &mut String, registry: &Registry, groups: &[String]) {
             "{name} {}",
             value.load(std::sync::atomic::Ordering::SeqCst)
         );
+    }
+    if let Some(witness) = f.witness.get() {
+        help(
+            out,
+            "tidemark_failover_witness_held",
+            "gauge",
+            "1 while this site holds the group's key in the witness (and may write it), 0 once the lease ran out.",
+        );
+        for (group, held) in witness.holdings() {
+            let _ = writeln!(
+                out,
+                "tidemark_failover_witness_held{{group=\"{group}\"}} {}",
+                u8::from(held)
+            );
+        }
     }
     help(
         out,
