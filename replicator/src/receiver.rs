@@ -34,6 +34,12 @@ pub trait ReplicaHost: Send + Sync {
     /// `newest` is its newest seq as it says (0: not said). Feeds the
     /// failure detector.
     fn heard(&self, group: &str, newest: Seq);
+
+    /// The heartbeat interval this site's failure detector expects from a
+    /// primary; the primary is asked to send at it. `None`: no wish.
+    fn heartbeat(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The replication streams open on this site, one per group: a new one for
@@ -55,7 +61,7 @@ async fn answer(out: &Replies, r: Reply) -> bool {
         .is_ok()
 }
 
-fn position(journal: &Journal) -> Reply {
+fn position(journal: &Journal, heartbeat: Option<std::time::Duration>) -> Reply {
     let history = journal.history();
     Reply::Position(reply::Position {
         durable_seq: if journal.rebasing().is_some() {
@@ -68,6 +74,7 @@ fn position(journal: &Journal) -> Reply {
         source_id: journal.source_id(),
         rebasing: journal.rebasing().is_some(),
         epochs: wire::epochs_to_wire(&journal.epoch_history()),
+        heartbeat_ms: heartbeat.map_or(0, |d| d.as_millis().max(1) as u64),
     })
 }
 
@@ -161,7 +168,7 @@ impl Receivers {
             .await?;
         }
         let (out, replies) = mpsc::channel(16);
-        answer(&out, position(&journal)).await;
+        answer(&out, position(&journal, host.heartbeat())).await;
         let (stop, stopped) = watch::channel(false);
         if let Some(old) = self.open.lock().insert(group.clone(), stop) {
             let _ = old.send(true);
@@ -348,7 +355,7 @@ async fn handle(
             let seq: Seq =
                 blocking(move || done.finish_rebase().map_err(|e| e.to_string())).await?;
             tracing::info!(group = %journal.group(), horizon = seq, "rebased onto the primary's history");
-            answer(out, position(journal)).await;
+            answer(out, position(journal, None)).await;
             Ok(())
         }
     }

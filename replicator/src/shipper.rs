@@ -602,6 +602,10 @@ impl ShipperShared {
         if let Err(e) = self.check_position(&position) {
             return End::Failed(e);
         }
+        let beat = asked_heartbeat(position.heartbeat_ms, self.settings.heartbeat);
+        if beat != self.settings.heartbeat {
+            tracing::info!(group = %self.group, replica = %self.peer.address, heartbeat = ?beat, "sending heartbeats at the interval the replica's detector expects");
+        }
         self.progress.lock().last_heard = Instant::now();
         self.bind_hold().await;
         let history = self.journal.history();
@@ -671,7 +675,7 @@ impl ShipperShared {
             };
         }
         self.progress.lock().last_error = None;
-        self.stream(start, out, inbound, durable, stop).await
+        self.stream(start, out, inbound, durable, stop, beat).await
     }
 
     fn check_position(&self, p: &pb::replication_reply::Position) -> Result<(), String> {
@@ -965,10 +969,11 @@ impl ShipperShared {
         mut inbound: tonic::Streaming<pb::ReplicationReply>,
         mut durable: watch::Receiver<Seq>,
         stop: &mut watch::Receiver<bool>,
+        beat: Duration,
     ) -> End {
         let mut next = start;
         let mut cursor: Option<RawCursor> = None;
-        let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
+        let mut heartbeat = tokio::time::interval(beat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(HOLD_EVERY.min(self.settings.heartbeat * 5));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1039,16 +1044,16 @@ impl ShipperShared {
                 },
                 _ = heartbeat.tick() => {
                     let history = self.journal.history();
-                    let beat = Message::Heartbeat(msg::Heartbeat {
+                    let message = Message::Heartbeat(msg::Heartbeat {
                         newest_seq: history.newest_seq,
                         newest_ns: history.newest_time.as_nanos(),
                         sent_ns: Timestamp::now().as_nanos(),
                     });
-                    if let Err(e) = send(&out, beat).await {
+                    if let Err(e) = send(&out, message).await {
                         return e;
                     }
                     let silent = self.progress.lock().last_heard.elapsed();
-                    if silent > self.settings.heartbeat * SILENT_HEARTBEATS {
+                    if silent > self.settings.heartbeat.max(beat) * SILENT_HEARTBEATS {
                         return End::Failed(format!("the replica has said nothing for {silent:?}"));
                     }
                 }
@@ -1344,5 +1349,34 @@ async fn next_reply(
             Err(s) => Err(End::Failed(format!("the replica ended the stream: {}", status_text(&s)))),
         },
         _ = stop.changed() => Err(End::Stopped),
+    }
+}
+
+/// Bounds on the heartbeat interval a replica may ask for: a misconfigured
+/// one neither floods the link nor silences the primary for minutes.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
+const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
+
+/// The interval to send heartbeats at: what the replica's detector asks
+/// for (`asked_ms`; 0: nothing), within sane bounds, else `own`.
+fn asked_heartbeat(asked_ms: u64, own: Duration) -> Duration {
+    if asked_ms == 0 {
+        return own;
+    }
+    Duration::from_millis(asked_ms).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_go_at_the_interval_the_replica_asks_for_within_bounds() {
+        let own = Duration::from_millis(200);
+        assert_eq!(asked_heartbeat(0, own), own, "no wish: our own");
+        assert_eq!(asked_heartbeat(50, own), Duration::from_millis(50));
+        assert_eq!(asked_heartbeat(1_000, own), Duration::from_secs(1));
+        assert_eq!(asked_heartbeat(1, own), MIN_HEARTBEAT);
+        assert_eq!(asked_heartbeat(u64::MAX, own), MAX_HEARTBEAT);
     }
 }

@@ -401,6 +401,41 @@ fn without_auto_a_dead_primary_is_only_reported_and_bad_settings_are_refused() {
     }
 }
 
+/// The replica site's `[failover] heartbeat` is the interval it asks the
+/// primary for: a primary configured to beat every 3 s beats every 100 ms
+/// for a replica whose detector expects that.
+#[test]
+fn the_primary_beats_at_the_interval_the_replica_asks_for() {
+    let replica = Daemon::with_config(&replica_config(""));
+    let primary = Daemon::with_config(&format!(
+        "{TEST_CONFIG}\n[replication]\nheartbeat = \"3s\"\n"
+    ));
+    let sites = Sites {
+        link: Proxy::start(&replica.grpc),
+        primary,
+        replica,
+    };
+    sites.primary.create_volume("hb", "8M", "async");
+    sites.add("hb", "async");
+    sites.caught_up("hb");
+    // Idle now: only heartbeats reach the replica.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut oldest: f64 = 0.0;
+    for _ in 0..20 {
+        let status = sites.replica.json(&["status", "--json"]);
+        let age = status["failover"]["last_heartbeat_seconds"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no heartbeat age: {status}"));
+        oldest = oldest.max(age);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert!(
+        oldest < 1.0,
+        "the replica went {oldest:.2} s without a heartbeat; it asked for one every 100 ms"
+    );
+    assert_eq!(role(&sites.replica, "hb"), "replica");
+}
+
 /// Failback after a takeover: the new primary hands the group back with
 /// `tidemark failback`; writes stop there, the old primary catches up,
 /// the roles return with a new epoch and nothing acknowledged is lost.

@@ -385,6 +385,10 @@ impl ReplicaHost for ReplicaSite {
     fn heard(&self, group: &str, newest: Seq) {
         self.0.failover.monitor.heard(group, newest);
     }
+
+    fn heartbeat(&self) -> Option<Duration> {
+        Some(self.0.failover.monitor.settings().heartbeat)
+    }
 }
 
 /// How long a verification of a large volume may take before the CLI's
