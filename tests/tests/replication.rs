@@ -264,15 +264,14 @@ fn fio_in_each_mode_leaves_both_sites_equal() {
             > 16e6
     );
     let (_, text) = sites.primary.http_get("/metrics");
-    for (volume, mode) in [("fio-async", "async")] {
-        let line = format!("configured=\"{mode}\",mode=\"{mode}\"}} 1");
-        assert!(
-            text.lines().any(|l| l
-                .starts_with(&format!("tidemark_replica_mode{{volume=\"{volume}\""))
-                && l.ends_with(&line)),
-            "/metrics lacks the mode of {volume}'s link: {text}"
-        );
-    }
+    // The async link's mode (the sync one may have degraded under fio).
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("tidemark_replica_mode{volume=\"fio-async\"")
+                && l.ends_with("configured=\"async\",mode=\"async\"} 1")
+        ),
+        "/metrics lacks the mode of fio-async's link: {text}"
+    );
 
     // On the replica site: role replica, same size and group; the live
     // export refuses writes with EPERM, reads work.
