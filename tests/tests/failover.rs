@@ -401,6 +401,134 @@ fn without_auto_a_dead_primary_is_only_reported_and_bad_settings_are_refused() {
     }
 }
 
+/// `failover --at POINT` promotes the group at that point: what the dead
+/// primary wrote after it is not on the new primary, and the takeover
+/// event names the point.
+#[test]
+fn a_manual_takeover_at_a_tag_promotes_that_point() {
+    let mut sites = Sites::start("");
+    let volume = "at";
+    sites.primary.create_volume(volume, "8M", "async");
+    sites.add(volume, "async");
+    assert_eq!(write_at(&sites.primary, volume, 0, &[1u8; 65536]), 0);
+    sites.primary.ok(&["tag", "create", volume, "good"]);
+    assert_eq!(write_at(&sites.primary, volume, 0, &[2u8; 65536]), 0);
+    sites.caught_up(volume);
+    assert_eq!(
+        read_at(&sites.replica, &format!("{volume}@latest"), 0, 65536),
+        vec![2u8; 65536]
+    );
+    sites.primary.kill9();
+    let promoted = sites
+        .replica
+        .json(&["failover", volume, "--at", "tag:good", "--json"]);
+    assert_eq!(promoted["epoch"], 1, "{promoted}");
+    assert_eq!(role(&sites.replica, volume), "primary");
+    assert_eq!(
+        read_at(&sites.replica, volume, 0, 65536),
+        vec![1u8; 65536],
+        "the live volume is not the tag's point"
+    );
+    let takeover = sites.replica.events(volume, "takeover");
+    assert_eq!(takeover.len(), 1, "{takeover:?}");
+    assert_eq!(takeover[0]["detector"], "manual", "{takeover:?}");
+    assert!(
+        takeover[0]["point"].as_str().unwrap().contains("good"),
+        "{takeover:?}"
+    );
+    assert!(
+        takeover[0]["seq"].as_u64() < takeover[0]["newest_seq"].as_u64(),
+        "{takeover:?}"
+    );
+    // The new primary takes writes on top of that point.
+    assert_eq!(write_at(&sites.replica, volume, 65536, &[3u8; 4096]), 0);
+    assert_eq!(read_at(&sites.replica, volume, 0, 65536), vec![1u8; 65536]);
+}
+
+/// `promote_at = "before-anomaly"`: random bytes written over the
+/// primary's data raise an anomaly tag there, which replicates with the
+/// burst; when the primary dies, the replica takes over by itself at
+/// `before:` that tag, so the burst is not what the new primary serves.
+#[test]
+fn a_takeover_after_an_anomaly_promotes_the_point_before_it() {
+    let mut sites = Sites::start("auto = true\npromote_at = \"before-anomaly\"\n");
+    let volume = "ra";
+    sites.primary.create_volume(volume, "16M", "async");
+    sites.add(volume, "async");
+    let text: Vec<u8> = b"INSERT INTO ledger VALUES (42, 'paid', 1700.00);\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(1 << 20)
+        .collect();
+    for mib in 0..12u64 {
+        assert_eq!(write_at(&sites.primary, volume, mib << 20, &text), 0);
+    }
+    sites.caught_up(volume);
+    std::thread::sleep(Duration::from_secs(1));
+    // The "encryption": every MiB overwritten with random bytes.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for mib in 0..12u64 {
+        let noise: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        assert_eq!(write_at(&sites.primary, volume, mib << 20, &noise), 0);
+    }
+    sites
+        .primary
+        .eventually(15, "an anomaly tag on the primary", || {
+            sites
+                .primary
+                .tags(volume)
+                .iter()
+                .any(|t| t["source"] == "anomaly")
+        });
+    sites.caught_up(volume);
+    sites
+        .replica
+        .eventually(15, "the anomaly tag on the replica", || {
+            sites
+                .replica
+                .tags(volume)
+                .iter()
+                .any(|t| t["source"] == "anomaly")
+        });
+    sites.primary.kill9();
+    wait_primary(&sites.replica, volume, 30);
+    // From the moment it says it is the primary, the volume is at the
+    // point before the burst.
+    for mib in [0u64, 5, 11] {
+        assert!(
+            read_at(&sites.replica, volume, mib << 20, 1 << 20) == text,
+            "MiB {mib} of the new primary is not the data from before the burst"
+        );
+    }
+    sites.replica.eventually(10, "the takeover event", || {
+        !sites.replica.events(volume, "takeover").is_empty()
+    });
+    let takeover = sites.replica.events(volume, "takeover");
+    assert_eq!(takeover.len(), 1, "{takeover:?}");
+    assert!(
+        takeover[0]["point"]
+            .as_str()
+            .unwrap()
+            .starts_with("before-anomaly"),
+        "{takeover:?}"
+    );
+    assert!(
+        takeover[0]["seq"].as_u64() < takeover[0]["newest_seq"].as_u64(),
+        "{takeover:?}"
+    );
+    let rollback = sites.replica.events(volume, "rollback");
+    assert_eq!(rollback.len(), 1, "{rollback:?}");
+    assert_eq!(rollback[0]["to_seq"], takeover[0]["seq"], "{rollback:?}");
+}
+
 /// The replica site's `[failover] heartbeat` is the interval it asks the
 /// primary for: a primary configured to beat every 3 s beats every 100 ms
 /// for a replica whose detector expects that.

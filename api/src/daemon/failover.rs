@@ -312,6 +312,7 @@ impl Registry {
         journal.set_epoch(new_epoch)?;
         // Production files holding the newest point, then primary.
         let mut specs = Vec::new();
+        let mut rolled_back = Vec::new();
         for volume in &volumes {
             let backing = self
                 .config()
@@ -331,13 +332,22 @@ impl Registry {
                 self.attach_device(&group, spec)?;
                 *volume.spec.lock() = spec.clone();
             }
+            // At the chosen point before the group takes a write or says
+            // it is the primary: no client ever sees the newest point of
+            // a group promoted before it (a burst an anomaly tag marks).
+            if seq < newest {
+                for volume in &volumes {
+                    let report = super::rollback::roll_back(self, volume, &PointSpec::Seq(seq))?;
+                    rolled_back.push((volume.clone(), report));
+                }
+            }
             group.replica.store(false, Ordering::SeqCst);
             self.persist_catalog()?;
         }
         self.failover.monitor.forget(&group.name);
-        if seq < newest {
-            for volume in &volumes {
-                super::rollback::rollback(self, volume, &PointSpec::Seq(seq))?;
+        for (volume, report) in &rolled_back {
+            if let Err(e) = super::rollback::record(self, volume, report) {
+                tracing::warn!(volume = %volume.name, error = %e, "cannot record the rollback of the takeover");
             }
         }
         self.failover.takeovers.fetch_add(1, Ordering::SeqCst);

@@ -43,6 +43,22 @@ pub fn rollback(
         )));
     }
     let _guard = WriterGuard::new(volume.clone());
+    let report = roll_back(registry, volume, to)?;
+    record(registry, volume, &report)?;
+    Ok(report)
+}
+
+/// The rollback itself, without [`rollback`]'s checks and without its
+/// timeline event: what a takeover runs while the group still refuses
+/// writes as a replica, so no client sees the volume between the newest
+/// point and the one promoted. (The event is [`record`]ed once the group
+/// may take records of its own.)
+pub fn roll_back(
+    registry: &Registry,
+    volume: &Arc<Volume>,
+    to: &PointSpec,
+) -> ApiResult<RollbackReport> {
+    let name = &volume.name;
     let write_path = &volume.group.write_path;
     let journal = volume.journal();
     // Everything acknowledged must be in the journal before we ask it
@@ -72,8 +88,6 @@ pub fn rollback(
         }
     }
     write_path.flush(name)?;
-    let body = format!("{{\"to_seq\":{to_seq},\"undo_seq\":{undo_seq},\"bytes\":{bytes}}}");
-    volume.record_event("rollback", &body, registry.sync_timeout())?;
     tracing::info!(volume = %name, to_seq, undo_seq, bytes, "rolled back");
     Ok(RollbackReport {
         to_seq,
@@ -81,4 +95,14 @@ pub fn rollback(
         blocks: bytes / tidemark_journal::INDEX_BLOCK,
         bytes,
     })
+}
+
+/// Puts the `rollback` event of `report` on `volume`'s timeline.
+pub fn record(registry: &Registry, volume: &Volume, report: &RollbackReport) -> ApiResult<()> {
+    let body = format!(
+        "{{\"to_seq\":{},\"undo_seq\":{},\"bytes\":{}}}",
+        report.to_seq, report.undo_seq, report.bytes
+    );
+    volume.record_event("rollback", &body, registry.sync_timeout())?;
+    Ok(())
 }
