@@ -44,7 +44,11 @@ pub struct Moto {
     _dir: tempfile::TempDir,
 }
 
-/// The `moto_server` to run: `TIDEMARK_MOTO_SERVER`, else the one on PATH.
+/// The `moto_server` to run: `TIDEMARK_MOTO_SERVER`, else the pinned one
+/// `scripts/setup.sh` installs (where it puts it), else the one on PATH.
+/// The pinned one comes before PATH: an older moto answers
+/// CompleteMultipartUpload with a reply aws-sdk-s3 cannot parse, and the
+/// archive's retries then never end.
 fn server_program() -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os("TIDEMARK_MOTO_SERVER").filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
@@ -56,6 +60,16 @@ fn server_program() -> Result<PathBuf, String> {
                 path.display()
             ))
         };
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    if let Some(pinned) = cache
+        .map(|c| c.join("tidemark-tools/moto-venv/bin/moto_server"))
+        .filter(|p| p.is_file())
+    {
+        return Ok(pinned);
     }
     let found = Command::new("sh")
         .arg("-c")
