@@ -304,6 +304,56 @@ fn fio_in_each_mode_leaves_both_sites_equal() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(sites.primary.healthy() && sites.replica.healthy());
+
+    // A verification at an earlier point compares that point on both
+    // sites, not the newest.
+    sites.primary.ok(&["tag", "create", "fio-async", "checked"]);
+    write_at(&sites.primary, "fio-async", 0, &[7u8; 1 << 20]);
+    sites.caught_up("fio-async", 30);
+    let v = sites.primary.json(&[
+        "replica",
+        "verify",
+        "fio-async",
+        "--at",
+        "tag:checked",
+        "--json",
+    ]);
+    assert_eq!(v["equal"], true, "replica verify --at: {v}");
+    let tagged = sites
+        .primary
+        .tags("fio-async")
+        .into_iter()
+        .find(|t| t["name"] == "checked")
+        .expect("the tag");
+    assert_eq!(v["seq"], tagged["seq"], "verified another point: {v}");
+
+    // Removing the replica ends the stream: what the primary writes
+    // after it stays there.
+    sites.primary.ok(&["replica", "remove", "fio-async"]);
+    assert!(
+        sites.show("fio-async")["replica"].is_null(),
+        "{}",
+        sites.show("fio-async")
+    );
+    let theirs_before = sites
+        .replica
+        .json(&["volume", "show", "fio-async", "--json"])["newest_seq"]
+        .clone();
+    write_at(&sites.primary, "fio-async", 1 << 20, &[8u8; 1 << 20]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        sites
+            .replica
+            .json(&["volume", "show", "fio-async", "--json"])["newest_seq"],
+        theirs_before,
+        "a removed replica still receives records"
+    );
+    assert_eq!(
+        sites
+            .replica
+            .json(&["volume", "show", "fio-async", "--json"])["role"],
+        "replica"
+    );
 }
 
 /// P2: every write acknowledged in sync mode is on the replica when the
