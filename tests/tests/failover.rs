@@ -782,9 +782,9 @@ fn a_takeover_plan_brings_groups_up_in_order() {
         .port();
     let db_service = format!("127.0.0.1:{port}");
     let mut sites = Sites::start(&format!(
-        "auto = true\n[[failover.plan]]\ngroup = \"db\"\nthen_probe = \"tcp:{db_service}\"\nthen_timeout = \"30s\"\n[[failover.plan]]\ngroup = \"app\"\n"
+        "auto = true\n[[failover.plan]]\ngroup = \"db\"\nthen_probe = \"tcp:{db_service}\"\nthen_timeout = \"30s\"\n[[failover.plan]]\ngroup = \"app\"\nthen_wait = \"2s\"\n[[failover.plan]]\ngroup = \"web\"\n"
     ));
-    for volume in ["db", "app"] {
+    for volume in ["db", "app", "web"] {
         sites.primary.create_volume(volume, "8M", "async");
         sites.add(volume, "async");
         sites.caught_up(volume);
@@ -801,5 +801,13 @@ fn a_takeover_plan_brings_groups_up_in_order() {
     );
     let _db = std::net::TcpListener::bind(&db_service).unwrap();
     wait_primary(&sites.replica, "app", 30);
+    // The web tier waits then_wait after the application.
+    let app_up = Instant::now();
+    wait_primary(&sites.replica, "web", 30);
+    assert!(
+        app_up.elapsed() >= Duration::from_millis(1500),
+        "web was promoted {:?} after app, before app's then_wait of 2 s",
+        app_up.elapsed()
+    );
     assert!(sites.replica.healthy());
 }
