@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rand::SeedableRng;
 use tidemark_tests::proxy::Proxy;
 use tidemark_tests::raw_nbd::Conn;
 use tidemark_tests::{tail, write_load, Daemon, TEST_CONFIG};
@@ -467,16 +468,10 @@ fn a_takeover_after_an_anomaly_promotes_the_point_before_it() {
     sites.caught_up(volume);
     std::thread::sleep(Duration::from_secs(1));
     // The "encryption": every MiB overwritten with random bytes.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     for mib in 0..12u64 {
-        let noise: Vec<u8> = (0..1 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
+        let mut noise = vec![0u8; 1 << 20];
+        rand::Rng::fill(&mut rng, &mut noise[..]);
         assert_eq!(write_at(&sites.primary, volume, mib << 20, &noise), 0);
     }
     sites
