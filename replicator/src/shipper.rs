@@ -421,6 +421,8 @@ impl ShipperShared {
                                 "to": "async",
                             }),
                         );
+                        // RPO is no longer 0: someone must hear of it.
+                        self.run_alert_command("replica-degraded", self.status().rpo_seconds);
                         return Ok(());
                     }
                 }
@@ -1215,22 +1217,31 @@ impl ShipperShared {
                 "acked_seq": status.acked_seq,
             }),
         );
-        if let Some(command) = &self.settings.alert_command {
-            let spawned = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(command)
-                .env("TIDEMARK_GROUP", &self.group)
-                .env("TIDEMARK_REPLICA", &self.peer.address)
-                .env("TIDEMARK_RPO_SECONDS", format!("{:.3}", status.rpo_seconds))
-                .stdin(std::process::Stdio::null())
-                .spawn();
-            match spawned {
-                Ok(mut child) => {
-                    std::thread::spawn(move || child.wait());
-                }
-                Err(e) => {
-                    tracing::warn!(command, error = %e, "cannot run the alert command")
-                }
+        self.run_alert_command("rpo-alert", status.rpo_seconds);
+    }
+
+    /// Runs `[replication] alert_command`, if one is set, for `alert`
+    /// (`rpo-alert`, `replica-degraded`: the event's name, in
+    /// `TIDEMARK_ALERT`); it is not waited for.
+    fn run_alert_command(&self, alert: &str, rpo_seconds: f64) {
+        let Some(command) = &self.settings.alert_command else {
+            return;
+        };
+        let spawned = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .env("TIDEMARK_ALERT", alert)
+            .env("TIDEMARK_GROUP", &self.group)
+            .env("TIDEMARK_REPLICA", &self.peer.address)
+            .env("TIDEMARK_RPO_SECONDS", format!("{rpo_seconds:.3}"))
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        match spawned {
+            Ok(mut child) => {
+                std::thread::spawn(move || child.wait());
+            }
+            Err(e) => {
+                tracing::warn!(command, error = %e, "cannot run the alert command")
             }
         }
     }

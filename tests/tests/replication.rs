@@ -600,7 +600,12 @@ fn a_broken_link_catches_up_by_journal_then_by_region_hashes() {
 /// once caught up. With `on_replica_down = "block"` writes wait for it.
 #[test]
 fn a_sync_replica_that_goes_away_degrades_then_returns_or_blocks() {
-    let mut sites = Sites::start("sync_timeout = \"2s\"\n");
+    let alerts = tempfile::tempdir().unwrap();
+    let alerted = alerts.path().join("alerts");
+    let mut sites = Sites::start(&format!(
+        "sync_timeout = \"2s\"\nalert_command = \"echo $TIDEMARK_ALERT $TIDEMARK_GROUP >> {}\"\n",
+        alerted.display()
+    ));
     let volume = "down";
     sites.primary.create_volume(volume, "16M", "sync");
     sites.add(volume, "sync");
@@ -617,6 +622,12 @@ fn a_sync_replica_that_goes_away_degrades_then_returns_or_blocks() {
     assert_eq!(r["effective_mode"], "async", "{r}");
     // (Events are recorded beside the write path: wait for it.)
     wait_event(&sites.primary, volume, "replica-degraded", |_| true);
+    // The degradation is an alert: the alert command ran for it.
+    sites
+        .primary
+        .eventually(10, "the alert command for the degradation", || {
+            std::fs::read_to_string(&alerted).is_ok_and(|s| s.contains("replica-degraded down"))
+        });
     // Further writes do not wait.
     let started = Instant::now();
     write_at(&sites.primary, volume, 65536, &[8u8; 65536]);
