@@ -524,6 +524,59 @@ fn a_takeover_after_an_anomaly_promotes_the_point_before_it() {
     assert_eq!(rollback[0]["to_seq"], takeover[0]["seq"], "{rollback:?}");
 }
 
+/// `promote_at = "last-verified"`: the replica takes over at the newest
+/// tag whose verification passed — not at a newer one that failed, nor at
+/// the newest point. Verifications are recorded as records, so they travel.
+#[test]
+fn a_takeover_with_last_verified_promotes_the_newest_tag_that_passed() {
+    let mut sites = Sites::start("auto = true\npromote_at = \"last-verified\"\n");
+    let volume = "lv";
+    sites.primary.create_volume(volume, "8M", "async");
+    sites.add(volume, "async");
+    assert_eq!(write_at(&sites.primary, volume, 0, &[1u8; 65536]), 0);
+    sites.primary.ok(&["tag", "create", volume, "checked"]);
+    sites
+        .primary
+        .ok(&["tag", "verify", volume, "checked", "--command", "true"]);
+    assert_eq!(write_at(&sites.primary, volume, 0, &[2u8; 65536]), 0);
+    sites.primary.ok(&["tag", "create", volume, "broken"]);
+    let out = sites
+        .primary
+        .cli(&["tag", "verify", volume, "broken", "--command", "false"]);
+    assert!(!out.status.success());
+    assert_eq!(write_at(&sites.primary, volume, 0, &[3u8; 65536]), 0);
+    sites.caught_up(volume);
+    sites
+        .replica
+        .eventually(15, "the verifications on the replica", || {
+            let tags = sites.replica.tags(volume);
+            tags.iter()
+                .any(|t| t["name"] == "checked" && t["verified"] == "passed")
+                && tags
+                    .iter()
+                    .any(|t| t["name"] == "broken" && t["verified"] == "failed")
+        });
+    std::thread::sleep(Duration::from_secs(1));
+    sites.primary.kill9();
+    wait_primary(&sites.replica, volume, 30);
+    assert_eq!(
+        read_at(&sites.replica, volume, 0, 65536),
+        vec![1u8; 65536],
+        "not promoted at the last verified tag"
+    );
+    sites.replica.eventually(10, "the takeover event", || {
+        !sites.replica.events(volume, "takeover").is_empty()
+    });
+    let takeover = sites.replica.events(volume, "takeover");
+    assert!(
+        takeover[0]["point"]
+            .as_str()
+            .unwrap()
+            .starts_with("last-verified"),
+        "{takeover:?}"
+    );
+}
+
 /// The replica site's `[failover] heartbeat` is the interval it asks the
 /// primary for: a primary configured to beat every 3 s beats every 100 ms
 /// for a replica whose detector expects that.
