@@ -789,13 +789,13 @@ impl WritePath {
         }
         let inner = &self.inner;
         let (mode, switch) = v.effective_mode(inner.backlog());
-        if mode != IoMode::Async {
-            return None;
-        }
-        if !inner.journal.takes_without_io(len) {
-            return None;
-        }
+        // Recorded before any way out: the controller has switched, and
+        // the write that returns here will not see the switch again.
+        // (An event is a mark, which never waits for the file tier.)
         inner.record_switch(&v, switch);
+        if mode != IoMode::Async || !inner.journal.takes_without_io(len) {
+            return None;
+        }
         let stripes = v.try_lock(offset, len)?;
         if !v.dirty.try_begin(offset, len, false) {
             return None;
@@ -837,10 +837,11 @@ impl WritePath {
             return None;
         }
         let (mode, switch) = v.effective_mode(inner.backlog());
+        // Before any way out, as in `try_write_op`.
+        inner.record_switch(&v, switch);
         if mode == IoMode::Async {
             return None;
         }
-        inner.record_switch(&v, switch);
         let stripes = v.try_lock(offset, len)?;
         if !v.dirty.try_begin(offset, len, true) {
             return None;

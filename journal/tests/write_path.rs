@@ -1039,3 +1039,50 @@ fn a_flush_runs_in_place_only_where_it_cannot_block() {
     );
     s.path.flush("vol").expect("flush where blocking is fine");
 }
+
+/// Every switch the adaptive controller makes is on the timeline — also
+/// one an event loop's write finds first and then hands on to a thread
+/// (`try_write` finding the volume back in sync mode).
+#[test]
+fn an_adaptive_switch_a_try_path_finds_first_is_recorded() {
+    let options = WritePathOptions {
+        adaptive: AdaptiveThresholds {
+            high_latency: Duration::from_millis(40),
+            high_backlog: 1 << 30,
+            low_latency: Duration::from_millis(10),
+            low_backlog: 1 << 20,
+            min_dwell: Duration::from_secs(2),
+        },
+        ..small_regions()
+    };
+    let s = setup(IoMode::Adaptive, 4 << 20, options);
+    let mut rng = rng(9);
+    s.faults.set_write_delay(Duration::from_millis(100));
+    let (offset, data) = random_write(&mut rng);
+    s.path.write("vol", offset, &data, false).expect("write");
+    assert_eq!(s.path.mode("vol").expect("mode").1, IoMode::Async);
+    assert_eq!(s.path.stats("vol").expect("stats").mode_switches, 1);
+    // The journal recovers; the probes see it, within the dwell time.
+    s.faults.set_write_delay(Duration::ZERO);
+    let started = std::time::Instant::now();
+    for _ in 0..30 {
+        s.path.maintain_now().expect("maintenance");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "the probes took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(s.path.stats("vol").expect("stats").mode_switches, 1);
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(started.elapsed()));
+    let (offset, data) = random_write(&mut rng);
+    assert!(
+        s.path.try_write("vol", offset, &data).is_none(),
+        "back in sync mode: the event loop hands the write on"
+    );
+    assert_eq!(
+        s.path.stats("vol").expect("stats").mode_switches,
+        2,
+        "the switch back to sync was lost"
+    );
+}
