@@ -79,6 +79,21 @@ struct Region {
     unsynced: bool,
 }
 
+impl Region {
+    /// Marked, nothing under way in it, and not written during the last
+    /// `min_idle` generations before `flushed_generation`: a cleaning
+    /// that flushed the production volume then may clear it, once the
+    /// journal is durable through its newest record.
+    fn clearable(&self, flushed_generation: u64, min_idle: u64) -> bool {
+        self.marked
+            && self.inflight == 0
+            && self.marking == 0
+            && self.resyncing == 0
+            && !self.unjournaled
+            && self.generation + min_idle <= flushed_generation
+    }
+}
+
 struct State {
     regions: Vec<Region>,
     bitmap: Vec<u8>,
@@ -542,14 +557,10 @@ impl DirtyMap {
     /// flush a cleaning needs first would buy nothing.
     pub fn has_idle_marked(&self, flushed_generation: u64, min_idle: u64) -> bool {
         let state = self.state.lock();
-        state.regions.iter().any(|region| {
-            region.marked
-                && region.inflight == 0
-                && region.marking == 0
-                && region.resyncing == 0
-                && !region.unjournaled
-                && region.generation + min_idle <= flushed_generation
-        })
+        state
+            .regions
+            .iter()
+            .any(|region| region.clearable(flushed_generation, min_idle))
     }
 
     /// Clears every marked region whose changes are all durable in the
@@ -562,14 +573,7 @@ impl DirtyMap {
         let mut cleared = 0;
         for r in 0..state.regions.len() {
             let region = state.regions[r];
-            if region.marked
-                && region.inflight == 0
-                && region.marking == 0
-                && region.resyncing == 0
-                && !region.unjournaled
-                && region.newest_seq <= durable
-                && region.generation + min_idle <= flushed_generation
-            {
+            if region.clearable(flushed_generation, min_idle) && region.newest_seq <= durable {
                 state.set_marked(r, false);
                 cleared += 1;
             }
