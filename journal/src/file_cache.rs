@@ -136,6 +136,11 @@ fn align8(n: u64) -> u64 {
     n.div_ceil(8) * 8
 }
 
+/// Bytes the entry of a `len`-byte record takes in the ring.
+fn entry_size(len: usize) -> u64 {
+    align8(ENTRY_HEADER as u64 + len as u64)
+}
+
 /// Where an entry lies in the ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileEntry {
@@ -537,7 +542,7 @@ impl FileCache {
         {
             return false;
         }
-        let size = align8(ENTRY_HEADER as u64 + len as u64);
+        let size = entry_size(len);
         let need: u64 = self
             .missing_chunks(ring, &self.ranges_written(ring.head, size))
             .iter()
@@ -727,10 +732,9 @@ impl FileCache {
     /// Whether `len` bytes of record fit now with no IO: without moving
     /// the tail on disk, into space already allocated.
     pub fn has_room_now(&self, len: usize) -> bool {
-        let need = align8(ENTRY_HEADER as u64 + len as u64) * 2;
-        let size = align8(ENTRY_HEADER as u64 + len as u64);
+        let size = entry_size(len);
         let ring = self.ring.lock();
-        ring.used + need <= self.capacity
+        ring.used + size * 2 <= self.capacity
             && self
                 .missing_chunks(&ring, &self.ranges_written(ring.head, size))
                 .is_empty()
@@ -739,7 +743,7 @@ impl FileCache {
     /// Waits, until `deadline` (`None`: no waiting), for `len` bytes of
     /// record to fit. True if they fit now.
     pub fn wait_for_room(&self, len: usize, deadline: Option<Instant>) -> bool {
-        let need = align8(ENTRY_HEADER as u64 + len as u64) * 2;
+        let need = entry_size(len) * 2;
         if need > self.capacity {
             // It would never fit: do not wait for it.
             return false;
@@ -791,7 +795,7 @@ impl FileCache {
         encode: impl FnOnce(&mut [u8]),
     ) -> Option<FileEntry> {
         let mut ring = self.ring.lock();
-        let size = align8(ENTRY_HEADER as u64 + len as u64);
+        let size = entry_size(len);
         let (start, waste) = self.placement(ring.head, size);
         // Room for a frame more is kept free, so clearing the magic after
         // the entry never touches the oldest entry in use.
