@@ -61,6 +61,22 @@ fn small_regions() -> WritePathOptions {
     }
 }
 
+/// Small regions and adaptive thresholds far from ordinary fsync
+/// latencies, so a loaded machine running other tests does not trip them;
+/// a switch back to sync waits `min_dwell`.
+fn adaptive_options(min_dwell: Duration) -> WritePathOptions {
+    WritePathOptions {
+        adaptive: AdaptiveThresholds {
+            high_latency: Duration::from_millis(40),
+            high_backlog: 1 << 30,
+            low_latency: Duration::from_millis(10),
+            low_backlog: 1 << 20,
+            min_dwell,
+        },
+        ..small_regions()
+    }
+}
+
 /// Whether the production volume and the journal's newest point are
 /// identical.
 fn production_equals_journal(path: &WritePath) -> bool {
@@ -178,19 +194,11 @@ fn async_writes_beyond_the_cache_are_resynced_from_production() {
 
 #[test]
 fn adaptive_goes_async_while_the_journal_is_slow_and_back_once_it_recovers() {
-    let options = WritePathOptions {
-        // Far from ordinary fsync latencies, so a loaded machine running
-        // other tests does not trip them.
-        adaptive: AdaptiveThresholds {
-            high_latency: Duration::from_millis(40),
-            high_backlog: 1 << 30,
-            low_latency: Duration::from_millis(10),
-            low_backlog: 1 << 20,
-            min_dwell: Duration::from_millis(300),
-        },
-        ..small_regions()
-    };
-    let s = setup(IoMode::Adaptive, 4 << 20, options);
+    let s = setup(
+        IoMode::Adaptive,
+        4 << 20,
+        adaptive_options(Duration::from_millis(300)),
+    );
     let mut rng = rng(3);
     assert_eq!(
         s.path.mode("vol").expect("mode"),
@@ -1045,17 +1053,11 @@ fn a_flush_runs_in_place_only_where_it_cannot_block() {
 /// (`try_write` finding the volume back in sync mode).
 #[test]
 fn an_adaptive_switch_a_try_path_finds_first_is_recorded() {
-    let options = WritePathOptions {
-        adaptive: AdaptiveThresholds {
-            high_latency: Duration::from_millis(40),
-            high_backlog: 1 << 30,
-            low_latency: Duration::from_millis(10),
-            low_backlog: 1 << 20,
-            min_dwell: Duration::from_secs(2),
-        },
-        ..small_regions()
-    };
-    let s = setup(IoMode::Adaptive, 4 << 20, options);
+    let s = setup(
+        IoMode::Adaptive,
+        4 << 20,
+        adaptive_options(Duration::from_secs(2)),
+    );
     let mut rng = rng(9);
     s.faults.set_write_delay(Duration::from_millis(100));
     let (offset, data) = random_write(&mut rng);
