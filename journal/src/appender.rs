@@ -47,10 +47,17 @@ pub struct AlignedBuf {
     len: usize,
 }
 
+/// Where the first `IO_ALIGN` address in `buf` is (at most `IO_ALIGN` in:
+/// a buffer with that much slack always holds one). A vector's heap block
+/// never moves, so the answer holds for the vector's life.
+pub(crate) fn aligned_start(buf: &[u8]) -> usize {
+    buf.as_ptr().align_offset(IO_ALIGN).min(IO_ALIGN)
+}
+
 impl AlignedBuf {
     pub(crate) fn new(len: usize) -> Self {
         let raw = vec![0u8; len + IO_ALIGN];
-        let start = raw.as_ptr().align_offset(IO_ALIGN).min(IO_ALIGN);
+        let start = aligned_start(&raw);
         AlignedBuf { raw, start, len }
     }
 

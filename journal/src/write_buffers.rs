@@ -85,10 +85,9 @@ impl WriteBuffers {
             }
             None => vec![0u8; class.map_or_else(|| raw_len(len), |c| raw_len(class_len(c)))],
         };
-        // A vector's heap block never moves, so the offset found once
-        // holds for the buffer's life (and again when it is reused).
+        // (Found again when the buffer is reused: the same answer.)
         let start = if bytes.len() > len && len >= ALIGNED_FROM {
-            bytes.as_ptr().align_offset(IO_ALIGN).min(IO_ALIGN)
+            crate::appender::aligned_start(&bytes)
         } else {
             0
         };
