@@ -7,7 +7,8 @@
 //! commands against it, and kills or restarts it. Tests that need a tool
 //! or kernel feature the machine lacks call [`require`] and skip with a
 //! printed reason. [`proxy::Proxy`] stands between two sites and breaks
-//! their link on demand; [`etcd::Etcd`] and [`s3::Moto`] are real etcd and
+//! their link on demand; [`forged::ForgedPrimary`] sends a replica site
+//! records by hand; [`etcd::Etcd`] and [`s3::Moto`] are real etcd and
 //! S3-compatible servers on their own ports; [`browser::Browser`] is a
 //! headless Chromium for the console.
 
@@ -16,6 +17,7 @@
 pub mod browser;
 pub mod etcd;
 pub mod ext4;
+pub mod forged;
 pub mod proxy;
 pub mod s3;
 

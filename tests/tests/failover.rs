@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
+use tidemark_tests::forged::{records as batch, stream, ForgedPrimary};
 use tidemark_tests::proxy::Proxy;
 use tidemark_tests::raw_nbd::Conn;
 use tidemark_tests::{tail, write_load, Daemon, TEST_CONFIG};
@@ -444,6 +445,43 @@ fn a_manual_takeover_at_a_tag_promotes_that_point() {
     // The new primary takes writes on top of that point.
     assert_eq!(write_at(&sites.replica, volume, 65536, &[3u8; 4096]), 0);
     assert_eq!(read_at(&sites.replica, volume, 0, 65536), vec![1u8; 65536]);
+}
+
+/// In async mode what the old primary journalled but never shipped is
+/// lost to the new primary, and the takeover event says how much: here a
+/// primary of the test's own says it holds seq 10 and ships 1..=3 before
+/// it goes silent.
+#[test]
+fn a_takeover_names_what_the_old_primary_never_shipped() {
+    let replica = Daemon::with_config(&replica_config(""));
+    let volume = "behind";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let primary = ForgedPrimary::new(volume, 1 << 20, 0);
+        let records = primary.writes(3);
+        let (replies, ended) =
+            stream(&replica, vec![primary.hello(0, 10), batch(0, &records)]).await;
+        assert!(ended.is_none(), "{ended:?}");
+        assert!(
+            replies.iter().any(|r| r.contains("durable_seq: 3")),
+            "{replies:?}"
+        );
+    });
+    let promoted = replica.json(&["failover", volume, "--json"]);
+    assert_eq!(promoted["epoch"], 1, "{promoted}");
+    let takeover = replica.events(volume, "takeover");
+    assert_eq!(takeover.len(), 1, "{takeover:?}");
+    assert_eq!(takeover[0]["newest_seq"], 3, "{takeover:?}");
+    assert_eq!(takeover[0]["old_primary_last_seq"], 10, "{takeover:?}");
+    assert_eq!(takeover[0]["lost"]["from"], 4, "{takeover:?}");
+    assert_eq!(takeover[0]["lost"]["to"], 10, "{takeover:?}");
+    // What did arrive is the new primary's volume.
+    for i in 0..3u8 {
+        assert_eq!(
+            read_at(&replica, volume, u64::from(i) * 4096, 4096),
+            vec![i + 1; 4096]
+        );
+    }
 }
 
 /// `promote_at = "before-anomaly"`: random bytes written over the

@@ -344,6 +344,9 @@ impl Registry {
             group.replica.store(false, Ordering::SeqCst);
             self.persist_catalog()?;
         }
+        // What the old primary had that never arrived (async modes): the
+        // newest seq it last said it had, read before the watch on it ends.
+        let primary_newest = self.failover.monitor.primary_newest(&group.name);
         self.failover.monitor.forget(&group.name);
         for (volume, report) in &rolled_back {
             if let Err(e) = super::rollback::record(self, volume, report) {
@@ -351,8 +354,6 @@ impl Registry {
             }
         }
         self.failover.takeovers.fetch_add(1, Ordering::SeqCst);
-        // What the old primary had that never arrived (async modes).
-        let primary_newest = self.failover.monitor.primary_newest(&group.name);
         let lost = primary_newest
             .filter(|&p| p > newest)
             .map(|p| serde_json::json!({"from": newest + 1, "to": p}));
