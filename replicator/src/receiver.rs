@@ -233,7 +233,7 @@ async fn apply(
                     }
                     let seq = *durable.borrow();
                     if journal.rebasing().is_none()
-                        && !answer(out, Reply::Ack(reply::Ack { durable_seq: seq, sent_ns: 0 })).await
+                        && !answer(out, ack(journal, seq, 0)).await
                     {
                         return Ok(());
                     }
@@ -247,12 +247,49 @@ async fn apply(
     outcome
 }
 
+fn ack(journal: &Journal, durable_seq: Seq, sent_ns: i64) -> Reply {
+    Reply::Ack(reply::Ack {
+        durable_seq,
+        sent_ns,
+        epoch: journal.epoch(),
+    })
+}
+
+/// Every message after the hello carries the stream's epoch (records carry
+/// their own, checked where they are applied): one of another epoch is not
+/// of this stream's primary, and a site that moved past it (promoted while
+/// the stream was open) takes nothing more from it.
+fn check_epoch(journal: &Journal, stream_epoch: u64, message: &Message) -> Result<(), String> {
+    let (what, epoch) = match message {
+        Message::Hello(_) | Message::Records(_) => return Ok(()),
+        Message::Rebase(m) => ("a rebase", m.epoch),
+        Message::Region(m) => ("a region", m.epoch),
+        Message::RebaseDone(m) => ("the end of a rebase", m.epoch),
+        Message::Heartbeat(m) => ("a heartbeat", m.epoch),
+    };
+    if epoch != stream_epoch {
+        return Err(format!(
+            "{what} of epoch {epoch} on a stream of group {} opened at epoch {stream_epoch}",
+            journal.group()
+        ));
+    }
+    if journal.epoch() > epoch {
+        return Err(format!(
+            "group {} is at epoch {} here, newer than {what}'s {epoch}",
+            journal.group(),
+            journal.epoch()
+        ));
+    }
+    Ok(())
+}
+
 async fn handle(
     journal: &Journal,
     stream_epoch: u64,
     message: Message,
     out: &Replies,
 ) -> Result<(), Status> {
+    check_epoch(journal, stream_epoch, &message).map_err(refuse)?;
     match message {
         Message::Hello(_) => Err(Status::invalid_argument("a second hello on one stream")),
         Message::Records(records) => {
@@ -288,14 +325,7 @@ async fn handle(
         Message::Heartbeat(beat) => {
             let seq = journal.history().newest_seq;
             if journal.rebasing().is_none() {
-                answer(
-                    out,
-                    Reply::Ack(reply::Ack {
-                        durable_seq: seq,
-                        sent_ns: beat.sent_ns,
-                    }),
-                )
-                .await;
+                answer(out, ack(journal, seq, beat.sent_ns)).await;
             }
             Ok(())
         }

@@ -797,6 +797,7 @@ impl ShipperShared {
                 horizon_seq: horizon,
                 horizon_ns: time.as_nanos(),
                 region_size: REGION as u32,
+                epoch: self.journal.epoch(),
             }),
         )
         .await?;
@@ -856,6 +857,7 @@ impl ShipperShared {
                         zero: true,
                         crc32c: 0,
                         length: len as u64,
+                        epoch: self.journal.epoch(),
                     }
                 } else {
                     sent += data.len() as u64;
@@ -866,13 +868,20 @@ impl ShipperShared {
                         length: data.len() as u64,
                         data,
                         zero: false,
+                        epoch: self.journal.epoch(),
                     }
                 };
                 differing += 1;
                 send(out, Message::Region(region)).await?;
             }
         }
-        send(out, Message::RebaseDone(msg::RebaseDone {})).await?;
+        send(
+            out,
+            Message::RebaseDone(msg::RebaseDone {
+                epoch: self.journal.epoch(),
+            }),
+        )
+        .await?;
         let done = match next_reply(inbound, stop).await? {
             Reply::Position(p) => p,
             other => {
@@ -1035,6 +1044,14 @@ impl ShipperShared {
                 _ = durable.changed() => {}
                 reply = inbound.message() => match reply {
                     Ok(Some(pb::ReplicationReply { reply: Some(Reply::Ack(ack)) })) => {
+                        if ack.epoch > self.journal.epoch() {
+                            // Promoted there: the refusal of the next hello
+                            // carries its history, and this site demotes.
+                            return End::Failed(format!(
+                                "the replica's copy of group {} is at epoch {}, newer than this site's {}",
+                                self.group, ack.epoch, self.journal.epoch()
+                            ));
+                        }
                         self.acked_to(ack.durable_seq, None);
                         self.adapt();
                     }
@@ -1050,6 +1067,7 @@ impl ShipperShared {
                         newest_seq: history.newest_seq,
                         newest_ns: history.newest_time.as_nanos(),
                         sent_ns: Timestamp::now().as_nanos(),
+                        epoch: self.journal.epoch(),
                     });
                     if let Err(e) = send(&out, message).await {
                         return e;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
+use tidemark_tests::forged::{heartbeat, records as batch, stream, ForgedPrimary};
 use tidemark_tests::proxy::Proxy;
 use tidemark_tests::raw_nbd::Conn;
 use tidemark_tests::{require, run, tail, write_load, Daemon, TEST_CONFIG};
@@ -720,90 +721,14 @@ fn bad_peers_and_bad_records_are_refused_and_both_sites_keep_serving() {
     // Records made by a journal of this test's own, sent by hand.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = tidemark_journal::Journal::open(
-            &dir.path().join("journal"),
-            tidemark_journal::JournalOptions {
-                group: "forged".into(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let info = journal.create_volume("forged", 1 << 20).unwrap();
-        journal.set_epoch(5).unwrap();
-        for i in 0..3u8 {
-            journal
-                .append(
-                    info.id,
-                    tidemark_journal::Change::Write {
-                        offset: u64::from(i) * 4096,
-                        data: &[i + 1; 4096],
-                    },
-                )
-                .unwrap()
-                .wait()
-                .unwrap();
-        }
-        let records = journal.read_raw(1, None, 1 << 20).unwrap().records;
+        let forged = ForgedPrimary::new("forged", 1 << 20, 5);
+        let records = forged.writes(3);
         assert_eq!(records.len(), 3);
-        let hello = |epoch: u64| tidemark_proto::v1::ReplicationMessage {
-            message: Some(tidemark_proto::v1::replication_message::Message::Hello(
-                tidemark_proto::v1::replication_message::Hello {
-                    group: "forged".into(),
-                    volumes: vec![tidemark_proto::v1::ReplicatedVolume {
-                        id: info.id,
-                        name: info.name.clone(),
-                        size: info.size,
-                    }],
-                    epoch,
-                    horizon_seq: 0,
-                    horizon_ns: journal.history().horizon_time.as_nanos(),
-                    newest_seq: 3,
-                    source_id: journal.group_id(),
-                    version: 1,
-                    epochs: Vec::new(),
-                },
-            )),
-        };
-        let records_message = |prev: u64, records: &[tidemark_journal::RawRecord]| {
-            tidemark_proto::v1::ReplicationMessage {
-                message: Some(tidemark_proto::v1::replication_message::Message::Records(
-                    tidemark_replicator::wire::pack(prev, records).unwrap(),
-                )),
-            }
-        };
-        // Opens a stream, sends `messages`, returns the replies and how it ended.
-        let stream = |messages: Vec<tidemark_proto::v1::ReplicationMessage>| {
-            let replica = &sites.replica;
-            async move {
-                let mut client = replica.grpc_client().await;
-                let (tx, rx) = tokio::sync::mpsc::channel(16);
-                for m in messages {
-                    tx.send(m).await.unwrap();
-                }
-                let call = client
-                    .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await;
-                let mut inbound = match call {
-                    Ok(r) => r.into_inner(),
-                    Err(status) => return (Vec::new(), Some(status.message().to_string())),
-                };
-                let mut replies = Vec::new();
-                let ended = loop {
-                    match tokio::time::timeout(Duration::from_secs(3), inbound.message()).await {
-                        Ok(Ok(Some(reply))) => replies.push(format!("{reply:?}")),
-                        Ok(Ok(None)) => break None,
-                        Ok(Err(status)) => break Some(status.message().to_string()),
-                        Err(_) => break None,
-                    }
-                };
-                drop(tx);
-                (replies, ended)
-            }
-        };
+        let hello = |epoch: u64| forged.hello(epoch, 3);
+        let site = &sites.replica;
 
         // The first record, good: applied and acknowledged.
-        let (replies, ended) = stream(vec![hello(5), records_message(0, &records[..1])]).await;
+        let (replies, ended) = stream(site, vec![hello(5), batch(0, &records[..1])]).await;
         assert!(ended.is_none(), "a good record was refused: {ended:?}");
         assert!(
             replies
@@ -815,24 +740,38 @@ fn bad_peers_and_bad_records_are_refused_and_both_sites_keep_serving() {
         let mut damaged = records[1..2].to_vec();
         let last = damaged[0].bytes.len() - 1;
         damaged[0].bytes[last] ^= 1;
-        let (_, ended) = stream(vec![hello(5), records_message(1, &damaged)]).await;
+        let (_, ended) = stream(site, vec![hello(5), batch(1, &damaged)]).await;
         let why = ended.expect("a damaged record must be refused");
         assert!(why.contains("CRC") || why.contains("verify"), "{why}");
         // A gap: the third without the second.
-        let (_, ended) = stream(vec![hello(5), records_message(2, &records[2..])]).await;
+        let (_, ended) = stream(site, vec![hello(5), batch(2, &records[2..])]).await;
         let why = ended.expect("a record after a gap must be refused");
         assert!(why.contains("follow"), "{why}");
         // An older epoch than the replica has seen.
-        let (_, ended) = stream(vec![hello(3), records_message(1, &records[1..])]).await;
+        let (_, ended) = stream(site, vec![hello(3), batch(1, &records[1..])]).await;
         let why = ended.expect("an older epoch must be refused");
         assert!(why.contains("epoch"), "{why}");
         // The stream goes on where it stood.
-        let (replies, ended) = stream(vec![hello(5), records_message(1, &records[1..])]).await;
+        let (replies, ended) = stream(site, vec![hello(5), batch(1, &records[1..])]).await;
         assert!(ended.is_none(), "{ended:?}");
         assert!(
             replies.iter().any(|r| r.contains("durable_seq: 3")),
             "{replies:?}"
         );
+        // Every message carries the stream's epoch: a heartbeat of the
+        // stream's is answered with the replica's epoch, one of another
+        // epoch ends the stream.
+        let (replies, ended) = stream(site, vec![hello(5), heartbeat(5, 3)]).await;
+        assert!(ended.is_none(), "{ended:?}");
+        assert!(
+            replies
+                .iter()
+                .any(|r| r.contains("Ack") && r.contains("sent_ns: 1") && r.contains("epoch: 5")),
+            "{replies:?}"
+        );
+        let (_, ended) = stream(site, vec![hello(5), heartbeat(4, 3)]).await;
+        let why = ended.expect("a heartbeat of another epoch must be refused");
+        assert!(why.contains("heartbeat of epoch 4"), "{why}");
     });
     let forged = sites.replica.path("forged.img");
     run(
