@@ -47,13 +47,17 @@ impl tonic::service::Interceptor for Token {
 pub type Client = TidemarkClient<InterceptedService<Channel, Token>>;
 
 /// An error with its causes, for messages (transport errors hide the
-/// useful part in a source).
+/// useful part in a source; a cause that repeats what was said is left
+/// out).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
         source = cause.source();
     }
     text
@@ -86,10 +90,15 @@ pub async fn connect(peer: &Peer) -> Result<Client, String> {
     let token = format!("Bearer {}", peer.token)
         .parse()
         .map_err(|_| format!("the token for {} cannot travel in a header", peer.address))?;
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach {}: {}", peer.address, error_chain(&e)))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        let why = error_chain(&e);
+        let hint = if why.contains("certificate") {
+            " (--ca F names the CA that signed that site's certificate)"
+        } else {
+            ""
+        };
+        format!("cannot reach {}: {why}{hint}", peer.address)
+    })?;
     Ok(TidemarkClient::with_interceptor(channel, Token(token))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))

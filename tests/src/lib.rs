@@ -26,6 +26,45 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// A self-signed certificate for 127.0.0.1 made with openssl, as
+/// (certificate, key) in `dir`; `None` (the reason printed) without
+/// openssl.
+pub fn self_signed_certificate(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    if !require("openssl", "a TLS test") {
+        return None;
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tidemark-test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            // An end-entity certificate that the client trusts directly.
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+            "-keyout",
+            &key.display().to_string(),
+            "-out",
+            &cert.display().to_string(),
+        ],
+    );
+    Some((cert, key))
+}
+
 /// The `tidemark` binary built with the tests.
 pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -141,6 +180,9 @@ pub struct Daemon {
     pub http: String,
     config: String,
     log: PathBuf,
+    /// The CA its CLI commands trust (`TIDEMARK_CA`), for a daemon that
+    /// speaks TLS.
+    ca: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -169,6 +211,7 @@ impl Daemon {
             grpc: String::new(),
             http: String::new(),
             config: config.to_string(),
+            ca: None,
         };
         prepare(daemon.dir.path());
         daemon.launch();
@@ -251,7 +294,18 @@ impl Daemon {
             .env("TIDEMARK_TOKEN_FILE", self.token_file())
             .env_remove("TIDEMARK_TOKEN")
             .stdin(Stdio::null());
+        match &self.ca {
+            Some(ca) => command.env("TIDEMARK_CA", ca),
+            None => command.env_remove("TIDEMARK_CA"),
+        };
         command
+    }
+
+    /// CLI commands trust `ca` from now on (a daemon whose `[api]` has a
+    /// certificate).
+    pub fn trusting(mut self, ca: &Path) -> Daemon {
+        self.ca = Some(ca.to_path_buf());
+        self
     }
 
     /// A gRPC client of this daemon that presents its token.

@@ -47,7 +47,10 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         let address = listener.local_addr().expect("proxy address").to_string();
         let state = Arc::new(State::default());
-        *state.upstream.lock() = upstream.trim_start_matches("http://").to_string();
+        *state.upstream.lock() = upstream
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_string();
         let accepting = state.clone();
         std::thread::spawn(move || accept(listener, accepting));
         Proxy { address, state }
@@ -55,7 +58,10 @@ impl Proxy {
 
     /// Forwards to `upstream` from the next connection on.
     pub fn set_upstream(&self, upstream: &str) {
-        *self.state.upstream.lock() = upstream.trim_start_matches("http://").to_string();
+        *self.state.upstream.lock() = upstream
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_string();
     }
 
     /// Drops the link: severs every connection, refuses new ones.

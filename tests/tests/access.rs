@@ -197,46 +197,10 @@ fn a_configured_token_file_is_used_and_must_exist() {
     assert!(stderr.contains("absent"), "{stderr}");
 }
 
-/// A self-signed certificate for 127.0.0.1, made with openssl.
-fn certificate(dir: &std::path::Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-    if !tidemark_tests::require("openssl", "the TLS test") {
-        return None;
-    }
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    tidemark_tests::run(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=tidemark-test",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            // An end-entity certificate that the client trusts directly.
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-addext",
-            "extendedKeyUsage=serverAuth",
-            "-keyout",
-            &key.display().to_string(),
-            "-out",
-            &cert.display().to_string(),
-        ],
-    );
-    Some((cert, key))
-}
-
 #[test]
 fn with_a_certificate_the_api_speaks_tls() {
     let certs = tempfile::tempdir().unwrap();
-    let Some((cert, key)) = certificate(certs.path()) else {
+    let Some((cert, key)) = tidemark_tests::self_signed_certificate(certs.path()) else {
         return;
     };
     let d = Daemon::with_config(&format!(

@@ -171,7 +171,8 @@ pub enum ArchiveCommand {
 #[derive(Debug, Subcommand)]
 pub enum ReplicaCommand {
     /// Replicate a volume (its whole consistency group) to the daemon at
-    /// ADDR. `--ca F` (the global flag) is the replica site's CA here.
+    /// ADDR. `--ca F` (the global flag) is the replica site's CA here;
+    /// this site's own, if it speaks TLS, is then in TIDEMARK_CA.
     Add {
         /// The volume.
         volume: String,

@@ -75,6 +75,20 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// The CAs to trust: `--ca`, and `TIDEMARK_CA` as well when the command
+    /// line names another — `replica add --ca F` names the replica site's
+    /// CA, while this site's may be in the environment.
+    fn cas(&self) -> Vec<std::path::PathBuf> {
+        let mut cas: Vec<std::path::PathBuf> = self.ca.iter().cloned().collect();
+        if let Some(env) = std::env::var_os("TIDEMARK_CA").filter(|v| !v.is_empty()) {
+            let env = std::path::PathBuf::from(env);
+            if !cas.contains(&env) {
+                cas.push(env);
+            }
+        }
+        cas
+    }
+
     /// The token to present: `--token` / `TIDEMARK_TOKEN`, else the file
     /// `TIDEMARK_TOKEN_FILE` names, else `./tidemark-data/api.token` if it
     /// exists; `None` sends none (and the daemon says so).
@@ -133,8 +147,8 @@ async fn connect(connection: &Connection) -> Result<Client, Failure> {
         .connect_timeout(std::time::Duration::from_secs(5));
     if uri.starts_with("https://") {
         let mut tls = tonic::transport::ClientTlsConfig::new();
-        if let Some(ca) = &connection.ca {
-            let pem = std::fs::read(ca).map_err(|e| Failure {
+        for ca in connection.cas() {
+            let pem = std::fs::read(&ca).map_err(|e| Failure {
                 code: 1,
                 message: format!("cannot read the CA certificate {}: {e}", ca.display()),
             })?;
