@@ -26,7 +26,7 @@ use super::index::{
     BaseEntry, BaseManifest, BaseVolume, EpochEntry, GapEntry, GroupIndex, SegmentEntry, TagEntry,
     VolumeEntry, BASE_FORMAT, INDEX_FORMAT,
 };
-use super::layout::{self, SegmentHeader, CHUNK_SIZE};
+use super::layout::{self, MapEntry, SegmentHeader, CHUNK_SIZE};
 use super::store::ObjectStore;
 
 /// The journal hold the archiver keeps.
@@ -639,10 +639,26 @@ async fn upload_segment(shared: &Arc<Shared>, state: &mut State) -> Result<bool>
         count: chosen.len() as u32,
     };
     let mut body = Vec::with_capacity(bytes);
+    let mut map = Vec::new();
     for record in chosen {
+        let h = &record.header;
+        let zero = matches!(h.kind, RecordKind::Zero | RecordKind::Trim);
+        if (zero || h.kind == RecordKind::Write) && h.length > 0 {
+            map.push(MapEntry {
+                seq: h.seq,
+                volume: h.volume,
+                zero,
+                offset: h.offset,
+                length: h.length,
+                pos: body.len() as u64,
+                len: record.bytes.len() as u32,
+            });
+        }
         body.extend_from_slice(&record.bytes);
     }
-    let object = layout::encode_segment(&header, &body);
+    let map = layout::encode_map(&map);
+    let map_len = map.len() as u64;
+    let object = layout::encode_segment(&header, &body, &map);
     let key = layout::segment_key(&shared.group, epoch, header.first_seq, header.last_seq);
     let size = object.len() as u64;
     shared.store.put(&key, object).await?;
@@ -681,6 +697,7 @@ async fn upload_segment(shared: &Arc<Shared>, state: &mut State) -> Result<bool>
         first_ns: header.first_ns,
         last_ns: header.last_ns,
         bytes: size,
+        map_len,
     });
     index.archived_seq = header.last_seq;
     index.archived_ns = header.last_ns;

@@ -47,6 +47,14 @@ pub struct SegmentEntry {
     pub last_ns: i64,
     /// Object size.
     pub bytes: u64,
+    /// Bytes of the record map at the object's end (0: none, an object
+    /// written before maps were).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub map_len: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One base version.

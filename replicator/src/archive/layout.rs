@@ -5,8 +5,10 @@
 //! - `segments/FIRST-LAST.eEPOCH.tdseg` — journal records `FIRST..=LAST`
 //!   of one epoch, exactly as the segments hold them, behind a header with
 //!   the seq before them (so a chain's contiguity can be checked) and a
-//!   checksum of the body. Immutable: the epoch in the name keeps two
-//!   writers (an old primary and the site that took over) apart.
+//!   checksum of the body, and a map of where each record lies in it (so a
+//!   view fetches one record with a ranged GET). Immutable: the epoch in
+//!   the name keeps two writers (an old primary and the site that took
+//!   over) apart.
 //! - `chunks/BLAKE3` — a 4 MiB piece of a base image, named by the BLAKE3
 //!   of its bytes, so an unchanged chunk is uploaded once.
 //! - `bases/SEQ.eEPOCH.json` — a base version: every volume of the group
@@ -101,9 +103,89 @@ pub struct SegmentHeader {
     pub count: u32,
 }
 
-/// Frames `records` (encoded back to back, as segments hold them).
-pub fn encode_segment(header: &SegmentHeader, records: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(SEGMENT_HEADER_LEN + records.len());
+/// One record of a segment object that changes a volume's bytes, as the
+/// object's map lists it: where it lies in the body, so a reader fetches
+/// it alone with a ranged GET.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Its seq.
+    pub seq: u64,
+    /// The volume it changes.
+    pub volume: u32,
+    /// Zeros (a zero or trim record) rather than bytes (a write).
+    pub zero: bool,
+    /// The volume range it covers.
+    pub offset: u64,
+    /// Bytes of the volume it covers.
+    pub length: u64,
+    /// Where the encoded record starts in the body.
+    pub pos: u64,
+    /// Bytes of the encoded record.
+    pub len: u32,
+}
+
+const MAP_MAGIC: &[u8; 8] = b"TDMKSMAP";
+const MAP_HEADER_LEN: usize = 16;
+const MAP_ENTRY_LEN: usize = 48;
+
+/// Encodes a segment object's map: a 16-byte header (magic, count, CRC of
+/// the entries), then 48 bytes per entry.
+pub fn encode_map(entries: &[MapEntry]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(entries.len() * MAP_ENTRY_LEN);
+    for e in entries {
+        for v in [e.seq, e.offset, e.length, e.pos] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        body.extend_from_slice(&e.len.to_le_bytes());
+        body.extend_from_slice(&e.volume.to_le_bytes());
+        body.extend_from_slice(&u32::from(e.zero).to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+    }
+    let mut out = Vec::with_capacity(MAP_HEADER_LEN + body.len());
+    out.extend_from_slice(MAP_MAGIC);
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Checks and decodes the map of segment object `key`.
+pub fn decode_map(key: &str, bytes: &[u8]) -> Result<Vec<MapEntry>> {
+    if bytes.len() < MAP_HEADER_LEN || &bytes[..8] != MAP_MAGIC {
+        return Err(corrupt(key, "its record map is not a tidemark map"));
+    }
+    let count = le_u32(bytes, 8) as usize;
+    let body = &bytes[MAP_HEADER_LEN..];
+    if body.len() != count * MAP_ENTRY_LEN {
+        return Err(corrupt(
+            key,
+            format!(
+                "its record map holds {} bytes for {count} entries",
+                body.len()
+            ),
+        ));
+    }
+    if crc32c::crc32c(body) != le_u32(bytes, 12) {
+        return Err(corrupt(key, "its record map fails its CRC32C"));
+    }
+    Ok(body
+        .chunks_exact(MAP_ENTRY_LEN)
+        .map(|e| MapEntry {
+            seq: le_u64(e, 0),
+            offset: le_u64(e, 8),
+            length: le_u64(e, 16),
+            pos: le_u64(e, 24),
+            len: le_u32(e, 32),
+            volume: le_u32(e, 36),
+            zero: le_u32(e, 40) != 0,
+        })
+        .collect())
+}
+
+/// Frames `records` (encoded back to back, as segments hold them),
+/// followed by `map` (encoded with [`encode_map`]; empty: none).
+pub fn encode_segment(header: &SegmentHeader, records: &[u8], map: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(SEGMENT_HEADER_LEN + records.len() + map.len());
     out.extend_from_slice(SEGMENT_MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&(SEGMENT_HEADER_LEN as u32).to_le_bytes());
@@ -121,10 +203,11 @@ pub fn encode_segment(header: &SegmentHeader, records: &[u8]) -> Bytes {
     out.extend_from_slice(&header.count.to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(records).to_le_bytes());
     out.extend_from_slice(&(records.len() as u64).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(map.len() as u32).to_le_bytes());
     let crc = crc32c::crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(records);
+    out.extend_from_slice(map);
     Bytes::from(out)
 }
 
@@ -163,12 +246,19 @@ pub fn decode_segment<'a>(key: &str, bytes: &'a [u8]) -> Result<(SegmentHeader, 
         count: le_u32(bytes, 72),
     };
     let body_len = le_u64(bytes, 80);
-    let body = &bytes[SEGMENT_HEADER_LEN..];
-    if body.len() as u64 != body_len {
+    let map_len = u64::from(le_u32(bytes, 88));
+    let rest = (bytes.len() - SEGMENT_HEADER_LEN) as u64;
+    if rest != body_len + map_len {
         return Err(corrupt(
             key,
-            format!("body is {} bytes, header says {body_len}", body.len()),
+            format!(
+                "{rest} bytes follow the header, it says {body_len} of records and {map_len} of map"
+            ),
         ));
+    }
+    let body = &bytes[SEGMENT_HEADER_LEN..SEGMENT_HEADER_LEN + body_len as usize];
+    if map_len > 0 {
+        decode_map(key, &bytes[SEGMENT_HEADER_LEN + body_len as usize..])?;
     }
     if crc32c::crc32c(body) != le_u32(bytes, 76) {
         return Err(corrupt(key, "body fails its CRC32C"));
@@ -306,9 +396,40 @@ mod tests {
             last_ns: 300,
             count: 3,
         };
-        let object = encode_segment(&header, b"records");
+        let map = vec![
+            MapEntry {
+                seq: 10,
+                volume: 1,
+                zero: false,
+                offset: 8192,
+                length: 4096,
+                pos: 0,
+                len: 3,
+            },
+            MapEntry {
+                seq: 12,
+                volume: 2,
+                zero: true,
+                offset: 0,
+                length: 1 << 40,
+                pos: 3,
+                len: 4,
+            },
+        ];
+        let encoded = encode_map(&map);
+        let object = encode_segment(&header, b"records", &encoded);
         let (back, body) = decode_segment("k", &object).unwrap();
         assert_eq!((back, body), (header, &b"records"[..]));
+        let tail = &object[object.len() - encoded.len()..];
+        assert_eq!(decode_map("k", tail).unwrap(), map);
+        let mut bad = tail.to_vec();
+        bad[20] ^= 1;
+        assert!(decode_map("k", &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("CRC"));
+        let plain = encode_segment(&header, b"records", b"");
+        assert_eq!(decode_segment("k", &plain).unwrap().1, &b"records"[..]);
         let mut bad = object.to_vec();
         *bad.last_mut().unwrap() ^= 1;
         assert!(decode_segment("k", &bad)

@@ -186,6 +186,39 @@ impl S3Store {
         }
         result
     }
+
+    /// GetObject of `key`, whole or of `range` (an HTTP Range value).
+    async fn fetch(&self, key: &str, range: Option<String>) -> Result<Bytes> {
+        let got = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .set_range(range)
+            .send()
+            .await;
+        let got = match got {
+            Ok(got) => got,
+            Err(e) => {
+                let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                    || e.raw_response().is_some_and(|r| r.status().as_u16() == 404);
+                if missing {
+                    return Err(ArchiveError::NotFound {
+                        location: self.location(),
+                        key: key.to_string(),
+                    });
+                }
+                return Err(self.failed("GetObject", key, e));
+            }
+        };
+        let body = got.body.collect().await.map_err(|e| ArchiveError::Store {
+            location: self.location(),
+            op: "GetObject",
+            key: key.to_string(),
+            detail: format!("reading the body: {e}"),
+        })?;
+        Ok(body.into_bytes())
+    }
 }
 
 #[async_trait]
@@ -210,34 +243,15 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes> {
-        let got = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key))
-            .send()
-            .await;
-        let got = match got {
-            Ok(got) => got,
-            Err(e) => {
-                let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
-                    || e.raw_response().is_some_and(|r| r.status().as_u16() == 404);
-                if missing {
-                    return Err(ArchiveError::NotFound {
-                        location: self.location(),
-                        key: key.to_string(),
-                    });
-                }
-                return Err(self.failed("GetObject", key, e));
-            }
-        };
-        let body = got.body.collect().await.map_err(|e| ArchiveError::Store {
-            location: self.location(),
-            op: "GetObject",
-            key: key.to_string(),
-            detail: format!("reading the body: {e}"),
-        })?;
-        Ok(body.into_bytes())
+        self.fetch(key, None).await
+    }
+
+    async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let last = start.saturating_add(len) - 1;
+        self.fetch(key, Some(format!("bytes={start}-{last}"))).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {

@@ -37,6 +37,9 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     async fn put(&self, key: &str, body: Bytes) -> Result<()>;
     /// The whole object `key` ([`ArchiveError::NotFound`] when absent).
     async fn get(&self, key: &str) -> Result<Bytes>;
+    /// `len` bytes of object `key` from byte `start` (fewer where the
+    /// object ends first).
+    async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes>;
     /// Every object whose key starts with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
     /// The names of the "directories" right below `prefix` (which ends
@@ -162,6 +165,26 @@ impl ObjectStore for LocalStore {
         }
     }
 
+    async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let path = self.path(key)?;
+        let read = tokio::task::block_in_place(|| {
+            let file = std::fs::File::open(&path)?;
+            let end = file.metadata()?.len().min(start.saturating_add(len));
+            let mut buf = vec![0u8; end.saturating_sub(start) as usize];
+            file.read_exact_at(&mut buf, start)?;
+            Ok::<_, std::io::Error>(buf)
+        });
+        match read {
+            Ok(bytes) => Ok(Bytes::from(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ArchiveError::NotFound {
+                location: self.location(),
+                key: key.to_string(),
+            }),
+            Err(e) => Err(self.failed("get", key, e)),
+        }
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let mut out = Vec::new();
         tokio::task::block_in_place(|| self.list_dir(&self.root, &mut out))
@@ -207,6 +230,8 @@ pub struct FaultyStore {
     puts_left: AtomicU64,
     /// Operations refused so far.
     pub refused: AtomicU64,
+    /// Bytes fetched through it so far.
+    pub got_bytes: AtomicU64,
 }
 
 impl FaultyStore {
@@ -217,6 +242,7 @@ impl FaultyStore {
             down: AtomicBool::new(false),
             puts_left: AtomicU64::new(u64::MAX),
             refused: AtomicU64::new(0),
+            got_bytes: AtomicU64::new(0),
         }
     }
 
@@ -263,7 +289,15 @@ impl ObjectStore for FaultyStore {
     }
     async fn get(&self, key: &str) -> Result<Bytes> {
         self.check("get", key, false)?;
-        self.inner.get(key).await
+        let got = self.inner.get(key).await?;
+        self.got_bytes.fetch_add(got.len() as u64, Ordering::SeqCst);
+        Ok(got)
+    }
+    async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes> {
+        self.check("get", key, false)?;
+        let got = self.inner.get_range(key, start, len).await?;
+        self.got_bytes.fetch_add(got.len() as u64, Ordering::SeqCst);
+        Ok(got)
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         self.check("list", prefix, false)?;

@@ -1,9 +1,12 @@
 //! A point of an archived volume served straight from the bucket, without
-//! downloading the volume first: the chain's records are applied at open
-//! into a local overlay (an extent map over a sparse file), and base-image
-//! chunks are fetched when a read first needs them, through a cache bounded
-//! in bytes. Opening costs the segments since the base version, not the
-//! volume's size, so a filesystem mounts in seconds.
+//! downloading the volume first. At open, only each segment object's
+//! record map is fetched (a ranged GET of its tail): an extent map says
+//! which record, zeros or base chunk each byte of the volume comes from.
+//! A read fetches what it touches — 1 MiB pages of segment objects and
+//! 4 MiB base-image chunks — through caches bounded in bytes, and checks
+//! every record's CRC. Objects written before maps existed are fetched
+//! whole at open and applied into a local overlay. Opening costs the
+//! maps, not the volume or its history, so a filesystem mounts in seconds.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -15,10 +18,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use tidemark_journal::record::{decode_record, payload_bytes};
+
 use super::apply::{effects, Effect};
 use super::catalog::{locate, Catalog};
 use super::error::{ArchiveError, Result};
-use super::layout::CHUNK_SIZE;
+use super::index::SegmentEntry;
+use super::layout::{self, MapEntry, CHUNK_SIZE, SEGMENT_HEADER_LEN};
+
+/// Segment objects are fetched on demand in pages of this many bytes.
+const PAGE: u64 = 1 << 20;
 
 /// Where a range of the view comes from, when not from the base version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +36,27 @@ enum Source {
     Overlay,
     /// Zeros.
     Zero,
+    /// A write record, by its place in [`ArchiveView::records`].
+    Record(u32),
+}
+
+/// A write record the view reads on demand.
+#[derive(Clone, Copy, Debug)]
+struct RecordRef {
+    /// Its segment object, by its place in [`ArchiveView::segments`].
+    segment: u32,
+    seq: u64,
+    /// The volume offset its bytes start at.
+    offset: u64,
+    /// Where it lies in the object's body, and its encoded bytes.
+    pos: u64,
+    len: u32,
+}
+
+/// What open fetched of one segment object.
+enum Fetched {
+    Map(Vec<MapEntry>),
+    Whole(Bytes),
 }
 
 /// Non-overlapping byte ranges `start -> (end, source)`.
@@ -71,30 +101,38 @@ impl Extents {
     }
 }
 
-/// Chunks kept in memory, least recently used evicted first.
+/// Pieces of objects kept in memory, least recently used evicted first.
 #[derive(Debug)]
-struct ChunkCache {
+struct Lru<K> {
     capacity: usize,
-    chunks: HashMap<usize, Bytes>,
-    order: VecDeque<usize>,
+    items: HashMap<K, Bytes>,
+    order: VecDeque<K>,
 }
 
-impl ChunkCache {
-    fn get(&mut self, n: usize) -> Option<Bytes> {
-        let chunk = self.chunks.get(&n)?.clone();
-        self.order.retain(|&m| m != n);
-        self.order.push_back(n);
-        Some(chunk)
+impl<K: std::hash::Hash + Eq + Copy> Lru<K> {
+    fn new(capacity: usize) -> Self {
+        Lru {
+            capacity: capacity.max(2),
+            items: HashMap::new(),
+            order: VecDeque::new(),
+        }
     }
 
-    fn put(&mut self, n: usize, chunk: Bytes) {
-        if self.chunks.insert(n, chunk).is_none() {
-            self.order.push_back(n);
+    fn get(&mut self, k: K) -> Option<Bytes> {
+        let item = self.items.get(&k)?.clone();
+        self.order.retain(|&m| m != k);
+        self.order.push_back(k);
+        Some(item)
+    }
+
+    fn put(&mut self, k: K, item: Bytes) {
+        if self.items.insert(k, item).is_none() {
+            self.order.push_back(k);
         }
-        while self.chunks.len() > self.capacity {
+        while self.items.len() > self.capacity {
             match self.order.pop_front() {
                 Some(old) => {
-                    self.chunks.remove(&old);
+                    self.items.remove(&old);
                 }
                 None => break,
             }
@@ -113,10 +151,16 @@ pub struct ArchiveView {
     extents: Extents,
     overlay: File,
     overlay_path: PathBuf,
-    cache: Mutex<ChunkCache>,
+    /// Segment objects read on demand, and their write records.
+    segments: Vec<SegmentEntry>,
+    records: Vec<RecordRef>,
+    cache: Mutex<Lru<usize>>,
+    pages: Mutex<Lru<(u32, u64)>>,
     runtime: tokio::runtime::Handle,
     /// Chunks fetched from the store so far.
     pub fetched: AtomicU64,
+    /// Pages of segment objects fetched so far.
+    pub fetched_pages: AtomicU64,
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -158,33 +202,79 @@ impl ArchiveView {
             .set_len(entry.size)
             .map_err(|e| ArchiveError::io("size archive view overlay", &overlay_path, e))?;
         let mut extents = Extents::default();
-        // Fetch every object of the chain at once; apply them in order.
+        let mut segments = Vec::new();
+        let mut records = Vec::new();
+        // Fetch every segment's map (or, lacking one, the whole object) at
+        // once; apply them in order.
         let fetches: Vec<_> = plan
             .segments
             .iter()
             .map(|s| {
                 let (catalog, s) = (catalog.clone(), s.clone());
-                tokio::spawn(async move { catalog.segment(&s).await.map(|b| (s, b)) })
+                tokio::spawn(async move {
+                    let fetched = if s.map_len > 0 && s.map_len <= s.bytes {
+                        let bytes = catalog
+                            .store()
+                            .get_range(&s.key, s.bytes - s.map_len, s.map_len)
+                            .await?;
+                        Fetched::Map(
+                            layout::decode_map(&s.key, &bytes)
+                                .map_err(|e| locate(e, catalog.store().as_ref()))?,
+                        )
+                    } else {
+                        Fetched::Whole(catalog.segment(&s).await?)
+                    };
+                    Ok::<_, ArchiveError>((s, fetched))
+                })
             })
             .collect();
+        let (after, upto) = (plan.base.seq, seq);
         for fetch in fetches {
-            let (segment, bytes) = fetch
+            let (segment, fetched) = fetch
                 .await
                 .map_err(|e| ArchiveError::Invalid(format!("archive fetch failed: {e}")))??;
-            let (_, body) = catalog.decode_segment(&segment, &bytes)?;
-            effects(&segment.key, body, entry.id, plan.base.seq, seq, |effect| {
-                match effect {
-                    Effect::Data(offset, data) => {
-                        overlay.write_all_at(&data, offset).map_err(|e| {
-                            ArchiveError::io("write archive view overlay", &overlay_path, e)
-                        })?;
-                        extents.insert(offset, offset + data.len() as u64, Source::Overlay);
+            match fetched {
+                Fetched::Map(map) => {
+                    let n = segments.len() as u32;
+                    for e in map {
+                        if e.seq <= after || e.seq > upto || e.volume != entry.id {
+                            continue;
+                        }
+                        let end = e.offset + e.length;
+                        if e.zero {
+                            extents.insert(e.offset, end, Source::Zero);
+                            continue;
+                        }
+                        extents.insert(e.offset, end, Source::Record(records.len() as u32));
+                        records.push(RecordRef {
+                            segment: n,
+                            seq: e.seq,
+                            offset: e.offset,
+                            pos: e.pos,
+                            len: e.len,
+                        });
                     }
-                    Effect::Zero(offset, len) => extents.insert(offset, offset + len, Source::Zero),
+                    segments.push(segment);
                 }
-                Ok(())
-            })
-            .map_err(|e| locate(e, catalog.store().as_ref()))?;
+                Fetched::Whole(bytes) => {
+                    let (_, body) = catalog.decode_segment(&segment, &bytes)?;
+                    effects(&segment.key, body, entry.id, after, upto, |effect| {
+                        match effect {
+                            Effect::Data(offset, data) => {
+                                overlay.write_all_at(&data, offset).map_err(|e| {
+                                    ArchiveError::io("write archive view overlay", &overlay_path, e)
+                                })?;
+                                extents.insert(offset, offset + data.len() as u64, Source::Overlay);
+                            }
+                            Effect::Zero(offset, len) => {
+                                extents.insert(offset, offset + len, Source::Zero)
+                            }
+                        }
+                        Ok(())
+                    })
+                    .map_err(|e| locate(e, catalog.store().as_ref()))?;
+                }
+            }
         }
         Ok(ArchiveView {
             volume: volume.to_string(),
@@ -194,14 +284,14 @@ impl ArchiveView {
             extents,
             overlay,
             overlay_path,
-            cache: Mutex::new(ChunkCache {
-                capacity: (cache_bytes / CHUNK_SIZE).max(2) as usize,
-                chunks: HashMap::new(),
-                order: VecDeque::new(),
-            }),
+            segments,
+            records,
+            cache: Mutex::new(Lru::new((cache_bytes / 2 / CHUNK_SIZE) as usize)),
+            pages: Mutex::new(Lru::new((cache_bytes / 2 / PAGE) as usize)),
             runtime: tokio::runtime::Handle::current(),
             catalog,
             fetched: AtomicU64::new(0),
+            fetched_pages: AtomicU64::new(0),
         })
     }
 
@@ -237,6 +327,69 @@ impl ArchiveView {
         self.fetched.fetch_add(1, Ordering::Relaxed);
         self.cache.lock().put(n, data.clone());
         Ok(Some(data))
+    }
+
+    /// Page `n` of segment object `segment`'s body.
+    fn page(&self, segment: u32, n: u64) -> Result<Bytes> {
+        if let Some(page) = self.pages.lock().get((segment, n)) {
+            return Ok(page);
+        }
+        let entry = &self.segments[segment as usize];
+        let body_len = entry.bytes - entry.map_len - SEGMENT_HEADER_LEN as u64;
+        let start = n * PAGE;
+        let len = PAGE.min(body_len.saturating_sub(start));
+        // Blocking: reads come from a blocking thread of the runtime.
+        let page = self.runtime.block_on(self.catalog.store().get_range(
+            &entry.key,
+            SEGMENT_HEADER_LEN as u64 + start,
+            len,
+        ))?;
+        if page.len() as u64 != len {
+            return Err(ArchiveError::Corrupt {
+                location: self.catalog.store().location(),
+                key: entry.key.clone(),
+                reason: format!(
+                    "{} bytes at body offset {start}, {len} expected",
+                    page.len()
+                ),
+            });
+        }
+        self.fetched_pages.fetch_add(1, Ordering::Relaxed);
+        self.pages.lock().put((segment, n), page.clone());
+        Ok(page)
+    }
+
+    /// The bytes record `r` writes, fetched and checked.
+    fn record(&self, r: &RecordRef) -> Result<Vec<u8>> {
+        let mut encoded = Vec::with_capacity(r.len as usize);
+        let end = r.pos + u64::from(r.len);
+        let mut at = r.pos;
+        while at < end {
+            let page = self.page(r.segment, at / PAGE)?;
+            let within = (at % PAGE) as usize;
+            let take = (page.len().saturating_sub(within)).min((end - at) as usize);
+            if take == 0 {
+                break;
+            }
+            encoded.extend_from_slice(&page[within..within + take]);
+            at += take as u64;
+        }
+        let entry = &self.segments[r.segment as usize];
+        let corrupt = |reason: String| ArchiveError::Corrupt {
+            location: self.catalog.store().location(),
+            key: entry.key.clone(),
+            reason,
+        };
+        let path = Path::new(&entry.key);
+        let (header, stored) =
+            decode_record(&encoded, path, r.pos).map_err(|e| corrupt(e.to_string()))?;
+        if header.seq != r.seq || header.offset != r.offset {
+            return Err(corrupt(format!(
+                "the record at body offset {} is seq {} at {}, its map says seq {} at {}",
+                r.pos, header.seq, header.offset, r.seq, r.offset
+            )));
+        }
+        payload_bytes(&header, stored, path, r.pos).map_err(|e| corrupt(e.to_string()))
     }
 
     fn read_base(&self, mut offset: u64, mut buf: &mut [u8]) -> Result<()> {
@@ -286,6 +439,21 @@ impl ArchiveView {
                         Source::Overlay => self.overlay.read_exact_at(part, at).map_err(|e| {
                             ArchiveError::io("read archive view overlay", &self.overlay_path, e)
                         })?,
+                        Source::Record(n) => {
+                            let r = self.records[n as usize];
+                            let data = self.record(&r)?;
+                            let from = (at - r.offset) as usize;
+                            let Some(bytes) = data.get(from..from + part.len()) else {
+                                return Err(ArchiveError::Invalid(format!(
+                                    "volume {}: record seq {} holds {} bytes, a read needs {} from its byte {from}",
+                                    self.volume,
+                                    r.seq,
+                                    data.len(),
+                                    part.len()
+                                )));
+                            };
+                            part.copy_from_slice(bytes);
+                        }
                     }
                     at += (to - from) as u64;
                 }
