@@ -171,7 +171,7 @@ function renderAttention() {
     }
   }
   for (const j of state.jobs) {
-    if (j.state === "failed") items.push(el("li", {}, `restore of ${j.volume} at ${j.at} failed: ${j.error}`));
+    if (j.state === "failed") items.push(el("li", {}, `${j.kind} of ${j.volume} at ${j.at} failed: ${j.error}`));
   }
   $("attention").hidden = items.length === 0;
   $("alerts").replaceChildren(...items);
@@ -182,11 +182,15 @@ function renderJobs() {
   $("job-list").replaceChildren(
     ...state.jobs.map((j) => {
       const pct = j.total_bytes ? Math.floor((100 * j.done_bytes) / j.total_bytes) : 0;
+      const what =
+        j.kind === "rollback"
+          ? `roll back ${j.volume} to ${j.at}${j.seq ? " (seq " + j.seq + ")" : ""}`
+          : `restore ${j.volume} at ${j.at}${j.seq ? " (seq " + j.seq + ")" : ""} → ${j.to}`;
       return el(
         "li",
-        { class: "job " + j.state, "data-job": j.id },
-        `restore ${j.volume} at ${j.at}${j.seq ? " (seq " + j.seq + ")" : ""} → ${j.to}: `,
-        el("progress", { max: "100", value: String(j.state === "done" ? 100 : pct), "aria-label": "restore progress" }),
+        { class: "job " + j.state, "data-job": j.id, "data-kind": j.kind },
+        what + ": ",
+        el("progress", { max: "100", value: String(j.state === "done" ? 100 : pct), "aria-label": j.kind + " progress" }),
         ` ${j.state}${j.state === "running" ? " " + pct + "%" : ""}${j.error ? " — " + j.error : ""}`,
       );
     }),
@@ -483,7 +487,11 @@ function wireActions() {
     );
     if (!ok) return;
     act(`Rolling back ${name}`, async () => {
-      const r = await api.rollback(name, c.point);
+      // The request stays open until the rollback is done; its job shows
+      // the progress meanwhile.
+      const rolling = api.rollback(name, c.point);
+      pollSoon();
+      const r = await rolling;
       return `rolled ${name} back to seq ${r.to_seq}: ${r.blocks} blocks (${bytes(r.bytes)}) rewritten; the state before it is seq ${r.undo_seq}`;
     });
   });

@@ -393,6 +393,20 @@ fn a_user_picks_a_tag_on_the_timeline_exports_it_and_rolls_back() {
                 t.contains("event: rollback")
             })
             .await?;
+            // Its job, with a full progress bar.
+            b.wait_for_text("#job-list", 10, "the rollback's job", |t| {
+                t.contains("roll back db to tag:good") && t.contains("done")
+            })
+            .await?;
+            let full = b
+                .eval(
+                    "const p = document.querySelector('[data-kind=rollback] progress'); \
+                     return p ? p.value : -1;",
+                )
+                .await?;
+            ensure(full == serde_json::json!(100), || {
+                format!("the rollback's progress bar stands at {full}")
+            })?;
             ensure(head_of(&d, &d.uri("db"), first.len()) == first, || {
                 "after the rollback the live volume is not at tag good".into()
             })?;

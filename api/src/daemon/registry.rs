@@ -91,6 +91,8 @@ pub struct Volume {
     pub writers: AtomicU32,
     /// The tagger, once running: it watches this volume's writes.
     pub tagger: Arc<OnceLock<Arc<Tagger>>>,
+    /// A rollback in progress: bytes rewritten so far and in all.
+    pub rollback_progress: Mutex<Option<(u64, u64)>>,
 }
 
 impl Volume {
@@ -386,6 +388,7 @@ impl Registry {
             spec: Mutex::new(spec),
             writers: AtomicU32::new(0),
             tagger: self.tagger.clone(),
+            rollback_progress: Mutex::new(None),
         }))
     }
 

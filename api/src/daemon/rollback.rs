@@ -68,6 +68,13 @@ pub fn roll_back(
     journal.sync()?;
     let to_seq = registry.resolve(volume, to)?;
     let undo_seq = journal.history().newest_seq;
+    // What there is to rewrite, from the index alone, for the progress
+    // the console shows.
+    let mut total = 0u64;
+    for span in journal.changed_since(name, to_seq)? {
+        total += span?.1;
+    }
+    let progress = Progress::start(volume, total);
     let mut buf = vec![0u8; CHUNK as usize];
     let mut bytes = 0u64;
     // Streamed: a large volume's changes are never all in memory.
@@ -85,9 +92,11 @@ pub fn roll_back(
             }
             bytes += n;
             at += n;
+            progress.set(bytes.min(total), total.max(bytes));
         }
     }
     write_path.flush(name)?;
+    drop(progress);
     tracing::info!(volume = %name, to_seq, undo_seq, bytes, "rolled back");
     Ok(RollbackReport {
         to_seq,
@@ -95,6 +104,26 @@ pub fn roll_back(
         blocks: bytes / tidemark_journal::INDEX_BLOCK,
         bytes,
     })
+}
+
+/// A volume's rollback progress, cleared however the rollback ends.
+struct Progress<'a>(&'a Volume);
+
+impl<'a> Progress<'a> {
+    fn start(volume: &'a Volume, total: u64) -> Self {
+        *volume.rollback_progress.lock() = Some((0, total));
+        Progress(volume)
+    }
+
+    fn set(&self, done: u64, total: u64) {
+        *self.0.rollback_progress.lock() = Some((done, total));
+    }
+}
+
+impl Drop for Progress<'_> {
+    fn drop(&mut self) {
+        *self.0.rollback_progress.lock() = None;
+    }
 }
 
 /// Puts the `rollback` event of `report` on `volume`'s timeline.

@@ -1,7 +1,9 @@
-//! Restores started from the console. A restore of a large volume takes
-//! minutes, longer than a browser should hold a request open, so the
-//! console starts one and then watches its progress here. The work is the
-//! gRPC `Restore`, whose progress stream a task drains into the job.
+//! Restores and rollbacks started from the console. A restore of a large
+//! volume takes minutes, longer than a browser should hold a request open,
+//! so the console starts one and then watches its progress here (the work
+//! is the gRPC `Restore`, whose progress stream a task drains into the
+//! job). A rollback's request stays open until it is done, and its job
+//! shows how far it got meanwhile.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,20 +17,20 @@ use tonic::Status;
 /// Finished jobs kept for the console to show.
 const KEEP: usize = 32;
 
-/// One restore and how far it got.
+/// One restore or rollback and how far it got.
 #[derive(Clone, Debug, Serialize)]
 pub struct Job {
     /// Its number, from 1.
     pub id: u64,
-    /// `restore`.
+    /// `restore` or `rollback`.
     pub kind: &'static str,
-    /// The volume restored.
+    /// The volume restored or rolled back.
     pub volume: String,
     /// The point as asked for.
     pub at: String,
     /// The seq it resolved to (0 until known).
     pub seq: u64,
-    /// Where it is written.
+    /// Where it is written (a restore; empty for a rollback).
     pub to: String,
     /// Bytes written so far, and in all.
     pub done_bytes: u64,
@@ -57,18 +59,11 @@ impl Jobs {
         jobs
     }
 
-    /// Records a restore of `volume` at `at` to `to` and follows its
-    /// progress `stream` to the end; returns the job as it starts.
-    pub fn follow_restore(
-        self: &Arc<Self>,
-        volume: &str,
-        at: &str,
-        to: &str,
-        mut stream: impl Stream<Item = Result<pb::RestoreProgress, Status>> + Send + Unpin + 'static,
-    ) -> Job {
+    /// Records a job of `kind` on `volume` at `at` (to `to`), running.
+    pub fn start(&self, kind: &'static str, volume: &str, at: &str, to: &str) -> Job {
         let job = Job {
             id: self.next.fetch_add(1, Ordering::Relaxed) + 1,
-            kind: "restore",
+            kind,
             volume: volume.to_string(),
             at: at.to_string(),
             seq: 0,
@@ -79,19 +74,30 @@ impl Jobs {
             error: None,
             started: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         };
-        {
-            let mut jobs = self.jobs.lock();
-            jobs.push(job.clone());
-            // Drop the oldest finished jobs; running ones always stay.
-            while jobs.len() > KEEP {
-                match jobs.iter().position(|j| j.state != "running") {
-                    Some(i) => {
-                        jobs.remove(i);
-                    }
-                    None => break,
+        let mut jobs = self.jobs.lock();
+        jobs.push(job.clone());
+        // Drop the oldest finished jobs; running ones always stay.
+        while jobs.len() > KEEP {
+            match jobs.iter().position(|j| j.state != "running") {
+                Some(i) => {
+                    jobs.remove(i);
                 }
+                None => break,
             }
         }
+        job
+    }
+
+    /// Records a restore of `volume` at `at` to `to` and follows its
+    /// progress `stream` to the end; returns the job as it starts.
+    pub fn follow_restore(
+        self: &Arc<Self>,
+        volume: &str,
+        at: &str,
+        to: &str,
+        mut stream: impl Stream<Item = Result<pb::RestoreProgress, Status>> + Send + Unpin + 'static,
+    ) -> Job {
+        let job = self.start("restore", volume, at, to);
         let (jobs, id) = (self.clone(), job.id);
         tokio::spawn(async move {
             let mut ended = false;
@@ -122,7 +128,8 @@ impl Jobs {
         job
     }
 
-    fn update(&self, id: u64, change: impl FnOnce(&mut Job)) {
+    /// Changes job `id`, if it is still kept.
+    pub fn update(&self, id: u64, change: impl FnOnce(&mut Job)) {
         if let Some(job) = self.jobs.lock().iter_mut().find(|j| j.id == id) {
             change(job);
         }

@@ -483,11 +483,40 @@ async fn rollback(
     // A rollback goes *to* a point; `at` is accepted as the same.
     let point = if r.to.is_empty() { r.at } else { r.to };
     check_confirmation(&volume, &point, &r.confirm, "a rollback")?;
-    reply(
-        c.service
-            .rollback(Request::new(pb::RollbackRequest { volume, to: point }))
-            .await,
-    )
+    // A job shows how far the rollback got while this request waits.
+    let watched = c
+        .daemon
+        .registry
+        .volume(&volume)
+        .map_err(|e| JsonError::from(Status::from(e)))?;
+    let job = c.jobs.start("rollback", &volume, &point, "");
+    let (jobs, id) = (c.jobs.clone(), job.id);
+    let watcher = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            if let Some((done, total)) = *watched.rollback_progress.lock() {
+                jobs.update(id, |j| (j.done_bytes, j.total_bytes) = (done, total));
+            }
+        }
+    });
+    let result = c
+        .service
+        .rollback(Request::new(pb::RollbackRequest { volume, to: point }))
+        .await;
+    watcher.abort();
+    c.jobs.update(id, |j| match &result {
+        Ok(r) => {
+            let r = r.get_ref();
+            j.state = "done";
+            j.seq = r.to_seq;
+            (j.done_bytes, j.total_bytes) = (r.bytes, r.bytes);
+        }
+        Err(status) => {
+            j.state = "failed";
+            j.error = Some(status.message().to_string());
+        }
+    });
+    reply(result)
 }
 
 async fn jobs(State(c): State<Arc<Console>>) -> Json<Vec<super::jobs::Job>> {
