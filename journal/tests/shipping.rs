@@ -18,9 +18,11 @@ const START: i64 = 1_800_000_000_000_000_000;
 const SIZE: u64 = 1 << 20;
 
 struct Site {
-    _dir: tempfile::TempDir,
     journal: Journal,
     clock: Arc<ManualClock>,
+    // Last: fields drop in order, and the journal's index flushes into
+    // the directory as it closes (deleted first, RocksDB retries forever).
+    _dir: tempfile::TempDir,
 }
 
 fn site() -> Site {

@@ -22,9 +22,11 @@ const SIZE: u64 = 2 << 20;
 const ENOSPC: i32 = 28;
 
 struct Setup {
-    _dir: tempfile::TempDir,
     faults: Arc<FaultyIo>,
     path: WritePath,
+    // Last: fields drop in order, and the journal's index flushes into
+    // the directory as it closes.
+    _dir: tempfile::TempDir,
 }
 
 fn setup(mode: IoMode, cache: u64, options: WritePathOptions) -> Setup {

@@ -14,11 +14,12 @@ use crate::Daemon;
 /// A journal of one volume that plays a group's primary.
 #[derive(Debug)]
 pub struct ForgedPrimary {
-    _dir: tempfile::TempDir,
     /// Its journal.
     pub journal: Journal,
     /// Its one volume.
     pub volume: VolumeInfo,
+    // Last: dropped after the journal, whose index flushes into it.
+    _dir: tempfile::TempDir,
 }
 
 impl ForgedPrimary {
