@@ -466,9 +466,15 @@ impl Detector {
     /// Incompressible writes replacing earlier data: see the module doc.
     fn entropy(&self, j: &Judged) -> bool {
         let s = &self.settings;
-        let mostly_high =
-            j.burst.high > 0 && j.burst.high as f64 >= s.entropy_fraction * j.burst.bytes as f64;
-        mostly_high && (self.overwritten(&j.burst) || self.changed(j))
+        let share = j.burst.high as f64 / j.burst.bytes.max(1) as f64;
+        let mostly_high = j.burst.high > 0 && share >= s.entropy_fraction;
+        // Encrypting only each file's head writes little, so the
+        // filesystem's own writes around it (inode times, bitmaps written
+        // back by the same sync) weigh more: in many separate places, more
+        // than half is enough.
+        let scattered = j.burst.high > 0 && share > 0.5 && j.burst.high_regions >= s.min_regions;
+        (mostly_high && (self.overwritten(&j.burst) || self.changed(j)))
+            || (scattered && self.changed(j))
     }
 
     /// Encrypted in place: enough earlier data overwritten. Needs no
@@ -694,6 +700,19 @@ mod tests {
         let alarm = s.alarm("first blocks encrypted");
         assert_eq!(alarm.first_seq, first_bad);
         assert!(alarm.detail.contains("32 places"), "{}", alarm.detail);
+
+        // The same, with the filesystem writing back more of its own
+        // compressible metadata among them: a quarter of the burst.
+        let mut s = Stream::new();
+        volume_of_text_files(&mut s);
+        let first_bad = s.next_seq();
+        for i in 0..40 {
+            s.write(file(i), 4 * KIB, 1.0, 4 * KIB);
+            if i % 3 == 2 {
+                s.write(32 * MIB + i * 4 * KIB, 4 * KIB, 0.1, 4 * KIB);
+            }
+        }
+        assert_eq!(s.alarm("first blocks among metadata").first_seq, first_bad);
     }
 
     #[test]
