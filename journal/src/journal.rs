@@ -767,6 +767,13 @@ impl Journal {
                 .map_err(|e| Error::io("create directory", parent, e))?;
         }
         let mut index = Index::open(&index_dir, options.large_range_blocks)?;
+        // RocksDB made its directory; make its entry durable too (a lost
+        // index is rebuilt from the segments, but that takes a while).
+        if let Some(parent) = index_dir.parent() {
+            std::fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io("sync directory", parent, e))?;
+        }
         let mut rebuilt = false;
         let stale = match (index.version()?, index.indexed_seq()?) {
             (None, None) => false,
