@@ -38,6 +38,8 @@ struct Watched {
     primary_newest: Seq,
     /// A decision was made since the last message: not again.
     decided: bool,
+    /// Something was heard from the primary (not only assumed at start).
+    heard: bool,
 }
 
 /// One probe's state, for status.
@@ -128,10 +130,33 @@ impl Monitor {
             detector: PhiAccrual::new(self.settings.detector),
             primary_newest: 0,
             decided: false,
+            heard: false,
         });
         watched.detector.heartbeat(now);
         watched.primary_newest = watched.primary_newest.max(newest);
         watched.decided = false;
+        watched.heard = true;
+    }
+
+    /// Watches `group` before its primary has said anything, as if it had
+    /// been heard `grace` from now: a site that starts as a replica takes
+    /// over if its primary stays silent, as it would have had it never
+    /// restarted — once a live primary has had `grace` to reconnect.
+    pub fn watch(&self, group: &str, grace: Duration) {
+        let assumed = self.now() + grace;
+        self.groups
+            .lock()
+            .entry(group.to_string())
+            .or_insert_with(|| {
+                let mut detector = PhiAccrual::new(self.settings.detector);
+                detector.heartbeat(assumed);
+                Watched {
+                    detector,
+                    primary_newest: 0,
+                    decided: false,
+                    heard: false,
+                }
+            });
     }
 
     /// A decision about `group` that could not be carried out (the
@@ -173,7 +198,7 @@ impl Monitor {
         let mut last: Option<f64> = None;
         for w in watched {
             phi = phi.max(w.detector.phi(now));
-            if let Some(at) = w.detector.last_heartbeat() {
+            if let Some(at) = w.detector.last_heartbeat().filter(|_| w.heard) {
                 let age = now.saturating_sub(at).as_secs_f64();
                 last = Some(last.map_or(age, |l: f64| l.min(age)));
             }
@@ -208,12 +233,20 @@ impl Monitor {
                     .detector
                     .last_heartbeat()
                     .map_or(0.0, |at| now.saturating_sub(at).as_secs_f64());
+                let reason = if w.heard {
+                    format!(
+                        "no heartbeat from the primary of group {name} for {silent:.1} s (phi {phi:.1} ≥ {threshold})"
+                    )
+                } else {
+                    format!(
+                        "no word from the primary of group {name} since this site started, {:.1} s ago (phi {phi:.1} ≥ {threshold})",
+                        now.as_secs_f64()
+                    )
+                };
                 down.push(Decision {
                     group: Some(name.clone()),
                     detector: "host",
-                    reason: format!(
-                        "no heartbeat from the primary of group {name} for {silent:.1} s (phi {phi:.1} ≥ {threshold})"
-                    ),
+                    reason,
                 });
             }
         }
@@ -363,6 +396,38 @@ mod tests {
                 let _ = stop_tx.send(true);
                 run.await.unwrap();
             }
+        });
+    }
+
+    #[test]
+    fn a_group_watched_from_the_start_is_judged_after_the_grace() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (monitor, mut decisions) = Monitor::new(settings(true));
+            let (stop_tx, stop) = watch::channel(false);
+            let run = tokio::spawn(monitor.clone().run(stop));
+            monitor.watch("silent", Duration::from_millis(600));
+            monitor.watch("heard", Duration::from_millis(600));
+            // A live primary reconnects within the grace and is watched
+            // as usual from then on.
+            for _ in 0..60 {
+                monitor.heard("heard", 3);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let status = monitor.status(Some("silent"));
+            assert_eq!(status.last_heartbeat_seconds, None, "{status:?}");
+            let d = tokio::time::timeout(Duration::from_secs(5), decisions.recv())
+                .await
+                .expect("a decision in time")
+                .unwrap();
+            assert_eq!(d.group.as_deref(), Some("silent"));
+            assert!(d.reason.contains("since this site started"), "{}", d.reason);
+            assert!(monitor.phi("heard") < 8.0);
+            let _ = stop_tx.send(true);
+            run.await.unwrap();
         });
     }
 

@@ -40,6 +40,10 @@ pub trait ReplicaHost: Send + Sync {
     fn heartbeat(&self) -> Option<std::time::Duration> {
         None
     }
+
+    /// The primary of `group` stopped replicating it here (`replica
+    /// remove`): its silence from now on is not a failure.
+    fn detached(&self, _group: &str) {}
 }
 
 /// The replication streams open on this site, one per group: a new one for
@@ -97,6 +101,14 @@ impl Receivers {
     /// here: its old primary's records must stop at once).
     pub fn end(&self, group: &str) {
         if let Some(stop) = self.open.lock().remove(group) {
+            let _ = stop.send(true);
+        }
+    }
+
+    /// Ends every open stream (this site shuts down: a primary keeps its
+    /// stream open for as long as it may, and the server waits for it).
+    pub fn end_all(&self) {
+        for (_, stop) in self.open.lock().drain() {
             let _ = stop.send(true);
         }
     }
@@ -215,6 +227,16 @@ async fn apply(
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
+                    Ok(Some(pb::ReplicationMessage { message: Some(Message::Detach(d)) })) => {
+                        let m = Message::Detach(d);
+                        check_epoch(journal, stream_epoch, &m).map_err(refuse)?;
+                        let group = journal.group();
+                        let unfollowed = journal.clone();
+                        blocking(move || unfollowed.set_source_id(0).map_err(|e| e.to_string())).await?;
+                        host.detached(&group);
+                        tracing::info!(group, "the primary stopped replicating the group here; this copy is kept and follows no one");
+                        return Ok(());
+                    }
                     Ok(Some(pb::ReplicationMessage { message: Some(m) })) => {
                         let newest = match &m {
                             Message::Records(r) => r.last_seq,
@@ -266,6 +288,7 @@ fn check_epoch(journal: &Journal, stream_epoch: u64, message: &Message) -> Resul
         Message::Region(m) => ("a region", m.epoch),
         Message::RebaseDone(m) => ("the end of a rebase", m.epoch),
         Message::Heartbeat(m) => ("a heartbeat", m.epoch),
+        Message::Detach(m) => ("a detach", m.epoch),
     };
     if epoch != stream_epoch {
         return Err(format!(
@@ -388,5 +411,7 @@ async fn handle(
             answer(out, position(journal, None)).await;
             Ok(())
         }
+        // Taken in `apply`, which ends the stream on it.
+        Message::Detach(_) => Ok(()),
     }
 }

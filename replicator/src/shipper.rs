@@ -210,6 +210,27 @@ impl Shipper {
         &self.shared.peer.address
     }
 
+    /// `replica remove`: stops shipping, tells the replica site that it no
+    /// longer follows this one — so it does not take this site's silence
+    /// for a failure — and releases the retention hold.
+    pub async fn remove(self) {
+        let shared = self.shared.clone();
+        self.stop(true).await;
+        {
+            match tokio::time::timeout(DETACH_TIMEOUT, shared.detach()).await {
+                Ok(Ok(())) => {
+                    tracing::info!(group = %shared.group, replica = %shared.peer.address, "the replica site no longer follows this one")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(group = %shared.group, replica = %shared.peer.address, error = %e, "the replica site could not be told that replication stopped; with failover.auto on there it may take over: remove the group there, or promote it deliberately")
+                }
+                Err(_) => {
+                    tracing::warn!(group = %shared.group, replica = %shared.peer.address, "the replica site did not answer within {DETACH_TIMEOUT:?} that replication stopped; with failover.auto on there it may take over: remove the group there, or promote it deliberately")
+                }
+            }
+        }
+    }
+
     /// Stops shipping and waits for the link to close; the retention hold
     /// stays unless `release_hold`.
     pub async fn stop(mut self, release_hold: bool) {
@@ -527,6 +548,32 @@ impl ShipperShared {
         .ok()
         .flatten();
         self.progress.lock().oldest_unshipped = time;
+    }
+
+    /// Tells the replica site, on a stream of its own, that this site
+    /// stops replicating the group to it.
+    async fn detach(&self) -> Result<(), String> {
+        let mut client = link::connect(&self.peer).await?;
+        let detach = pb::ReplicationMessage {
+            message: Some(Message::Detach(msg::Detach {
+                epoch: self.journal.epoch(),
+            })),
+        };
+        let messages = tokio_stream::iter(vec![self.hello(), detach]);
+        let mut inbound = client
+            .replicate(messages)
+            .await
+            .map_err(|s| status_text(&s))?
+            .into_inner();
+        // The replica answers the hello, then ends the stream once the
+        // detach is done (or refuses it).
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(()),
+                Err(s) => return Err(status_text(&s)),
+            }
+        }
     }
 
     fn hello(&self) -> pb::ReplicationMessage {
@@ -1384,6 +1431,8 @@ async fn next_reply(
 /// Bounds on the heartbeat interval a replica may ask for: a misconfigured
 /// one neither floods the link nor silences the primary for minutes.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
+/// How long `replica remove` waits to tell the replica site.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// The interval to send heartbeats at: what the replica's detector asks

@@ -212,6 +212,52 @@ fn the_replica_takes_over_by_itself_when_the_primary_is_killed() {
     assert_eq!(read_at(&sites.replica, volume, 0, 4096), vec![0xAB; 4096]);
 }
 
+/// A replica site that restarts watches its primaries from the start: one
+/// that stays silent (killed while this site was down) is taken over by
+/// itself once a live primary would have reconnected. A group whose
+/// primary ran `replica remove` is not watched: the primary said so, the
+/// copy is kept and follows no one, and its silence — before and after a
+/// restart — is no failure.
+#[test]
+fn after_a_restart_the_replica_takes_over_a_silent_primary_but_not_one_that_let_go() {
+    let mut sites = Sites::start("auto = true\n");
+    for volume in ["db", "kept"] {
+        sites.primary.create_volume(volume, "8M", "async");
+        sites.add(volume, "async");
+        assert_eq!(write_at(&sites.primary, volume, 0, &[5u8; 65536]), 0);
+        sites.caught_up(volume);
+    }
+    sites.primary.ok(&["replica", "remove", "kept"]);
+    // Many times what detection takes at 100 ms heartbeats.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(role(&sites.replica, "kept"), "replica");
+    assert!(sites.replica.events("kept", "takeover").is_empty());
+    assert_eq!(role(&sites.replica, "db"), "replica");
+
+    sites.replica.stop();
+    sites.primary.kill9();
+    sites.replica.restart();
+    let took = wait_primary(&sites.replica, "db", 40);
+    eprintln!("replica restarted -> silent primary taken over in {took:?}");
+    let takeover = sites.replica.events("db", "takeover");
+    assert_eq!(takeover.len(), 1, "{takeover:?}");
+    assert!(
+        takeover[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("since this site started"),
+        "{takeover:?}"
+    );
+    assert_eq!(write_at(&sites.replica, "db", 0, &[6u8; 4096]), 0);
+    assert_eq!(role(&sites.replica, "kept"), "replica");
+    assert!(sites.replica.events("kept", "takeover").is_empty());
+    assert_eq!(
+        read_at(&sites.replica, "kept@latest", 0, 65536),
+        vec![5u8; 65536],
+        "the copy let go of is not kept"
+    );
+}
+
 /// A partition: the primary writes on alone, the replica is promoted by
 /// hand and written. When the link heals, the old primary learns the
 /// higher epoch, refuses writes at once (EPERM), keeps what it wrote alone

@@ -121,6 +121,15 @@ impl Failover {
                 }
             }
         }
+        // Groups kept here for a primary are watched from the start: one
+        // that stays silent after a restart of this site is as down as one
+        // that falls silent later (a copy the primary stopped replicating
+        // follows no one and is not watched).
+        for group in registry.groups() {
+            if group.is_replica() && group.journal().source_id() != 0 {
+                failover.monitor.watch(&group.name, STARTUP_GRACE);
+            }
+        }
         tokio::spawn(failover.monitor.clone().run(stop));
         let Some(mut decisions) = failover.decisions.lock().take() else {
             return;
@@ -193,6 +202,11 @@ impl Failover {
         });
     }
 }
+
+/// How long a primary has to reconnect after this site starts before its
+/// silence counts: its link retries every 5 s at most, and a connection
+/// attempt may take 5 s more.
+const STARTUP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Waits what a plan step says before the next group is taken over.
 async fn after_step(step: &tidemark_failover::PlanStep) {
@@ -506,8 +520,8 @@ impl Registry {
         let common = common_point(&ours, &fence.history);
         let orphaned = ours.newest > common;
         // Stop shipping: the other site is the primary.
-        let removed =
-            tokio::runtime::Handle::current().block_on(self.replication.remove_group(&group));
+        let removed = tokio::runtime::Handle::current()
+            .block_on(self.replication.remove_group(&group, false));
         let mut branches = Vec::new();
         {
             let _changes = self.changes_lock();

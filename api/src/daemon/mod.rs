@@ -238,9 +238,22 @@ async fn run(config: Config) -> Result<(), String> {
     wait_for_signal().await;
     tracing::info!("shutting down: finishing requests in flight");
     let _ = stop_tx.send(true);
+    // Replication streams from primaries stay open for as long as the
+    // primary may: end them, or the server waits for them forever.
+    registry.replication.receivers.end_all();
     let _ = nbd_task.await;
-    let _ = grpc_task.await;
-    let _ = http_task.await;
+    for (what, task) in [("gRPC", grpc_task), ("HTTP", http_task)] {
+        // A client that holds a stream open (an ingest, a console page)
+        // does not hold the shutdown up for more than this.
+        let abort = task.abort_handle();
+        if tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the {what} server still had requests open after 10 s; closing them");
+            abort.abort();
+        }
+    }
     let _ = retention_task.await;
     // NBD connections answer what they have read, then close.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -204,7 +204,7 @@ impl Replication {
     /// site it replicated to) and lets retention go on without them.
     pub async fn remove(&self, volume: &Volume) -> ApiResult<()> {
         let group = volume.group.name.clone();
-        if self.remove_group(&volume.group).await.is_empty() {
+        if self.remove_group(&volume.group, true).await.is_empty() {
             return Err(ApiError::NotFound(format!(
                 "volume {} (group {group}) does not replicate anywhere",
                 volume.name
@@ -214,7 +214,10 @@ impl Replication {
     }
 
     /// Stops replicating `group` anywhere; returns what it replicated to.
-    pub async fn remove_group(&self, of: &super::registry::Group) -> Vec<ReplicaSpec> {
+    /// `tell` (`replica remove`): each replica site is told it no longer
+    /// follows this one (a demoted site tells no one: the other site is
+    /// the primary now).
+    pub async fn remove_group(&self, of: &super::registry::Group, tell: bool) -> Vec<ReplicaSpec> {
         let group = of.name.as_str();
         let removed: Vec<ReplicaSpec> = {
             let mut specs = self.specs.lock();
@@ -235,8 +238,10 @@ impl Replication {
                 .lock()
                 .remove(&(group.to_string(), spec.address.clone()));
             of.gate.remove(&spec.address);
-            if let Some(shipper) = shipper {
-                shipper.stop(true).await;
+            match shipper {
+                Some(shipper) if tell => shipper.remove().await,
+                Some(shipper) => shipper.stop(true).await,
+                None => {}
             }
             tracing::info!(group, replica = %spec.address, "replication removed");
         }
@@ -388,6 +393,10 @@ impl ReplicaHost for ReplicaSite {
 
     fn heartbeat(&self) -> Option<Duration> {
         Some(self.0.failover.monitor.settings().heartbeat)
+    }
+
+    fn detached(&self, group: &str) {
+        self.0.failover.monitor.forget(group);
     }
 }
 
