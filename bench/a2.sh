@@ -4,6 +4,9 @@
 # 16 GiB volume that each hold 64 MiB of random writes (moto on loopback).
 # Prints the median and worst per volume and, last, the ratio of the
 # 16 GiB median to the 1 GiB median (target: under 1 s, flat in size).
+#
+#   bash bench/a2.sh                              # the point at a base version
+#   BASE_EVERY=1h WAIT_BASE=0 bash bench/a2.sh    # the point after 64 MiB of segments
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/common.sh
@@ -14,7 +17,7 @@ archive() {
 url = "s3://bench/a2"
 endpoint = "$s3_endpoint"
 upload_after = "1s"
-base_every = "1s"
+base_every = "${BASE_EVERY:-1s}"
 TOML
 }
 start_daemon <<TOML
@@ -33,6 +36,7 @@ done
 # a view then fetches no segments, and what is left is what grows with the
 # volume's size, if anything does.
 for size in 1G 16G; do
+  [[ "${WAIT_BASE:-1}" == 1 ]] || break
   for _ in $(seq 1 240); do
     tm archive status --json | python3 -c '
 import json, sys
