@@ -180,6 +180,24 @@ pub enum CacheTiers {
     Both,
 }
 
+impl CacheTiers {
+    fn code(self) -> u8 {
+        match self {
+            CacheTiers::Memory => 0,
+            CacheTiers::File => 1,
+            CacheTiers::Both => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> CacheTiers {
+        match code {
+            0 => CacheTiers::Memory,
+            1 => CacheTiers::File,
+            _ => CacheTiers::Both,
+        }
+    }
+}
+
 impl std::str::FromStr for CacheTiers {
     type Err = String;
 
@@ -312,6 +330,9 @@ pub(crate) struct Shared {
     /// When making the file cache last failed (disk full): it is tried
     /// again now and then, so the tier comes back when space does.
     file_cache_failed: Mutex<Option<std::time::Instant>>,
+    /// The tiers records wait in now: `options.cache_tiers` until
+    /// [`Journal::set_cache_tiers`] (a replica group promoted).
+    cache_tiers: std::sync::atomic::AtomicU8,
     /// Whether records go to the file tier now (with both tiers).
     pub spilling: std::sync::atomic::AtomicBool,
     /// Switches between the tiers.
@@ -386,6 +407,11 @@ impl Shared {
         Ok(())
     }
 
+    /// The tiers records wait in now.
+    pub fn cache_tiers(&self) -> CacheTiers {
+        CacheTiers::from_code(self.cache_tiers.load(Ordering::SeqCst))
+    }
+
     pub fn goes_to_file_tier(&self, bytes: u64, may_make: bool) -> bool {
         let cache = if may_make {
             self.file_cache()
@@ -395,7 +421,7 @@ impl Shared {
         let Some(file) = cache else {
             return false;
         };
-        match self.options.cache_tiers {
+        match self.cache_tiers() {
             CacheTiers::Memory => false,
             CacheTiers::File => true,
             CacheTiers::Both => {
@@ -875,6 +901,7 @@ impl Journal {
                     .then(std::time::Instant::now),
             ),
             file_cache: RwLock::new(file_cache),
+            cache_tiers: std::sync::atomic::AtomicU8::new(options.cache_tiers.code()),
             spilling: std::sync::atomic::AtomicBool::new(false),
             tier_switches: AtomicU64::new(0),
             spilled_records: AtomicU64::new(0),
@@ -1195,7 +1222,7 @@ impl Journal {
                 .file_cache_now()
                 .is_some_and(|cache| cache.has_room_now(encoded))
         };
-        match shared.options.cache_tiers {
+        match shared.cache_tiers() {
             CacheTiers::Memory => true,
             CacheTiers::File => file_room(),
             CacheTiers::Both => !shared.spilling.load(Ordering::SeqCst) || file_room(),
@@ -1221,7 +1248,7 @@ impl Journal {
             match self.append_to_file_cache(info, record, admission)? {
                 Ok(handle) => return Ok(handle),
                 // The file cache is full: with both tiers, memory takes it.
-                Err(record) if shared.options.cache_tiers == CacheTiers::Both => {
+                Err(record) if shared.cache_tiers() == CacheTiers::Both => {
                     return self.append_to_memory(info, record, admission);
                 }
                 Err(record) => {
@@ -1750,6 +1777,36 @@ impl Journal {
     /// The memory cache's counters.
     pub fn memory_cache(&self) -> MemoryCacheStats {
         self.shared().memory.stats()
+    }
+
+    /// The tiers records wait in now.
+    pub fn cache_tiers(&self) -> CacheTiers {
+        self.shared().cache_tiers()
+    }
+
+    /// Changes the tiers records wait in from now on, making the file
+    /// cache if the new tiers use one and there is none (a replica group,
+    /// opened with memory alone, promoted to primary). Records waiting
+    /// where they are stay there.
+    pub fn set_cache_tiers(&self, tiers: CacheTiers) -> Result<()> {
+        let shared = self.shared();
+        if tiers != CacheTiers::Memory && shared.file_cache_now().is_none() {
+            let made = new_file_cache(
+                &shared.dir,
+                &shared.options,
+                shared.group_id,
+                shared.durable().0,
+            )?;
+            match made {
+                Some(cache) => *shared.file_cache.write() = Some(Arc::new(cache)),
+                // No room now: tried again now and then, as at open.
+                None => {
+                    *shared.file_cache_failed.lock() = Some(std::time::Instant::now());
+                }
+            }
+        }
+        shared.cache_tiers.store(tiers.code(), Ordering::SeqCst);
+        Ok(())
     }
 
     /// Counters of both tiers of the monitoring cache.

@@ -477,3 +477,45 @@ fn room_that_needs_the_tail_moved_on_disk_is_not_room_for_an_event_loop() {
     );
     assert!(cache.has_room_now(len));
 }
+
+/// A journal opened with memory alone (a replica group) that is given both
+/// tiers (promoted) makes its file cache then and spills to it.
+#[test]
+fn tiers_given_later_make_the_file_cache_and_spill_to_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let (journal, _) =
+        Journal::open(dir.path(), options(CacheTiers::Memory, &faults, 64 << 10)).expect("open");
+    let volume = journal.create_volume("vol", 1 << 20).expect("volume").id;
+    assert!(journal.cache_stats().file.is_none());
+    journal.set_cache_tiers(CacheTiers::Both).expect("tiers");
+    assert_eq!(journal.cache_tiers(), CacheTiers::Both);
+    assert!(journal.cache_stats().file.is_some(), "no file cache made");
+
+    let mut rng = rng(9);
+    faults.set_write_delay(Duration::from_millis(60));
+    let mut handles = Vec::new();
+    for i in 0..40u64 {
+        let data = payload(&mut rng, 6000);
+        handles.push(
+            journal
+                .append(
+                    volume,
+                    Change::Write {
+                        offset: (i % 16) * 8192,
+                        data: &data,
+                    },
+                )
+                .expect("append"),
+        );
+    }
+    assert!(
+        journal.cache_stats().spilled_records > 0,
+        "nothing spilled: {:?}",
+        journal.cache_stats()
+    );
+    faults.set_write_delay(Duration::ZERO);
+    for handle in handles {
+        handle.wait().expect("durable");
+    }
+}

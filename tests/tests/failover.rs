@@ -138,6 +138,8 @@ fn the_replica_takes_over_by_itself_when_the_primary_is_killed() {
         show["failover"]["phi"].as_f64().is_some_and(|p| p < 8.0),
         "volume show --json lacks failover.phi: {show}"
     );
+    // A replica's records wait in memory alone.
+    assert_eq!(show["cache"]["file_limit"], 0, "{show}");
     let status = sites.replica.json(&["status", "--json"]);
     assert_eq!(status["failover"]["auto"], true, "{status}");
     assert!(
@@ -186,6 +188,9 @@ fn the_replica_takes_over_by_itself_when_the_primary_is_killed() {
         read_at(&sites.replica, &format!("{volume}@latest"), 0, 4096),
         vec![0xAB; 4096]
     );
+    // Promoted, it spills to a file cache like any primary.
+    let show = sites.replica.json(&["volume", "show", volume, "--json"]);
+    assert_eq!(show["cache"]["file_limit"], 64 << 20, "{show}");
     let takeover = sites.replica.events(volume, "takeover");
     assert_eq!(takeover.len(), 1, "{takeover:?}");
     assert_eq!(takeover[0]["detector"], "host", "{takeover:?}");

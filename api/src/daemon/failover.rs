@@ -358,6 +358,11 @@ impl Registry {
             group.replica.store(false, Ordering::SeqCst);
             self.persist_catalog()?;
         }
+        // Opened as a replica with memory alone: the configured tiers now,
+        // so a burst of writes spills to the file cache instead of waiting.
+        if let Err(e) = journal.set_cache_tiers(self.config().cache_tiers) {
+            tracing::warn!(group = %group.name, error = %e, "the promoted group keeps its memory-only cache: the file cache cannot be made");
+        }
         // What the old primary had that never arrived (async modes): the
         // newest seq it last said it had, read before the watch on it ends.
         let primary_newest = self.failover.monitor.primary_newest(&group.name);
