@@ -116,6 +116,16 @@ async fn restored(store: &Arc<dyn ObjectStore>, point: ArchivePoint, dir: &Path)
     (seq, std::fs::read(&path).unwrap())
 }
 
+/// The whole volume as `view` serves it, read `piece` bytes at a time
+/// (from a blocking thread).
+fn read_whole(view: &ArchiveView, piece: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; SIZE as usize];
+    for (n, part) in buf.chunks_mut(piece).enumerate() {
+        view.read((n * piece) as u64, part).unwrap();
+    }
+    buf
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archived_points_restore_byte_for_byte_through_an_outage_and_a_fold() {
     let dir = tempfile::tempdir().unwrap();
@@ -235,11 +245,7 @@ async fn archived_points_restore_byte_for_byte_through_an_outage_and_a_fold() {
             let mut block = vec![0u8; 4096];
             view.read(SIZE / 2, &mut block).unwrap();
             assert!(view.fetched_pages.load(Ordering::Relaxed) <= 4);
-            let mut buf = vec![0u8; SIZE as usize];
-            for (n, piece) in buf.chunks_mut(128 << 10).enumerate() {
-                view.read(n as u64 * (128 << 10), piece).unwrap();
-            }
-            buf
+            read_whole(&view, 128 << 10)
         })
         .await
         .unwrap();
@@ -264,15 +270,9 @@ async fn archived_points_restore_byte_for_byte_through_an_outage_and_a_fold() {
     )
     .await
     .unwrap();
-    let got = tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; SIZE as usize];
-        for (n, piece) in buf.chunks_mut(1 << 20).enumerate() {
-            view.read(n as u64 * (1 << 20), piece).unwrap();
-        }
-        buf
-    })
-    .await
-    .unwrap();
+    let got = tokio::task::spawn_blocking(move || read_whole(&view, 1 << 20))
+        .await
+        .unwrap();
     assert!(got == images[2].1, "a view of mixed objects differs");
 
     // Outside the window, and a corrupted object: named errors.
