@@ -155,7 +155,8 @@ struct Tally {
     high: u64,
     /// Of the high-entropy ones, overwriting earlier data.
     high_overwrite: u64,
-    /// Separate 64 KiB regions those overwrites hit, one after another.
+    /// Separate places those overwrites hit: 64 KiB regions, not next to
+    /// the one the overwrite before ended in.
     high_regions: u64,
     /// Data bytes overwriting earlier data (the rate signal).
     overwrite: u64,
@@ -352,11 +353,16 @@ impl Watch {
                 }
                 if high && overwrite {
                     add.high_overwrite = len;
+                    // Separate places: a file written from start to end
+                    // moves to the next region, it is not in another place.
                     let region = offset / REGION;
-                    if self.last_high_region != Some(region) {
+                    if self
+                        .last_high_region
+                        .is_none_or(|last| region.abs_diff(last) > 1)
+                    {
                         add.high_regions = 1;
                     }
-                    self.last_high_region = Some(region);
+                    self.last_high_region = Some((offset + len - 1) / REGION);
                 }
             }
         }
@@ -816,6 +822,20 @@ mod tests {
             s.write((i % 1024) * 64 * KIB, 64 * KIB, ratio, 64 * KIB);
         }
         s.quiet("partly compressed pages");
+    }
+
+    #[test]
+    fn one_compressed_file_over_reused_blocks_stays_quiet() {
+        // Without discard, a new 4 MiB archive lands on blocks that held
+        // text, written front to back in 128 KiB pieces, with 3 MiB of
+        // text saved beside it: one place, not 64.
+        let mut s = Stream::new();
+        volume_of_text_files(&mut s);
+        for i in 0..32u64 {
+            s.write(file(0) + i * 128 * KIB, 128 * KIB, 1.0, 128 * KIB);
+            s.write(200 * MIB + i * 96 * KIB, 96 * KIB, 0.3, 96 * KIB);
+        }
+        s.quiet("a compressed file over reused blocks");
     }
 
     #[test]
