@@ -71,7 +71,22 @@ fn client(
     ca: Option<std::path::PathBuf>,
     command: Command,
 ) -> i32 {
-    match tidemark::cli::run_client(&tidemark::cli::Connection { server, token, ca }, command) {
+    // `replica add --ca F` names the replica site's CA; this site's own,
+    // if it speaks TLS with another, is then in TIDEMARK_CA.
+    let this_site_ca = matches!(
+        command,
+        Command::Replica(tidemark::cli::args::ReplicaCommand::Add { .. })
+    )
+    .then(|| std::env::var_os("TIDEMARK_CA").filter(|v| !v.is_empty()))
+    .flatten()
+    .map(std::path::PathBuf::from);
+    let connection = tidemark::cli::Connection {
+        server,
+        token,
+        ca,
+        this_site_ca,
+    };
+    match tidemark::cli::run_client(&connection, command) {
         Ok(()) => 0,
         Err(failure) => {
             eprintln!("tidemark: {}", failure.message);

@@ -72,18 +72,19 @@ pub struct Connection {
     pub token: Option<String>,
     /// `--ca` / `TIDEMARK_CA`: the CA to trust for `https://`.
     pub ca: Option<std::path::PathBuf>,
+    /// `replica add` only: `TIDEMARK_CA`, this site's CA, trusted beside
+    /// `--ca` (the replica site's).
+    pub this_site_ca: Option<std::path::PathBuf>,
 }
 
 impl Connection {
-    /// The CAs to trust: `--ca`, and `TIDEMARK_CA` as well when the command
-    /// line names another — `replica add --ca F` names the replica site's
-    /// CA, while this site's may be in the environment.
+    /// The CAs to trust: `--ca`, and for `replica add` (whose `--ca` names
+    /// the replica site's CA) this site's as well.
     fn cas(&self) -> Vec<std::path::PathBuf> {
         let mut cas: Vec<std::path::PathBuf> = self.ca.iter().cloned().collect();
-        if let Some(env) = std::env::var_os("TIDEMARK_CA").filter(|v| !v.is_empty()) {
-            let env = std::path::PathBuf::from(env);
-            if !cas.contains(&env) {
-                cas.push(env);
+        if let Some(own) = &self.this_site_ca {
+            if !cas.contains(own) {
+                cas.push(own.clone());
             }
         }
         cas
