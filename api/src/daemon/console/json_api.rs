@@ -483,39 +483,47 @@ async fn rollback(
     // A rollback goes *to* a point; `at` is accepted as the same.
     let point = if r.to.is_empty() { r.at } else { r.to };
     check_confirmation(&volume, &point, &r.confirm, "a rollback")?;
-    // A job shows how far the rollback got while this request waits.
+    // A job shows how far the rollback got while this request waits; the
+    // rollback and its job go on (and end) even if the request is dropped.
     let watched = c
         .daemon
         .registry
         .volume(&volume)
         .map_err(|e| JsonError::from(Status::from(e)))?;
     let job = c.jobs.start("rollback", &volume, &point, "");
-    let (jobs, id) = (c.jobs.clone(), job.id);
-    let watcher = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            if let Some((done, total)) = *watched.rollback_progress.lock() {
-                jobs.update(id, |j| (j.done_bytes, j.total_bytes) = (done, total));
+    let (jobs, id, service) = (c.jobs.clone(), job.id, c.service.clone());
+    let result = tokio::spawn(async move {
+        let watcher = {
+            let jobs = jobs.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    if let Some((done, total)) = *watched.rollback_progress.lock() {
+                        jobs.update(id, |j| (j.done_bytes, j.total_bytes) = (done, total));
+                    }
+                }
+            })
+        };
+        let result = service
+            .rollback(Request::new(pb::RollbackRequest { volume, to: point }))
+            .await;
+        watcher.abort();
+        jobs.update(id, |j| match &result {
+            Ok(r) => {
+                let r = r.get_ref();
+                j.state = "done";
+                j.seq = r.to_seq;
+                (j.done_bytes, j.total_bytes) = (r.bytes, r.bytes);
             }
-        }
-    });
-    let result = c
-        .service
-        .rollback(Request::new(pb::RollbackRequest { volume, to: point }))
-        .await;
-    watcher.abort();
-    c.jobs.update(id, |j| match &result {
-        Ok(r) => {
-            let r = r.get_ref();
-            j.state = "done";
-            j.seq = r.to_seq;
-            (j.done_bytes, j.total_bytes) = (r.bytes, r.bytes);
-        }
-        Err(status) => {
-            j.state = "failed";
-            j.error = Some(status.message().to_string());
-        }
-    });
+            Err(status) => {
+                j.state = "failed";
+                j.error = Some(status.message().to_string());
+            }
+        });
+        result
+    })
+    .await
+    .map_err(|e| JsonError::from(Status::internal(format!("the rollback task failed: {e}"))))?;
     reply(result)
 }
 
