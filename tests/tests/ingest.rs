@@ -149,3 +149,68 @@ fn ingest_writes_are_journalled_and_errors_do_not_end_the_stream() {
     );
     assert!(d.healthy());
 }
+
+/// A capture agent that keeps its stream open does not hold the daemon's
+/// shutdown up: SIGTERM ends the stream between writes (UNAVAILABLE), the
+/// daemon exits cleanly, and every write acknowledged on it is there
+/// after a restart.
+#[test]
+fn an_open_ingest_stream_ends_at_shutdown_and_its_writes_are_kept() {
+    let mut d = Daemon::start();
+    d.create_volume("agent", "8M", "async");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, mut stream) = rt.block_on(async {
+        let mut client = d.grpc_client().await;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(request(
+            1,
+            Op::Open(Open {
+                volume: "agent".into(),
+            }),
+        ))
+        .await
+        .unwrap();
+        tx.send(request(
+            2,
+            Op::Write(Write {
+                offset: 4096,
+                data: vec![0x5A; 4096],
+                fua: false,
+            }),
+        ))
+        .await
+        .unwrap();
+        let mut stream = client
+            .ingest(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        for _ in 0..2 {
+            let reply = stream.message().await.unwrap().unwrap();
+            assert!(reply.error.is_empty(), "{reply:?}");
+        }
+        (tx, stream)
+    });
+    // The stream stays open (tx is kept); the daemon is told to stop.
+    let status = d.stop();
+    assert!(
+        status.success(),
+        "the daemon did not stop cleanly: {status}"
+    );
+    let ended = rt.block_on(stream.message());
+    assert!(
+        matches!(&ended, Err(s) if s.code() == tonic::Code::Unavailable)
+            || matches!(ended, Ok(None)),
+        "{ended:?}"
+    );
+    drop(tx);
+    d.restart();
+    let out = d.path("agent.img");
+    run("nbdcopy", &[&d.uri("agent"), &out.display().to_string()]);
+    let image = std::fs::read(&out).unwrap();
+    assert_eq!(&image[4096..8192], &[0x5A; 4096][..]);
+}

@@ -42,6 +42,18 @@ impl Service {
     }
 }
 
+/// Returns once `stopping` turns true (never if its sender is gone).
+async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *stopping.borrow_and_update() {
+            return;
+        }
+        if stopping.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 fn point(text: &str, what: &str) -> ApiResult<Option<PointSpec>> {
     if text.is_empty() {
         return Ok(None);
@@ -729,8 +741,19 @@ impl Tidemark for Service {
                 error: String::new(),
             }))
             .await;
+        let mut stopping = self.daemon.stopping.clone();
         tokio::spawn(async move {
-            while let Some(message) = incoming.next().await {
+            loop {
+                // The daemon shutting down ends the stream between writes:
+                // none is taken after the last flush.
+                let message = tokio::select! {
+                    m = incoming.next() => m,
+                    _ = stopped(&mut stopping) => {
+                        let _ = tx.send(Err(Status::unavailable("the daemon is shutting down"))).await;
+                        break;
+                    }
+                };
+                let Some(message) = message else { break };
                 let message = match message {
                     Ok(m) => m,
                     Err(status) => {

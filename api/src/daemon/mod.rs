@@ -60,6 +60,8 @@ pub struct Daemon {
     pub nbd_addr: SocketAddr,
     /// Automatic tags, app-consistent tags, verification.
     pub tagger: Arc<tidemark_tagging::Tagger>,
+    /// Turns true when the daemon shuts down: long-lived streams end.
+    pub stopping: watch::Receiver<bool>,
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, String> {
@@ -130,13 +132,14 @@ async fn run(config: Config) -> Result<(), String> {
         Arc::new(tidemark_journal::SystemClock),
     );
     let _ = registry.tagger.set(tagger.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
     let daemon = Arc::new(Daemon {
         registry: registry.clone(),
         metrics: Metrics::default(),
         nbd_addr,
         tagger: tagger.clone(),
+        stopping: stop_rx.clone(),
     });
-    let (stop_tx, stop_rx) = watch::channel(false);
     failover::Failover::start(&registry, stop_rx.clone());
     if let Some(archive) = config.archive.clone() {
         let host = archive::ArchiveHost::start(archive, &registry, stop_rx.clone())
@@ -242,18 +245,10 @@ async fn run(config: Config) -> Result<(), String> {
     // primary may: end them, or the server waits for them forever.
     registry.replication.receivers.end_all();
     let _ = nbd_task.await;
-    for (what, task) in [("gRPC", grpc_task), ("HTTP", http_task)] {
-        // A client that holds a stream open (an ingest, a console page)
-        // does not hold the shutdown up for more than this.
-        let abort = task.abort_handle();
-        if tokio::time::timeout(std::time::Duration::from_secs(10), task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the {what} server still had requests open after 10 s; closing them");
-            abort.abort();
-        }
-    }
+    // (Ingest streams end on the same signal, after the write they are
+    // in; the servers finish once every request has.)
+    let _ = grpc_task.await;
+    let _ = http_task.await;
     let _ = retention_task.await;
     // NBD connections answer what they have read, then close.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
