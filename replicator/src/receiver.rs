@@ -41,9 +41,11 @@ pub trait ReplicaHost: Send + Sync {
         None
     }
 
-    /// The primary of `group` stopped replicating it here (`replica
-    /// remove`): its silence from now on is not a failure.
-    fn detached(&self, _group: &str) {}
+    /// The primary that says `hello` (with `detach`) stops replicating
+    /// its group here (`replica remove`): the copy here, if this site
+    /// keeps one for that primary, follows no one from now on and its
+    /// silence is no failure. Nothing is made or demoted.
+    fn detach(&self, hello: &msg::Hello) -> Result<(), Box<Status>>;
 }
 
 /// The replication streams open on this site, one per group: a new one for
@@ -138,6 +140,16 @@ impl Receivers {
             )));
         }
         let group = hello.group.clone();
+        if hello.detach {
+            let host = host.clone();
+            tokio::task::spawn_blocking(move || host.detach(&hello))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| *e)?;
+            // Nothing to answer: the stream ends here.
+            let (_, replies) = mpsc::channel(1);
+            return Ok(replies);
+        }
         let journal = {
             let (hello, host) = (hello.clone(), host.clone());
             tokio::task::spawn_blocking(move || host.replica_journal(&hello))
@@ -145,7 +157,6 @@ impl Receivers {
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|e| *e)?
         };
-        host.heard(&group, hello.newest_seq);
         if journal.source_id() != 0 && journal.source_id() != hello.source_id {
             return Err(refuse(format!(
                 "this site's copy of group {group} follows another journal (id {:#x}, the primary's is {:#x})",
@@ -179,6 +190,9 @@ impl Receivers {
             })
             .await?;
         }
+        // (After the copy knows whom it follows: a copy that follows no one
+        // is not watched.)
+        host.heard(&group, hello.newest_seq);
         let (out, replies) = mpsc::channel(16);
         answer(&out, position(&journal, host.heartbeat())).await;
         let (stop, stopped) = watch::channel(false);
@@ -227,16 +241,6 @@ async fn apply(
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
-                    Ok(Some(pb::ReplicationMessage { message: Some(Message::Detach(d)) })) => {
-                        let m = Message::Detach(d);
-                        check_epoch(journal, stream_epoch, &m).map_err(refuse)?;
-                        let group = journal.group();
-                        let unfollowed = journal.clone();
-                        blocking(move || unfollowed.set_source_id(0).map_err(|e| e.to_string())).await?;
-                        host.detached(&group);
-                        tracing::info!(group, "the primary stopped replicating the group here; this copy is kept and follows no one");
-                        return Ok(());
-                    }
                     Ok(Some(pb::ReplicationMessage { message: Some(m) })) => {
                         let newest = match &m {
                             Message::Records(r) => r.last_seq,
@@ -288,8 +292,12 @@ fn check_epoch(journal: &Journal, stream_epoch: u64, message: &Message) -> Resul
         Message::Region(m) => ("a region", m.epoch),
         Message::RebaseDone(m) => ("the end of a rebase", m.epoch),
         Message::Heartbeat(m) => ("a heartbeat", m.epoch),
-        Message::Detach(m) => ("a detach", m.epoch),
     };
+    // 0: not said (a primary of an older build), or a group that never
+    // changed hands, where there is nothing older to fence off.
+    if epoch == 0 {
+        return Ok(());
+    }
     if epoch != stream_epoch {
         return Err(format!(
             "{what} of epoch {epoch} on a stream of group {} opened at epoch {stream_epoch}",
@@ -411,7 +419,5 @@ async fn handle(
             answer(out, position(journal, None)).await;
             Ok(())
         }
-        // Taken in `apply`, which ends the stream on it.
-        Message::Detach(_) => Ok(()),
     }
 }

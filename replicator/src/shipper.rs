@@ -554,19 +554,18 @@ impl ShipperShared {
     /// stops replicating the group to it.
     async fn detach(&self) -> Result<(), String> {
         let mut client = link::connect(&self.peer).await?;
-        let detach = pb::ReplicationMessage {
-            message: Some(Message::Detach(msg::Detach {
-                epoch: self.journal.epoch(),
-            })),
-        };
-        let messages = tokio_stream::iter(vec![self.hello(), detach]);
+        let mut hello = self.hello();
+        if let Some(Message::Hello(h)) = &mut hello.message {
+            h.detach = true;
+        }
+        let messages = tokio_stream::iter(vec![hello]);
         let mut inbound = client
             .replicate(messages)
             .await
             .map_err(|s| status_text(&s))?
             .into_inner();
-        // The replica answers the hello, then ends the stream once the
-        // detach is done (or refuses it).
+        // The replica ends the stream once the copy there follows no one
+        // (or refuses).
         loop {
             match inbound.message().await {
                 Ok(Some(_)) => {}
@@ -598,6 +597,7 @@ impl ShipperShared {
                 source_id: self.journal.group_id(),
                 version: 1,
                 epochs: wire::epochs_to_wire(&self.journal.epoch_history()),
+                detach: false,
             })),
         }
     }

@@ -80,6 +80,7 @@ impl ForgedPrimary {
             source_id: self.journal.group_id(),
             version: 1,
             epochs: Vec::new(),
+            detach: false,
         }))
     }
 }

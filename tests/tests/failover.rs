@@ -217,14 +217,13 @@ fn the_replica_takes_over_by_itself_when_the_primary_is_killed() {
     assert_eq!(read_at(&sites.replica, volume, 0, 4096), vec![0xAB; 4096]);
 }
 
-/// A replica site that restarts watches its primaries from the start: one
-/// that stays silent (killed while this site was down) is taken over by
-/// itself once a live primary would have reconnected. A group whose
-/// primary ran `replica remove` is not watched: the primary said so, the
-/// copy is kept and follows no one, and its silence — before and after a
-/// restart — is no failure.
+/// `replica remove` on the primary tells the replica site, which keeps
+/// its copy and stops watching that primary: with `auto` on and no
+/// witness, its silence from then on — before and after a restart of the
+/// replica site — is no reason to take over, while a group still
+/// replicated there is taken over when its primary dies.
 #[test]
-fn after_a_restart_the_replica_takes_over_a_silent_primary_but_not_one_that_let_go() {
+fn a_copy_the_primary_let_go_is_not_taken_over() {
     let mut sites = Sites::start("auto = true\n");
     for volume in ["db", "kept"] {
         sites.primary.create_volume(volume, "8M", "async");
@@ -238,22 +237,17 @@ fn after_a_restart_the_replica_takes_over_a_silent_primary_but_not_one_that_let_
     assert_eq!(role(&sites.replica, "kept"), "replica");
     assert!(sites.replica.events("kept", "takeover").is_empty());
     assert_eq!(role(&sites.replica, "db"), "replica");
-
-    sites.replica.stop();
-    sites.primary.kill9();
+    // The replica site shuts down while a primary streams to it.
     sites.replica.restart();
-    let took = wait_primary(&sites.replica, "db", 40);
-    eprintln!("replica restarted -> silent primary taken over in {took:?}");
-    let takeover = sites.replica.events("db", "takeover");
-    assert_eq!(takeover.len(), 1, "{takeover:?}");
-    assert!(
-        takeover[0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("since this site started"),
-        "{takeover:?}"
-    );
-    assert_eq!(write_at(&sites.replica, "db", 0, &[6u8; 4096]), 0);
+    sites.link.set_upstream(&sites.replica.grpc);
+    sites.replica.eventually(30, "the primary reconnects", || {
+        sites.replica.json(&["status", "--json"])["failover"]["last_heartbeat_seconds"]
+            .as_f64()
+            .is_some_and(|s| (0.0..1.0).contains(&s))
+    });
+    sites.primary.kill9();
+    wait_primary(&sites.replica, "db", 30);
+    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(role(&sites.replica, "kept"), "replica");
     assert!(sites.replica.events("kept", "takeover").is_empty());
     assert_eq!(
@@ -777,6 +771,56 @@ fn failback_after_a_takeover_returns_the_roles_and_loses_nothing() {
     );
     let v = sites.primary.json(&["replica", "verify", volume, "--json"]);
     assert_eq!(v["equal"], true, "{v}");
+}
+
+/// With a witness, a replica site that restarts watches its primaries
+/// from the start: a primary killed while the site was down is taken over
+/// by itself once a live one would have reconnected (and its lease ran
+/// out), with the reason saying so.
+#[test]
+fn with_a_witness_a_restarted_replica_takes_over_a_primary_that_died_meanwhile() {
+    let test = "with_a_witness_a_restarted_replica_takes_over_a_primary_that_died_meanwhile";
+    let Some(etcd) = tidemark_tests::etcd::Etcd::start(test) else {
+        return;
+    };
+    let witness = format!(
+        "[failover.witness]\netcd = [\"{}\"]\nkey = \"/tidemark/restart\"\nlease = \"2s\"\ngrace = \"600ms\"\n",
+        etcd.url
+    );
+    let replica = Daemon::with_config(&format!("{}{witness}", replica_config("auto = true\n")));
+    let link = Proxy::start(&replica.grpc);
+    let primary = Daemon::with_config(&format!("{}\n[failover]\n{witness}", primary_config()));
+    let mut sites = Sites {
+        primary,
+        replica,
+        link,
+    };
+    let volume = "db";
+    sites.primary.create_volume(volume, "8M", "async");
+    sites
+        .primary
+        .eventually(20, "the primary holds the witness's lease", || {
+            write_at(&sites.primary, volume, 0, &[5u8; 65536]) == 0
+        });
+    sites.add(volume, "async");
+    sites.caught_up(volume);
+
+    sites.replica.stop();
+    sites.primary.kill9();
+    sites.replica.restart();
+    let took = wait_primary(&sites.replica, volume, 40);
+    eprintln!("replica restarted -> the dead primary taken over in {took:?}");
+    let takeover = sites.replica.events(volume, "takeover");
+    assert_eq!(takeover.len(), 1, "{takeover:?}");
+    assert!(
+        takeover[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("since this site started"),
+        "{takeover:?}"
+    );
+    assert_eq!(write_at(&sites.replica, volume, 0, &[6u8; 4096]), 0);
+    assert_eq!(read_at(&sites.replica, volume, 4096, 4096), vec![5u8; 4096]);
 }
 
 /// Split brain with a witness (etcd): the link between the sites is cut

@@ -121,13 +121,18 @@ impl Failover {
                 }
             }
         }
-        // Groups kept here for a primary are watched from the start: one
-        // that stays silent after a restart of this site is as down as one
-        // that falls silent later (a copy the primary stopped replicating
-        // follows no one and is not watched).
-        for group in registry.groups() {
-            if group.is_replica() && group.journal().source_id() != 0 {
-                failover.monitor.watch(&group.name, STARTUP_GRACE);
+        // With a witness, groups kept here for a primary are watched from
+        // the start: one that stays silent after a restart of this site is
+        // as down as one that falls silent later, and the witness refuses
+        // the takeover of a primary that is alive but cannot reach this
+        // site (a rotated token, say). Without one, silence since a restart
+        // proves too little: the primary must be heard first. (A copy the
+        // primary let go follows no one and is never watched.)
+        if failover.monitor.settings().witness.is_some() {
+            for group in registry.groups() {
+                if group.is_replica() && group.journal().source_id() != 0 {
+                    failover.monitor.watch(&group.name, STARTUP_GRACE);
+                }
             }
         }
         tokio::spawn(failover.monitor.clone().run(stop));

@@ -388,15 +388,58 @@ impl ReplicaHost for ReplicaSite {
     }
 
     fn heard(&self, group: &str, newest: Seq) {
-        self.0.failover.monitor.heard(group, newest);
+        // A copy that follows no one (its primary let it go) is not
+        // watched, whatever a stream still open a moment longer says.
+        let follows = self
+            .0
+            .group_by_name(group)
+            .is_ok_and(|g| g.is_replica() && g.journal().source_id() != 0);
+        if follows {
+            self.0.failover.monitor.heard(group, newest);
+        }
     }
 
     fn heartbeat(&self) -> Option<Duration> {
         Some(self.0.failover.monitor.settings().heartbeat)
     }
 
-    fn detached(&self, group: &str) {
-        self.0.failover.monitor.forget(group);
+    fn detach(&self, hello: &Hello) -> Result<(), Box<tonic::Status>> {
+        let registry = &self.0;
+        let refuse = |why: String| Box::new(tonic::Status::failed_precondition(why));
+        let Ok(group) = registry.group_by_name(&hello.group) else {
+            tracing::info!(group = %hello.group, "a primary stopped replicating a group this site does not hold");
+            return Ok(());
+        };
+        if !group.is_replica() {
+            return Err(refuse(format!(
+                "group {} is a primary on this site, not a copy of the sender's",
+                hello.group
+            )));
+        }
+        let journal = group.journal();
+        if journal.source_id() != hello.source_id {
+            return Err(refuse(format!(
+                "this site's copy of group {} follows another journal (id {:#x}, the sender's is {:#x})",
+                hello.group,
+                journal.source_id(),
+                hello.source_id
+            )));
+        }
+        if journal.epoch() > hello.epoch {
+            return Err(refuse(format!(
+                "group {} is at epoch {} here, newer than the sender's {}",
+                hello.group,
+                journal.epoch(),
+                hello.epoch
+            )));
+        }
+        registry.replication.receivers.end(&hello.group);
+        journal
+            .set_source_id(0)
+            .map_err(|e| refuse(e.to_string()))?;
+        registry.failover.monitor.forget(&hello.group);
+        tracing::info!(group = %hello.group, "the primary stopped replicating the group here; this copy is kept and follows no one");
+        Ok(())
     }
 }
 
