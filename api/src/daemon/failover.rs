@@ -105,6 +105,26 @@ impl Failover {
         }
     }
 
+    /// With a witness, groups kept here for a primary are watched from the
+    /// start: one that stays silent after a restart of this site is as
+    /// down as one that falls silent later, and the witness refuses the
+    /// takeover of a primary that is alive but cannot reach this site (a
+    /// rotated token, say). Without one, silence since a restart proves
+    /// too little: the primary must be heard first. (A copy the primary
+    /// let go follows no one and is never watched.) Called once this
+    /// site's gRPC server serves, so the grace is all the primary's.
+    pub fn watch_from_start(registry: &Registry) {
+        let failover = &registry.failover;
+        if failover.monitor.settings().witness.is_none() {
+            return;
+        }
+        for group in registry.groups() {
+            if group.is_replica() && group.journal().source_id() != 0 {
+                failover.monitor.watch(&group.name, STARTUP_GRACE);
+            }
+        }
+    }
+
     /// Runs the watch and carries out its decisions until `stop`; with a
     /// witness, holds every group this site is the primary of.
     pub fn start(registry: &Arc<Registry>, stop: tokio::sync::watch::Receiver<bool>) {
@@ -118,20 +138,6 @@ impl Failover {
             for group in registry.groups() {
                 if !group.is_replica() {
                     registry.hold_witness(&group.name, group.journal().epoch());
-                }
-            }
-        }
-        // With a witness, groups kept here for a primary are watched from
-        // the start: one that stays silent after a restart of this site is
-        // as down as one that falls silent later, and the witness refuses
-        // the takeover of a primary that is alive but cannot reach this
-        // site (a rotated token, say). Without one, silence since a restart
-        // proves too little: the primary must be heard first. (A copy the
-        // primary let go follows no one and is never watched.)
-        if failover.monitor.settings().witness.is_some() {
-            for group in registry.groups() {
-                if group.is_replica() && group.journal().source_id() != 0 {
-                    failover.monitor.watch(&group.name, STARTUP_GRACE);
                 }
             }
         }

@@ -191,6 +191,7 @@ async fn run(config: Config) -> Result<(), String> {
             }
         })
     };
+    failover::Failover::watch_from_start(&registry);
     let http_task = {
         let mut stop = stop_rx.clone();
         let tls = match &config.tls {
