@@ -225,6 +225,10 @@ fn ext4_restored_from_the_bucket_alone_and_served_from_it_by_an_empty_daemon() {
         same(&served, &second),
         "db@tag:second served from the bucket differs"
     );
+    // Every connection to the point while one is open shares its view.
+    let opened = empty.log_text().matches("archive view opened").count();
+    assert_eq!(opened, 1, "views opened for db@tag:second: {opened}");
+    drop(conn);
     let out = empty.cli(&["archive", "status", "--json"]);
     assert!(out.status.success());
 }

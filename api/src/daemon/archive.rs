@@ -3,7 +3,7 @@
 //! their status for `archive status` and the metrics, and points of
 //! volumes this site does not hold, served from the bucket.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -31,6 +31,9 @@ pub struct ArchiveHost {
     archivers: Mutex<BTreeMap<String, Archiver>>,
     cache_dir: PathBuf,
     runtime: tokio::runtime::Handle,
+    /// Views open now, by volume and seq: every connection to the same
+    /// point (nbdcopy opens several) shares one, with its caches.
+    views: Mutex<HashMap<(String, u64), Weak<ArchiveView>>>,
 }
 
 impl ArchiveHost {
@@ -53,6 +56,7 @@ impl ArchiveHost {
             archivers: Mutex::new(BTreeMap::new()),
             cache_dir,
             runtime: tokio::runtime::Handle::current(),
+            views: Mutex::new(HashMap::new()),
         });
         let (weak_host, weak_registry) = (Arc::downgrade(&host), Arc::downgrade(registry));
         tokio::spawn(async move {
@@ -109,6 +113,14 @@ impl ArchiveHost {
         self.archivers.lock().clear();
     }
 
+    /// A view of `volume` at `seq` some connection holds open now.
+    fn shared_view(&self, volume: &str, seq: u64) -> Option<Arc<ArchiveView>> {
+        self.views
+            .lock()
+            .get(&(volume.to_string(), seq))
+            .and_then(Weak::upgrade)
+    }
+
     /// Volume `volume` at `point`, served from the archive (from a
     /// blocking thread).
     pub fn open_view(&self, volume: &str, point: &PointSpec) -> ApiResult<Arc<ArchiveView>> {
@@ -118,14 +130,22 @@ impl ArchiveHost {
             self.cache_dir.clone(),
             self.config.cache_bytes,
         );
-        let volume = volume.to_string();
+        let name = volume.to_string();
         self.runtime
             .block_on(async move {
-                let catalog = Arc::new(Catalog::for_volume(store, &volume).await?);
-                let seq = catalog.resolve(&volume, &point).await?;
-                ArchiveView::open(catalog, &volume, seq, &cache_dir, cache).await
+                let catalog = Arc::new(Catalog::for_volume(store, &name).await?);
+                let seq = catalog.resolve(&name, &point).await?;
+                if let Some(view) = self.shared_view(&name, seq) {
+                    return Ok(view);
+                }
+                let view =
+                    Arc::new(ArchiveView::open(catalog, &name, seq, &cache_dir, cache).await?);
+                tracing::info!(volume = %name, seq, "archive view opened");
+                let mut views = self.views.lock();
+                views.retain(|_, v| v.strong_count() > 0);
+                views.insert((name, seq), Arc::downgrade(&view));
+                Ok(view)
             })
-            .map(Arc::new)
             .map_err(|e| match e {
                 tidemark_replicator::archive::ArchiveError::Invalid(text) => {
                     ApiError::NotFound(text)
