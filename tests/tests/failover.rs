@@ -63,6 +63,45 @@ impl Sites {
     }
 }
 
+impl Sites {
+    /// Sites whose takeovers and writes need the witness at `key` in etcd:
+    /// the replica (auto) reaches it at `replica_etcd`, the primary at
+    /// `primary_etcd` (a proxy a test can cut, or the same).
+    fn with_witness(key: &str, replica_etcd: &str, primary_etcd: &str) -> Sites {
+        let witness = |url: &str| {
+            format!(
+                "[failover.witness]\netcd = [\"{url}\"]\nkey = \"{key}\"\nlease = \"2s\"\ngrace = \"600ms\"\n"
+            )
+        };
+        let replica = Daemon::with_config(&format!(
+            "{}{}",
+            replica_config("auto = true\n"),
+            witness(replica_etcd)
+        ));
+        let link = Proxy::start(&replica.grpc);
+        let primary = Daemon::with_config(&format!(
+            "{}\n[failover]\n{}",
+            primary_config(),
+            witness(primary_etcd)
+        ));
+        Sites {
+            primary,
+            replica,
+            link,
+        }
+    }
+
+    /// Creates `volume` on the primary and waits until it holds the
+    /// witness's lease (a first write of `byte`s passes).
+    fn volume_under_witness(&self, volume: &str, byte: u8) {
+        self.primary.create_volume(volume, "8M", "async");
+        self.primary
+            .eventually(20, "the primary holds the witness's lease", || {
+                write_at(&self.primary, volume, 0, &[byte; 4096]) == 0
+            });
+    }
+}
+
 /// The role of `volume` on `d`.
 fn role(d: &Daemon, volume: &str) -> String {
     d.json(&["volume", "show", volume, "--json"])["role"]
@@ -783,25 +822,10 @@ fn with_a_witness_a_restarted_replica_takes_over_a_primary_that_died_meanwhile()
     let Some(etcd) = tidemark_tests::etcd::Etcd::start(test) else {
         return;
     };
-    let witness = format!(
-        "[failover.witness]\netcd = [\"{}\"]\nkey = \"/tidemark/restart\"\nlease = \"2s\"\ngrace = \"600ms\"\n",
-        etcd.url
-    );
-    let replica = Daemon::with_config(&format!("{}{witness}", replica_config("auto = true\n")));
-    let link = Proxy::start(&replica.grpc);
-    let primary = Daemon::with_config(&format!("{}\n[failover]\n{witness}", primary_config()));
-    let mut sites = Sites {
-        primary,
-        replica,
-        link,
-    };
+    let mut sites = Sites::with_witness("/tidemark/restart", &etcd.url, &etcd.url);
     let volume = "db";
-    sites.primary.create_volume(volume, "8M", "async");
-    sites
-        .primary
-        .eventually(20, "the primary holds the witness's lease", || {
-            write_at(&sites.primary, volume, 0, &[5u8; 65536]) == 0
-        });
+    sites.volume_under_witness(volume, 5);
+    assert_eq!(write_at(&sites.primary, volume, 0, &[5u8; 65536]), 0);
     sites.add(volume, "async");
     sites.caught_up(volume);
 
@@ -838,34 +862,13 @@ fn with_a_witness_exactly_one_site_accepts_writes_through_a_partition() {
     };
     // The primary reaches the witness through a proxy the test can cut.
     let to_etcd = Proxy::start(&etcd.address);
-    let witness = |url: &str| {
-        format!(
-            "[failover.witness]\netcd = [\"{url}\"]\nkey = \"/tidemark/s5\"\nlease = \"2s\"\ngrace = \"600ms\"\n"
-        )
-    };
-    let replica = Daemon::with_config(&format!(
-        "{}{}",
-        replica_config("auto = true\n"),
-        witness(&etcd.url)
-    ));
-    let link = Proxy::start(&replica.grpc);
-    let primary = Daemon::with_config(&format!(
-        "{}\n[failover]\n{}",
-        primary_config(),
-        witness(&format!("http://{}", to_etcd.address))
-    ));
-    let sites = Sites {
-        primary,
-        replica,
-        link,
-    };
+    let sites = Sites::with_witness(
+        "/tidemark/s5",
+        &etcd.url,
+        &format!("http://{}", to_etcd.address),
+    );
     let volume = "s5";
-    sites.primary.create_volume(volume, "8M", "async");
-    sites
-        .primary
-        .eventually(20, "the primary holds the witness's lease", || {
-            write_at(&sites.primary, volume, 0, &[1u8; 4096]) == 0
-        });
+    sites.volume_under_witness(volume, 1);
     let status = sites.primary.json(&["status", "--json"]);
     assert!(
         status["failover"]["witness"]
