@@ -42,6 +42,18 @@ struct Watched {
     heard: bool,
 }
 
+impl Watched {
+    /// Nothing heard, nothing decided.
+    fn new(settings: &FailoverSettings) -> Self {
+        Watched {
+            detector: PhiAccrual::new(settings.detector),
+            primary_newest: 0,
+            decided: false,
+            heard: false,
+        }
+    }
+}
+
 /// One probe's state, for status.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeStatus {
@@ -126,12 +138,9 @@ impl Monitor {
     pub fn heard(&self, group: &str, newest: Seq) {
         let now = self.now();
         let mut groups = self.groups.lock();
-        let watched = groups.entry(group.to_string()).or_insert_with(|| Watched {
-            detector: PhiAccrual::new(self.settings.detector),
-            primary_newest: 0,
-            decided: false,
-            heard: false,
-        });
+        let watched = groups
+            .entry(group.to_string())
+            .or_insert_with(|| Watched::new(&self.settings));
         watched.detector.heartbeat(now);
         watched.primary_newest = watched.primary_newest.max(newest);
         watched.decided = false;
@@ -148,14 +157,9 @@ impl Monitor {
             .lock()
             .entry(group.to_string())
             .or_insert_with(|| {
-                let mut detector = PhiAccrual::new(self.settings.detector);
-                detector.heartbeat(assumed);
-                Watched {
-                    detector,
-                    primary_newest: 0,
-                    decided: false,
-                    heard: false,
-                }
+                let mut watched = Watched::new(&self.settings);
+                watched.detector.heartbeat(assumed);
+                watched
             });
     }
 

@@ -216,17 +216,15 @@ impl Shipper {
     pub async fn remove(self) {
         let shared = self.shared.clone();
         self.stop(true).await;
-        {
-            match tokio::time::timeout(DETACH_TIMEOUT, shared.detach()).await {
-                Ok(Ok(())) => {
-                    tracing::info!(group = %shared.group, replica = %shared.peer.address, "the replica site no longer follows this one")
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(group = %shared.group, replica = %shared.peer.address, error = %e, "the replica site could not be told that replication stopped; with failover.auto on there it may take over: remove the group there, or promote it deliberately")
-                }
-                Err(_) => {
-                    tracing::warn!(group = %shared.group, replica = %shared.peer.address, "the replica site did not answer within {DETACH_TIMEOUT:?} that replication stopped; with failover.auto on there it may take over: remove the group there, or promote it deliberately")
-                }
+        let told = tokio::time::timeout(DETACH_TIMEOUT, shared.detach())
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {DETACH_TIMEOUT:?}")));
+        match told {
+            Ok(()) => {
+                tracing::info!(group = %shared.group, replica = %shared.peer.address, "the replica site no longer follows this one")
+            }
+            Err(e) => {
+                tracing::warn!(group = %shared.group, replica = %shared.peer.address, error = %e, "the replica site could not be told that replication stopped; with failover.auto on there it may take over: remove the group there, or promote it deliberately")
             }
         }
     }
@@ -1431,9 +1429,10 @@ async fn next_reply(
 /// Bounds on the heartbeat interval a replica may ask for: a misconfigured
 /// one neither floods the link nor silences the primary for minutes.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
+const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
+
 /// How long `replica remove` waits to tell the replica site.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// The interval to send heartbeats at: what the replica's detector asks
 /// for (`asked_ms`; 0: nothing), within sane bounds, else `own`.
