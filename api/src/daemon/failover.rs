@@ -362,7 +362,8 @@ impl Registry {
             // a group promoted before it (a burst an anomaly tag marks).
             if seq < newest {
                 for volume in &volumes {
-                    let report = super::rollback::roll_back(self, volume, &PointSpec::Seq(seq))?;
+                    let report =
+                        super::rollback::roll_back(self, volume, &PointSpec::Seq(seq), false)?;
                     rolled_back.push((volume.clone(), report));
                 }
             }

@@ -43,7 +43,7 @@ pub fn rollback(
         )));
     }
     let _guard = WriterGuard::new(volume.clone());
-    let report = roll_back(registry, volume, to)?;
+    let report = roll_back(registry, volume, to, true)?;
     record(registry, volume, &report)?;
     Ok(report)
 }
@@ -52,11 +52,14 @@ pub fn rollback(
 /// timeline event: what a takeover runs while the group still refuses
 /// writes as a replica, so no client sees the volume between the newest
 /// point and the one promoted. (The event is [`record`]ed once the group
-/// may take records of its own.)
+/// may take records of its own.) With `show_progress` it first counts
+/// what there is to rewrite, from the index alone, for the progress the
+/// console shows; a takeover does not, to keep its time down.
 pub fn roll_back(
     registry: &Registry,
     volume: &Arc<Volume>,
     to: &PointSpec,
+    show_progress: bool,
 ) -> ApiResult<RollbackReport> {
     let name = &volume.name;
     let write_path = &volume.group.write_path;
@@ -68,13 +71,15 @@ pub fn roll_back(
     journal.sync()?;
     let to_seq = registry.resolve(volume, to)?;
     let undo_seq = journal.history().newest_seq;
-    // What there is to rewrite, from the index alone, for the progress
-    // the console shows.
-    let mut total = 0u64;
-    for span in journal.changed_since(name, to_seq)? {
-        total += span?.1;
-    }
-    let progress = Progress::start(volume, total);
+    let progress = if show_progress {
+        let mut total = 0u64;
+        for span in journal.changed_since(name, to_seq)? {
+            total += span?.1;
+        }
+        Some(Progress::start(volume, total))
+    } else {
+        None
+    };
     let mut buf = vec![0u8; CHUNK as usize];
     let mut bytes = 0u64;
     // Streamed: a large volume's changes are never all in memory.
@@ -92,7 +97,9 @@ pub fn roll_back(
             }
             bytes += n;
             at += n;
-            progress.set(bytes.min(total), total.max(bytes));
+            if let Some(progress) = &progress {
+                progress.set(bytes);
+            }
         }
     }
     write_path.flush(name)?;
@@ -107,22 +114,27 @@ pub fn roll_back(
 }
 
 /// A volume's rollback progress, cleared however the rollback ends.
-struct Progress<'a>(&'a Volume);
+struct Progress<'a> {
+    volume: &'a Volume,
+    total: u64,
+}
 
 impl<'a> Progress<'a> {
     fn start(volume: &'a Volume, total: u64) -> Self {
         *volume.rollback_progress.lock() = Some((0, total));
-        Progress(volume)
+        Progress { volume, total }
     }
 
-    fn set(&self, done: u64, total: u64) {
-        *self.0.rollback_progress.lock() = Some((done, total));
+    /// `done` bytes rewritten (never shown past the total, which a write
+    /// racing the count may have outgrown).
+    fn set(&self, done: u64) {
+        *self.volume.rollback_progress.lock() = Some((done.min(self.total), self.total.max(done)));
     }
 }
 
 impl Drop for Progress<'_> {
     fn drop(&mut self) {
-        *self.0.rollback_progress.lock() = None;
+        *self.volume.rollback_progress.lock() = None;
     }
 }
 
