@@ -50,6 +50,10 @@ pub struct JournalOptions {
     pub max_record_len: u64,
     /// A group commit stops gathering records at about this many bytes.
     pub max_batch_bytes: usize,
+    /// Batches smaller than this are written, synced and indexed by one
+    /// thread while the writer's stages are idle, rather than passed along
+    /// its three-stage pipeline (see `writer.rs`); 0 always pipelines.
+    pub inline_batch_below: usize,
     /// What to do with damage in the middle of the journal.
     pub recovery: RecoveryMode,
     /// Zeroes and trims spanning more 4 KiB blocks than this are indexed as
@@ -100,6 +104,7 @@ impl Default for JournalOptions {
             segment_size: 64 << 20,
             max_record_len: 32 << 20,
             max_batch_bytes: 8 << 20,
+            inline_batch_below: 256 << 10,
             recovery: RecoveryMode::Strict,
             large_range_blocks: 256,
             direct_io: true,

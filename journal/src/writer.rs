@@ -13,6 +13,11 @@
 //! busy, the next batch gathers in the channel: that is the group commit.
 //! Each batch frame records how much of its segment was durable when it was
 //! encoded, which keeps recovery exact (see `recovery.rs`).
+//!
+//! A small batch (under `JournalOptions::inline_batch_below`) that finds
+//! the other two stages idle skips them: the encode stage writes, syncs
+//! and indexes it itself, saving two thread hand-offs per commit — what a
+//! commit-per-write load pays most for on a small machine.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,6 +30,7 @@ use std::task::{Context, Poll};
 // batch — under a database's commit-per-write load that was a seventh of
 // the daemon's CPU time, taken from the database on a small machine.
 use parking_lot::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 
 use crate::appender::{BatchWrite, BufferPool, SegmentAppender};
@@ -478,6 +484,10 @@ pub struct Writer {
     spare: Option<Spare>,
     /// Batches written to the active segment since it became active.
     batches_in_segment: u64,
+    /// Items handed to the IO stage that the sync stage has not finished:
+    /// while zero, nothing is between the stages and this thread may write,
+    /// sync and index a small batch itself.
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -511,6 +521,7 @@ impl Writer {
             pool,
             spare: None,
             batches_in_segment: 0,
+            in_flight: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -524,16 +535,20 @@ impl Writer {
         let shared = self.shared.clone();
         let synced_to = self.synced_to.clone();
         let pool = self.pool.clone();
+        let in_flight = self.in_flight.clone();
         std::thread::scope(|scope| {
             let io = std::thread::Builder::new()
                 .name("tidemark-journal-io".into())
                 .spawn_scoped(scope, {
                     let shared = shared.clone();
-                    move || io_stage(&shared, &from_encode, &to_sync, &pool)
+                    let in_flight = in_flight.clone();
+                    move || io_stage(&shared, &from_encode, &to_sync, &pool, &in_flight)
                 });
             let sync = std::thread::Builder::new()
                 .name("tidemark-journal-sync".into())
-                .spawn_scoped(scope, move || sync_stage(&shared, &from_io, &synced_to));
+                .spawn_scoped(scope, move || {
+                    sync_stage(&shared, &from_io, &synced_to, &in_flight)
+                });
             if let (Err(e), _) | (_, Err(e)) = (&io, &sync) {
                 self.shared
                     .poison(format!("cannot start the journal's threads: {e}"));
@@ -596,9 +611,14 @@ impl Writer {
                 next = self.rx.try_recv().ok();
             }
             if !batch.is_empty() {
-                self.encode(batch, to_io);
+                self.encode(batch, bytes, to_io);
             }
             for reply in barriers {
+                if self.idle() {
+                    settle(&self.shared, vec![ToSync::Barrier(reply)], &self.synced_to);
+                    continue;
+                }
+                self.in_flight.fetch_add(1, Ordering::AcqRel);
                 if to_io.send(ToIo::Barrier(reply)).is_err() {
                     return;
                 }
@@ -606,9 +626,16 @@ impl Writer {
         }
     }
 
-    /// Encodes one batch and hands it to the IO stage; on failure answers
-    /// its appenders at once.
-    fn encode(&mut self, batch: Vec<Pending>, to_io: &SyncSender<ToIo>) {
+    /// Whether nothing is between the stages: every batch handed on is
+    /// durable, indexed and answered.
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Encodes one batch of `bytes` and hands it to the IO stage — or, if
+    /// it is small and the stages are idle, writes, syncs and indexes it
+    /// here; on failure answers its appenders at once.
+    fn encode(&mut self, batch: Vec<Pending>, bytes: usize, to_io: &SyncSender<ToIo>) {
         if let Some(e) = self.shared.poisoned() {
             for reply in batch.into_iter().filter_map(|p| p.reply) {
                 let _ = reply.send(Err(self.shared.poison_error(&e)));
@@ -630,8 +657,24 @@ impl Writer {
                         (Some(_), None) => {}
                     }
                 }
+                let written = Box::new(written);
+                // For a small batch the stages' overlap saves little — a
+                // pwrite of a few blocks — and their two thread hand-offs
+                // cost more than that on a small machine; while this thread
+                // syncs, the next writes gather into one larger batch
+                // (under commit-per-write loads the flushes, not the bytes,
+                // are the cost). Large batches keep the pipeline, where
+                // writing one while the one before is flushed is what
+                // reaches the disk's bandwidth.
+                if bytes < self.shared.options.inline_batch_below && self.idle() {
+                    if let Some(written) = write_batch(&self.shared, write, written, &self.pool) {
+                        settle(&self.shared, vec![ToSync::Batch(written)], &self.synced_to);
+                    }
+                    return;
+                }
+                self.in_flight.fetch_add(1, Ordering::AcqRel);
                 // The IO stage only goes away once this stage is done.
-                let _ = to_io.send(ToIo::Batch(write, Box::new(written)));
+                let _ = to_io.send(ToIo::Batch(write, written));
             }
             Err(e) => {
                 let reason = e.to_string();
@@ -823,35 +866,52 @@ fn io_stage(
     from_encode: &Receiver<ToIo>,
     to_sync: &SyncSender<ToSync>,
     pool: &BufferPool,
+    in_flight: &AtomicUsize,
 ) {
     while let Ok(job) = from_encode.recv() {
         let passed = match job {
             ToIo::Barrier(reply) => to_sync.send(ToSync::Barrier(reply)),
-            ToIo::Batch(mut write, batch) => {
-                if let Some(e) = shared.poisoned() {
-                    pool.give(write.into_buf());
-                    batch.fail(&e);
+            ToIo::Batch(write, batch) => match write_batch(shared, write, batch, pool) {
+                Some(batch) => to_sync.send(ToSync::Batch(batch)),
+                None => {
+                    // Answered already; the sync stage never sees it.
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
                     continue;
                 }
-                match write_waiting_out_full_disk(shared, &mut write) {
-                    Ok(()) => {
-                        pool.give(write.into_buf());
-                        to_sync.send(ToSync::Batch(batch))
-                    }
-                    Err(e) => {
-                        // Later batches were encoded to follow this one, so
-                        // none of them may be written now.
-                        let err = write.error(e);
-                        pool.give(write.into_buf());
-                        shared.poison(err.to_string());
-                        batch.fail(&err);
-                        continue;
-                    }
-                }
-            }
+            },
         };
         if passed.is_err() {
             return;
+        }
+    }
+}
+
+/// Writes one encoded batch and gives its buffer back. Returns the batch
+/// for the sync stage, or `None` once it has been failed (the journal is
+/// poisoned, or the write failed and poisoned it: later batches were
+/// encoded to follow this one, so none of them may be written now).
+fn write_batch(
+    shared: &Shared,
+    mut write: BatchWrite,
+    batch: Box<WrittenBatch>,
+    pool: &BufferPool,
+) -> Option<Box<WrittenBatch>> {
+    if let Some(e) = shared.poisoned() {
+        pool.give(write.into_buf());
+        batch.fail(&e);
+        return None;
+    }
+    match write_waiting_out_full_disk(shared, &mut write) {
+        Ok(()) => {
+            pool.give(write.into_buf());
+            Some(batch)
+        }
+        Err(e) => {
+            let err = write.error(e);
+            pool.give(write.into_buf());
+            shared.poison(err.to_string());
+            batch.fail(&err);
+            None
         }
     }
 }
@@ -884,68 +944,81 @@ fn write_waiting_out_full_disk(shared: &Shared, write: &mut BatchWrite) -> std::
 
 /// The sync stage: makes written batches durable, indexes them, publishes
 /// them to readers and answers their appenders, in order.
-fn sync_stage(shared: &Shared, from_io: &Receiver<ToSync>, synced_to: &Mutex<(u64, u64)>) {
+fn sync_stage(
+    shared: &Shared,
+    from_io: &Receiver<ToSync>,
+    synced_to: &Mutex<(u64, u64)>,
+    in_flight: &AtomicUsize,
+) {
     while let Ok(first) = from_io.recv() {
         let mut items = vec![first];
         while let Ok(more) = from_io.try_recv() {
             items.push(more);
         }
-        // One fdatasync per file covers every batch written to it so far.
-        let mut synced: Vec<u64> = Vec::new();
-        let mut failure: Option<Error> = shared.poisoned();
-        for item in &items {
-            if let ToSync::Batch(batch) = item {
-                if failure.is_some() || synced.contains(&batch.segment) {
-                    continue;
-                }
-                let hooks = shared.options.io_hooks.as_ref();
-                match hooks
-                    .before_sync(&batch.path)
-                    .and_then(|()| batch.file.sync_data())
-                {
-                    Ok(()) => synced.push(batch.segment),
-                    Err(e) => {
-                        let err = Error::io("fsync segment", &batch.path, e);
-                        shared.poison(err.to_string());
-                        failure = Some(err);
-                    }
+        let count = items.len();
+        settle(shared, items, synced_to);
+        // Only now may the encode stage work on its own: everything it
+        // handed on is published.
+        in_flight.fetch_sub(count, Ordering::AcqRel);
+    }
+}
+
+/// Makes written batches durable (one fdatasync per segment file covers
+/// every batch written to it so far), indexes and publishes them, and
+/// answers their appenders and the barriers among them, in order.
+fn settle(shared: &Shared, items: Vec<ToSync>, synced_to: &Mutex<(u64, u64)>) {
+    let mut synced: Vec<u64> = Vec::new();
+    let mut failure: Option<Error> = shared.poisoned();
+    for item in &items {
+        if let ToSync::Batch(batch) = item {
+            if failure.is_some() || synced.contains(&batch.segment) {
+                continue;
+            }
+            let hooks = shared.options.io_hooks.as_ref();
+            match hooks
+                .before_sync(&batch.path)
+                .and_then(|()| batch.file.sync_data())
+            {
+                Ok(()) => synced.push(batch.segment),
+                Err(e) => {
+                    let err = Error::io("fsync segment", &batch.path, e);
+                    shared.poison(err.to_string());
+                    failure = Some(err);
                 }
             }
         }
-        for item in items {
-            match item {
-                ToSync::Batch(mut batch) => {
-                    if let Some(e) = &failure {
-                        batch.fail(e);
-                        continue;
-                    }
-                    // The batch is durable on disk either way.
-                    *synced_to.lock() = (batch.segment, batch.end);
-                    if let Err(e) = index_batch(shared, batch.segment, &batch.records, &batch.entry)
-                    {
-                        // Later batches may not be published past this one:
-                        // stop, and let a reopen index it from the segment.
-                        shared.poison(e.to_string());
-                        batch.fail(&e);
-                        failure = Some(e);
-                        continue;
-                    }
-                    if let (Some(seq), Some(cache)) = (batch.file_release, shared.file_cache_now())
-                    {
-                        cache.release_through(seq);
-                    }
-                    drop(batch.charge.take());
-                    for reply in batch.replies {
-                        let _ = reply.send(Ok(()));
-                    }
+    }
+    for item in items {
+        match item {
+            ToSync::Batch(mut batch) => {
+                if let Some(e) = &failure {
+                    batch.fail(e);
+                    continue;
                 }
-                ToSync::Barrier(reply) => {
-                    let answer = match &failure {
-                        Some(e) => Err(shared.poison_error(e)),
-                        None => Ok(shared.durable().0),
-                    };
-                    let _ = reply.send(answer);
+                // The batch is durable on disk either way.
+                *synced_to.lock() = (batch.segment, batch.end);
+                if let Err(e) = index_batch(shared, batch.segment, &batch.records, &batch.entry) {
+                    // Later batches may not be published past this one:
+                    // stop, and let a reopen index it from the segment.
+                    shared.poison(e.to_string());
+                    batch.fail(&e);
+                    failure = Some(e);
+                    continue;
                 }
+                if let (Some(seq), Some(cache)) = (batch.file_release, shared.file_cache_now()) {
+                    cache.release_through(seq);
+                }
+                drop(batch.charge.take());
+                for reply in batch.replies {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            ToSync::Barrier(reply) => {
+                let answer = match &failure {
+                    Some(e) => Err(shared.poison_error(e)),
+                    None => Ok(shared.durable().0),
+                };
+                let _ = reply.send(answer);
             }
         }
     }

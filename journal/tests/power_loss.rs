@@ -41,10 +41,14 @@ fn power_cut(rng: &mut SmallRng, seed: u64) -> PowerCut {
     }
 }
 
-fn sim_options(fs: &Arc<SimFs>, variant: &str) -> JournalOptions {
+/// Options for `variant`; the seed also picks how the writer's batches go:
+/// all through its pipeline, all written by one thread while it is idle,
+/// or mixed (batches of a few records either way).
+fn sim_options(fs: &Arc<SimFs>, variant: &str, seed: u64) -> JournalOptions {
     let base = JournalOptions {
         fs: fs.clone(),
         memory_cache_bytes: 64 << 10,
+        inline_batch_below: [0, 16 << 10, 1 << 20][(seed % 3) as usize],
         ..small_options(
             Arc::new(ManualClock::new(Timestamp::from_nanos(START))),
             RecoveryMode::Strict,
@@ -80,7 +84,7 @@ fn sim_options(fs: &Arc<SimFs>, variant: &str) -> JournalOptions {
 
 /// Opens the journal after a restart: it must open, whatever the cut left.
 fn reopen(fs: &Arc<SimFs>, variant: &str, seed: u64) -> Journal {
-    match Journal::open(Path::new(DIR), sim_options(fs, variant)) {
+    match Journal::open(Path::new(DIR), sim_options(fs, variant, seed)) {
         Ok((journal, _)) => journal,
         Err(e) => {
             panic!("{variant}, seed {seed}: the journal does not open after a power cut: {e}")
@@ -142,7 +146,8 @@ fn journal_trial(seed: u64, variant: &str) {
     let local = tempfile::tempdir().expect("tempdir");
     let fs = SimFs::new(local.path());
     {
-        let (journal, _) = Journal::open(Path::new(DIR), sim_options(&fs, variant)).expect("open");
+        let (journal, _) =
+            Journal::open(Path::new(DIR), sim_options(&fs, variant, seed)).expect("open");
         journal.create_volume("vol0", SIZE).expect("volume");
     }
     let journal = reopen(&fs, variant, seed);
@@ -187,7 +192,7 @@ fn a_new_journal_and_volume_survive_a_power_cut() {
         let fs = SimFs::new(local.path());
         let cut = power_cut(&mut rng, seed);
         let made = {
-            match Journal::open(Path::new(DIR), sim_options(&fs, "both")) {
+            match Journal::open(Path::new(DIR), sim_options(&fs, "both", seed)) {
                 Ok((journal, _)) => {
                     fs.cut_after(rng.random_range(1..40), cut);
                     journal.create_volume("vol0", SIZE).is_ok()
@@ -221,7 +226,8 @@ fn holds_and_retention_survive_power_cuts() {
         let mut rng = rng(seed);
         let local = tempfile::tempdir().expect("tempdir");
         let fs = SimFs::new(local.path());
-        let (journal, _) = Journal::open(Path::new(DIR), sim_options(&fs, "memory")).expect("open");
+        let (journal, _) =
+            Journal::open(Path::new(DIR), sim_options(&fs, "memory", seed)).expect("open");
         let volume = journal.create_volume("vol0", SIZE).expect("volume").id;
         let mut model = Model::with_volume(volume, SIZE);
         let ops = (0..200)
@@ -313,7 +319,8 @@ fn write_path_trial(seed: u64, mode: IoMode) {
     let local = tempfile::tempdir().expect("tempdir");
     let fs = SimFs::new(local.path());
     {
-        let (journal, _) = Journal::open(Path::new(DIR), sim_options(&fs, "memory")).expect("open");
+        let (journal, _) =
+            Journal::open(Path::new(DIR), sim_options(&fs, "memory", seed)).expect("open");
         journal.create_volume("vol0", SIZE).expect("volume");
     }
     let journal = reopen(&fs, "memory", seed);
@@ -389,7 +396,7 @@ fn flushed_sync_writes_survive(variant: &str) {
         let fs = SimFs::new(local.path());
         {
             let (journal, _) =
-                Journal::open(Path::new(DIR), sim_options(&fs, variant)).expect("open");
+                Journal::open(Path::new(DIR), sim_options(&fs, variant, seed)).expect("open");
             journal.create_volume("vol0", SIZE).expect("volume");
         }
         // No background round: it would flush the production volume itself.

@@ -141,6 +141,10 @@ pub fn small_options(clock: Arc<ManualClock>, recovery: RecoveryMode) -> Journal
         segment_size: 256 << 10,
         max_record_len: 32 << 10,
         max_batch_bytes: 64 << 10,
+        // Between a small batch and a large one here, so the writer takes
+        // both its ways (one thread while idle, and the pipeline) and the
+        // switches between them.
+        inline_batch_below: 16 << 10,
         recovery,
         // Small, so the model's zeroes and trims exercise both layouts.
         large_range_blocks: 4,
