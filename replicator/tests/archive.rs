@@ -321,6 +321,12 @@ async fn keep_deletes_only_what_no_retained_point_needs() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let third = write_some(&journal, &mut rng, 10);
     wait_archived(&archiver, third).await;
+    // A point served from the bucket, opened before retention passes it.
+    let catalog = Arc::new(Catalog::for_volume(local.clone(), "v").await.unwrap());
+    let early = catalog.window().unwrap().0 + 1;
+    let old_view = ArchiveView::open(catalog, "v", early, &dir.path().join("cache"), 1 << 20)
+        .await
+        .unwrap();
     // Retention in the bucket: the window starts at a base version after
     // `first`'s, and everything in it restores.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -352,6 +358,22 @@ async fn keep_deletes_only_what_no_retained_point_needs() {
             |k| k.contains("/segments/") && !catalog.index.segments.iter().any(|s| &s.key == k)
         ),
         "objects no index names remain: {keys:?}"
+    );
+    // The view opened before: its reads name what is gone and why.
+    let e = tokio::task::spawn_blocking(move || {
+        let mut piece = vec![0u8; 128 << 10];
+        (0..SIZE)
+            .step_by(piece.len())
+            .find_map(|at| old_view.read(at, &mut piece).err())
+    })
+    .await
+    .unwrap()
+    .expect("a view of a point retention passed read everything");
+    assert!(
+        e.to_string().contains(&format!("v@{early}"))
+            && e.to_string().contains("no longer holds")
+            && e.to_string().contains("keep"),
+        "{e}"
     );
 }
 

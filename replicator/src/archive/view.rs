@@ -323,10 +323,29 @@ impl ArchiveView {
             return Ok(Some(chunk));
         }
         // Blocking: reads come from a blocking thread of the runtime.
-        let data = self.runtime.block_on(self.catalog.chunk(hash))?;
+        let data = self
+            .runtime
+            .block_on(self.catalog.chunk(hash))
+            .map_err(|e| self.gone(e))?;
         self.fetched.fetch_add(1, Ordering::Relaxed);
         self.cache.lock().put(n, data.clone());
         Ok(Some(data))
+    }
+
+    /// An object the view needs that is no longer there. The archive's
+    /// retention (`keep`) deletes what only points older than its window
+    /// need, and a view opened before the window passed its point does not
+    /// hold them back: say so, rather than "no object".
+    fn gone(&self, e: ArchiveError) -> ArchiveError {
+        match e {
+            ArchiveError::NotFound { location, key } => ArchiveError::Invalid(format!(
+                "volume {}@{}: archive {location} no longer holds {key:?}, which this point \
+                 needs — most likely the archive's retention (`keep`) has passed the point \
+                 since it was opened; open a newer point",
+                self.volume, self.seq
+            )),
+            e => e,
+        }
     }
 
     /// Page `n` of segment object `segment`'s body.
@@ -339,11 +358,14 @@ impl ArchiveView {
         let start = n * PAGE;
         let len = PAGE.min(body_len.saturating_sub(start));
         // Blocking: reads come from a blocking thread of the runtime.
-        let page = self.runtime.block_on(self.catalog.store().get_range(
-            &entry.key,
-            SEGMENT_HEADER_LEN as u64 + start,
-            len,
-        ))?;
+        let page = self
+            .runtime
+            .block_on(self.catalog.store().get_range(
+                &entry.key,
+                SEGMENT_HEADER_LEN as u64 + start,
+                len,
+            ))
+            .map_err(|e| self.gone(e))?;
         if page.len() as u64 != len {
             return Err(ArchiveError::Corrupt {
                 location: self.catalog.store().location(),
