@@ -472,22 +472,38 @@ impl Shared {
             Some(at) if at.elapsed() >= FILE_CACHE_RETRY => {}
             _ => return None,
         }
-        match new_file_cache(&self.dir, &self.options, self.group_id, self.durable().0) {
+        match self.put_file_cache(&mut failed) {
             Ok(Some(cache)) => {
                 tracing::info!(journal = %self.dir.display(), "the file cache is back");
-                let cache = Arc::new(cache);
-                *self.file_cache.write() = Some(cache.clone());
-                *failed = None;
                 Some(cache)
             }
-            Ok(None) => {
-                *failed = Some(std::time::Instant::now());
-                None
-            }
+            Ok(None) => None,
             Err(e) => {
                 tracing::warn!(journal = %self.dir.display(), error = %e, "the file cache still cannot be made");
                 *failed = Some(std::time::Instant::now());
                 None
+            }
+        }
+    }
+
+    /// Makes the file cache and puts it in place. `failed` is the guard of
+    /// `file_cache_failed`, held so no two threads make it at once; when
+    /// there is no room now (`None`) it remembers when, and
+    /// [`Shared::file_cache`] tries again later.
+    fn put_file_cache(
+        &self,
+        failed: &mut Option<std::time::Instant>,
+    ) -> Result<Option<Arc<FileCache>>> {
+        match new_file_cache(&self.dir, &self.options, self.group_id, self.durable().0)? {
+            Some(cache) => {
+                let cache = Arc::new(cache);
+                *self.file_cache.write() = Some(cache.clone());
+                *failed = None;
+                Ok(Some(cache))
+            }
+            None => {
+                *failed = Some(std::time::Instant::now());
+                Ok(None)
             }
         }
     }
@@ -1796,18 +1812,10 @@ impl Journal {
     pub fn set_cache_tiers(&self, tiers: CacheTiers) -> Result<()> {
         let shared = self.shared();
         if tiers != CacheTiers::Memory && shared.file_cache_now().is_none() {
-            let made = new_file_cache(
-                &shared.dir,
-                &shared.options,
-                shared.group_id,
-                shared.durable().0,
-            )?;
-            match made {
-                Some(cache) => *shared.file_cache.write() = Some(Arc::new(cache)),
-                // No room now: tried again now and then, as at open.
-                None => {
-                    *shared.file_cache_failed.lock() = Some(std::time::Instant::now());
-                }
+            let mut failed = shared.file_cache_failed.lock();
+            // (No room now: tried again now and then, as at open.)
+            if shared.file_cache_now().is_none() {
+                shared.put_file_cache(&mut failed)?;
             }
         }
         shared.cache_tiers.store(tiers.code(), Ordering::SeqCst);
