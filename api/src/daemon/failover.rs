@@ -119,7 +119,7 @@ impl Failover {
             return;
         }
         for group in registry.groups() {
-            if group.is_replica() && group.journal().source_id() != 0 {
+            if group.follows_a_primary() {
                 failover.monitor.watch(&group.name, STARTUP_GRACE);
             }
         }

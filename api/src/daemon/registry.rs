@@ -61,6 +61,13 @@ impl Group {
         self.replica.load(Ordering::SeqCst)
     }
 
+    /// True while the group is a replica that still follows a primary:
+    /// a copy the primary let go (`replica remove`) has source id 0,
+    /// follows no one and is never watched for the primary's failure.
+    pub fn follows_a_primary(&self) -> bool {
+        self.is_replica() && self.journal().source_id() != 0
+    }
+
     /// The group's journal.
     pub fn journal(&self) -> &Journal {
         self.write_path.journal()

@@ -393,7 +393,7 @@ impl ReplicaHost for ReplicaSite {
         let follows = self
             .0
             .group_by_name(group)
-            .is_ok_and(|g| g.is_replica() && g.journal().source_id() != 0);
+            .is_ok_and(|g| g.follows_a_primary());
         if follows {
             self.0.failover.monitor.heard(group, newest);
         }
