@@ -315,18 +315,20 @@ async fn keep_deletes_only_what_no_retained_point_needs() {
     let archiver = Archiver::start("g", journal.clone(), faulty.clone(), s, Arc::new(|| true));
     let first = write_some(&journal, &mut rng, 100);
     wait_archived(&archiver, first).await;
+    // A point served from the bucket, opened before retention can pass it:
+    // until the journal folds, the bucket has no newer base version, so
+    // `keep` cannot delete what this point needs yet.
+    let catalog = Arc::new(Catalog::for_volume(local.clone(), "v").await.unwrap());
+    let early = first;
+    let old_view = ArchiveView::open(catalog, "v", early, &dir.path().join("cache"), 1 << 20)
+        .await
+        .unwrap();
     journal.retain_from(first, false).unwrap();
     let second = write_some(&journal, &mut rng, 100);
     wait_archived(&archiver, second).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let third = write_some(&journal, &mut rng, 10);
     wait_archived(&archiver, third).await;
-    // A point served from the bucket, opened before retention passes it.
-    let catalog = Arc::new(Catalog::for_volume(local.clone(), "v").await.unwrap());
-    let early = catalog.window().unwrap().0 + 1;
-    let old_view = ArchiveView::open(catalog, "v", early, &dir.path().join("cache"), 1 << 20)
-        .await
-        .unwrap();
     // Retention in the bucket: the window starts at a base version after
     // `first`'s, and everything in it restores.
     let deadline = Instant::now() + Duration::from_secs(30);
