@@ -58,6 +58,7 @@ pub struct FaultyIo {
     cache_create_errno: AtomicI32,
     index_errno: AtomicI32,
     index_writes: AtomicU64,
+    index_panics: std::sync::atomic::AtomicBool,
     writes: AtomicU64,
     syncs: AtomicU64,
 }
@@ -120,6 +121,12 @@ impl FaultyIo {
         self.index_errno.store(code, Ordering::SeqCst);
     }
 
+    /// Index writes panic (a bug in the thread that makes them), so the
+    /// journal's stages lose one of their threads.
+    pub fn panic_index_writes(&self) {
+        self.index_panics.store(true, Ordering::SeqCst);
+    }
+
     /// Index writes attempted so far.
     pub fn index_writes(&self) -> u64 {
         self.index_writes.load(Ordering::SeqCst)
@@ -159,6 +166,9 @@ impl IoHooks for FaultyIo {
 
     fn before_index_write(&self, _dir: &Path) -> io::Result<()> {
         self.index_writes.fetch_add(1, Ordering::SeqCst);
+        if self.index_panics.load(Ordering::SeqCst) {
+            panic!("an index write panicked, as the test asked");
+        }
         errno(&self.index_errno)
     }
 }

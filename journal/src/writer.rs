@@ -619,11 +619,26 @@ impl Writer {
                     continue;
                 }
                 self.in_flight.fetch_add(1, Ordering::AcqRel);
-                if to_io.send(ToIo::Barrier(reply)).is_err() {
-                    return;
+                if let Err(std::sync::mpsc::SendError(ToIo::Barrier(reply))) =
+                    to_io.send(ToIo::Barrier(reply))
+                {
+                    self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    let _ = reply.send(Err(self.stage_stopped()));
                 }
             }
         }
+    }
+
+    /// Stops the journal because a stage thread after this one is gone
+    /// (it panicked): nothing handed to it can become durable, and nothing
+    /// encoded after it may be written. Without this, appenders waiting for
+    /// room that only those stages give back would wait forever.
+    fn stage_stopped(&self) -> Error {
+        let reason = "the journal's write or sync thread stopped; reopen the journal \
+                      (records acknowledged before are recovered from its segments)"
+            .to_string();
+        self.shared.poison(reason.clone());
+        self.shared.poison_error(&reason)
     }
 
     /// Whether nothing is between the stages: every batch handed on is
@@ -673,8 +688,16 @@ impl Writer {
                     return;
                 }
                 self.in_flight.fetch_add(1, Ordering::AcqRel);
-                // The IO stage only goes away once this stage is done.
-                let _ = to_io.send(ToIo::Batch(write, written));
+                // The IO stage only goes away once this stage is done —
+                // or when a stage thread died: then nothing after this
+                // batch may be written either.
+                if let Err(std::sync::mpsc::SendError(ToIo::Batch(write, written))) =
+                    to_io.send(ToIo::Batch(write, written))
+                {
+                    self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    self.pool.give(write.into_buf());
+                    written.fail(&self.stage_stopped());
+                }
             }
             Err(e) => {
                 let reason = e.to_string();

@@ -471,3 +471,60 @@ fn a_brief_index_failure_is_retried() {
         .expect("read");
     assert_eq!((seq, buf), (done.seq, vec![7u8; 4096]));
 }
+
+/// A stage thread that dies (a panic is a bug, but it must not turn into
+/// appenders waiting for ever, or into a journal that looks healthy) stops
+/// the journal with an error that says so; a reopen recovers every
+/// acknowledged record.
+#[test]
+fn a_writer_thread_that_dies_stops_the_journal_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(FaultyIo::new());
+    let options = JournalOptions {
+        // Every batch through the pipeline, so the sync stage is a thread
+        // of its own.
+        inline_batch_below: 0,
+        ..faulty_options(&faults, 1 << 20)
+    };
+    let (journal, _) = Journal::open(dir.path(), options.clone()).expect("open");
+    let volume = journal.create_volume("vol0", 1 << 20).expect("volume").id;
+    let write = |byte: u8| {
+        journal
+            .append(
+                volume,
+                Change::Write {
+                    offset: 0,
+                    data: &[byte; 4096],
+                },
+            )
+            .and_then(|h| h.wait())
+    };
+    write(1).expect("durable");
+    faults.panic_index_writes();
+    // The batch whose index write panicked, and any the stages held, fail;
+    // within a few appends the journal knows it has stopped.
+    let mut outcomes = Vec::new();
+    let stopped = (2..12u8).find_map(|byte| match write(byte) {
+        Err(e @ Error::Poisoned { .. }) => Some(e),
+        other => {
+            outcomes.push(other);
+            None
+        }
+    });
+    let stopped = stopped.unwrap_or_else(|| panic!("never stopped: {outcomes:?}"));
+    assert!(stopped.to_string().contains("thread stopped"), "{stopped}");
+    assert!(outcomes.iter().all(|o| o.is_err()), "{outcomes:?}");
+    assert!(
+        matches!(write(99), Err(Error::Poisoned { .. })),
+        "later appends are refused as a stopped journal"
+    );
+    journal.close().expect("close");
+
+    let faults = Arc::new(FaultyIo::new());
+    let (journal, _) = Journal::open(dir.path(), faulty_options(&faults, 1 << 20)).expect("reopen");
+    let mut latest = vec![0u8; 4096];
+    journal
+        .read("vol0", 0, &mut latest, tidemark_journal::Point::Latest)
+        .expect("read");
+    assert!(latest[0] >= 1 && latest[0] < 12, "{}", latest[0]);
+}
