@@ -66,12 +66,19 @@ fn small_regions() -> WritePathOptions {
 /// Small regions and adaptive thresholds far from ordinary fsync
 /// latencies, so a loaded machine running other tests does not trip them;
 /// a switch back to sync waits `min_dwell`.
+/// A journal write delay that sends adaptive to async at once.
+const SLOW: Duration = Duration::from_millis(500);
+
 fn adaptive_options(min_dwell: Duration) -> WritePathOptions {
     WritePathOptions {
         adaptive: AdaptiveThresholds {
-            high_latency: Duration::from_millis(40),
+            // Far apart, and far from a real fsync's latency even on a
+            // loaded machine: the tests make the journal slow with delays
+            // of their own (`SLOW`), and a spike of the real disk must
+            // neither hold a volume in async nor send it there.
+            high_latency: Duration::from_millis(250),
             high_backlog: 1 << 30,
-            low_latency: Duration::from_millis(10),
+            low_latency: Duration::from_millis(50),
             low_backlog: 1 << 20,
             min_dwell,
         },
@@ -199,7 +206,7 @@ fn adaptive_goes_async_while_the_journal_is_slow_and_back_once_it_recovers() {
     let s = setup(
         IoMode::Adaptive,
         4 << 20,
-        adaptive_options(Duration::from_millis(300)),
+        adaptive_options(Duration::from_secs(1)),
     );
     let mut rng = rng(3);
     assert_eq!(
@@ -207,7 +214,7 @@ fn adaptive_goes_async_while_the_journal_is_slow_and_back_once_it_recovers() {
         (IoMode::Adaptive, IoMode::Sync)
     );
 
-    s.faults.set_write_delay(Duration::from_millis(100));
+    s.faults.set_write_delay(SLOW);
     let mut went_async = false;
     for _ in 0..40 {
         let (offset, data) = random_write(&mut rng);
@@ -239,7 +246,8 @@ fn adaptive_goes_async_while_the_journal_is_slow_and_back_once_it_recovers() {
         );
         let (offset, data) = random_write(&mut rng);
         let ack = s.path.write("vol", offset, &data, false).expect("write");
-        if started.elapsed() < Duration::from_millis(250) {
+        // Half the dwell time: the switch was a moment before `started`.
+        if started.elapsed() < Duration::from_millis(500) {
             assert_eq!(
                 ack.mode,
                 IoMode::Async,
@@ -1058,10 +1066,10 @@ fn an_adaptive_switch_a_try_path_finds_first_is_recorded() {
     let s = setup(
         IoMode::Adaptive,
         4 << 20,
-        adaptive_options(Duration::from_secs(2)),
+        adaptive_options(Duration::from_secs(4)),
     );
     let mut rng = rng(9);
-    s.faults.set_write_delay(Duration::from_millis(100));
+    s.faults.set_write_delay(SLOW);
     let (offset, data) = random_write(&mut rng);
     s.path.write("vol", offset, &data, false).expect("write");
     assert_eq!(s.path.mode("vol").expect("mode").1, IoMode::Async);
@@ -1072,13 +1080,14 @@ fn an_adaptive_switch_a_try_path_finds_first_is_recorded() {
     for _ in 0..30 {
         s.path.maintain_now().expect("maintenance");
     }
+    // (Well inside the dwell time, or the switch back would be theirs.)
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
+        started.elapsed() < Duration::from_secs(3),
         "the probes took {:?}",
         started.elapsed()
     );
     assert_eq!(s.path.stats("vol").expect("stats").mode_switches, 1);
-    std::thread::sleep(Duration::from_secs(2).saturating_sub(started.elapsed()));
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(started.elapsed()));
     let (offset, data) = random_write(&mut rng);
     assert!(
         s.path.try_write("vol", offset, &data).is_none(),
