@@ -360,8 +360,11 @@ mod tests {
             heartbeat: Duration::from_millis(20),
             detector: crate::DetectorSettings {
                 threshold: 8.0,
-                min_std_dev: Duration::from_millis(10),
-                acceptable_pause: Duration::from_millis(50),
+                // Wide enough that a test thread stalled for a few hundred
+                // milliseconds on a loaded machine is not a silence (phi
+                // reaches 8 about 850 ms after the last heartbeat).
+                min_std_dev: Duration::from_millis(100),
+                acceptable_pause: Duration::from_millis(300),
                 first_interval: Duration::from_millis(20),
                 window: 100,
             },
@@ -461,7 +464,12 @@ mod tests {
             let (stop_tx, stop) = watch::channel(false);
             let run = tokio::spawn(monitor.clone().run(stop));
             let mut seen = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
             while seen.len() < 2 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "only {seen:?} decided"
+                );
                 let d = tokio::time::timeout(Duration::from_secs(5), decisions.recv())
                     .await
                     .expect("decisions in time")

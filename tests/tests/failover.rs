@@ -985,13 +985,24 @@ fn a_takeover_plan_brings_groups_up_in_order() {
     );
     let _db = std::net::TcpListener::bind(&db_service).unwrap();
     wait_primary(&sites.replica, "app", 30);
-    // The web tier waits then_wait after the application.
-    let app_up = Instant::now();
+    // The web tier waits then_wait after the application: as the takeover
+    // events' times say (the test's own clock would add its polling).
     wait_primary(&sites.replica, "web", 30);
+    let apart = takeover_time(&sites.replica, "web") - takeover_time(&sites.replica, "app");
     assert!(
-        app_up.elapsed() >= Duration::from_millis(1500),
-        "web was promoted {:?} after app, before app's then_wait of 2 s",
-        app_up.elapsed()
+        apart >= chrono::Duration::milliseconds(1800),
+        "web was promoted {apart:?} after app, before app's then_wait of 2 s"
     );
     assert!(sites.replica.healthy());
+}
+
+/// When the `takeover` event of `volume`'s group was recorded.
+fn takeover_time(site: &Daemon, volume: &str) -> chrono::DateTime<chrono::FixedOffset> {
+    let timeline = site.json(&["timeline", volume, "--json"]);
+    let time = timeline["entries"]
+        .as_array()
+        .and_then(|entries| entries.iter().find(|e| e["name"] == "takeover"))
+        .and_then(|e| e["time"].as_str())
+        .unwrap_or_else(|| panic!("no takeover event for {volume}: {timeline}"));
+    chrono::DateTime::parse_from_rfc3339(time).unwrap()
 }
