@@ -618,15 +618,21 @@ impl Writer {
                     settle(&self.shared, vec![ToSync::Barrier(reply)], &self.synced_to);
                     continue;
                 }
-                self.in_flight.fetch_add(1, Ordering::AcqRel);
-                if let Err(std::sync::mpsc::SendError(ToIo::Barrier(reply))) =
-                    to_io.send(ToIo::Barrier(reply))
-                {
-                    self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                if let Err(ToIo::Barrier(reply)) = self.hand_on(to_io, ToIo::Barrier(reply)) {
                     let _ = reply.send(Err(self.stage_stopped()));
                 }
             }
         }
+    }
+
+    /// Hands `item` to the IO stage, counted in flight until the sync stage
+    /// is done with it; gives it back if the IO stage is gone.
+    fn hand_on(&self, to_io: &SyncSender<ToIo>, item: ToIo) -> std::result::Result<(), ToIo> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        to_io.send(item).map_err(|gone| {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            gone.0
+        })
     }
 
     /// Stops the journal because a stage thread after this one is gone
@@ -687,14 +693,12 @@ impl Writer {
                     }
                     return;
                 }
-                self.in_flight.fetch_add(1, Ordering::AcqRel);
                 // The IO stage only goes away once this stage is done —
                 // or when a stage thread died: then nothing after this
                 // batch may be written either.
-                if let Err(std::sync::mpsc::SendError(ToIo::Batch(write, written))) =
-                    to_io.send(ToIo::Batch(write, written))
+                if let Err(ToIo::Batch(write, written)) =
+                    self.hand_on(to_io, ToIo::Batch(write, written))
                 {
-                    self.in_flight.fetch_sub(1, Ordering::AcqRel);
                     self.pool.give(write.into_buf());
                     written.fail(&self.stage_stopped());
                 }
