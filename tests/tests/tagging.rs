@@ -27,7 +27,7 @@ fn a_time_policy_fires_once_per_slot_keeps_its_count_and_survives_a_restart() {
     std::thread::sleep(std::time::Duration::from_millis(2500));
     // Each slot's tag is made, then the oldest pruned: between the two a
     // listing may see four, so look until one sees three.
-    let mut tags = d.tags("db");
+    let mut tags = Vec::new();
     d.eventually(10, "keep = 3 after more slots", || {
         tags = d.tags("db");
         tags.len() == 3
