@@ -103,6 +103,9 @@ pub struct ChangedBlocks<'a> {
     iter: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
     volume: VolumeId,
     after: Seq,
+    upto: Seq,
+    /// The block last stepped over (see `next`).
+    stepped: Option<u64>,
     index: &'a Index,
     done: bool,
 }
@@ -112,6 +115,7 @@ impl std::fmt::Debug for ChangedBlocks<'_> {
         f.debug_struct("ChangedBlocks")
             .field("volume", &self.volume)
             .field("after", &self.after)
+            .field("upto", &self.upto)
             .finish()
     }
 }
@@ -130,15 +134,30 @@ impl Iterator for ChangedBlocks<'_> {
                 return None;
             }
             let (block, seq) = (be_u64(key, 4), be_u64(key, 12));
-            if seq > self.after {
-                // Found: the block's other versions need no visit.
-                match block.checked_add(1) {
-                    Some(next) => self.iter.seek(block_key(self.volume, next, 0)),
-                    None => self.done = true,
+            if seq <= self.after {
+                // Skip the block's versions at or before `after`: a step
+                // for the first (most blocks have one or two), one seek
+                // for the rest. The first version after `after` decides.
+                if self.stepped == Some(block) {
+                    self.iter
+                        .seek(block_key(self.volume, block, self.after.saturating_add(1)));
+                } else {
+                    self.stepped = Some(block);
+                    self.iter.next();
                 }
+                continue;
+            }
+            // The block's first version after `after`: it changed in
+            // `(after, upto]` exactly when that version is at or before
+            // `upto` (keys are ordered by seq within a block). Either way
+            // the block's other versions need no visit.
+            match block.checked_add(1) {
+                Some(next) => self.iter.seek(block_key(self.volume, next, 0)),
+                None => self.done = true,
+            }
+            if seq <= self.upto {
                 return Some(Ok(block));
             }
-            self.iter.next();
         }
         None
     }
@@ -500,11 +519,16 @@ impl Index {
         Ok(out)
     }
 
-    /// The 4 KiB blocks of `volume` that records after `after` wrote,
-    /// ascending, each once — streamed from the index, so memory stays
-    /// bounded however many changed. Large zero/trim ranges are not among
-    /// them (see [`Index::ranges`]).
-    pub fn changed_blocks(&self, volume: VolumeId, after: Seq) -> Result<ChangedBlocks<'_>> {
+    /// The 4 KiB blocks of `volume` that records with `after < seq <=
+    /// upto` wrote, ascending, each once — streamed from the index, so
+    /// memory stays bounded however many changed. Large zero/trim ranges
+    /// are not among them (see [`Index::ranges`]).
+    pub fn changed_blocks(
+        &self,
+        volume: VolumeId,
+        after: Seq,
+        upto: Seq,
+    ) -> Result<ChangedBlocks<'_>> {
         let mut opts = ReadOptions::default();
         opts.set_total_order_seek(true);
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_BLOCKS)?, opts);
@@ -513,8 +537,11 @@ impl Index {
             iter,
             volume,
             after,
+            upto,
+            stepped: None,
             index: self,
-            done: false,
+            // Nothing lies after the last seq, or in an empty interval.
+            done: upto <= after,
         })
     }
 

@@ -1581,15 +1581,24 @@ impl Journal {
     /// volume at `seq` and now. Streamed from the index: memory stays
     /// bounded however much changed.
     pub fn changed_since(&self, volume: &str, seq: Seq) -> Result<ChangedSpans<'_>> {
+        self.changed_between(volume, seq, Seq::MAX)
+    }
+
+    /// The byte ranges of `volume` that records with `after < seq <=
+    /// upto` changed, merged and ascending (4 KiB granular): what differs
+    /// between the volume at `after` and at `upto` — exactly, since the
+    /// index keeps every retained version of a block. Streamed like
+    /// [`Journal::changed_since`].
+    pub fn changed_between(&self, volume: &str, after: Seq, upto: Seq) -> Result<ChangedSpans<'_>> {
         let shared = self.shared();
         let info = shared.volume(volume)?;
         let ranges = shared
             .index
-            .ranges(info.id, seq, Seq::MAX, 0, u64::MAX)?
+            .ranges(info.id, after, upto, 0, u64::MAX)?
             .into_iter()
             .map(|r| (r.offset, r.length));
         ChangedSpans::new(
-            shared.index.changed_blocks(info.id, seq)?,
+            shared.index.changed_blocks(info.id, after, upto)?,
             ranges,
             info.size,
         )

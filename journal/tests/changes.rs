@@ -1,5 +1,5 @@
-//! What changed since a point (what a rollback rewrites): the spans equal
-//! a model's. (That they are streamed is `changes_memory.rs`.)
+//! What changed since a point (what a rollback rewrites) and between two
+//! points (what an incremental copy takes): the spans equal a model's. (That they are streamed is `changes_memory.rs`.)
 
 mod common;
 
@@ -9,9 +9,9 @@ use common::*;
 use rand::Rng;
 use tidemark_journal::Journal;
 
-fn spans(journal: &Journal, seq: u64) -> Vec<(u64, u64)> {
+fn spans(journal: &Journal, after: u64, upto: u64) -> Vec<(u64, u64)> {
     journal
-        .changed_since("vol", seq)
+        .changed_between("vol", after, upto)
         .expect("changed since")
         .collect::<tidemark_journal::Result<_>>()
         .expect("spans")
@@ -43,11 +43,18 @@ fn changed_spans_equal_a_model() {
             let blocks = (offset / 4096..(offset + len).div_ceil(4096)).collect();
             touched.push((seq, blocks));
         }
-        for _ in 0..10 {
-            let after = rng.random_range(0..=touched.last().map_or(0, |t| t.0));
+        let newest = touched.last().map_or(0, |t| t.0);
+        for round in 0..20 {
+            let after = rng.random_range(0..=newest);
+            // Half the rounds up to now, half up to a point in between.
+            let upto = if round % 2 == 0 {
+                u64::MAX
+            } else {
+                rng.random_range(after..=newest)
+            };
             let changed: BTreeSet<u64> = touched
                 .iter()
-                .filter(|(seq, _)| *seq > after)
+                .filter(|(seq, _)| *seq > after && *seq <= upto)
                 .flat_map(|(_, blocks)| blocks.iter().copied())
                 .collect();
             let mut expected: Vec<(u64, u64)> = Vec::new();
@@ -59,9 +66,9 @@ fn changed_spans_equal_a_model() {
                 }
             }
             assert_eq!(
-                spans(&journal, after),
+                spans(&journal, after, upto),
                 expected,
-                "seed {seed}, after seq {after}"
+                "seed {seed}, after seq {after} up to {upto}"
             );
         }
     }

@@ -323,13 +323,21 @@ impl Export {
         one: bool,
     ) -> ApiResult<Vec<(u64, bool)>> {
         self.check(offset, len)?;
+        if let Target::Overlay { overlay, .. } = &self.target {
+            // A writable view's own writes changed it too; they come and
+            // go with the connection, so they are looked up each time.
+            let end = offset + len;
+            let mut spans = extents.clipped(offset, end);
+            spans.extend(overlay.written_spans(offset, end));
+            return Ok(Extents::from_spans(spans, self.size()).describe(offset, len, one));
+        }
         Ok(extents.describe(offset, len, one))
     }
 
-    /// The ranges that changed after `since` (up to the newest record, a
-    /// superset of the changes up to a point export's own seq): what an
-    /// incremental copy from `since` must take. Refused if retention has
-    /// folded `since` away, as its changes are no longer told apart.
+    /// The ranges that changed after `since` up to the export's own point
+    /// (the newest record for the live volume): what an incremental copy
+    /// from `since` must take. Refused if retention has folded `since`
+    /// away, as its changes are no longer told apart.
     pub fn changed_since(&self, since: Seq) -> ApiResult<Extents> {
         let volume = self.local()?;
         let journal = volume.journal();
@@ -342,7 +350,8 @@ impl Export {
             }
         }
         let mut spans = Vec::new();
-        for span in journal.changed_since(&volume.name, since)? {
+        let upto = self.seq().unwrap_or(Seq::MAX);
+        for span in journal.changed_between(&volume.name, since, upto)? {
             let (offset, length) = span?;
             spans.push((offset, offset + length));
         }
@@ -553,6 +562,31 @@ impl Overlay {
 
     fn is_set(bits: &[u64], block: u64) -> bool {
         bits[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+
+    /// The written blocks overlapping `[offset, end)` as merged
+    /// `[start, end)` spans.
+    fn written_spans(&self, offset: u64, end: u64) -> Vec<(u64, u64)> {
+        let bits = self.written.lock();
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        let (mut block, last) = (offset / BLOCK, end.div_ceil(BLOCK));
+        while block < last {
+            if block % 64 == 0 && bits[(block / 64) as usize] == 0 {
+                // A word of unwritten blocks at once: a map of a large,
+                // mostly unwritten view stays quick.
+                block += 64;
+                continue;
+            }
+            if Self::is_set(&bits, block) {
+                let (start, stop) = (block * BLOCK, (block + 1) * BLOCK);
+                match spans.last_mut() {
+                    Some(last) if last.1 == start => last.1 = stop,
+                    _ => spans.push((start, stop)),
+                }
+            }
+            block += 1;
+        }
+        spans
     }
 
     fn io_error(&self, what: &str, offset: u64, e: std::io::Error) -> ApiError {

@@ -39,6 +39,16 @@ impl Extents {
         self.spans.get(i).is_some_and(|&(s, _)| s < end)
     }
 
+    /// The set's spans within `[offset, end)`, clipped to it.
+    pub fn clipped(&self, offset: u64, end: u64) -> Vec<(u64, u64)> {
+        let first = self.spans.partition_point(|&(_, e)| e <= offset);
+        self.spans[first..]
+            .iter()
+            .take_while(|&&(s, _)| s < end)
+            .map(|&(s, e)| (s.max(offset), e.min(end)))
+            .collect()
+    }
+
     /// `[offset, offset + len)` as runs of `(length, in the set)`, in
     /// order, covering it exactly, no run longer than [`MAX_RUN`]; only
     /// the first run if `one`.
