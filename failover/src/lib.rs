@@ -28,4 +28,4 @@ pub mod witness;
 pub use detector::{DetectorSettings, PhiAccrual};
 pub use monitor::{Decision, Monitor, MonitorStatus, ProbeStatus};
 pub use settings::{FailoverSettings, PlanStep, ProbeSettings, PromoteAt, TriggerSettings};
-pub use witness::{Learnt, Witness, WitnessSettings};
+pub use witness::{Learnt, OnLearnt, Witness, WitnessSettings};

@@ -7,7 +7,11 @@
 //! could have run out since its last renewal, so by the time etcd drops
 //! the key (and a takeover may claim it) the old primary has stopped.
 //! A takeover claims the key with a compare-and-swap that succeeds only
-//! while no one holds it; a live primary's key makes it fail.
+//! while no one holds it; a live primary's key makes it fail. A second
+//! key (`KEY/GROUP/epoch`, no lease) keeps the holder of the highest epoch
+//! ever granted: every claim must be above it (or be that holder's own
+//! again), so a primary whose key ran out never comes back under an epoch
+//! a takeover has passed, and one epoch never has two writers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,6 +73,9 @@ pub enum Learnt {
     /// Another site holds the key at a higher epoch: demote.
     Newer(Holder),
 }
+
+/// What a site does when the witness tells it something (see [`Learnt`]).
+pub type OnLearnt = Arc<dyn Fn(Learnt) + Send + Sync>;
 
 /// The witness as one site sees it.
 #[derive(Debug)]
@@ -171,9 +178,17 @@ impl Witness {
         self.settings.lease.as_secs_f64().ceil().max(1.0) as i64
     }
 
+    /// `group`'s epoch key: the holder of the highest epoch ever granted,
+    /// with no lease, so it outlives every holder's key.
+    fn epoch_key(&self, group: &str) -> String {
+        format!("{}/epoch", self.key(group))
+    }
+
     /// Puts `holder` into `group`'s key under a new lease if no one holds
     /// it, or if it holds `holder`'s own site at an epoch not above
-    /// `holder`'s. Returns the lease, or who holds the key.
+    /// `holder`'s — and in either case only if the witness never granted
+    /// a higher epoch (or `holder`'s own to another site). Returns the
+    /// lease, or who holds the key (or last held the highest epoch).
     async fn claim_with(
         &self,
         client: &mut Client,
@@ -181,6 +196,35 @@ impl Witness {
         holder: &Holder,
     ) -> Result<Result<i64, Holder>, String> {
         let key = self.key(group);
+        let epoch_key = self.epoch_key(group);
+        // A primary whose key ran out (it died, or lost the witness) must
+        // not come back under an epoch a takeover has since passed.
+        let recorded = client
+            .get(epoch_key.clone(), None)
+            .await
+            .map_err(|e| format!("witness: cannot read {epoch_key}: {e}"))?
+            .kvs()
+            .first()
+            .map(|kv| {
+                let holder = kv.value_str().ok().and_then(Holder::decode);
+                (holder, kv.mod_revision())
+            });
+        let epoch_revision = match recorded {
+            None => 0,
+            Some((None, _)) => {
+                return Err(format!(
+                    "witness: {epoch_key} holds something that is not a holder"
+                ))
+            }
+            Some((Some(highest), revision)) => {
+                if highest.epoch > holder.epoch
+                    || (highest.epoch == holder.epoch && highest.site != holder.site)
+                {
+                    return Ok(Err(highest));
+                }
+                revision
+            }
+        };
         // The lease runs from before it is granted, as far as we know.
         let granted_at = self.now_ms();
         let lease = client
@@ -188,18 +232,22 @@ impl Witness {
             .await
             .map_err(|e| format!("witness: cannot grant a lease: {e}"))?
             .id();
-        let put = TxnOp::put(
-            key.clone(),
-            holder.encode(),
-            Some(PutOptions::new().with_lease(lease)),
-        );
-        let free = Txn::new()
-            .when(vec![Compare::create_revision(
+        let puts = vec![
+            TxnOp::put(
                 key.clone(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then(vec![put.clone()])
+                holder.encode(),
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            TxnOp::put(epoch_key.clone(), holder.encode(), None),
+        ];
+        let epoch_unchanged =
+            Compare::mod_revision(epoch_key.clone(), CompareOp::Equal, epoch_revision);
+        let free = Txn::new()
+            .when(vec![
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                epoch_unchanged.clone(),
+            ])
+            .and_then(puts.clone())
             .or_else(vec![TxnOp::get(key.clone(), None)]);
         let response = client
             .txn(free)
@@ -221,19 +269,18 @@ impl Witness {
         let Some((current, revision)) = current else {
             let _ = client.lease_revoke(lease).await;
             return Err(format!(
-                "witness: {key} holds something that is not a holder"
+                "witness: {key} is free but {epoch_key} changed meanwhile (another claim); trying again"
             ));
         };
         // Our own key (a restart of this site): take it over under the
         // new lease, as long as no one changed it meanwhile.
         if current.site == holder.site && current.epoch <= holder.epoch {
             let mine = Txn::new()
-                .when(vec![Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    revision,
-                )])
-                .and_then(vec![put]);
+                .when(vec![
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
+                    epoch_unchanged,
+                ])
+                .and_then(puts);
             let response = client
                 .txn(mine)
                 .await
@@ -257,37 +304,72 @@ impl Witness {
         self.held.lock().insert(group.to_string(), until);
     }
 
-    /// A takeover of `group` at `epoch`: wins only if no live primary
-    /// holds the key. On success this site holds it from now on (see
-    /// [`Witness::hold`]).
-    pub async fn claim(self: &Arc<Self>, group: &str, epoch: u64) -> Result<(), String> {
+    /// A takeover of `group` at `epoch` or above: wins only if no live
+    /// primary holds the key, at the lowest epoch from `epoch` up that is
+    /// above every epoch the witness ever granted (which it returns). On
+    /// success this site holds the key from now on (see
+    /// [`Witness::hold`]; `learnt` as there).
+    pub async fn claim(
+        self: &Arc<Self>,
+        group: &str,
+        epoch: u64,
+        learnt: OnLearnt,
+    ) -> Result<u64, String> {
         let mut client = self.connect().await?;
-        let holder = Holder {
+        let mut holder = Holder {
             epoch,
             site: self.site.clone(),
         };
-        match self.claim_with(&mut client, group, &holder).await? {
-            Ok(lease) => {
-                self.keep(group, client, lease, epoch);
-                Ok(())
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let outcome = match self.claim_with(&mut client, group, &holder).await {
+                // Another claim moved the epoch key meanwhile: look again.
+                Err(e) if attempts < 3 && e.contains("changed meanwhile") => continue,
+                other => other?,
+            };
+            match outcome {
+                Ok(lease) => {
+                    self.keep(group, client, lease, holder.epoch, learnt);
+                    return Ok(holder.epoch);
+                }
+                // The key is free but a takeover once went as high: go
+                // above it (the free key says that primary is gone too).
+                Err(highest)
+                    if attempts < 3
+                        && highest.epoch >= holder.epoch
+                        && self.holder(&mut client, group).await?.is_none() =>
+                {
+                    holder.epoch = highest.epoch + 1;
+                }
+                Err(current) => {
+                    return Err(format!(
+                        "the witness says group {group} is held by {} at epoch {}: its primary is alive there, so no takeover",
+                        current.site, current.epoch
+                    ))
+                }
             }
-            Err(current) => Err(format!(
-                "the witness says group {group} is held by {} at epoch {}: its primary is alive there, so no takeover",
-                current.site, current.epoch
-            )),
         }
+    }
+
+    /// Who holds `group`'s key now, if anyone.
+    async fn holder(&self, client: &mut Client, group: &str) -> Result<Option<Holder>, String> {
+        let key = self.key(group);
+        let response = client
+            .get(key.clone(), None)
+            .await
+            .map_err(|e| format!("witness: cannot read {key}: {e}"))?;
+        Ok(response
+            .kvs()
+            .first()
+            .and_then(|kv| kv.value_str().ok().and_then(Holder::decode)))
     }
 
     /// Holds `group`'s key for this site, a primary at `epoch()`, for as
     /// long as it is the primary: claims it (retrying while the witness is
     /// away), keeps the lease alive, claims it again when the lease is
     /// lost, and says when another site holds it at a higher epoch.
-    pub fn hold(
-        self: &Arc<Self>,
-        group: &str,
-        epoch: u64,
-        learnt: Arc<dyn Fn(Learnt) + Send + Sync>,
-    ) {
+    pub fn hold(self: &Arc<Self>, group: &str, epoch: u64, learnt: OnLearnt) {
         if self.stops.lock().contains_key(group) {
             return;
         }
@@ -346,7 +428,14 @@ impl Witness {
     }
 
     /// After a successful claim: keeps the lease in a task of its own.
-    fn keep(self: &Arc<Self>, group: &str, client: Client, lease: i64, epoch: u64) {
+    fn keep(
+        self: &Arc<Self>,
+        group: &str,
+        client: Client,
+        lease: i64,
+        epoch: u64,
+        learnt: OnLearnt,
+    ) {
         let me = self.clone();
         let group = group.to_string();
         let (stop_tx, mut stop) = watch::channel(false);
@@ -364,7 +453,7 @@ impl Witness {
             );
             // Hold it again as any primary does.
             me.stops.lock().remove(&group);
-            me.hold(&group, epoch, Arc::new(|_| {}));
+            me.hold(&group, epoch, learnt);
         });
     }
 

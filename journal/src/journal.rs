@@ -1712,6 +1712,27 @@ impl Journal {
         })
     }
 
+    /// Records, durably, that another site writes this group under
+    /// `epoch` (a no-op unless it is above every epoch known here). A
+    /// takeover here then goes above it (see [`Journal::highest_epoch`]),
+    /// though no record of that epoch may ever have arrived.
+    pub fn note_epoch_seen(&self, epoch: u64) -> Result<()> {
+        if epoch <= self.highest_epoch() {
+            return Ok(());
+        }
+        self.shared().update_manifest(|manifest| {
+            manifest.seen_epoch = manifest.seen_epoch.max(epoch);
+            Ok(())
+        })
+    }
+
+    /// The highest epoch of this group known here: its own, or one seen
+    /// at another site.
+    pub fn highest_epoch(&self) -> u64 {
+        let manifest = self.shared().manifest.read();
+        manifest.epoch.max(manifest.seen_epoch)
+    }
+
     /// The next record gets a seq above `seq` (seqs only ever rise; they
     /// need not be contiguous). A new primary does this before it rebases
     /// a former primary whose own branch reaches `seq`, so the state it

@@ -97,6 +97,15 @@ pub struct Manifest {
     /// consumer that fell too far behind (a replica past its lag limit).
     #[serde(default)]
     pub expendable: std::collections::BTreeSet<String>,
+    /// The highest epoch another site was seen writing this group under
+    /// (a primary's hello, a fence, the witness) when above `epoch`: a
+    /// takeover here goes above it, even if no record of it arrived.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seen_epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A rebase in progress (see `Manifest::rebasing`).
@@ -138,6 +147,7 @@ impl Manifest {
             source_id: 0,
             epochs: Vec::new(),
             expendable: std::collections::BTreeSet::new(),
+            seen_epoch: 0,
         }
     }
 

@@ -173,7 +173,13 @@ impl Receivers {
         }
         // (The journal's epoch here follows the records applied: it becomes
         // a record's epoch when that record arrives, so the epoch history
-        // starts each epoch at the same seq on both sites.)
+        // starts each epoch at the same seq on both sites.) The primary's
+        // epoch is noted at once all the same: a takeover here must go
+        // above it even if no record of it ever arrives.
+        if hello.epoch > journal.highest_epoch() {
+            let (journal, epoch) = (journal.clone(), hello.epoch);
+            blocking(move || journal.note_epoch_seen(epoch).map_err(|e| e.to_string())).await?;
+        }
         if journal.source_id() == 0 {
             let journal = journal.clone();
             let (source, horizon) = (hello.source_id, Timestamp::from_nanos(hello.horizon_ns));

@@ -568,6 +568,34 @@ fn a_takeover_names_what_the_old_primary_never_shipped() {
     }
 }
 
+/// A takeover goes above every epoch the site has seen, not only the
+/// epochs whose records arrived: a primary at epoch 4 (its epoch-4 records
+/// never shipped) that dies leaves a replica that takes over at 5 — at 1,
+/// the old primary would write under the same epoch as the new one, and
+/// neither would ever stand down. The seen epoch outlives a restart.
+#[test]
+fn a_takeover_goes_above_an_epoch_seen_without_its_records() {
+    let mut replica = Daemon::with_config(&replica_config(""));
+    let volume = "seen";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let primary = ForgedPrimary::new(volume, 1 << 20, 0);
+        let records = primary.writes(2);
+        let (replies, ended) =
+            stream(&replica, vec![primary.hello(4, 2), batch(0, &records)]).await;
+        assert!(ended.is_none(), "{ended:?}");
+        assert!(
+            replies.iter().any(|r| r.contains("durable_seq: 2")),
+            "{replies:?}"
+        );
+    });
+    replica.restart();
+    let promoted = replica.json(&["failover", volume, "--json"]);
+    assert_eq!(promoted["epoch"], 5, "{promoted}");
+    assert_eq!(role(&replica, volume), "primary");
+    assert_eq!(write_at(&replica, volume, 0, &[7u8; 4096]), 0);
+}
+
 /// `promote_at = "before-anomaly"`: random bytes written over the
 /// primary's data raise an anomaly tag there, which replicates with the
 /// burst; when the primary dies, the replica takes over by itself at

@@ -22,7 +22,7 @@ use tidemark_replicator::archive::ArchiveView;
 
 use super::error::{ApiError, ApiResult};
 use super::extents::Extents;
-use super::registry::{Volume, WriterGuard};
+use super::registry::{Volume, WritePass, WriterGuard};
 
 /// Prefix of the journal holds that exports place.
 pub const HOLD_PREFIX: &str = "export:";
@@ -153,25 +153,34 @@ impl Export {
     /// The live volume a write of `len` bytes at `offset` goes to without
     /// blocking: `None` if the export is not live (the caller takes the
     /// blocking path), an error for a bad range or a demoted volume.
-    fn live_for_write(&self, offset: u64, len: u64) -> Option<ApiResult<&Arc<Volume>>> {
+    /// The pass keeps a role change waiting until the write is appended.
+    fn live_for_write(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Option<ApiResult<(&Arc<Volume>, WritePass<'_>)>> {
         if let Err(e) = self.check(offset, len) {
             return Some(Err(e));
         }
         let Target::Live { .. } = self.target else {
             return None;
         };
-        if !self.volume_writable() {
-            return Some(Err(self.demoted()));
-        }
-        self.volume.as_ref().map(Ok)
+        let volume = self.volume.as_ref()?;
+        Some(
+            volume
+                .group
+                .writing()
+                .map(|pass| (volume, pass))
+                .ok_or_else(|| self.demoted()),
+        )
     }
 
     /// Writes `data` at `offset` only if that cannot block on a disk or a
     /// lock (see `WritePath::try_write`); `None` when it could, and then
     /// [`Export::write`] must be used where blocking is fine.
     pub fn try_write(&self, offset: u64, data: &Bytes) -> Option<ApiResult<()>> {
-        let volume = match self.live_for_write(offset, data.len() as u64)? {
-            Ok(volume) => volume,
+        let (volume, _pass) = match self.live_for_write(offset, data.len() as u64)? {
+            Ok(live) => live,
             Err(e) => return Some(Err(e)),
         };
         let ack = volume
@@ -211,8 +220,8 @@ impl Export {
     /// `WritePath::try_begin_sync`); `None` when it could, and then
     /// [`Export::write_shared`] must be used where blocking is fine.
     pub fn try_begin_sync(&self, offset: u64, data: &Bytes) -> Option<ApiResult<PendingWrite>> {
-        let volume = match self.live_for_write(offset, data.len() as u64)? {
-            Ok(volume) => volume,
+        let (volume, _pass) = match self.live_for_write(offset, data.len() as u64)? {
+            Ok(live) => live,
             Err(e) => return Some(Err(e)),
         };
         let write = volume
@@ -436,10 +445,14 @@ impl Export {
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> ApiResult<()> {
         self.check(offset, data.len() as u64)?;
         match &self.target {
-            // Demoted since the export opened: a newer primary writes now.
-            Target::Live { .. } if !self.volume_writable() => Err(self.demoted()),
             Target::Live { .. } => {
                 let volume = self.local()?;
+                // Demoted since the export opened: a newer primary writes
+                // now. (The pass keeps a role change waiting until this
+                // write is in the journal.)
+                let Some(_pass) = volume.group.writing() else {
+                    return Err(self.demoted());
+                };
                 let ack = volume
                     .group
                     .write_path
@@ -460,9 +473,12 @@ impl Export {
     /// records share rather than copy.
     pub fn write_shared(&self, offset: u64, data: &Bytes, fua: bool) -> ApiResult<()> {
         match &self.target {
-            Target::Live { .. } if self.volume_writable() => {
+            Target::Live { .. } => {
                 self.check(offset, data.len() as u64)?;
                 let volume = self.local()?;
+                let Some(_pass) = volume.group.writing() else {
+                    return Err(self.demoted());
+                };
                 let ack = volume
                     .group
                     .write_path
@@ -481,9 +497,11 @@ impl Export {
             return Ok(());
         }
         match &self.target {
-            Target::Live { .. } if !self.volume_writable() => Err(self.demoted()),
             Target::Live { .. } => {
                 let volume = self.local()?;
+                let Some(_pass) = volume.group.writing() else {
+                    return Err(self.demoted());
+                };
                 let wp = &volume.group.write_path;
                 let ack = if trim {
                     wp.trim(&volume.name, offset, len)?

@@ -251,32 +251,34 @@ impl Registry {
         let Some(witness) = self.failover.witness.get() else {
             return;
         };
+        witness.hold(group, epoch, self.witness_learnt(group));
+    }
+
+    /// What this site does when the witness says another site holds
+    /// `group` at a higher epoch: demote it.
+    fn witness_learnt(self: &Arc<Self>, group: &str) -> tidemark_failover::OnLearnt {
         let registry = Arc::downgrade(self);
         let name = group.to_string();
-        witness.hold(
-            group,
-            epoch,
-            Arc::new(move |learnt: Learnt| {
-                let Learnt::Newer(holder) = learnt;
-                let Some(registry) = registry.upgrade() else {
-                    return;
-                };
-                let fence = Fence {
-                    group: name.clone(),
-                    epoch: holder.epoch,
-                    history: tidemark_journal::epochs::History {
-                        epochs: Vec::new(),
-                        newest: 0,
-                    },
-                    by: format!("the witness (held by {})", holder.site),
-                };
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = registry.demote(&fence) {
-                        tracing::error!(group = %fence.group, error = %e, "cannot demote the group");
-                    }
-                });
-            }),
-        );
+        Arc::new(move |learnt: Learnt| {
+            let Learnt::Newer(holder) = learnt;
+            let Some(registry) = registry.upgrade() else {
+                return;
+            };
+            let fence = Fence {
+                group: name.clone(),
+                epoch: holder.epoch,
+                history: tidemark_journal::epochs::History {
+                    epochs: Vec::new(),
+                    newest: 0,
+                },
+                by: format!("the witness (held by {})", holder.site),
+            };
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = registry.demote(&fence) {
+                    tracing::error!(group = %fence.group, error = %e, "cannot demote the group");
+                }
+            });
+        })
     }
 
     /// Promotes `group` to primary on this site: at `at` (a POINT), or as
@@ -327,11 +329,14 @@ impl Registry {
         };
         // The new epoch is durable before the first write under it; with
         // a witness, only after winning the group's key at that epoch.
+        // Above every epoch seen here — the old primary's, even one of
+        // which no record arrived — and, with a witness, above every epoch
+        // it ever granted: one epoch never has two writers.
         let old_epoch = journal.epoch();
-        let new_epoch = epoch::next_epoch(old_epoch, old_epoch);
+        let mut new_epoch = epoch::next_epoch(old_epoch, journal.highest_epoch());
         if let Some(witness) = self.failover.witness.get() {
-            tokio::runtime::Handle::current()
-                .block_on(witness.claim(&group.name, new_epoch))
+            new_epoch = tokio::runtime::Handle::current()
+                .block_on(witness.claim(&group.name, new_epoch, self.witness_learnt(&group.name)))
                 .map_err(ApiError::Busy)?;
         }
         journal.set_epoch(new_epoch)?;
@@ -519,8 +524,12 @@ impl Registry {
         if demoted || epoch::judge(own, fence.epoch) == Verdict::Keep {
             return Ok(());
         }
-        // Writes are refused from this moment on.
-        group.replica.store(true, Ordering::SeqCst);
+        // Writes are refused from this moment on, and those that passed
+        // the check before are in the journal once this returns.
+        group.stop_writes();
+        if let Err(e) = journal.note_epoch_seen(fence.epoch) {
+            tracing::warn!(group = %group.name, epoch = fence.epoch, error = %e, "cannot record the newer primary's epoch");
+        }
         if let Some(witness) = self.failover.witness.get() {
             witness.release(&group.name);
         }
@@ -630,6 +639,9 @@ impl Registry {
         };
         let (registry, g) = (self.clone(), group.clone());
         let newest = tokio::task::spawn_blocking(move || -> ApiResult<Seq> {
+            // Writes that passed the check before the flag are appended
+            // first, so `newest` covers every write acknowledged here.
+            g.stop_writes();
             for v in registry
                 .volumes()
                 .iter()
@@ -741,7 +753,7 @@ impl Registry {
     }
 
     fn ask_to_replicate_back(
-        &self,
+        self: &Arc<Self>,
         own_epoch: u64,
         group: &str,
         volumes: &[Arc<Volume>],
@@ -760,6 +772,7 @@ impl Registry {
         let new_epoch = fence.epoch;
         let fence_by = fence.by.clone();
         let old_epoch = own_epoch;
+        let registry = Arc::downgrade(self);
         tokio::runtime::Handle::current().spawn(async move {
             let demotion = serde_json::json!({
                 "site": site.grpc,
@@ -782,8 +795,19 @@ impl Registry {
                 token: peer.token.clone(),
                 ca_pem: peer.ca_pem.clone().map(String::into_bytes),
             };
-            // The new primary may itself be busy promoting: try a while.
-            for attempt in 0..30u32 {
+            // The new primary may be busy promoting, or unreachable for a
+            // while: ask until it answers (1 s doubling to 30 s), for as
+            // long as this site keeps the group as a replica — until then
+            // this copy falls behind, and the demotion is on no timeline.
+            let mut pause = std::time::Duration::from_secs(1);
+            for attempt in 0u64.. {
+                let still_replica = registry
+                    .upgrade()
+                    .and_then(|r| r.group_by_name(&group).ok())
+                    .is_some_and(|g| g.is_replica());
+                if !still_replica {
+                    return;
+                }
                 let outcome = async {
                     let mut client = tidemark_replicator::link::connect(&link).await?;
                     client
@@ -800,7 +824,8 @@ impl Registry {
                     Err(e) if e.contains("already replicates") => return,
                     Err(e) => {
                         tracing::warn!(group, primary = %peer.address, attempt, error = %e, "cannot ask the new primary to replicate here yet");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(std::time::Duration::from_secs(30));
                     }
                 }
             }

@@ -795,6 +795,25 @@ fn ingest_one(volume: &Volume, message: pb::IngestRequest) -> ApiResult<(u64, St
     use pb::ingest_request::Op;
     let wp = &volume.group.write_path;
     let name = &volume.name;
+    // Each write checks the role as an NBD write does: a stream opened
+    // before a demotion or a lost witness lease takes no write after it.
+    let writes = matches!(message.op, Some(Op::Write(_) | Op::Zero(_) | Op::Trim(_)));
+    let _pass = match volume.group.writing() {
+        Some(pass) => Some(pass),
+        None if writes => {
+            return Err(if volume.is_replica() {
+                ApiError::Invalid(format!(
+                    "volume {name} was demoted on this site: another site took over as its primary"
+                ))
+            } else {
+                ApiError::Busy(format!(
+                    "volume {name}: this site does not hold the witness's lease for group {}; writes wait until it does",
+                    volume.group.name
+                ))
+            });
+        }
+        None => None,
+    };
     let ack = match message.op {
         Some(Op::Write(w)) => {
             let ack = wp.write(name, w.offset, &w.data, w.fua)?;

@@ -36,11 +36,24 @@ pub struct Group {
     /// is fed by the primary, and nothing here writes to it. Flips on a
     /// takeover (false) and a demotion (true).
     pub replica: std::sync::atomic::AtomicBool,
+    /// Writes past the role check and not yet appended (see
+    /// [`Group::writing`]).
+    writes_in_flight: std::sync::atomic::AtomicUsize,
     /// What its sync writes wait for besides the journal: its replicas.
     pub gate: Arc<tidemark_replicator::GroupGate>,
     /// The failover witness, when one is configured: a primary writes
     /// only while it holds the group's lease there.
     pub witness: Arc<OnceLock<Arc<tidemark_failover::Witness>>>,
+}
+
+/// See [`Group::writing`].
+#[derive(Debug)]
+pub struct WritePass<'a>(&'a Group);
+
+impl Drop for WritePass<'_> {
+    fn drop(&mut self) {
+        self.0.writes_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for Group {
@@ -59,6 +72,35 @@ impl Group {
     /// True while this site keeps the group as another site's replica.
     pub fn is_replica(&self) -> bool {
         self.replica.load(Ordering::SeqCst)
+    }
+
+    /// A write's pass: `None` when this site may not write the group (a
+    /// replica here, or the witness's lease not held). While the pass
+    /// lives the write is counted in flight, so [`Group::stop_writes`]
+    /// waits for it: no write that passed the check lands after a role
+    /// change has read the group's newest seq.
+    pub fn writing(&self) -> Option<WritePass<'_>> {
+        // Counted before the check (both SeqCst): either `stop_writes`
+        // sees this write in flight, or this write sees the new role.
+        self.writes_in_flight.fetch_add(1, Ordering::SeqCst);
+        let pass = WritePass(self);
+        (!self.is_replica() && self.witness_allows()).then_some(pass)
+    }
+
+    /// Refuses writes from now on (the group becomes a replica here) and
+    /// returns once every write that passed the check before has been
+    /// appended. Blocks: call it where a thread may wait.
+    pub fn stop_writes(&self) {
+        self.replica.store(true, Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        let mut said = false;
+        while self.writes_in_flight.load(Ordering::SeqCst) > 0 {
+            if !said && started.elapsed() > std::time::Duration::from_secs(1) {
+                tracing::info!(group = %self.name, "waiting for writes in flight before the role changes");
+                said = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// True while the group is a replica that still follows a primary:
@@ -372,6 +414,7 @@ impl Registry {
             name: name.to_string(),
             write_path,
             replica: std::sync::atomic::AtomicBool::new(replica),
+            writes_in_flight: std::sync::atomic::AtomicUsize::new(0),
             gate,
             witness: self.failover.witness.clone(),
         });
