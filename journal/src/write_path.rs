@@ -609,7 +609,10 @@ impl WritePath {
                 .map_err(|e| Error::io("flush production volume", v.device.path(), e))?;
         }
         match mode {
-            IoMode::Async => Ok(Some(handle.seq())),
+            // A replica in sync mode holds what a flush acknowledged in
+            // every IO mode: an async volume's flush then waits for its
+            // record here and there, as a database commit expects.
+            IoMode::Async if !self.inner.gate_must_wait() => Ok(Some(handle.seq())),
             _ if !wait_for_point
                 && *v.mode.lock() == IoMode::Sync
                 && self.inner.async_records_durable(&v) =>

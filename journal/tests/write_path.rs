@@ -963,6 +963,30 @@ fn sync_writes_wait_for_a_replica_only_while_one_is_sync() {
     assert_eq!(gate.waited(), 3);
 }
 
+/// A flush of an async volume whose group has a replica in sync mode
+/// waits for the replica (what the flush acknowledged is on both sites);
+/// without one it does not.
+#[test]
+fn an_async_volume_flush_waits_for_a_sync_replica() {
+    let s = setup(IoMode::Async, 1 << 20, small_regions());
+    let gate = Arc::new(CountingGate::default());
+    s.path.set_replica_gate(Some(gate.clone()));
+    let mut rng = rng(13);
+    s.path
+        .write("vol", 0, &payload(&mut rng, 4096), false)
+        .expect("write");
+    s.path.flush("vol").expect("flush");
+    assert_eq!(gate.waited(), 0, "no replica in sync mode: no wait");
+    gate.must_wait
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    s.path
+        .write("vol", 4096, &payload(&mut rng, 4096), false)
+        .expect("write");
+    let seq = s.path.flush("vol").expect("flush").expect("a flush point");
+    assert_eq!(gate.waited(), 1, "the flush waited for the replica");
+    assert!(s.path.journal().history().newest_seq >= seq);
+}
+
 #[test]
 fn a_sync_write_begun_without_blocking_that_production_refuses_is_resynced() {
     let (_dir, path, device) = sync_volume_on_a_failing_device();

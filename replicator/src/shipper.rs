@@ -467,7 +467,11 @@ impl ShipperShared {
         let watcher = {
             let me = self.clone();
             let mut stop = stop.clone();
-            let every = HOLD_EVERY.min(self.settings.heartbeat * 5);
+            let mut every = HOLD_EVERY.min(self.settings.heartbeat * 5);
+            if self.mode == ReplicaMode::Adaptive {
+                // Soon enough to go async about when `adaptive_lag` says.
+                every = every.min((self.settings.adaptive_lag / 2).max(Duration::from_millis(50)));
+            }
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
@@ -517,14 +521,19 @@ impl ShipperShared {
     /// One round of the watcher: the RPO of a link that is down, the lag
     /// limit, the RPO alert.
     async fn watch(&self) {
+        // Behind with nothing in flight (the link is down, or a send is
+        // stuck): the oldest record the replica lacks dates the RPO.
         let idle = {
+            let newest = self.journal.history().newest_seq;
             let p = self.progress.lock();
-            matches!(p.state, LinkState::Connecting | LinkState::Disconnected)
-                && p.unacked.is_empty()
+            p.unacked.is_empty() && p.acked_seq < newest
         };
         if idle {
             self.note_unshipped().await;
         }
+        // An adaptive replica that falls silent goes async here: no
+        // acknowledgement arrives to make that decision.
+        self.adapt();
         self.limit_lag().await;
         self.watch_rpo();
     }
@@ -1164,10 +1173,14 @@ impl ShipperShared {
             let slow = p
                 .ack_latency
                 .is_some_and(|l| l > self.settings.adaptive_latency);
-            let behind = p
-                .unacked
-                .front()
-                .is_some_and(|s| s.at.elapsed() > self.settings.adaptive_lag);
+            let lag = self.settings.adaptive_lag;
+            let behind = p.unacked.front().is_some_and(|s| s.at.elapsed() > lag)
+                || (p.unacked.is_empty()
+                    && !caught_up
+                    && p.oldest_unshipped.is_some_and(|t| {
+                        Timestamp::now().as_nanos().saturating_sub(t.as_nanos())
+                            > lag.as_nanos() as i64
+                    }));
             if p.effective == ReplicaMode::Sync && (slow || behind) {
                 p.effective = ReplicaMode::Async;
                 switch = Some(("replica-mode", "async"));

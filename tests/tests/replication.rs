@@ -592,6 +592,16 @@ fn a_broken_link_catches_up_by_journal_then_by_region_hashes() {
             .any(|e| e["kind"] == "gap"),
         "no gap on the replica's timeline: {timeline}"
     );
+    // And on the primary's, where retention passed the replica's hold.
+    let timeline = sites.primary.json(&["timeline", volume, "--json"]);
+    assert!(
+        timeline["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "gap"),
+        "no gap on the primary's timeline: {timeline}"
+    );
     sites.assert_equal(volume);
     assert!(sites.primary.healthy() && sites.replica.healthy());
 }
@@ -861,6 +871,112 @@ fn an_adaptive_replica_follows_the_link_and_is_proven_equal_periodically() {
         .as_str()
         .is_some_and(|s| s.contains("equal")));
     assert!(sites.primary.events(volume, "replica-differs").is_empty());
+    sites.assert_equal(volume);
+}
+
+/// `replica verify` finds a difference and names it: bytes of the
+/// replica's base image changed behind its back (a bad disk there) show
+/// as the 4 MiB region that holds them, with exit status 1 — and nothing
+/// else differs.
+#[test]
+fn replica_verify_names_the_region_that_differs() {
+    let sites = Sites::start("");
+    let volume = "differs";
+    sites.primary.create_volume(volume, "16M", "sync");
+    sites.add(volume, "sync");
+    write_at(&sites.primary, volume, 0, &[1u8; 65536]);
+    sites.caught_up(volume, 30);
+    let equal = sites.primary.json(&["replica", "verify", volume, "--json"]);
+    assert_eq!(equal["equal"], true, "{equal}");
+
+    // Damage where no record covers: the base image at 9 MiB.
+    let base_dir = sites.replica.path(&format!("data/groups/{volume}/base"));
+    let base = std::fs::read_dir(&base_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "img"))
+        .unwrap_or_else(|| panic!("no base image in {}", base_dir.display()));
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(&base).unwrap();
+        file.write_all_at(&[0x5a; 4096], 9 << 20).unwrap();
+        file.sync_all().unwrap();
+    }
+    let out = sites.primary.cli(&["replica", "verify", volume, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["equal"], false, "{v}");
+    let differences = v["differences"].as_array().unwrap();
+    assert_eq!(differences.len(), 1, "{v}");
+    assert_eq!(differences[0]["volume"], volume, "{v}");
+    assert_eq!(differences[0]["offset"], 8 << 20, "{v}");
+    assert_eq!(differences[0]["length"], 4 << 20, "{v}");
+    let text = sites.primary.cli(&["replica", "verify", volume]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("1 of 4 regions differ"),
+        "{text:?}"
+    );
+}
+
+/// An adaptive replica whose link dies — silent (stalled) or cut — goes
+/// async once a record has waited past `adaptive_lag` (1 s, the default),
+/// as a `replica-mode` switch, though no acknowledgement arrives to
+/// decide it: the write goes through without waiting out `sync_timeout`
+/// (60 s here) and without the `replica-degraded` fallback. Back to sync
+/// once the link is back and the replica kept up.
+#[test]
+fn an_adaptive_replica_whose_link_dies_goes_async_without_waiting_for_the_timeout() {
+    let sites = Sites::start("sync_timeout = \"60s\"\nadaptive_latency = \"300ms\"\n");
+    let volume = "adapt-dead";
+    sites.primary.create_volume(volume, "8M", "sync");
+    sites.add(volume, "adaptive");
+    write_at(&sites.primary, volume, 0, &[1u8; 4096]);
+    sites.caught_up(volume, 30);
+    for (round, cut) in [(1u8, false), (2u8, true)] {
+        sites.primary.eventually(30, "adaptive is in sync", || {
+            sites.replica_of(volume)["effective_mode"] == "sync"
+        });
+        if cut {
+            sites.link.drop_link();
+        } else {
+            sites.link.stall();
+        }
+        write_at(
+            &sites.primary,
+            volume,
+            u64::from(round) * 4096,
+            &[round + 1; 4096],
+        );
+        assert_eq!(
+            sites.replica_of(volume)["effective_mode"],
+            "async",
+            "round {round}: {}",
+            sites.replica_of(volume)
+        );
+        sites.link.restore();
+        sites.caught_up(volume, 30);
+    }
+    sites
+        .primary
+        .eventually(30, "adaptive returns to sync", || {
+            sites.replica_of(volume)["effective_mode"] == "sync"
+        });
+    let to_async = sites
+        .primary
+        .events(volume, "replica-mode")
+        .into_iter()
+        .filter(|e| e["to"] == "async")
+        .count();
+    assert_eq!(
+        to_async,
+        2,
+        "{:?}",
+        sites.primary.events(volume, "replica-mode")
+    );
+    assert!(
+        sites.primary.events(volume, "replica-degraded").is_empty(),
+        "an adaptive replica waited for the sync timeout"
+    );
     sites.assert_equal(volume);
 }
 

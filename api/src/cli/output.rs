@@ -36,6 +36,7 @@ pub fn replica_json(r: &pb::Replica) -> Value {
         "acked_seq": r.acked_seq,
         "lag_seconds": r.lag_seconds,
         "rpo_seconds": r.rpo_seconds,
+        "rpo_alert": r.rpo_alert,
         "lag_bytes": r.lag_bytes,
         "sent_bytes": r.sent_bytes,
         "resync_bytes": r.resync_bytes,

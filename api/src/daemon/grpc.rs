@@ -105,6 +105,7 @@ pub fn replica_proto(volume: &str, s: &tidemark_replicator::ReplicaStatus) -> pb
         resync_bytes: s.resync_bytes,
         last_error: s.last_error.clone().unwrap_or_default(),
         last_verified: s.last_verified.clone().unwrap_or_default(),
+        rpo_alert: s.rpo_alert,
     }
 }
 

@@ -36,6 +36,9 @@ pub fn timeline(
     to: Option<&PointSpec>,
 ) -> ApiResult<(Seq, Seq, Vec<Entry>)> {
     let history = volume.history();
+    // The whole history: gaps retention left are shown even once the
+    // horizon has moved past them — what was lost stays said.
+    let whole = from.is_none();
     let from = match from {
         Some(spec) => registry.resolve(volume, spec)?,
         None => history.horizon_seq,
@@ -120,7 +123,7 @@ pub fn timeline(
     }
     close_run(&mut flushes, &mut entries);
     for gap in volume.journal().gaps() {
-        if gap.horizon_seq >= from && gap.hold_seq <= to {
+        if (whole || gap.horizon_seq >= from) && gap.hold_seq <= to {
             entries.push(Entry {
                 seq: gap.hold_seq,
                 time: Timestamp::from_nanos(gap.at_ns),
