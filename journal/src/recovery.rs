@@ -136,14 +136,20 @@ fn list_segments(fs: &dyn Fs, dir: &Path) -> Result<Vec<u64>> {
 }
 
 /// True for a segment file whose creation never finished: too short for a
-/// header, or a header that does not decode and no batch anywhere.
+/// header, or a header that is zero or does not decode — and no batch
+/// anywhere. (A header is written and synced before the first batch, so a
+/// bad header with batches behind it is damage, never an unfinished
+/// creation.)
 fn never_finished(fs: &dyn Fs, path: &Path) -> Result<bool> {
     let bytes = crate::fs::read(fs, path).map_err(|e| Error::io("read segment", path, e))?;
-    if bytes.len() < SEGMENT_HEADER_LEN || bytes[..SEGMENT_HEADER_LEN].iter().all(|&b| b == 0) {
+    if bytes.len() < SEGMENT_HEADER_LEN {
         return Ok(true);
     }
-    Ok(SegmentHeader::decode(&bytes, path).is_err()
-        && memchr::memmem::find(&bytes, &BATCH_MAGIC.to_le_bytes()).is_none())
+    let header_zero = bytes[..SEGMENT_HEADER_LEN].iter().all(|&b| b == 0);
+    Ok(
+        (header_zero || SegmentHeader::decode(&bytes, path).is_err())
+            && memchr::memmem::find(&bytes, &BATCH_MAGIC.to_le_bytes()).is_none(),
+    )
 }
 
 /// The first valid batch in the segments `later_ids` that vouches for

@@ -584,6 +584,40 @@ fn a_later_segment_that_cannot_be_opened_is_never_a_reason_to_cut() {
     assert!(newer.exists(), "the later segment is kept for the operator");
 }
 
+/// The newest segment's header zeroed while batches follow it is damage,
+/// not a segment whose creation never finished (a header is written and
+/// synced before any batch): strict recovery reports it and keeps the
+/// file, instead of removing it with the acknowledged records it holds.
+#[test]
+fn a_zeroed_header_before_batches_is_damage_not_an_unfinished_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(Timestamp::from_nanos(START)));
+    build(dir.path(), &clock, 23, 70);
+    // The newest segment file must be the one with batches (a segment
+    // made ahead and never used holds none: as if the crash came first).
+    let mut files = segment_files(dir.path());
+    while files.last().is_some_and(|f| used_len(f) <= 64) {
+        fs::remove_file(files.pop().expect("a file")).expect("remove");
+    }
+    let newest = files.last().expect("a segment with batches").clone();
+    let mut bytes = fs::read(&newest).expect("read");
+    bytes[..64].fill(0);
+    fs::write(&newest, &bytes).expect("write");
+
+    match Journal::open(
+        dir.path(),
+        small_options(clock.clone(), RecoveryMode::Strict),
+    ) {
+        Err(Error::Corruption { path, .. }) => assert_eq!(path, newest),
+        Err(e) => panic!("expected corruption naming {}, got {e}", newest.display()),
+        Ok((_, report)) => panic!("strict recovery dropped acknowledged data: {report:?}"),
+    }
+    assert!(
+        newest.exists(),
+        "the damaged segment is kept for the operator"
+    );
+}
+
 /// With `trust_sealed`, start-up takes the sealed segments the index has
 /// wholly indexed from its catalogue without reading them: the same
 /// history opens, and damage in one of them is found by the background
