@@ -8,8 +8,6 @@ import { Timeline, SOURCES, parseTime, tagDetail, describe, pointOf } from "./ti
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 2000;
-// Above this the replica's lag is an RPO alert.
-const RPO_ALERT_SECONDS = 60;
 // The overview shows journal and cache use of up to this many volumes.
 const DETAILS_FOR = 50;
 
@@ -141,9 +139,17 @@ async function collectAttention() {
     const r = replicaOf(v.name);
     if (r) {
       if (r.state === "disconnected") alerts.push(`replica ${r.address} is disconnected${r.last_error ? ": " + r.last_error : ""}`);
-      if (r.rpo_seconds > RPO_ALERT_SECONDS) alerts.push(`RPO alert: the replica is ${seconds(r.rpo_seconds)} behind`);
+      // The daemon's own alert, as `[replication] rpo_alert` sets it.
+      if (r.rpo_alert) alerts.push(`RPO alert: the replica is ${seconds(r.rpo_seconds)} behind`);
+      // A sync replica that fell back to async (degraded); an adaptive
+      // one that runs async for now is worth knowing too.
+      if (r.effective_mode && r.effective_mode !== "sync" && r.mode !== "async") {
+        alerts.push(`replica ${r.address} runs ${r.effective_mode}, configured ${r.mode}${r.mode === "sync" ? " (degraded)" : ""}: acknowledged writes may not be on it yet`);
+      }
     }
-    if (v.effective_mode && v.mode !== v.effective_mode) alerts.push(`runs ${v.effective_mode}, configured ${v.mode} (degraded)`);
+    // An adaptive volume running async: acknowledged writes are not all
+    // in the journal yet (its IO mode falls back under a slow journal).
+    if (v.effective_mode === "async" && v.mode !== "async") alerts.push(`runs async, configured ${v.mode} (degraded)`);
     const a = archiveOf(v.group);
     if (a && a.last_error) alerts.push(`archive: ${a.last_error}`);
     try {
@@ -448,7 +454,9 @@ function wireActions() {
       const c = state.chosen;
       const e = await api.export(state.volume, c.point);
       $("export-uri").textContent = e.uri;
-      $("export-nbdfuse").textContent = `mkdir -p /tmp/${e.name} && nbdfuse /tmp/${e.name} '${e.uri}' & sleep 1; sudo mount -o ro,noload /tmp/${e.name}/nbd /mnt`;
+      // All as root: mount (root) cannot open a FUSE file another user
+      // made without allow_other. noload: ext3/ext4 (XFS: norecovery).
+      $("export-nbdfuse").textContent = `sudo mkdir -p /tmp/${e.name} && (sudo nbdfuse /tmp/${e.name} '${e.uri}' &) && sleep 1 && sudo mount -o ro,loop,noload /tmp/${e.name}/nbd /mnt`;
       $("export-qemu").textContent = `qemu-img convert -p -O raw '${e.uri}' '${e.name.replace(/[^\w.-]/g, "_")}.img'`;
       $("export-out").hidden = false;
       return `exported ${state.volume} at ${c.point} (seq ${e.seq}) as ${e.name}, read-only`;
@@ -526,7 +534,12 @@ function wireActions() {
   });
   document.addEventListener("click", (e) => {
     const id = e.target && e.target.dataset ? e.target.dataset.copy : null;
-    if (id && navigator.clipboard) navigator.clipboard.writeText($(id).textContent).catch(() => {});
+    if (!id) return;
+    // The clipboard API exists on HTTPS and localhost only: elsewhere the
+    // text is selected, for Ctrl+C.
+    const select = () => window.getSelection().selectAllChildren($(id));
+    if (navigator.clipboard) navigator.clipboard.writeText($(id).textContent).catch(select);
+    else select();
   });
 }
 
