@@ -78,7 +78,12 @@ pub fn serve(config: Config) -> Result<(), String> {
         .thread_name("tidemark")
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    runtime.block_on(run(config))
+    let outcome = runtime.block_on(run(config));
+    // A blocking task still running (a restore the stop ended, a close
+    // past its deadline) does not hold the process: its outcome is
+    // already said.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    outcome
 }
 
 async fn run(config: Config) -> Result<(), String> {
@@ -247,9 +252,19 @@ async fn run(config: Config) -> Result<(), String> {
     registry.replication.receivers.end_all();
     let _ = nbd_task.await;
     // (Ingest streams end on the same signal, after the write they are
-    // in; the servers finish once every request has.)
-    let _ = grpc_task.await;
-    let _ = http_task.await;
+    // in; the servers finish once every request has — but a restore or a
+    // rollback of a large volume may take hours: a stop waits a minute
+    // for them, then ends them, so SIGTERM ends in a bounded time.)
+    let requests_end = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    for (what, mut task) in [("gRPC", grpc_task), ("HTTP", http_task)] {
+        if tokio::time::timeout_at(requests_end, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(server = what, "requests still running a minute after the stop (a restore or rollback?): ending them");
+            task.abort();
+        }
+    }
     let _ = retention_task.await;
     // NBD connections answer what they have read, then close.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -904,12 +904,54 @@ impl Registry {
             state.volumes.clear();
             std::mem::take(&mut state.groups).into_values().collect()
         };
+        // All at once, each on a thread of its own: a stop takes as long
+        // as the slowest group (each close is bounded by `sync_timeout`),
+        // not their sum, and ends by a deadline whatever the disks do.
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let mut closing = std::collections::BTreeMap::new();
         let mut problems = Vec::new();
         for group in groups {
-            if let Err(e) = group.write_path.close() {
-                tracing::error!(group = %group.name, error = %e, "group did not close cleanly");
-                problems.push(format!("group {}: {e}", group.name));
+            let done_tx = done_tx.clone();
+            let name = group.name.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("close {name}"))
+                .spawn(move || {
+                    let name = group.name.clone();
+                    let outcome = group.write_path.close();
+                    // The journal (RocksDB's threads) is gone before this
+                    // says so: nothing of it runs while the process exits.
+                    drop(group);
+                    let _ = done_tx.send((name, outcome));
+                });
+            match spawned {
+                Ok(thread) => {
+                    closing.insert(name, thread);
+                }
+                Err(e) => problems.push(format!("group {name}: cannot start closing it: {e}")),
             }
+        }
+        let allowed = self.sync_timeout() * 3 + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + allowed;
+        while !closing.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match done.recv_timeout(left) {
+                Ok((name, outcome)) => {
+                    if let Some(thread) = closing.remove(&name) {
+                        let _ = thread.join();
+                    }
+                    if let Err(e) = outcome {
+                        tracing::error!(group = %name, error = %e, "group did not close cleanly");
+                        problems.push(format!("group {name}: {e}"));
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        for name in closing.into_keys() {
+            tracing::error!(group = %name, ?allowed, "group still closing at the shutdown deadline");
+            problems.push(format!(
+                "group {name}: still closing after {allowed:?} (a disk that does not answer?); what it acknowledged may not all be durable in its journal"
+            ));
         }
         problems
     }
