@@ -28,11 +28,11 @@ pub fn can_mount(test: &str) -> bool {
         }
     }
     if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIP {test}: /dev/fuse is missing");
+        crate::skip(test, "/dev/fuse is missing");
         return false;
     }
     if !Path::new("/dev/loop-control").exists() && !Path::new("/dev/loop0").exists() {
-        eprintln!("SKIP {test}: no loop devices");
+        crate::skip(test, "no loop devices");
         return false;
     }
     true

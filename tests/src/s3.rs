@@ -107,7 +107,7 @@ impl Moto {
         let program = match server_program() {
             Ok(program) => program,
             Err(why) => {
-                eprintln!("SKIP {test}: {why}");
+                crate::skip(test, &why);
                 return None;
             }
         };

@@ -224,9 +224,12 @@ impl Tmpfs {
             ],
         );
         if !out.status.success() {
-            eprintln!(
-                "SKIP {test}: cannot mount a tmpfs ({})",
-                String::from_utf8_lossy(&out.stderr).trim()
+            tidemark_tests::skip(
+                test,
+                &format!(
+                    "cannot mount a tmpfs ({})",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
             );
             return None;
         }

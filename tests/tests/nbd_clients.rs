@@ -266,9 +266,12 @@ fn a_block_device_is_a_production_volume() {
     std::fs::write(&image, vec![0u8; 32 << 20]).unwrap();
     let out = run_any("losetup", &["-f", "--show", &image.display().to_string()]);
     if !out.status.success() {
-        eprintln!(
-            "SKIP {test}: no loop device ({})",
-            String::from_utf8_lossy(&out.stderr).trim()
+        tidemark_tests::skip(
+            test,
+            &format!(
+                "no loop device ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         );
         return;
     }
