@@ -184,9 +184,13 @@ pub fn decode_session(mut bytes: &[u8]) -> (Vec<Message>, Option<WireError>) {
         let Some(data) = take(header.len as usize, &mut bytes) else {
             return (out, None);
         };
+        // Malformed info and meta context requests get an error reply;
+        // the handshake goes on.
         if matches!(header.option, OPT_INFO | OPT_GO) {
-            // Malformed info requests get an error reply; the handshake goes on.
             let _ = decode_info_request(&data);
+        }
+        if matches!(header.option, OPT_SET_META_CONTEXT | OPT_LIST_META_CONTEXT) {
+            let _ = decode_meta_context_request(&data);
         }
         out.push(Message::Option(header, data));
         match header.option {

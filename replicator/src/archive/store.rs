@@ -142,13 +142,12 @@ impl ObjectStore for LocalStore {
         let path = self.path(key)?;
         let fail = |e| self.failed("put", key, e);
         let parent = path.parent().unwrap_or(&self.root).to_path_buf();
-        let partial = path.with_extension("partial");
+        // The journal's crash-safe helpers: directories made durably, the
+        // object whole or absent after a power cut.
+        let fs = tidemark_journal::fs::RealFs;
         tokio::task::block_in_place(|| {
-            std::fs::create_dir_all(&parent)?;
-            std::fs::write(&partial, &body)?;
-            std::fs::File::open(&partial)?.sync_all()?;
-            std::fs::rename(&partial, &path)?;
-            std::fs::File::open(&parent)?.sync_all()
+            tidemark_journal::fs::create_dir_all_durably(&fs, &parent)?;
+            tidemark_journal::fs::write_atomically(&fs, &path, &body)
         })
         .map_err(fail)
     }
