@@ -544,7 +544,8 @@ impl ShipperShared {
         let journal = self.journal.clone();
         // (What retention passed is gone: the oldest record the replica
         // lacks that still exists follows the horizon.)
-        let from = (self.progress.lock().acked_seq + 1).max(journal.history().horizon_seq + 1);
+        let acked = self.progress.lock().acked_seq;
+        let from = (acked + 1).max(journal.history().horizon_seq + 1);
         let time = tokio::task::spawn_blocking(move || {
             journal
                 .read_raw(from, None, 1)
@@ -554,7 +555,12 @@ impl ShipperShared {
         .await
         .ok()
         .flatten();
-        self.progress.lock().oldest_unshipped = time;
+        // Unless an acknowledgement (or a send) came meanwhile: the time
+        // read would then date records the replica already has.
+        let mut p = self.progress.lock();
+        if p.acked_seq == acked && p.unacked.is_empty() {
+            p.oldest_unshipped = time;
+        }
     }
 
     /// Tells the replica site, on a stream of its own, that this site

@@ -367,8 +367,13 @@ impl Registry {
             // a group promoted before it (a burst an anomaly tag marks).
             if seq < newest {
                 for volume in &volumes {
-                    let report =
-                        super::rollback::roll_back(self, volume, &PointSpec::Seq(seq), false)?;
+                    let report = super::rollback::roll_back(
+                        self,
+                        volume,
+                        &PointSpec::Seq(seq),
+                        false,
+                        false,
+                    )?;
                     rolled_back.push((volume.clone(), report));
                 }
             }
@@ -524,9 +529,8 @@ impl Registry {
         if demoted || epoch::judge(own, fence.epoch) == Verdict::Keep {
             return Ok(());
         }
-        // Writes are refused from this moment on, and those that passed
-        // the check before are in the journal once this returns.
-        group.stop_writes();
+        // Writes are refused from this moment on.
+        group.replica.store(true, Ordering::SeqCst);
         if let Err(e) = journal.note_epoch_seen(fence.epoch) {
             tracing::warn!(group = %group.name, epoch = fence.epoch, error = %e, "cannot record the newer primary's epoch");
         }
@@ -538,6 +542,13 @@ impl Registry {
             .into_iter()
             .filter(|v| Arc::ptr_eq(&v.group, &group))
             .collect();
+        // Stop shipping: the other site is the primary. (First: writes
+        // that wait for a replica are released by it.)
+        let removed = tokio::runtime::Handle::current()
+            .block_on(self.replication.remove_group(&group, false));
+        // Writes that passed the check before the flag are in the journal
+        // once this returns.
+        group.stop_writes();
         // What was appended is made durable; no flush record is added (it
         // would be a record the new primary never had). The branch image
         // is the production volume, which holds every acknowledged write.
@@ -545,9 +556,6 @@ impl Registry {
         let ours = journal.epochs();
         let common = common_point(&ours, &fence.history);
         let orphaned = ours.newest > common;
-        // Stop shipping: the other site is the primary.
-        let removed = tokio::runtime::Handle::current()
-            .block_on(self.replication.remove_group(&group, false));
         let mut branches = Vec::new();
         {
             let _changes = self.changes_lock();

@@ -799,9 +799,10 @@ fn ingest_one(volume: &Volume, message: pb::IngestRequest) -> ApiResult<(u64, St
     // Each write checks the role as an NBD write does: a stream opened
     // before a demotion or a lost witness lease takes no write after it.
     let writes = matches!(message.op, Some(Op::Write(_) | Op::Zero(_) | Op::Trim(_)));
-    let _pass = match volume.group.writing() {
-        Some(pass) => Some(pass),
-        None if writes => {
+    let _pass = match writes.then(|| volume.group.writing()) {
+        None => None,
+        Some(Some(pass)) => Some(pass),
+        Some(None) => {
             return Err(if volume.is_replica() {
                 ApiError::Invalid(format!(
                     "volume {name} was demoted on this site: another site took over as its primary"
@@ -813,7 +814,6 @@ fn ingest_one(volume: &Volume, message: pb::IngestRequest) -> ApiResult<(u64, St
                 ))
             });
         }
-        None => None,
     };
     let ack = match message.op {
         Some(Op::Write(w)) => {

@@ -918,8 +918,10 @@ impl Registry {
                 .spawn(move || {
                     let name = group.name.clone();
                     let outcome = group.write_path.close();
-                    // The journal (RocksDB's threads) is gone before this
-                    // says so: nothing of it runs while the process exits.
+                    // This thread's hold on the journal goes before it
+                    // reports (the last one, unless a request still holds
+                    // the group), so RocksDB is not closing here while the
+                    // process exits.
                     drop(group);
                     let _ = done_tx.send((name, outcome));
                 });
@@ -930,8 +932,12 @@ impl Registry {
                 Err(e) => problems.push(format!("group {name}: cannot start closing it: {e}")),
             }
         }
+        // (Only the threads hold senders now: a thread that panicked
+        // ends the wait rather than running out the deadline.)
+        drop(done_tx);
         let allowed = self.sync_timeout() * 3 + Duration::from_secs(10);
         let deadline = std::time::Instant::now() + allowed;
+        let mut timed_out = false;
         while !closing.is_empty() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match done.recv_timeout(left) {
@@ -944,10 +950,20 @@ impl Registry {
                         problems.push(format!("group {name}: {e}"));
                     }
                 }
-                Err(_) => break,
+                Err(e) => {
+                    timed_out = e == std::sync::mpsc::RecvTimeoutError::Timeout;
+                    break;
+                }
             }
         }
         for name in closing.into_keys() {
+            if !timed_out {
+                tracing::error!(group = %name, "closing the group failed (its thread panicked)");
+                problems.push(format!(
+                    "group {name}: closing it failed; what it acknowledged may not all be durable in its journal"
+                ));
+                continue;
+            }
             tracing::error!(group = %name, ?allowed, "group still closing at the shutdown deadline");
             problems.push(format!(
                 "group {name}: still closing after {allowed:?} (a disk that does not answer?); what it acknowledged may not all be durable in its journal"

@@ -43,7 +43,7 @@ pub fn rollback(
         )));
     }
     let _guard = WriterGuard::new(volume.clone());
-    let report = roll_back(registry, volume, to, true)?;
+    let report = roll_back(registry, volume, to, true, true)?;
     record(registry, volume, &report)?;
     Ok(report)
 }
@@ -54,12 +54,16 @@ pub fn rollback(
 /// point and the one promoted. (The event is [`record`]ed once the group
 /// may take records of its own.) With `show_progress` it first counts
 /// what there is to rewrite, from the index alone, for the progress the
-/// console shows; a takeover does not, to keep its time down.
+/// console shows; a takeover does not, to keep its time down. With
+/// `as_primary` each chunk is written only while this site may write the
+/// group (a user's rollback stops at a demotion or a lost lease; a
+/// takeover's runs while the group is still a replica).
 pub fn roll_back(
     registry: &Registry,
     volume: &Arc<Volume>,
     to: &PointSpec,
     show_progress: bool,
+    as_primary: bool,
 ) -> ApiResult<RollbackReport> {
     let name = &volume.name;
     let write_path = &volume.group.write_path;
@@ -90,6 +94,12 @@ pub fn roll_back(
             let n = CHUNK.min(start + len - at);
             let part = &mut buf[..n as usize];
             journal.read(name, at, part, Point::Seq(to_seq))?;
+            let pass = volume.group.writing();
+            if as_primary && pass.is_none() {
+                return Err(ApiError::Failed(format!(
+                    "volume {name}: the rollback to seq {to_seq} stopped at offset {at}: this site no longer writes the group (demoted, or the witness's lease is lost); the volume is rolled back up to there"
+                )));
+            }
             if part.iter().all(|&b| b == 0) {
                 write_path.write_zeroes(name, at, n, false)?;
             } else {
