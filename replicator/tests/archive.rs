@@ -281,16 +281,16 @@ async fn archived_points_restore_byte_for_byte_through_an_outage_and_a_fold() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("outside the archive window"), "{e}");
-    // (A segment `during` needs: the newest point may be a base version's
-    // alone, if the archiver was slow enough to fold after the last upload.)
-    let victim = catalog
-        .plan(during)
-        .unwrap()
-        .segments
-        .last()
-        .unwrap()
-        .key
-        .clone();
+    // (A segment some point needs: `during` may be a base version's
+    // alone, if the archiver was slow enough to make the base after the
+    // fold right at it; `tagged` and `early` stand on the first base.)
+    let (point, victim) = [during, tagged, early]
+        .into_iter()
+        .find_map(|seq| {
+            let plan = catalog.plan(seq).unwrap();
+            plan.segments.last().map(|s| (seq, s.key.clone()))
+        })
+        .expect("a point that needs a segment");
     let path = dir.path().join("bucket").join(&victim);
     let mut bytes = std::fs::read(&path).unwrap();
     let n = bytes.len() - 10;
@@ -299,7 +299,7 @@ async fn archived_points_restore_byte_for_byte_through_an_outage_and_a_fold() {
     let e = restore(
         catalog.clone(),
         "v",
-        during,
+        point,
         &dir.path().join("bad.img"),
         4,
         Arc::new(|_, _| {}),
