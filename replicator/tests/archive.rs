@@ -430,3 +430,80 @@ async fn an_archive_down_past_its_limit_leaves_a_gap_and_resumes_from_a_base_ver
     let (_, got) = restored(&local, ArchivePoint::Seq(after), dir.path()).await;
     assert!(got == image(&journal, after));
 }
+
+/// Waits until the bucket's index lists `n` base versions.
+async fn wait_bases(archiver: &Archiver, store: &Arc<dyn ObjectStore>, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let catalog = Catalog::load(store.clone(), "g").await.unwrap();
+        if catalog.is_some_and(|c| c.index.bases.len() >= n) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no base version {n} within 30 s");
+        archiver.wake();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A base version after the first reads only the chunks that records
+/// uploaded since the last one touched — not the whole volume, every
+/// `base_every` — and the point it stands at restores byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_base_version_reads_only_the_chunks_that_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _) = Journal::open(&dir.path().join("journal"), options()).unwrap();
+    let volume = journal.create_volume("v", SIZE).unwrap().id;
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path().join("bucket")));
+    let archiver = Archiver::start(
+        "g",
+        journal.clone(),
+        local.clone(),
+        settings(),
+        Arc::new(|| true),
+    );
+    let write = |offset: u64, byte: u8| {
+        journal
+            .append(
+                volume,
+                Change::Write {
+                    offset,
+                    data: &[byte; 8192],
+                },
+            )
+            .unwrap()
+            .wait()
+            .unwrap()
+            .seq
+    };
+    // The first base version, at the empty horizon, reads every chunk.
+    wait_bases(&archiver, &local, 1).await;
+    let full = archiver.status().base_read_bytes;
+    assert_eq!(full, SIZE, "the first base version reads the whole volume");
+
+    // Records in the middle 4 MiB chunk only, then a fold: the next base.
+    let mut last = 0;
+    for i in 0..4u64 {
+        last = write((5 << 20) + i * 8192, 2 + i as u8);
+    }
+    wait_archived(&archiver, last).await;
+    journal.retain_from(last, false).unwrap();
+    let after = write((5 << 20) + 65536, 9);
+    wait_archived(&archiver, after).await;
+    wait_bases(&archiver, &local, 2).await;
+    assert_eq!(
+        archiver.status().base_read_bytes - full,
+        4 << 20,
+        "the second base version read more than the one chunk that changed"
+    );
+    let (seq, got) = restored(&local, ArchivePoint::Latest, dir.path()).await;
+    assert!(got == image(&journal, seq), "restore at latest differs");
+    let catalog = Catalog::load(local.clone(), "g").await.unwrap().unwrap();
+    let base = catalog.index.bases[1].seq;
+    let (got_seq, got) = restored(&local, ArchivePoint::Seq(base), dir.path()).await;
+    assert_eq!(got_seq, base);
+    assert!(
+        got == image(&journal, base),
+        "restore at the new base differs"
+    );
+    drop(archiver);
+}

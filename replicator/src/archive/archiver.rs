@@ -11,7 +11,7 @@
 //! expendable, retention records a gap on the timeline, and the archive
 //! resumes from a new base version with the gap in its index.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,6 +92,9 @@ pub struct ArchiveStatus {
     /// The seq of the newest base version (a view or restore of a point
     /// after it needs only the segments from there).
     pub base_seq: u64,
+    /// Bytes of volume data read to make base versions, by this process:
+    /// after the first, only the chunks records touched since the last.
+    pub base_read_bytes: u64,
 }
 
 /// Says whether this site is the group's primary now.
@@ -116,9 +119,20 @@ pub struct Archiver {
 }
 
 /// What the task keeps between rounds.
+/// A base version's chunks per volume id: the volume's size and its
+/// chunks' names (`None`: all zeros).
+type BaseChunks = HashMap<u32, (u64, Vec<Option<String>>)>;
+
 struct State {
     index: Option<GroupIndex>,
     chunks: HashSet<String>,
+    /// The newest base version this process made, so the next reads only
+    /// the chunks records touched since: its seq and each volume's size
+    /// and chunks.
+    last_manifest: Option<(u64, BaseChunks)>,
+    /// Per volume, the chunks records uploaded since `last_manifest`
+    /// touched.
+    touched: HashMap<u32, HashSet<u64>>,
     cursor: Option<RawCursor>,
     last_base: Instant,
     last_retention: Option<Instant>,
@@ -200,6 +214,8 @@ async fn run(shared: Arc<Shared>, is_primary: IsPrimary) {
     let mut state = State {
         index: None,
         chunks: HashSet::new(),
+        last_manifest: None,
+        touched: HashMap::new(),
         cursor: None,
         last_base: Instant::now(),
         last_retention: None,
@@ -289,6 +305,9 @@ async fn round(shared: &Arc<Shared>, state: &mut State) -> Result<bool> {
         state.chunks = chunks;
         state.index = Some(index);
         state.cursor = None;
+        // (What was uploaded before is not known chunk by chunk.)
+        state.last_manifest = None;
+        state.touched.clear();
     }
     let history = shared.journal.history();
     let needs_base = {
@@ -486,12 +505,32 @@ async fn base_version(shared: &Arc<Shared>, state: &mut State, at_horizon: bool)
     } else {
         (index.archived_seq, index.archived_ns)
     };
+    // Only the chunks records touched since the last base version this
+    // process made are read again, when every record between the two was
+    // uploaded here (no gap, no restart): a base version costs what
+    // changed, not the size of the volumes.
+    let since = state.last_manifest.take().filter(|(base, _)| {
+        index.bases.last().is_some_and(|b| b.seq == *base) && seq == index.archived_seq
+    });
+    let touched = std::mem::take(&mut state.touched);
     let mut volumes = Vec::new();
     let mut new_bytes = 0;
+    let mut read_bytes = 0;
     for volume in journal.volumes() {
         let mut chunks = Vec::new();
         let count = volume.size.div_ceil(CHUNK_SIZE);
+        let before = since
+            .as_ref()
+            .and_then(|(_, volumes)| volumes.get(&volume.id))
+            .filter(|(size, chunks)| *size == volume.size && chunks.len() as u64 == count)
+            .map(|(_, chunks)| chunks);
         for n in 0..count {
+            if let Some(before) = before {
+                if !touched.get(&volume.id).is_some_and(|t| t.contains(&n)) {
+                    chunks.push(before[n as usize].clone());
+                    continue;
+                }
+            }
             let offset = n * CHUNK_SIZE;
             let len = CHUNK_SIZE.min(volume.size - offset) as usize;
             let (reader, name) = (journal.clone(), volume.name.clone());
@@ -503,6 +542,7 @@ async fn base_version(shared: &Arc<Shared>, state: &mut State, at_horizon: bool)
             })
             .await
             .map_err(blocking_failed)??;
+            read_bytes += data.len() as u64;
             if layout::is_zero(&data) {
                 chunks.push(None);
                 continue;
@@ -552,7 +592,16 @@ async fn base_version(shared: &Arc<Shared>, state: &mut State, at_horizon: bool)
     index.archived_ns = time_ns;
     state.last_base = Instant::now();
     state.cursor = None;
-    tracing::info!(group = %shared.group, seq, new_bytes, "archived a base version");
+    state.last_manifest = Some((
+        seq,
+        manifest
+            .volumes
+            .into_iter()
+            .map(|v| (v.id, (v.size, v.chunks)))
+            .collect(),
+    ));
+    shared.status.lock().base_read_bytes += read_bytes;
+    tracing::info!(group = %shared.group, seq, new_bytes, read_bytes, "archived a base version");
     Ok(())
 }
 
@@ -663,6 +712,22 @@ async fn upload_segment(shared: &Arc<Shared>, state: &mut State) -> Result<bool>
     let size = object.len() as u64;
     shared.store.put(&key, object).await?;
     shared.status.lock().uploads += 1;
+    for record in chosen {
+        let h = &record.header;
+        let data = matches!(
+            h.kind,
+            RecordKind::Write | RecordKind::Zero | RecordKind::Trim
+        );
+        if data && h.length > 0 {
+            let first = h.offset / CHUNK_SIZE;
+            let last = (h.offset + h.length - 1) / CHUNK_SIZE;
+            state
+                .touched
+                .entry(h.volume)
+                .or_default()
+                .extend(first..=last);
+        }
+    }
     for record in chosen {
         if record.header.kind != RecordKind::Mark {
             continue;
