@@ -578,10 +578,14 @@ impl Registry {
         }
         self.failover.demotions.fetch_add(1, Ordering::SeqCst);
         // The seq range is what the journal holds past the common point
-        // (none: the images may still hold async writes never journalled).
+        // (none: the images may still hold async writes never journalled;
+        // or unknown: a fence from the witness carries no history — the
+        // new primary's `replica-diverged` event says it once it rebases
+        // this site).
+        let history_known = !fence.history.epochs.is_empty() || fence.history.newest > 0;
         let orphan = (!branches.is_empty()).then(|| {
-            let range =
-                orphaned.then(|| serde_json::json!({"from": common + 1, "to": ours.newest}));
+            let range = (orphaned && history_known)
+                .then(|| serde_json::json!({"from": common + 1, "to": ours.newest}));
             serde_json::json!({"records": range, "epoch": own, "images": branches})
         });
         tracing::warn!(
