@@ -131,6 +131,11 @@ fn ext4_restored_from_the_bucket_alone_and_served_from_it_by_an_empty_daemon() {
         .as_str()
         .unwrap()
         .to_string();
+    // The same point by its seq.
+    let second_seq = tags.iter().find(|t| t["name"] == "second").unwrap()["seq"]
+        .as_u64()
+        .unwrap()
+        .to_string();
 
     let status = wait_archived(&d, "db", "the archive to catch up");
     let group = &status["groups"][0];
@@ -179,7 +184,11 @@ fn ext4_restored_from_the_bucket_alone_and_served_from_it_by_an_empty_daemon() {
     d.stop();
     std::fs::remove_dir_all(d.path("data")).unwrap();
 
-    for (at, want) in [("tag:first", &first), (second_time.as_str(), &second)] {
+    for (at, want) in [
+        ("tag:first", &first),
+        (second_time.as_str(), &second),
+        (second_seq.as_str(), &second),
+    ] {
         let to = d.path("restored.img");
         let out = restore_from_archive(&moto, "site-a", at, &to);
         if !out.status.success() {

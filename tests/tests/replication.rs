@@ -438,13 +438,28 @@ fn a_broken_link_catches_up_by_journal_then_by_region_hashes() {
     sites.primary.create_volume(volume, "64M", "sync");
     let mut rng = rand::rngs::SmallRng::seed_from_u64(17);
     write_at(&sites.primary, volume, 0, &random_bytes(&mut rng, 4 * MIB));
+    // A volume with history older than its replica: retention (max_age
+    // 1 s) folds it into the base image first, so the initial sync must
+    // send the base image, by regions.
+    sites
+        .primary
+        .eventually(30, "the first write folds into the base image", || {
+            sites.show(volume)["horizon_seq"].as_u64().unwrap_or(0) > 0
+        });
     sites.add(volume, "async");
     sites.caught_up(volume, 30);
     let before = sites.replica_of(volume);
     // (Events are read on the replica's timeline: it equals the
     // primary's, and the primary's own retention (max_age 1s here) folds
     // history the replica holds.)
-    wait_event(&sites.replica, volume, "replica-initial-sync", |_| true);
+    let initial = wait_event(&sites.replica, volume, "replica-initial-sync", |e| {
+        e["kind"] == "regions"
+    });
+    assert_eq!(
+        initial["bytes"].as_u64(),
+        Some(4 * MIB as u64),
+        "the initial sync sends the one 4 MiB region the base image holds: {initial}"
+    );
 
     // Dropped: writes go on, the RPO grows, an alert fires.
     sites.link.drop_link();
