@@ -277,9 +277,19 @@ fn the_archive_catches_up_after_its_server_stops_and_names_a_corrupted_object() 
         let s = d.json(&["archive", "status", "--json"]);
         s["groups"][0]["last_error"].is_string()
     });
+    let failing = |d: &Daemon| {
+        let (_, metrics) = d.http_get("/metrics");
+        metrics
+            .lines()
+            .find(|l| l.starts_with("tidemark_archive_failing{group=\"db\"}"))
+            .map(|l| l.ends_with(" 1"))
+            .unwrap_or_else(|| panic!("no tidemark_archive_failing in /metrics: {metrics}"))
+    };
+    assert!(failing(&d), "the outage is not on /metrics");
     moto.resume();
     let status = wait_archived(&d, "db", "the archive to catch up after the outage");
     assert!(status["groups"][0]["last_error"].is_null(), "{status}");
+    assert!(!failing(&d), "/metrics still says the archive fails");
     let live = d.path("live.img");
     nbd_to_file(&d.uri("db@latest"), &live);
     let out = restore_from_archive(&moto, "site-b", "latest", &d.path("latest.img"));

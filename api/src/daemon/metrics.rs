@@ -529,7 +529,7 @@ fn render_archive(out: &mut String, registry: &Registry) {
     };
     let statuses = archive.statuses();
     type ArchiveValue = fn(&ArchiveStatus) -> String;
-    let series: [(&str, &str, &str, ArchiveValue); 9] = [
+    let series: [(&str, &str, &str, ArchiveValue); 11] = [
         (
             "tidemark_archive_archived_seq",
             "gauge",
@@ -574,6 +574,18 @@ fn render_archive(out: &mut String, registry: &Registry) {
             "counter",
             "Archive rounds that failed (each is retried with backoff).",
             |s| s.errors.to_string(),
+        ),
+        (
+            "tidemark_archive_failing",
+            "gauge",
+            "1 while the last archive round failed (archive status says why), 0 once one succeeds.",
+            |s| u8::from(s.last_error.is_some()).to_string(),
+        ),
+        (
+            "tidemark_archive_base_read_bytes_total",
+            "counter",
+            "Bytes of volume data read to make base versions (after the first, only the chunks records touched).",
+            |s| s.base_read_bytes.to_string(),
         ),
         (
             "tidemark_archive_gaps",
