@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -48,6 +48,11 @@ pub struct Holder {
 impl Holder {
     fn encode(&self) -> String {
         format!("epoch={} site={}", self.epoch, self.site)
+    }
+
+    /// The holder a key's value names, if it names one.
+    fn of(kv: &KeyValue) -> Option<Holder> {
+        kv.value_str().ok().and_then(Holder::decode)
     }
 
     fn decode(text: &str) -> Option<Holder> {
@@ -205,10 +210,7 @@ impl Witness {
             .map_err(|e| format!("witness: cannot read {epoch_key}: {e}"))?
             .kvs()
             .first()
-            .map(|kv| {
-                let holder = kv.value_str().ok().and_then(Holder::decode);
-                (holder, kv.mod_revision())
-            });
+            .map(|kv| (Holder::of(kv), kv.mod_revision()));
         let epoch_revision = match recorded {
             None => 0,
             Some((None, _)) => {
@@ -258,12 +260,10 @@ impl Witness {
             return Ok(Ok(lease));
         }
         let current = response.op_responses().into_iter().find_map(|r| match r {
-            TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| {
-                kv.value_str()
-                    .ok()
-                    .and_then(Holder::decode)
-                    .map(|h| (h, kv.mod_revision()))
-            }),
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .and_then(|kv| Holder::of(kv).map(|h| (h, kv.mod_revision()))),
             _ => None,
         });
         let Some((current, revision)) = current else {
@@ -359,10 +359,7 @@ impl Witness {
             .get(key.clone(), None)
             .await
             .map_err(|e| format!("witness: cannot read {key}: {e}"))?;
-        Ok(response
-            .kvs()
-            .first()
-            .and_then(|kv| kv.value_str().ok().and_then(Holder::decode)))
+        Ok(response.kvs().first().and_then(Holder::of))
     }
 
     /// Holds `group`'s key for this site, a primary at `epoch()`, for as

@@ -411,19 +411,9 @@ impl Export {
     }
 
     fn demoted(&self) -> ApiError {
-        let Some(volume) = &self.volume else {
-            return ApiError::Invalid(format!("export {} is read-only", self.name));
-        };
-        if volume.is_replica() {
-            ApiError::Invalid(format!(
-                "volume {} was demoted on this site: another site took over as its primary",
-                self.name
-            ))
-        } else {
-            ApiError::Invalid(format!(
-                "volume {}: this site does not hold the witness's lease for group {}; writes wait until it does",
-                self.name, volume.group.name
-            ))
+        match &self.volume {
+            Some(volume) => ApiError::Invalid(volume.write_refusal()),
+            None => ApiError::Invalid(format!("export {} is read-only", self.name)),
         }
     }
 

@@ -802,18 +802,9 @@ fn ingest_one(volume: &Volume, message: pb::IngestRequest) -> ApiResult<(u64, St
     let _pass = match writes.then(|| volume.group.writing()) {
         None => None,
         Some(Some(pass)) => Some(pass),
-        Some(None) => {
-            return Err(if volume.is_replica() {
-                ApiError::Invalid(format!(
-                    "volume {name} was demoted on this site: another site took over as its primary"
-                ))
-            } else {
-                ApiError::Busy(format!(
-                    "volume {name}: this site does not hold the witness's lease for group {}; writes wait until it does",
-                    volume.group.name
-                ))
-            });
-        }
+        // (Demoted: refused for good; no lease: for now.)
+        Some(None) if volume.is_replica() => return Err(ApiError::Invalid(volume.write_refusal())),
+        Some(None) => return Err(ApiError::Busy(volume.write_refusal())),
     };
     let ack = match message.op {
         Some(Op::Write(w)) => {

@@ -155,6 +155,23 @@ impl Volume {
         self.group.is_replica()
     }
 
+    /// Why this site may not write the volume now (its group's
+    /// [`Group::writing`] gave no pass): demoted, or the witness's lease
+    /// is not held.
+    pub fn write_refusal(&self) -> String {
+        if self.is_replica() {
+            format!(
+                "volume {} was demoted on this site: another site took over as its primary",
+                self.name
+            )
+        } else {
+            format!(
+                "volume {}: this site does not hold the witness's lease for group {}; writes wait until it does",
+                self.name, self.group.name
+            )
+        }
+    }
+
     /// Refuses a change on a replica: the primary makes them, and they
     /// travel here.
     pub fn refuse_on_replica(&self, what: &str) -> ApiResult<()> {

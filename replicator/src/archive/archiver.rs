@@ -118,11 +118,11 @@ pub struct Archiver {
     task: JoinHandle<()>,
 }
 
-/// What the task keeps between rounds.
 /// A base version's chunks per volume id: the volume's size and its
 /// chunks' names (`None`: all zeros).
 type BaseChunks = HashMap<u32, (u64, Vec<Option<String>>)>;
 
+/// What the task keeps between rounds.
 struct State {
     index: Option<GroupIndex>,
     chunks: HashSet<String>,
@@ -688,12 +688,12 @@ async fn upload_segment(shared: &Arc<Shared>, state: &mut State) -> Result<bool>
         count: chosen.len() as u32,
     };
     let mut body = Vec::with_capacity(bytes);
-    let mut map = Vec::new();
+    let mut entries = Vec::new();
     for record in chosen {
         let h = &record.header;
         let zero = matches!(h.kind, RecordKind::Zero | RecordKind::Trim);
         if (zero || h.kind == RecordKind::Write) && h.length > 0 {
-            map.push(MapEntry {
+            entries.push(MapEntry {
                 seq: h.seq,
                 volume: h.volume,
                 zero,
@@ -705,28 +705,25 @@ async fn upload_segment(shared: &Arc<Shared>, state: &mut State) -> Result<bool>
         }
         body.extend_from_slice(&record.bytes);
     }
-    let map = layout::encode_map(&map);
+    let map = layout::encode_map(&entries);
     let map_len = map.len() as u64;
     let object = layout::encode_segment(&header, &body, &map);
     let key = layout::segment_key(&shared.group, epoch, header.first_seq, header.last_seq);
     let size = object.len() as u64;
     shared.store.put(&key, object).await?;
     shared.status.lock().uploads += 1;
-    for record in chosen {
-        let h = &record.header;
-        let data = matches!(
-            h.kind,
-            RecordKind::Write | RecordKind::Zero | RecordKind::Trim
+    // The object's record map names every range it changed: the chunks
+    // the next base version must read again.
+    for e in &entries {
+        let (first, last) = (
+            e.offset / CHUNK_SIZE,
+            (e.offset + e.length - 1) / CHUNK_SIZE,
         );
-        if data && h.length > 0 {
-            let first = h.offset / CHUNK_SIZE;
-            let last = (h.offset + h.length - 1) / CHUNK_SIZE;
-            state
-                .touched
-                .entry(h.volume)
-                .or_default()
-                .extend(first..=last);
-        }
+        state
+            .touched
+            .entry(e.volume)
+            .or_default()
+            .extend(first..=last);
     }
     for record in chosen {
         if record.header.kind != RecordKind::Mark {
